@@ -1,0 +1,1 @@
+"""Sift's pipeline steps: plain, typed functions that run without an orchestrator."""

@@ -1,0 +1,164 @@
+"""Loading a causal LM and turning prompt/response pairs into loss-masked token ids.
+
+Shared by embed, finetune and evaluate, so all three see exactly the same tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100  # label value that torch's cross-entropy skips: prompt tokens carry no loss
+
+Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+
+class ModelConfig(BaseModel):
+    """The base model and how examples are shown to it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Hugging Face hub id (e.g. Qwen/Qwen2.5-0.5B) or a local folder; the bundled default
+    # is tiny (260k parameters) so the whole pipeline runs on a laptop CPU in minutes.
+    name: str = "assets/models/stories260K"
+    revision: str | None = None
+    # Remote code runs arbitrary Python from the hub: off unless you trust the model's authors.
+    trust_remote_code: bool = False
+    # How a prompt is shown; the response follows directly and ends with the EOS token.
+    prompt_template: str = "Question: {prompt}\nAnswer: "
+    # Longer examples are cut from the right; must not exceed the model's context.
+    max_length: int = Field(default=512, gt=8)
+    device: Device = "auto"
+    precision: Precision = "auto"
+
+
+def resolve_device(device: Device) -> str:
+    """'auto' means CUDA when present; asking for CUDA without one is an error, not a fallback."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("model.device is 'cuda' but no CUDA device is visible to torch")
+    return device
+
+
+def resolve_precision(precision: Precision, device: str) -> str:
+    """'auto' is bf16 on GPUs that support it and fp32 elsewhere (CPU bf16 training is slow)."""
+    if precision != "auto":
+        if precision == "fp16" and device == "cpu":
+            raise ValueError("model.precision 'fp16' needs a CUDA device; use fp32 or bf16 on CPU")
+        return precision
+    if device == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(
+        config.name, revision=config.revision, trust_remote_code=config.trust_remote_code
+    )
+    if tokenizer.pad_token_id is None:
+        # Padding positions are masked out of attention and loss, so any id will do.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(config: ModelConfig, device: str) -> torch.nn.Module:
+    """Weights stay fp32 in memory; reduced precision comes from autocast (stable on CPU and GPU)."""
+    model = AutoModelForCausalLM.from_pretrained(
+        config.name,
+        revision=config.revision,
+        trust_remote_code=config.trust_remote_code,
+        dtype=torch.float32,
+        use_safetensors=True,  # never unpickle weights
+    )
+    return model.to(device)
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """One example's input ids and labels (prompt positions are IGNORE_INDEX)."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def n_loss_tokens(self) -> int:
+        # Labels are shifted inside the model, so the first label never carries loss.
+        return sum(1 for label in self.labels[1:] if label != IGNORE_INDEX)
+
+
+def encode_example(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, template: str, max_length: int
+) -> Encoded:
+    """Prompt and response are tokenized apart so the boundary is exact, then cut to max_length."""
+    prompt_ids = tokenizer(template.format(prompt=prompt), add_special_tokens=True)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        response_ids = [*response_ids, tokenizer.eos_token_id]
+    input_ids = (prompt_ids + response_ids)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
+    return Encoded(input_ids=input_ids, labels=labels)
+
+
+def encode_examples(
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    responses: list[str],
+    config: ModelConfig,
+) -> list[Encoded]:
+    return [
+        encode_example(tokenizer, p, r, config.prompt_template, config.max_length)
+        for p, r in zip(prompts, responses, strict=True)
+    ]
+
+
+def pad_batch(examples: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pads a batch; padded positions get attention 0 and label IGNORE_INDEX."""
+    width = max(len(e.input_ids) for e in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e.input_ids)
+        input_ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        attention[row, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+
+
+def length_sorted_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Groups indices of similar length so padding is small; each batch holds ≤ max_tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        # Sorted ascending, so the newest member is the longest: width × rows bounds the batch.
+        if current and lengths[i] * (len(current) + 1) > max_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def model_fingerprint(config: ModelConfig) -> str:
+    """Content hash of a local model folder, or 'hub id@revision' for hub models.
+
+    Cached steps key on this, so retraining a local checkpoint in place invalidates them.
+    """
+    from pathlib import Path
+
+    from steps.ingest import file_md5
+
+    path = Path(config.name)
+    if not path.is_dir():
+        return f"{config.name}@{config.revision or 'main'}"
+    files = sorted(p for p in path.iterdir() if p.is_file())
+    return hashlib.md5("".join(f"{p.name}:{file_md5(p)}" for p in files).encode()).hexdigest()

@@ -1,0 +1,530 @@
+"""FisherSFT selection: pick the examples whose hidden states carry the most information.
+
+Pure math over numpy arrays, no I/O. From docs/fishersft.md, the objective is
+
+    f(S) = log det(ridge*I + prior + V_S),   V_S = sum_{i in S} F_i^T F_i,
+
+where F_i^T F_i = sum_j x_ij x_ij^T sums the pre-logit hidden states of example i's
+loss-bearing tokens. f is monotone submodular, so greedy is within (1 - 1/e) of the best
+set of the same size. `fisher` is the paper's "greedy with cached gains" (lazy greedy) and
+`plain_greedy_fisher` the reference that recomputes every gain at every step; both pick
+the same examples. The compared selectors' pick orders live in selectors_baselines.py.
+
+Conventions shared by every selector:
+- Selection.objective[t] is the token-level f after t+1 picks, and Selection.gains[t] its
+  increase, so gains.cumsum() + f(empty) == objective for every selector (for `fisher`
+  and `fisher-per-token` that gain is also what made the pick).
+- `prior` (a d x d PSD design, e.g. the Gram of what the current model was trained on)
+  enters the objective of every selector; only `fisher` and `fisher-per-token` select with it.
+- Gains within 1e-9 relative of the best tie, broken by the lowest index (see
+  selectors_baselines.TIE_RTOL for why a tolerance).
+- `ridge` is absolute, in squared hidden-state units: 1e-3 is small next to the per-token
+  energy of un-normalised final-norm states (order 1 per coordinate).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+from numpy.typing import NDArray
+from tqdm import tqdm
+
+from steps.selectors_baselines import (
+    first_best,
+    highest_loss_order,
+    k_center_order,
+    longest_order,
+    pooled_fisher_order,
+    tie_floor,
+    uniform_order,
+)
+
+DEFAULT_RIDGE = 1e-3
+_CHUNK_ROWS = 8192  # factor rows per batched gain evaluation: bounds temporaries to ~64 MB at d=768
+_LAZY_BATCH = 8  # stale heap entries re-evaluated together (measured in benchmarks/bench_select.py)
+
+Array = NDArray[np.float64]
+
+
+@dataclass(frozen=True, eq=False)
+class FeaturePool:
+    """Per-example sufficient statistics of the pre-logit hidden states of loss-bearing tokens.
+
+    Example i's low-rank factor F_i = factors[offsets[i]:offsets[i+1]] satisfies
+    F_i.T @ F_i == sum_j x_ij x_ij^T, exactly or as a sketch, with 1 <= r_i <= d rows.
+    """
+
+    factors: NDArray[np.float32]  # (R, d)
+    offsets: NDArray[np.int64]  # (N+1,), offsets[0] == 0, nondecreasing, offsets[-1] == R
+    pooled: NDArray[np.float32]  # (N, d) mean over loss tokens, for fisher-pooled and k-center
+    n_tokens: NDArray[np.int64]  # (N,) loss-bearing tokens per example
+    base_loss: NDArray[np.float32] | None = None  # (N,) mean base-model loss per token
+
+    def __post_init__(self) -> None:
+        _check_array("factors", self.factors, 2, np.float32)
+        _check_array("offsets", self.offsets, 1, np.int64)
+        _check_array("pooled", self.pooled, 2, np.float32)
+        _check_array("n_tokens", self.n_tokens, 1, np.int64)
+        n, (rows, d) = len(self.n_tokens), self.factors.shape
+        if n == 0:
+            raise ValueError("empty pool: n_tokens has no examples")
+        if d == 0:
+            raise ValueError("factors has zero columns: hidden size d must be >= 1")
+        if self.offsets.shape != (n + 1,):
+            raise ValueError(f"offsets has shape {self.offsets.shape}, expected ({n + 1},)")
+        if self.offsets[0] != 0 or self.offsets[-1] != rows:
+            raise ValueError(
+                f"offsets must run from 0 to len(factors)={rows}, "
+                f"got {self.offsets[0]}..{self.offsets[-1]}"
+            )
+        ranks = np.diff(self.offsets)
+        _fail_at(ranks < 0, "offsets decrease at example {i}")
+        _fail_at(ranks == 0, "example {i} has an empty factor (zero rows in factors)")
+        _fail_at(ranks > d, f"example {{i}} has more factor rows than d={d}")
+        if self.pooled.shape != (n, d):
+            raise ValueError(f"pooled has shape {self.pooled.shape}, expected ({n}, {d})")
+        _fail_at(self.n_tokens <= 0, "example {i} has n_tokens <= 0: no loss-bearing tokens")
+        bad_rows = ~np.isfinite(self.factors).all(axis=1)
+        if bad_rows.any():
+            row = int(np.flatnonzero(bad_rows)[0])
+            example = int(np.searchsorted(self.offsets, row, side="right")) - 1
+            raise ValueError(f"factors of example {example} contain NaN or inf (row {row})")
+        _fail_at(~np.isfinite(self.pooled).all(axis=1), "pooled[{i}] contains NaN or inf")
+        if self.base_loss is not None:
+            _check_array("base_loss", self.base_loss, 1, np.float32)
+            if self.base_loss.shape != (n,):
+                raise ValueError(f"base_loss has shape {self.base_loss.shape}, expected ({n},)")
+            _fail_at(~np.isfinite(self.base_loss), "base_loss[{i}] is NaN or inf")
+
+    @property
+    def N(self) -> int:  # noqa: N802 -- the math name, as in the paper
+        return len(self.n_tokens)
+
+    @property
+    def d(self) -> int:
+        return int(self.factors.shape[1])
+
+    @cached_property
+    def ranks(self) -> NDArray[np.int64]:
+        """r_i, the number of factor rows of each example."""
+        return np.diff(self.offsets)
+
+
+@dataclass(frozen=True, eq=False)
+class Selection:
+    """Chosen pool indices in pick order, each pick's gain and the objective after it."""
+
+    order: NDArray[np.int64]  # (k,)
+    gains: Array  # (k,) token-level log det increase of each pick
+    objective: Array  # (k,) f(S_t) = log det(ridge*I + prior + V_{S_t}) after each pick
+
+
+def _check_array(field: str, value: object, ndim: int, dtype: type[np.generic]) -> None:
+    if not isinstance(value, np.ndarray):
+        raise ValueError(f"{field} must be a numpy array, got {type(value).__name__}")
+    if value.ndim != ndim or value.dtype != dtype:
+        raise ValueError(
+            f"{field} must be a {ndim}-d {np.dtype(dtype).name} array, "
+            f"got {value.ndim}-d {value.dtype}"
+        )
+
+
+def _fail_at(bad: NDArray[np.bool_], message: str) -> None:
+    """Raise ValueError(message) naming the first example index where `bad` holds."""
+    if bad.any():
+        raise ValueError(message.format(i=int(np.flatnonzero(bad)[0])))
+
+
+def factor_from_tokens(x: NDArray[np.floating]) -> NDArray[np.floating]:
+    """(T, d) token states -> a factor F with F.T @ F == x.T @ x and min(T, d) rows.
+
+    Returns x itself when T <= d; otherwise the d x d factor sqrt(w) U^T of the Gram's
+    eigendecomposition (computed in float64, returned in x's dtype).
+    """
+    if x.ndim != 2:
+        raise ValueError(f"token states must be (T, d), got shape {x.shape}")
+    if x.shape[0] <= x.shape[1]:
+        return x
+    x64 = x.astype(np.float64)
+    w, u = np.linalg.eigh(x64.T @ x64)
+    return (np.sqrt(np.clip(w, 0.0, None))[:, None] * u.T).astype(x.dtype)
+
+
+def pool_from_tokens(
+    states: Sequence[NDArray[np.floating]], base_loss: NDArray[np.float32] | None = None
+) -> FeaturePool:
+    """Build a FeaturePool from each example's (T_i, d) loss-token hidden states."""
+    factors = [factor_from_tokens(np.asarray(x, dtype=np.float32)) for x in states]
+    return FeaturePool(
+        factors=np.concatenate(factors).astype(np.float32),
+        offsets=np.concatenate([[0], np.cumsum([len(f) for f in factors])]).astype(np.int64),
+        pooled=np.stack([np.asarray(x).mean(axis=0) for x in states]).astype(np.float32),
+        n_tokens=np.array([len(x) for x in states], dtype=np.int64),
+        base_loss=base_loss,
+    )
+
+
+def random_projection(d: int, dim: int, seed: int) -> NDArray[np.float32]:
+    """Seeded (d, dim) Gaussian matrix P with N(0, 1/dim) entries, so E[P P^T] = I_d.
+
+    Apply it to token states (x -> x @ P) as they stream out of the forward pass.
+    """
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((d, dim)) / np.sqrt(dim)).astype(np.float32)
+
+
+def project(pool: FeaturePool, dim: int, seed: int) -> FeaturePool:
+    """Johnson-Lindenstrauss sketch of the pool: every x becomes P^T x (P = random_projection).
+
+    Each Gram becomes P^T (F_i^T F_i) P, so f is computed in dim instead of d dimensions
+    (cost per gain falls by about (d / dim)^2). Distances and inner products, hence
+    log det(I + V_S / ridge), are kept up to a 1 +- O(sqrt(rank / dim)) distortion on the
+    subspace the design spans. Factors left with more than dim rows are re-factored to dim.
+    """
+    if dim < 1:
+        raise ValueError(f"projection dim must be >= 1, got {dim}")
+    p = random_projection(pool.d, dim, seed).astype(np.float64)
+    rows = pool.factors.astype(np.float64) @ p
+    factors = [
+        rows[a:b] if b - a <= dim else factor_from_tokens(rows[a:b])
+        for a, b in zip(pool.offsets[:-1], pool.offsets[1:], strict=True)
+    ]
+    return FeaturePool(
+        factors=np.concatenate(factors).astype(np.float32),
+        offsets=np.concatenate([[0], np.cumsum([len(f) for f in factors])]).astype(np.int64),
+        pooled=(pool.pooled.astype(np.float64) @ p).astype(np.float32),
+        n_tokens=pool.n_tokens,
+        base_loss=pool.base_loss,
+    )
+
+
+def _check_prior(prior: NDArray[np.floating] | None, d: int) -> Array:
+    """The prior as a symmetric float64 (d, d) array (zeros when None); ValueError if not PSD."""
+    if prior is None:
+        return np.zeros((d, d))
+    if not isinstance(prior, np.ndarray) or prior.shape != (d, d):
+        shape = getattr(prior, "shape", type(prior).__name__)
+        raise ValueError(f"prior must be a ({d}, {d}) array, got {shape}")
+    p = prior.astype(np.float64)
+    if not np.isfinite(p).all():
+        raise ValueError("prior contains NaN or inf")
+    scale = max(float(np.abs(p).max()), 1e-300)
+    if np.abs(p - p.T).max() > 1e-6 * scale:
+        raise ValueError("prior must be symmetric (a design matrix such as sum F_i^T F_i)")
+    p = (p + p.T) / 2
+    if np.linalg.eigvalsh(p)[0] < -1e-8 * scale:
+        raise ValueError("prior must be positive semidefinite")
+    return p
+
+
+def _check_ridge(ridge: float) -> None:
+    if not (np.isfinite(ridge) and ridge > 0):
+        raise ValueError(f"ridge must be a positive finite number, got {ridge}")
+
+
+def _check_budget(budget: int, limit: int, unit: str) -> None:
+    if isinstance(budget, bool) or not isinstance(budget, int | np.integer):
+        raise ValueError(f"budget must be an integer number of {unit}, got {budget!r}")
+    if budget <= 0:
+        raise ValueError(f"budget must be positive, got {budget} {unit}")
+    if budget > limit:
+        raise ValueError(f"budget of {budget} {unit} exceeds the pool's {limit} {unit}")
+
+
+def _logdet(matrix: Array) -> float:
+    sign, value = np.linalg.slogdet(matrix)
+    if sign <= 0:
+        raise ValueError("design matrix ridge*I + prior + V is not positive definite")
+    return float(value)
+
+
+def _rows(pool: FeaturePool, examples: NDArray[np.int64]) -> NDArray[np.int64]:
+    """Indices into pool.factors of the given examples' rows, concatenated."""
+    ranks = pool.ranks[examples]
+    starts = np.repeat(pool.offsets[examples] - np.cumsum(ranks) + ranks, ranks)
+    return starts + np.arange(int(ranks.sum()))
+
+
+class _Design:
+    """V = ridge*I + prior + sum of the picked F^T F, in float64, with V^{-1} kept current.
+
+    After a pick of rank r, V^{-1} gets a Woodbury downdate (O(r d^2)); once the picks since
+    the last exact inverse add up to rank d, V is inverted afresh so rounding cannot pile up.
+    """
+
+    def __init__(self, pool: FeaturePool, ridge: float, prior: Array) -> None:
+        self.pool = pool
+        self.gram = ridge * np.eye(pool.d) + prior
+        self.objective = _logdet(self.gram)
+        self.inverse = np.linalg.inv(self.gram)
+        self._rank_since_inverse = 0
+
+    def gains(self, examples: NDArray[np.int64]) -> Array:
+        """log det(I_r + F_i V^{-1} F_i^T) for each example, batched by equal rank r."""
+        out = np.empty(len(examples))
+        ranks = self.pool.ranks[examples]
+        by_rank = np.argsort(ranks, kind="stable")
+        group_starts = np.flatnonzero(np.diff(ranks[by_rank], prepend=-1))
+        for start, stop in zip(group_starts, [*group_starts[1:], len(examples)], strict=True):
+            r = int(ranks[by_rank[start]])
+            step = max(1, _CHUNK_ROWS // r)
+            for a in range(start, stop, step):
+                chunk = by_rank[a : min(a + step, stop)]
+                out[chunk] = self._gains_of_rank(examples[chunk], r)
+        return out
+
+    def _gains_of_rank(self, examples: NDArray[np.int64], r: int) -> Array:
+        d = self.pool.d
+        f = self.pool.factors[_rows(self.pool, examples)].astype(np.float64)
+        b = (f @ self.inverse).reshape(len(examples), r, d)
+        m = b @ f.reshape(len(examples), r, d).transpose(0, 2, 1)
+        m += np.eye(r)
+        chol = np.linalg.cholesky(m)
+        return 2.0 * np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(axis=1)
+
+    def add(self, example: int) -> float:
+        """Add example's F^T F to V; return the gain (the log det increase)."""
+        a, b = self.pool.offsets[example], self.pool.offsets[example + 1]
+        f = self.pool.factors[a:b].astype(np.float64)
+        fv = f @ self.inverse
+        capacitance = np.eye(len(f)) + fv @ f.T
+        gain = 2.0 * float(np.log(np.diagonal(np.linalg.cholesky(capacitance))).sum())
+        self.gram += f.T @ f
+        self._rank_since_inverse += len(f)
+        if self._rank_since_inverse >= self.pool.d:
+            self.inverse = np.linalg.inv(self.gram)
+            self._rank_since_inverse = 0
+        else:
+            self.inverse -= fv.T @ np.linalg.solve(capacitance, fv)
+        self.inverse = (self.inverse + self.inverse.T) / 2
+        self.objective += gain
+        return gain
+
+
+def _lazy_greedy(
+    design: _Design, costs: Array, budget: float, progress: bool
+) -> tuple[list[int], list[float]]:
+    """Greedy on gain / cost under sum(cost) <= budget, re-evaluating only stale heap tops.
+
+    Gains only shrink as V grows (submodularity), so a cached score bounds the current
+    one. Each step pops stale entries whose bound can still tie the best fresh score, in
+    batches of _LAZY_BATCH, and stops once the best fresh score beats every other bound:
+    the same pick as plain greedy under the same tie rule.
+    """
+    n = design.pool.N
+    first = design.gains(np.arange(n, dtype=np.int64)) / costs
+    heap = [(-float(s), i, 0) for i, s in enumerate(first)]  # (-bound, index, step evaluated)
+    heapq.heapify(heap)
+    order: list[int] = []
+    gains: list[float] = []
+    remaining = budget
+    with tqdm(total=budget, disable=not progress, desc="fisher picks") as bar:
+        for step in range(n):
+            fresh: dict[int, float] = {}
+            best = -np.inf
+            while heap and -heap[0][0] >= tie_floor(best):
+                stale: list[int] = []
+                while heap and len(stale) < _LAZY_BATCH and -heap[0][0] >= tie_floor(best):
+                    bound, i, evaluated = heapq.heappop(heap)
+                    if costs[i] > remaining:
+                        continue  # the budget only shrinks: it will never fit again
+                    if evaluated == step:
+                        fresh[i] = -bound
+                    else:
+                        stale.append(i)
+                if stale:
+                    scores = design.gains(np.array(stale, dtype=np.int64)) / costs[stale]
+                    fresh.update(zip(stale, scores.tolist(), strict=True))
+                best = max(fresh.values(), default=-np.inf)
+            if not fresh:
+                break
+            pick = min(i for i, s in fresh.items() if s >= tie_floor(best))
+            for i, s in fresh.items():
+                if i != pick:
+                    heapq.heappush(heap, (-s, i, step))
+            order.append(pick)
+            gains.append(design.add(pick))
+            remaining -= costs[pick]
+            bar.update(costs[pick])
+            if remaining <= 0:
+                break
+    return order, gains
+
+
+def _plain_greedy(
+    design: _Design, costs: Array, budget: float, progress: bool
+) -> tuple[list[int], list[float]]:
+    """Greedy on gain / cost under sum(cost) <= budget, recomputing every gain every step."""
+    available = np.ones(design.pool.N, dtype=bool)
+    order: list[int] = []
+    gains: list[float] = []
+    remaining = budget
+    with tqdm(total=budget, disable=not progress, desc="plain greedy picks") as bar:
+        while remaining > 0:
+            candidates = np.flatnonzero(available & (costs <= remaining))
+            if not len(candidates):
+                break
+            pick = int(candidates[first_best(design.gains(candidates) / costs[candidates])])
+            available[pick] = False
+            order.append(pick)
+            gains.append(design.add(pick))
+            remaining -= costs[pick]
+            bar.update(costs[pick])
+    return order, gains
+
+
+def _selection(order: Sequence[int], gains: Sequence[float], design: _Design) -> Selection:
+    gains_array = np.asarray(gains, dtype=np.float64)
+    objective = design.objective - gains_array.sum() + np.cumsum(gains_array)
+    return Selection(np.asarray(order, dtype=np.int64), gains_array, objective)
+
+
+def _scored(
+    pool: FeaturePool, order: NDArray[np.int64], ridge: float, prior: Array, progress: bool
+) -> Selection:
+    """Selection for a fixed pick order, scored with the token-level objective."""
+    design = _Design(pool, ridge, prior)
+    gains = [design.add(int(i)) for i in tqdm(order, disable=not progress, desc="objective")]
+    return _selection(order.tolist(), gains, design)
+
+
+def fisher_objective(
+    pool: FeaturePool,
+    indices: Sequence[int] | NDArray[np.integer],
+    ridge: float = DEFAULT_RIDGE,
+    prior: NDArray[np.floating] | None = None,
+) -> float:
+    """f(S) = log det(ridge*I + prior + sum_{i in S} F_i^T F_i), freshly, in float64.
+
+    An index listed twice counts twice.
+    """
+    _check_ridge(ridge)
+    examples = np.asarray(indices, dtype=np.int64).reshape(-1)
+    _fail_at((examples < 0) | (examples >= pool.N), "index at position {i} is outside the pool")
+    f = pool.factors[_rows(pool, examples)].astype(np.float64)
+    return _logdet(ridge * np.eye(pool.d) + _check_prior(prior, pool.d) + f.T @ f)
+
+
+def plain_greedy_fisher(
+    pool: FeaturePool,
+    k: int,
+    ridge: float = DEFAULT_RIDGE,
+    prior: NDArray[np.floating] | None = None,
+    *,
+    per_token: bool = False,
+    progress: bool = False,
+) -> Selection:
+    """Reference greedy: every step recomputes the gain of every remaining example.
+
+    O(k N r d^2). With per_token=True it is the reference for `fisher-per-token` (k is
+    then a token budget). Kept for tests and benchmarks; `fisher` picks the same set faster.
+    """
+    _check_ridge(ridge)
+    costs = pool.n_tokens.astype(np.float64) if per_token else np.ones(pool.N)
+    _check_budget(k, int(costs.sum()), "tokens" if per_token else "examples")
+    design = _Design(pool, ridge, _check_prior(prior, pool.d))
+    return _selection(*_plain_greedy(design, costs, float(k), progress), design)
+
+
+def select_fisher(
+    pool: FeaturePool,
+    budget: int,
+    *,
+    ridge: float = DEFAULT_RIDGE,
+    seed: int = 0,
+    prior: NDArray[np.floating] | None = None,
+    progress: bool = False,
+) -> Selection:
+    """`fisher`: lazy greedy on the token-level objective; `budget` examples. Seed unused."""
+    _check_ridge(ridge)
+    _check_budget(budget, pool.N, "examples")
+    design = _Design(pool, ridge, _check_prior(prior, pool.d))
+    return _selection(*_lazy_greedy(design, np.ones(pool.N), float(budget), progress), design)
+
+
+def select_fisher_per_token(
+    pool: FeaturePool,
+    budget: int,
+    *,
+    ridge: float = DEFAULT_RIDGE,
+    seed: int = 0,
+    prior: NDArray[np.floating] | None = None,
+    progress: bool = False,
+) -> Selection:
+    """`fisher-per-token`: `budget` is a number of loss tokens, not examples.
+
+    Each step picks the example with the largest gain / n_tokens among those that still
+    fit in the tokens left, and stops when none fits (cost-benefit greedy; unlike `fisher`
+    it carries no (1 - 1/e) guarantee on its own). Selection.gains holds the log det gain.
+    """
+    _check_ridge(ridge)
+    _check_budget(budget, int(pool.n_tokens.sum()), "tokens")
+    shortest = int(pool.n_tokens.min())
+    if budget < shortest:
+        raise ValueError(f"budget of {budget} tokens fits no example (the shortest has {shortest})")
+    costs = pool.n_tokens.astype(np.float64)
+    design = _Design(pool, ridge, _check_prior(prior, pool.d))
+    return _selection(*_lazy_greedy(design, costs, float(budget), progress), design)
+
+
+def _baseline(order_of: Callable[[FeaturePool, int, int, float], NDArray[np.int64]]) -> Selector:
+    """Wrap a pick-order function into a registry selector that also scores the objective."""
+
+    def selector(
+        pool: FeaturePool,
+        budget: int,
+        *,
+        ridge: float = DEFAULT_RIDGE,
+        seed: int = 0,
+        prior: NDArray[np.floating] | None = None,
+        progress: bool = False,
+    ) -> Selection:
+        _check_ridge(ridge)
+        _check_budget(budget, pool.N, "examples")
+        checked_prior = _check_prior(prior, pool.d)
+        order = order_of(pool, budget, seed, ridge)
+        return _scored(pool, order, ridge, checked_prior, progress)
+
+    selector.__doc__ = order_of.__doc__
+    return selector
+
+
+def _highest_loss(pool: FeaturePool, k: int, seed: int, ridge: float) -> NDArray[np.int64]:
+    if pool.base_loss is None:
+        raise ValueError("highest-loss needs pool.base_loss (the base model's loss per example)")
+    return highest_loss_order(pool.base_loss, k)
+
+
+Selector = Callable[..., Selection]
+
+SELECTORS: dict[str, Selector] = {
+    "fisher": select_fisher,
+    "fisher-pooled": _baseline(lambda pool, k, seed, ridge: pooled_fisher_order(pool.pooled, k, ridge)),
+    "fisher-per-token": select_fisher_per_token,
+    "uniform": _baseline(lambda pool, k, seed, ridge: uniform_order(pool.N, k, seed)),
+    "longest": _baseline(lambda pool, k, seed, ridge: longest_order(pool.n_tokens, k)),
+    "highest-loss": _baseline(_highest_loss),
+    "k-center": _baseline(lambda pool, k, seed, ridge: k_center_order(pool.pooled, k, seed)),
+}
+
+
+def select(
+    pool: FeaturePool,
+    budget: int,
+    selector: str,
+    *,
+    ridge: float = DEFAULT_RIDGE,
+    seed: int = 0,
+    prior: NDArray[np.floating] | None = None,
+    progress: bool = False,
+) -> Selection:
+    """Choose `budget` examples (tokens, for fisher-per-token) from the pool with `selector`."""
+    if selector not in SELECTORS:
+        raise ValueError(f"unknown selector {selector!r}; known: {', '.join(SELECTORS)}")
+    return SELECTORS[selector](
+        pool, budget, ridge=ridge, seed=seed, prior=prior, progress=progress
+    )

@@ -1,0 +1,93 @@
+"""Pick orders of the selectors FisherSFT is compared against, as pure functions over arrays.
+
+Each function returns pool indices in pick order; `steps.selectors` wraps them into a
+`Selection` and scores every order with the same token-level objective, so curves compare.
+`pooled_fisher_order` is the sentence-level design of the DataFlex reimplementation
+(docs/fishersft.md, "Known variants"): one L2-normalised mean vector per example.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+
+# Scores within this distance of the best count as ties, broken by the lowest index. Exact
+# duplicates get the same score only up to rounding that depends on how candidates were
+# batched; a tolerance far above rounding (~1e-15) makes every implementation agree.
+TIE_RTOL = 1e-9
+TIE_ATOL = 1e-12
+
+
+def tie_floor(best: float) -> float:
+    """Lowest score still tied with `best`."""
+    return best - (TIE_RTOL * abs(best) + TIE_ATOL)
+
+
+def first_best(scores: NDArray[np.float64]) -> int:
+    """Lowest index whose score ties the maximum (NaN-free scores; -inf marks taken)."""
+    return int(np.flatnonzero(scores >= tie_floor(float(scores.max())))[0])
+
+
+def uniform_order(n: int, k: int, seed: int) -> NDArray[np.int64]:
+    """k distinct indices drawn uniformly from range(n) with numpy's default_rng(seed)."""
+    return np.random.default_rng(seed).choice(n, size=k, replace=False).astype(np.int64)
+
+
+def longest_order(n_tokens: NDArray[np.int64], k: int) -> NDArray[np.int64]:
+    """The k examples with the most loss-bearing tokens; ties by lowest index."""
+    return np.argsort(-n_tokens, kind="stable")[:k].astype(np.int64)
+
+
+def highest_loss_order(base_loss: NDArray[np.float32], k: int) -> NDArray[np.int64]:
+    """The k examples the base model finds hardest (mean loss per token); ties by lowest index."""
+    return np.argsort(-base_loss.astype(np.float64), kind="stable")[:k].astype(np.int64)
+
+
+def k_center_order(points: NDArray[np.float32], k: int, seed: int) -> NDArray[np.int64]:
+    """Greedy farthest-point coverage (the k-center core-set of Sener & Savarese, 2018).
+
+    Starts from a seeded random point, then repeatedly adds the point farthest (Euclidean)
+    from everything chosen so far; ties by lowest index. Never repeats an index, even when
+    exact duplicates leave every remaining point at distance zero.
+    """
+    x = points.astype(np.float64)
+    sq_norms = np.einsum("nd,nd->n", x, x)
+    nearest = np.full(len(x), np.inf)  # squared distance to the closest chosen point
+    taken = np.zeros(len(x), dtype=bool)
+    order = [int(np.random.default_rng(seed).integers(len(x)))]
+    for _ in range(k - 1):
+        center = order[-1]
+        taken[center] = True
+        # |x - c|^2 expanded, so each step costs one matrix-vector product and no (N, d) temp.
+        dist = np.maximum(sq_norms - 2.0 * (x @ x[center]) + sq_norms[center], 0.0)
+        np.minimum(nearest, dist, out=nearest)
+        order.append(first_best(np.where(taken, -np.inf, nearest)))
+    return np.asarray(order, dtype=np.int64)
+
+
+def pooled_fisher_order(pooled: NDArray[np.float32], k: int, ridge: float) -> NDArray[np.int64]:
+    """Greedy max of log det(ridge*I + sum v v^T) over L2-normalised mean hidden states v.
+
+    Each gain is log(1 + v^T V^{-1} v). Sherman-Morrison keeps V^{-1} current, and every
+    candidate's quadratic form q = v^T V^{-1} v is downdated in place with one (N, d) @ (d,)
+    product per pick, so a pick costs O(N d) instead of O(N d^2).
+    """
+    v = pooled.astype(np.float64)
+    norms = np.linalg.norm(v, axis=1)
+    if (norms == 0).any():
+        index = int(np.flatnonzero(norms == 0)[0])
+        raise ValueError(f"pooled[{index}] is all zeros: fisher-pooled cannot L2-normalise it")
+    v /= norms[:, None]
+    inverse = np.eye(v.shape[1]) / ridge
+    quad = np.einsum("nd,nd->n", v, v) / ridge
+    taken = np.zeros(len(v), dtype=bool)
+    order = []
+    for _ in range(k):
+        pick = first_best(np.where(taken, -np.inf, quad))
+        taken[pick] = True
+        order.append(pick)
+        u = inverse @ v[pick]
+        denom = 1.0 + float(v[pick] @ u)
+        inverse -= np.outer(u, u) / denom
+        quad -= (v @ u) ** 2 / denom
+    return np.asarray(order, dtype=np.int64)
