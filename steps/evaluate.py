@@ -71,3 +71,16 @@ def evaluate(
     return evaluation_loss(
         load_model(local, device), load_tokenizer(local), eval_path, model_config, config, device
     )
+
+
+def evaluate_registered(
+    model_uri: str, eval_path: str, model_config: ModelConfig, config: EvalConfig, device: str
+) -> float:
+    """Scores a registry model (e.g. models:/name@champion) on the eval split; returns the loss."""
+    import mlflow
+
+    components = mlflow.transformers.load_model(model_uri, return_type="components")
+    model = components["model"].to(device)
+    return evaluation_loss(
+        model, components["tokenizer"], eval_path, model_config, config, device
+    ).loss

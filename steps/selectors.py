@@ -45,7 +45,9 @@ from steps.selectors_baselines import (
 
 DEFAULT_RIDGE = 1e-3
 _CHUNK_ROWS = 8192  # factor rows per batched gain evaluation: bounds temporaries to ~64 MB at d=768
-_LAZY_BATCH = 8  # stale heap entries re-evaluated together (measured in benchmarks/bench_select.py)
+# Stale heap entries re-evaluated together: the first batch of a step, doubling up to the max.
+_LAZY_BATCH = 8
+_LAZY_BATCH_MAX = 256
 
 Array = NDArray[np.float64]
 
@@ -267,6 +269,8 @@ class _Design:
         """log det(I_r + F_i V^{-1} F_i^T) for each example, batched by equal rank r."""
         out = np.empty(len(examples))
         ranks = self.pool.ranks[examples]
+        if len(examples) * int(ranks[0]) <= _CHUNK_ROWS and (ranks == ranks[0]).all():
+            return self._gains_of_rank(examples, int(ranks[0]))  # the common small batch
         by_rank = np.argsort(ranks, kind="stable")
         group_starts = np.flatnonzero(np.diff(ranks[by_rank], prepend=-1))
         for start, stop in zip(group_starts, [*group_starts[1:], len(examples)], strict=True):
@@ -326,9 +330,10 @@ def _lazy_greedy(
         for step in range(n):
             fresh: dict[int, float] = {}
             best = -np.inf
+            batch = _LAZY_BATCH
             while heap and -heap[0][0] >= tie_floor(best):
                 stale: list[int] = []
-                while heap and len(stale) < _LAZY_BATCH and -heap[0][0] >= tie_floor(best):
+                while heap and len(stale) < batch and -heap[0][0] >= tie_floor(best):
                     bound, i, evaluated = heapq.heappop(heap)
                     if costs[i] > remaining:
                         continue  # the budget only shrinks: it will never fit again
@@ -339,6 +344,7 @@ def _lazy_greedy(
                 if stale:
                     scores = design.gains(np.array(stale, dtype=np.int64)) / costs[stale]
                     fresh.update(zip(stale, scores.tolist(), strict=True))
+                    batch = min(2 * batch, _LAZY_BATCH_MAX)
                 best = max(fresh.values(), default=-np.inf)
             if not fresh:
                 break

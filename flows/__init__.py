@@ -1,0 +1,1 @@
+"""Sift's Prefect flows and CLI: wiring only, the work is in steps/."""

@@ -1,0 +1,123 @@
+"""MLflow plumbing shared by the steps: where runs go, and what every run records.
+
+Runs are addressed by explicit run ids (MLflow's active run is thread-local, and Prefect
+runs tasks in worker threads), so nothing here relies on a global "current run".
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from importlib.metadata import version
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+from pydantic import BaseModel, ConfigDict
+
+LIBRARIES = ("torch", "transformers", "prefect", "mlflow", "dvc", "great-expectations", "numpy")
+
+
+class TrackingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # None: $MLFLOW_TRACKING_URI if set, else SQLite at <project>/mlflow/mlflow.db.
+    # A server such as http://mlflow:5000 (backed by PostgreSQL + S3) works the same.
+    tracking_uri: str | None = None
+    experiment: str = "sift"
+
+
+def resolve_tracking_uri(config: TrackingConfig, project_dir: Path) -> str:
+    if config.tracking_uri:
+        return config.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    # Absolute path: a relative sqlite URI would follow the working directory.
+    return f"sqlite:///{(project_dir / 'mlflow' / 'mlflow.db').resolve()}"
+
+
+def use_tracking(tracking_uri: str) -> None:
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+
+
+def experiment_id(name: str, project_dir: Path) -> str:
+    """Gets or creates the experiment; local stores keep artifacts under mlflow/artifacts."""
+    client = MlflowClient()
+    existing = client.get_experiment_by_name(name)
+    if existing is not None:
+        return existing.experiment_id
+    artifacts = None
+    if mlflow.get_tracking_uri().startswith("sqlite:"):
+        artifacts = (project_dir / "mlflow" / "artifacts").resolve().as_uri()
+    return client.create_experiment(name, artifact_location=artifacts)
+
+
+def git_sha(project_dir: Path) -> str:
+    """The commit the code ran from, with '-dirty' when the work tree has changes."""
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], cwd=project_dir, capture_output=True, text=True, check=False
+        ).stdout.strip()
+
+    sha = git("rev-parse", "HEAD")
+    if not sha:
+        return "unknown"
+    return f"{sha}-dirty" if git("status", "--porcelain", "--untracked-files=no") else sha
+
+
+def library_versions() -> dict[str, str]:
+    return {f"version.{name}": version(name) for name in LIBRARIES}
+
+
+def start_run(
+    project_dir: Path, config: TrackingConfig, run_name: str, tags: dict[str, str],
+    params: dict[str, object],
+) -> str:
+    """Opens the parent run of one pipeline run and records config, code and libraries."""
+    use_tracking(resolve_tracking_uri(config, project_dir))
+    client = MlflowClient()
+    run = client.create_run(
+        experiment_id(config.experiment, project_dir),
+        run_name=run_name,
+        tags={"git.sha": git_sha(project_dir), **library_versions(), **tags},
+    )
+    run_id = run.info.run_id
+    for key, value in params.items():
+        client.log_param(run_id, key, str(value)[:6000])
+    return run_id
+
+
+def end_run(run_id: str, error: BaseException | None = None) -> None:
+    client = MlflowClient()
+    if error is not None:
+        client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:5000])
+    status = RunStatus.FAILED if error is not None else RunStatus.FINISHED
+    client.set_terminated(run_id, RunStatus.to_string(status))
+
+
+def log_metrics(run_id: str, metrics: dict[str, float]) -> None:
+    client = MlflowClient()
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, float(value))
+
+
+def log_tags(run_id: str, tags: dict[str, str]) -> None:
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+
+
+def log_artifact(run_id: str, path: str, artifact_dir: str | None = None) -> None:
+    MlflowClient().log_artifact(run_id, path, artifact_dir)
+
+
+def log_dataset(run_id: str, table_path: str, name: str, digest: str, context: str) -> None:
+    """mlflow.log_input with the DVC md5 as digest (MLflow rejects dvc:// sources, so the
+    source is the file path; the md5 ties it to the DVC version)."""
+    frame = pd.read_parquet(table_path)
+    dataset = mlflow.data.from_pandas(frame, source=table_path, name=name, digest=digest[:36])
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_input(dataset, context=context, tags={"dvc.md5": digest})
