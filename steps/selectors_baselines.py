@@ -8,8 +8,14 @@ Each function returns pool indices in pick order; `steps.selectors` wraps them i
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
 import numpy as np
 from numpy.typing import NDArray
+
+if TYPE_CHECKING:  # only for annotations: selectors.py imports this module
+    from steps.selectors import FeaturePool
 
 # Scores within this distance of the best count as ties, broken by the lowest index. Exact
 # duplicates get the same score only up to rounding that depends on how candidates were
@@ -91,3 +97,21 @@ def pooled_fisher_order(pooled: NDArray[np.float32], k: int, ridge: float) -> ND
         inverse -= np.outer(u, u) / denom
         quad -= (v @ u) ** 2 / denom
     return np.asarray(order, dtype=np.int64)
+
+
+def _highest_loss(pool: FeaturePool, k: int, seed: int, ridge: float) -> NDArray[np.int64]:
+    if pool.base_loss is None:
+        raise ValueError("highest-loss needs pool.base_loss (the base model's loss per example)")
+    return highest_loss_order(pool.base_loss, k)
+
+
+PickOrder = Callable[["FeaturePool", int, int, float], NDArray[np.int64]]  # (pool, k, seed, ridge)
+
+# Registry names -> pick order; `seed` matters to uniform and k-center, `ridge` to fisher-pooled.
+PICK_ORDERS: dict[str, PickOrder] = {
+    "fisher-pooled": lambda pool, k, seed, ridge: pooled_fisher_order(pool.pooled, k, ridge),
+    "uniform": lambda pool, k, seed, ridge: uniform_order(pool.N, k, seed),
+    "longest": lambda pool, k, seed, ridge: longest_order(pool.n_tokens, k),
+    "highest-loss": _highest_loss,
+    "k-center": lambda pool, k, seed, ridge: k_center_order(pool.pooled, k, seed),
+}

@@ -1,0 +1,69 @@
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from steps.ingest import IngestConfig, IngestError, ingest, source_fingerprint
+from tests.conftest import write_jsonl
+
+
+def _config(project: Path, **overrides) -> IngestConfig:
+    return IngestConfig(source=str(project / "raw" / "train.jsonl"),
+                        eval_source=str(project / "raw" / "test.jsonl"), **overrides)
+
+
+def test_ingest_writes_the_schema_and_is_deterministic(project: Path, tmp_path: Path):
+    first = ingest(_config(project), project, tmp_path / "a")
+    second = ingest(_config(project), project, tmp_path / "b")
+    assert first.train.md5 == second.train.md5 and first.eval.md5 == second.eval.md5
+    table = pd.read_parquet(first.train.path)
+    assert list(table.columns) == ["id", "prompt", "response", "source", "split"]
+    assert first.train.rows == 80 and first.eval.rows == 16
+    assert table.id.is_unique and set(table.split) == {"train"}
+
+
+def test_limits_take_the_first_rows(project: Path, tmp_path: Path):
+    result = ingest(_config(project, limit=10, eval_limit=4), project, tmp_path)
+    assert (result.train.rows, result.eval.rows) == (10, 4)
+
+
+def test_other_formats_and_plain_text(project: Path, tmp_path: Path):
+    frame = pd.read_json(project / "raw" / "train.jsonl", lines=True)
+    frame.to_csv(project / "raw" / "train.csv", index=False)
+    frame.to_parquet(project / "raw" / "train.parquet")
+    (project / "raw" / "lm.txt").write_text("first document\n\nsecond document\n")
+    for name in ("train.csv", "train.parquet"):
+        config = _config(project).model_copy(update={"source": str(project / "raw" / name)})
+        assert ingest(config, project, tmp_path / name).train.rows == 80
+    text = _config(project).model_copy(update={"source": str(project / "raw" / "lm.txt")})
+    table = pd.read_parquet(ingest(text, project, tmp_path / "txt").train.path)
+    assert list(table.response) == ["first document", "second document"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [('{"question": "q", "answer": "a"}\n{not json}\n', "line 2 is not valid JSON"),
+     ('{"q": "x", "a": "y"}\n', r"missing field\(s\) \['question', 'answer'\]"),
+     ("", "no records")],
+)
+def test_bad_files_get_errors_naming_the_problem(project: Path, tmp_path: Path, content, message):
+    (project / "raw" / "train.jsonl").write_text(content)
+    with pytest.raises(IngestError, match=message):
+        ingest(_config(project), project, tmp_path)
+
+
+def test_missing_and_unsupported_sources(project: Path, tmp_path: Path):
+    with pytest.raises(IngestError, match="not found"):
+        ingest(_config(project).model_copy(update={"source": "./nope.jsonl"}), project, tmp_path)
+    (project / "raw" / "data.xml").write_text("<a/>")
+    bad = _config(project).model_copy(update={"source": str(project / "raw" / "data.xml")})
+    with pytest.raises(IngestError, match="unsupported format"):
+        ingest(bad, project, tmp_path)
+
+
+def test_fingerprint_follows_content_not_path(project: Path):
+    path = project / "raw" / "train.jsonl"
+    before = source_fingerprint(str(path), project)
+    write_jsonl(path, [{"question": "changed", "answer": "yes"}])
+    assert source_fingerprint(str(path), project) != before
+    assert source_fingerprint("org/some-hub-dataset", project) == "hub:org/some-hub-dataset"

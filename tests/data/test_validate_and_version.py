@@ -1,0 +1,78 @@
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from steps.ingest import IngestConfig, ingest
+from steps.modeling import ModelConfig
+from steps.validate import DataValidationError, ValidateConfig, raise_on_failure, validate
+from steps.version import VersionConfig, version_data
+from tests.conftest import MODEL_DIR, write_jsonl
+
+MODEL = ModelConfig(name=str(MODEL_DIR))
+
+
+def _staged(project: Path, tmp_path: Path):
+    config = IngestConfig(source=str(project / "raw" / "train.jsonl"),
+                          eval_source=str(project / "raw" / "test.jsonl"))
+    return ingest(config, project, tmp_path / "staging")
+
+
+def test_clean_data_passes_and_is_published(project: Path, tmp_path: Path):
+    report = validate(_staged(project, tmp_path), ValidateConfig(on_invalid="fail"), MODEL,
+                      tmp_path / "gx", project / "data")
+    assert report.success and report.failures == ()
+    assert raise_on_failure(report).train.rows == 80
+    assert Path(report.data_docs_path).is_file()  # Data Docs HTML built
+    assert (project / "data" / "train.parquet").is_file()
+
+
+def test_failed_suite_names_expectations_and_leaves_data_untouched(
+    project: Path, tmp_path: Path, gsm8k_train, gsm8k_test
+):
+    bad = [dict(r) for r in gsm8k_train]
+    for row in bad[:10]:
+        row["answer"] = ""  # 10 of 80 empty responses: far above the quarantine limit
+    write_jsonl(project / "raw" / "train.jsonl", bad)
+    write_jsonl(project / "raw" / "test.jsonl", gsm8k_test + gsm8k_train[20:22])  # leakage
+    report = validate(_staged(project, tmp_path), ValidateConfig(), MODEL, tmp_path / "gx",
+                      project / "data")
+    assert not report.success and report.accepted is None
+    text = "\n".join(report.failures)
+    assert "expect_column_value_lengths_to_be_between on column 'response'" in text
+    assert "[eval] expect_column_values_to_not_be_in_set on column 'id'" in text
+    assert "max_quarantine_fraction" in text
+    with pytest.raises(DataValidationError, match="data/ left unchanged"):
+        raise_on_failure(report)
+    assert not (project / "data").exists()
+
+
+def test_quarantine_drops_few_bad_rows_with_reasons(project: Path, tmp_path: Path, gsm8k_train):
+    bad = [dict(r) for r in gsm8k_train]
+    bad[3]["answer"] = ""
+    write_jsonl(project / "raw" / "train.jsonl", bad)
+    config = ValidateConfig(on_invalid="quarantine", max_quarantine_fraction=0.05)
+    report = validate(_staged(project, tmp_path), config, MODEL, tmp_path / "gx", project / "data")
+    assert report.success and report.quarantined == 1
+    quarantined = pd.read_parquet(project / "data" / "quarantine.parquet")
+    assert "expect_column_value_lengths_to_be_between" in quarantined.reason[0]
+    assert report.accepted is not None and report.accepted.train.rows == 79
+
+
+def test_dvc_tracks_data_and_pushes_to_a_local_remote(project: Path, tmp_path: Path):
+    report = validate(_staged(project, tmp_path), ValidateConfig(), MODEL, tmp_path / "gx",
+                      project / "data")
+    assert report.accepted is not None
+    config = VersionConfig(remote_url=str(tmp_path / "remote"))
+    first = version_data(project / "data", project, config)
+    again = version_data(project / "data", project, config)
+    assert first == again  # unchanged data: same md5, nothing new
+    assert first.train_md5 == report.accepted.train.md5  # DVC's md5 is the file's md5
+    dvc_file = yaml.safe_load((project / "data.dvc").read_text())
+    assert dvc_file["outs"][0]["md5"] == first.dir_md5
+    assert any((tmp_path / "remote").rglob("*.dir"))
+    status = subprocess.run(["dvc", "status", "-c"], cwd=project, capture_output=True, text=True)
+    assert "in sync" in status.stdout, status.stdout + status.stderr
+    assert "/data" in (project / ".gitignore").read_text()  # the data itself stays out of git

@@ -1,0 +1,90 @@
+"""The whole flow on a small real slice, with the real Prefect API, MLflow, DVC and GX."""
+
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from flows.config import load_config, resolve_paths
+from tests.conftest import MODEL_DIR
+
+pytestmark = pytest.mark.slow
+EXPENSIVE = {"ingest", "embed", "select", "finetune", "evaluate"}
+
+
+def _config(project: Path, *extra: str):
+    return resolve_paths(load_config(None, [
+        f"data.source={project / 'raw' / 'train.jsonl'}",
+        f"data.eval_source={project / 'raw' / 'test.jsonl'}",
+        f"model.name={MODEL_DIR}", "model.max_length=256",
+        "select.budget=0.25", "finetune.epochs=1", "finetune.batch_size=8",
+        f"version.remote_url={project.parent / 'remote'}", "register.model_name=sift-test",
+        f"tracking.tracking_uri=sqlite:///{project.parent / 'mlflow.db'}",
+        *extra,
+    ]), project)
+
+
+def _task_states(flow_run_id) -> dict[str, set[str]]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    states: dict[str, set[str]] = {}
+    for run in runs:
+        states.setdefault(run.name.rsplit("-", 1)[0], set()).add(run.state.name)
+    return states
+
+
+def _run(config, project: Path):
+    from flows.pipeline import pipeline
+
+    state = pipeline(config, project, return_state=True)
+    return state.result(), _task_states(state.state_details.flow_run_id)
+
+
+def test_pipeline_end_to_end_then_cached_then_new_budget(prefect_harness, project: Path):
+    config = _config(project)
+    first, states = _run(config, project)
+    assert all(states[name] == {"Completed"} for name in EXPENSIVE), states
+    assert first.selected_examples == 20 and first.pool_examples == 80
+    assert first.eval_loss_finetuned < first.eval_loss_base
+    assert first.promoted and first.champion_version == first.model_version == "1"
+
+    mlflow.set_tracking_uri(config.tracking.tracking_uri)
+    client = MlflowClient()
+    run = client.get_run(first.run_id)
+    assert run.data.tags["dvc.md5"] == first.data_md5
+    assert run.data.tags["prefect.flow_run_id"]
+    assert "git.sha" in run.data.tags and run.data.params["select.selector"] == "fisher"
+    assert {i.dataset.digest for i in run.inputs.dataset_inputs} == {
+        run.data.tags["dvc.train_md5"][:36], run.data.tags["dvc.eval_md5"][:36]}
+    artifacts = {a.path for a in client.list_artifacts(first.run_id, "selection")}
+    assert "selection/selection.json" in artifacts
+    generator = mlflow.transformers.load_model("models:/sift-test@champion")
+    assert generator.model.config.hidden_size == 64
+    assert client.get_model_version_by_alias("sift-test", "challenger").version == "1"
+
+    again, states = _run(config, project)  # unchanged data and config: all from cache
+    assert all(states[name] == {"Cached"} for name in EXPENSIVE), states
+    assert again.model_version == "1" and not again.promoted
+    assert len(client.search_model_versions("name='sift-test'")) == 1
+
+    cheaper, states = _run(_config(project, "select.budget=0.5"), project)
+    assert states["ingest"] == {"Cached"} and states["embed"] == {"Cached"}
+    assert states["select"] == {"Completed"} and states["finetune"] == {"Completed"}
+    assert cheaper.model_version == "2" and cheaper.selected_examples == 40
+
+
+def test_invalid_data_stops_before_anything_downstream(prefect_harness, project: Path):
+    (project / "raw" / "train.jsonl").write_text('{"question": "q", "answer": ""}\n' * 30)
+    from flows.pipeline import pipeline
+    from steps.validate import DataValidationError
+
+    with pytest.raises(DataValidationError, match="expect_column_value_lengths_to_be_between"):
+        pipeline(_config(project, "register.model_name=sift-invalid"), project)
+    assert not (project / "data").exists() and not (project / "data.dvc").exists()
+    mlflow.set_tracking_uri(f"sqlite:///{project.parent / 'mlflow.db'}")
+    assert MlflowClient().search_registered_models("name='sift-invalid'") == []

@@ -1,0 +1,64 @@
+from pathlib import Path
+
+import pytest
+
+from flows.config import ConfigError, load_config, parse_override, resolve_paths
+from steps.select import resolve_budget
+
+
+def test_defaults_name_the_documented_keys():
+    config = load_config()
+    assert config.data.source.endswith("gsm8k/train.jsonl")
+    assert config.model.name.endswith("stories260K")
+    assert config.select.selector == "fisher"
+    assert config.select.budget == 0.1
+
+
+def test_yaml_and_set_override_in_order(tmp_path: Path):
+    path = tmp_path / "c.yaml"
+    path.write_text("select:\n  budget: 0.2\nfinetune:\n  epochs: 1\n")
+    config = load_config(path, ["select.budget=50", "model.device=cpu"])
+    assert config.select.budget == 50
+    assert config.finetune.epochs == 1
+    assert config.model.device == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [("select.budgt=3", "select.budgt"), ("finetune.epochs=abc", "finetune.epochs"),
+     ("nosuch.key=1", "nosuch"), ("model.device=tpu", "model.device")],
+)
+def test_bad_keys_and_types_name_the_key(override: str, named: str):
+    with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_override_needs_equals():
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_override("select.budget")
+
+
+def test_missing_config_file_is_named(tmp_path: Path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_relative_local_paths_resolve_against_the_project(tmp_path: Path):
+    (tmp_path / "d.jsonl").write_text("{}\n")
+    config = resolve_paths(load_config(None, ["data.source=d.jsonl"]), tmp_path)
+    assert config.data.source == str(tmp_path / "d.jsonl")
+    assert config.model.name == "assets/models/stories260K"  # not in tmp_path: left as given
+
+
+@pytest.mark.parametrize(("budget", "count"), [(0.1, 10), (1, 1), (100, 100), (0.004, 0)])
+def test_budget_is_a_fraction_or_a_count(budget: float, count: int):
+    if count == 0:
+        with pytest.raises(ValueError, match="select.budget"):
+            resolve_budget(budget, 100)
+    else:
+        assert resolve_budget(budget, 100) == count
+
+
+def test_budget_above_pool_is_an_error():
+    with pytest.raises(ValueError, match="1..100"):
+        resolve_budget(101, 100)
