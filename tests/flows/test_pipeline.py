@@ -17,7 +17,7 @@ def _config(project: Path, *extra: str):
     return resolve_paths(load_config(None, [
         f"data.source={project / 'raw' / 'train.jsonl'}",
         f"data.eval_source={project / 'raw' / 'test.jsonl'}",
-        f"model.name={MODEL_DIR}", "model.max_length=256",
+        f"model.name={MODEL_DIR}",
         "select.budget=0.25", "finetune.epochs=1", "finetune.batch_size=8",
         f"version.remote_url={project.parent / 'remote'}", "register.model_name=sift-test",
         f"tracking.tracking_uri=sqlite:///{project.parent / 'mlflow.db'}",
@@ -65,7 +65,7 @@ def test_pipeline_end_to_end_then_cached_then_new_budget(prefect_harness, projec
     assert "selection/selection.json" in artifacts
     generator = mlflow.transformers.load_model("models:/sift-test@champion")
     assert generator.model.config.hidden_size == 64
-    assert client.get_model_version_by_alias("sift-test", "challenger").version == "1"
+    assert str(client.get_model_version_by_alias("sift-test", "challenger").version) == "1"
 
     again, states = _run(config, project)  # unchanged data and config: all from cache
     assert all(states[name] == {"Cached"} for name in EXPENSIVE), states

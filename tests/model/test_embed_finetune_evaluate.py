@@ -14,7 +14,7 @@ from steps.ingest import IngestConfig, ingest
 from steps.modeling import ModelConfig, encode_examples, load_model, load_tokenizer, pad_batch
 from tests.conftest import MODEL_DIR
 
-MODEL = ModelConfig(name=str(MODEL_DIR), max_length=256)
+MODEL = ModelConfig(name=str(MODEL_DIR))
 pytestmark = pytest.mark.slow
 
 

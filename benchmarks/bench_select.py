@@ -1,0 +1,155 @@
+"""Time and memory of FisherSFT selection on synthetic pools; prints markdown tables.
+
+    python benchmarks/bench_select.py --quick          # about a minute
+    python benchmarks/bench_select.py                  # d=64, N=5000, k=500 (+ 2N) and d=768
+
+1. `fisher` (lazy greedy) against `plain_greedy_fisher` in the same process, asserting they
+   pick the same examples. 2. `fisher` as N doubles with k = N/10. 3. d=768: exact `fisher`
+   against `fisher` on random-projection sketches (`project`), scored by the exact objective.
+Pools: T ~ U[64, 256] loss tokens per example; states = (example mean + token noise) under a
+power-law spectrum (1 + j)^-0.75, rotated by one of 16 random "topic" bases. Peak memory is
+tracemalloc's peak over the call (numpy buffers included), on top of the pool itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import time
+from functools import partial
+import tracemalloc
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from steps import selectors
+from steps.selectors import FeaturePool, Selection, plain_greedy_fisher, project, select
+
+
+def synthetic_pool(n: int, d: int, seed: int, topics: int = 16) -> FeaturePool:
+    """n examples of T ~ U[64, 256] d-dim token states, each example drawn from one of
+    `topics` random rotations of a power-law spectrum, so no single direction set covers all.
+    """
+    rng = np.random.default_rng(seed)
+    scale = (1.0 + np.arange(d)) ** -0.75
+    bases = [np.linalg.qr(rng.standard_normal((d, d)))[0] * scale for _ in range(topics)]
+    states = []
+    for t, topic in zip(rng.integers(64, 257, size=n), rng.integers(topics, size=n), strict=True):
+        x = rng.standard_normal(d) + rng.standard_normal((t, d))  # example mean + token noise
+        states.append((x @ bases[topic]).astype(np.float32))
+    return selectors.pool_from_tokens(states)
+
+
+@dataclass
+class Run:
+    selection: Selection
+    seconds: float
+    peak_mb: float
+    gain_evaluations: int
+
+
+def measure(run: Callable[[], Selection]) -> Run:
+    """Wall time, tracemalloc peak and number of per-example gain evaluations of one call."""
+    counter = [0]
+    original = selectors._Design.gains  # counted through the private hook: benchmark only
+
+    def counted(self: selectors._Design, examples: np.ndarray) -> np.ndarray:
+        counter[0] += len(examples)
+        return original(self, examples)
+
+    selectors._Design.gains = counted  # type: ignore[method-assign]
+    tracemalloc.start()
+    start = time.perf_counter()
+    try:
+        selection = run()
+    finally:
+        seconds = time.perf_counter() - start
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        selectors._Design.gains = original  # type: ignore[method-assign]
+    return Run(selection, seconds, peak / 2**20, counter[0])
+
+
+def compare_lazy_with_plain(n: int, d: int, k: int) -> None:
+    pool = synthetic_pool(n, d, seed=0)
+    lazy = measure(lambda: select(pool, k, "fisher"))
+    plain = measure(lambda: plain_greedy_fisher(pool, k))
+    assert np.array_equal(lazy.selection.order, plain.selection.order), "picks differ"
+    assert np.allclose(lazy.selection.objective, plain.selection.objective, rtol=1e-10)
+    print(f"\n## fisher (lazy) vs plain greedy: N={n}, d={d}, k={k}, identical picks: yes\n")
+    print("| method | seconds | peak MB | gain evals / pick | f(S_k) |")
+    print("|---|---:|---:|---:|---:|")
+    for name, r in [("fisher (lazy)", lazy), ("plain greedy", plain)]:
+        evals = (r.gain_evaluations - n) / k  # the first pass (N gains) is common to both
+        row = f"{r.seconds:.2f} | {r.peak_mb:.0f} | {evals:.0f} | {r.selection.objective[-1]:.3f}"
+        print(f"| {name} | {row} |")
+    print(f"\nspeed-up: {plain.seconds / lazy.seconds:.1f}x")
+
+
+def scale_lazy(n: int, d: int) -> None:
+    print(f"\n## fisher scaling, d={d}, k = N/10\n")
+    print("| N | k | seconds | peak MB | gain evals / pick | pool MB |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    times = []
+    for size in (n, 2 * n):
+        pool = synthetic_pool(size, d, seed=1)
+        r = measure(partial(select, pool, size // 10, "fisher"))
+        times.append(r.seconds)
+        evals = (r.gain_evaluations - size) / (size // 10)
+        pool_mb = (pool.factors.nbytes + pool.pooled.nbytes) / 2**20
+        row = f"{r.seconds:.2f} | {r.peak_mb:.0f} | {evals:.0f} | {pool_mb:.0f}"
+        print(f"| {size} | {size // 10} | {row} |")
+    print(f"\ntime ratio 2N / N: {times[1] / times[0]:.2f} (k doubles too)")
+
+
+def compare_sketches(n: int, d: int, k: int, dims: list[int]) -> None:
+    pool = synthetic_pool(n, d, seed=2)
+    empty = selectors.fisher_objective(pool, [])
+
+    def gain(order: np.ndarray) -> float:
+        return selectors.fisher_objective(pool, order) - empty
+
+    exact = measure(lambda: select(pool, k, "fisher"))
+    best = gain(exact.selection.order)
+    print(f"\n## sketches: N={n}, d={d}, k={k}; quality = exact f(S)-f(empty) / exact fisher's\n")
+    print("| selection | seconds (project + select) | peak MB | quality |")
+    print("|---|---:|---:|---:|")
+    print(f"| fisher, exact d={d} | {exact.seconds:.2f} | {exact.peak_mb:.0f} | 1.0000 |")
+
+    def select_sketched(dim: int) -> Selection:
+        return select(project(pool, dim, seed=0), k, "fisher")
+
+    for dim in dims:
+        sketched = measure(partial(select_sketched, dim))
+        quality = gain(sketched.selection.order) / best
+        row = f"{sketched.seconds:.2f} | {sketched.peak_mb:.0f} | {quality:.4f}"
+        print(f"| fisher, projected to {dim} | {row} |")
+    for name in ("uniform", "fisher-pooled", "longest"):
+        other = measure(partial(select, pool, k, name))
+        quality = gain(other.selection.order) / best
+        print(f"| {name} | {other.seconds:.2f} | {other.peak_mb:.0f} | {quality:.4f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=5000, help="pool size for lazy vs plain")
+    parser.add_argument("--d", type=int, default=64, help="hidden size for lazy vs plain")
+    parser.add_argument("--k", type=int, default=500, help="budget for lazy vs plain")
+    parser.add_argument("--n-768", type=int, default=1000, help="pool size of the d=768 run")
+    parser.add_argument("--quick", action="store_true", help="small sizes, about a minute")
+    args = parser.parse_args()
+    if args.quick:
+        args.n, args.k, args.n_768 = 1000, 100, 300
+    threads = os.environ.get("OPENBLAS_NUM_THREADS", "unset")
+    print(f"# bench_select ({os.cpu_count()} CPUs, OPENBLAS_NUM_THREADS={threads})")
+    compare_lazy_with_plain(args.n, args.d, args.k)
+    scale_lazy(args.n, args.d)
+    compare_sketches(args.n_768, 768, args.n_768 // 10, [64, 128, 256])
+    max_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"\nprocess max RSS: {max_rss_mb:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

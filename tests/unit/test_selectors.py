@@ -1,0 +1,290 @@
+"""The selection engine against brute force, its own reference, and bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from steps.selectors import (
+    SELECTORS,
+    FeaturePool,
+    factor_from_tokens,
+    fisher_objective,
+    plain_greedy_fisher,
+    pool_from_tokens,
+    project,
+    select,
+)
+
+BASELINES = ["fisher-pooled", "uniform", "longest", "highest-loss", "k-center"]
+
+
+def token_states(n: int, d: int, seed: int, t_min: int = 2, t_max: int = 40) -> list[np.ndarray]:
+    """Per-example (T, d) states: an example-level mean plus token noise, decaying spectrum."""
+    rng = np.random.default_rng(seed)
+    scale = (1.0 + np.arange(d)) ** -0.75
+    lengths = rng.integers(t_min, t_max + 1, size=n)
+    return [((rng.standard_normal(d) + rng.standard_normal((t, d))) * scale) for t in lengths]
+
+
+def make_pool(n: int, d: int, seed: int, **lengths: int) -> FeaturePool:
+    loss = np.random.default_rng(seed + 1).random(n).astype(np.float32)
+    return pool_from_tokens(token_states(n, d, seed, **lengths), base_loss=loss)
+
+
+def info_gain(pool: FeaturePool, indices: Sequence[int] | np.ndarray) -> float:
+    """f(S) - f(empty): the normalised objective the (1 - 1/e) guarantee is about."""
+    return fisher_objective(pool, indices) - fisher_objective(pool, [])
+
+
+def random_prior(d: int, seed: int) -> np.ndarray:
+    a = np.random.default_rng(seed).standard_normal((3 * d, d)) * 0.1
+    return a.T @ a
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_greedy_is_within_1_minus_1_over_e_of_brute_force(seed: int) -> None:
+    pool = make_pool(10, 6, seed, t_min=1, t_max=8)
+    best = max(info_gain(pool, s) for s in itertools.combinations(range(10), 3))
+    greedy = info_gain(pool, select(pool, 3, "fisher").order)
+    assert greedy >= (1 - 1 / math.e) * best
+    assert greedy <= best + 1e-9
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_lazy_greedy_matches_plain_greedy(seed: int) -> None:
+    # d=12 with T in 1..30 mixes T < d (r = T) and T > d (r = d) factors.
+    states = token_states(40, 12, seed, t_min=1, t_max=30)
+    states += [states[5], states[5], states[17]]  # exact duplicates
+    pool = pool_from_tokens(states)
+    prior = random_prior(12, seed) if seed % 2 else None
+    lazy = select(pool, 25, "fisher", prior=prior)
+    plain = plain_greedy_fisher(pool, 25, prior=prior)
+    np.testing.assert_array_equal(lazy.order, plain.order)
+    np.testing.assert_allclose(lazy.objective, plain.objective, rtol=1e-12)
+    np.testing.assert_allclose(lazy.gains, plain.gains, rtol=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_lazy_per_token_matches_plain_per_token(seed: int) -> None:
+    pool = make_pool(40, 12, seed, t_min=1, t_max=30)
+    prior = random_prior(12, seed)
+    lazy = select(pool, 200, "fisher-per-token", prior=prior)
+    plain = plain_greedy_fisher(pool, 200, prior=prior, per_token=True)
+    np.testing.assert_array_equal(lazy.order, plain.order)
+    assert pool.n_tokens[lazy.order].sum() <= 200
+    unpicked = np.setdiff1d(np.arange(pool.N), lazy.order)
+    assert (pool.n_tokens[unpicked] > 200 - pool.n_tokens[lazy.order].sum()).all()
+
+
+@pytest.mark.parametrize("selector", list(SELECTORS))
+def test_incremental_objective_equals_fresh_log_det(selector: str) -> None:
+    pool = make_pool(60, 16, 3, t_min=1, t_max=50)
+    prior = random_prior(16, 3)
+    budget = 300 if selector == "fisher-per-token" else 30
+    sel = select(pool, budget, selector, prior=prior, seed=1)
+    for t in (0, len(sel.order) // 2, len(sel.order) - 1):
+        fresh = fisher_objective(pool, sel.order[: t + 1], prior=prior)
+        np.testing.assert_allclose(sel.objective[t], fresh, rtol=1e-8)
+    start = fisher_objective(pool, [], prior=prior)
+    np.testing.assert_allclose(start + np.cumsum(sel.gains), sel.objective, rtol=1e-12)
+
+
+def test_permuting_the_pool_permutes_the_picks() -> None:
+    states = token_states(50, 10, 7, t_min=1, t_max=25)
+    perm = np.random.default_rng(0).permutation(50)
+    original = select(pool_from_tokens(states), 15, "fisher")
+    permuted = select(pool_from_tokens([states[i] for i in perm]), 15, "fisher")
+    np.testing.assert_array_equal(perm[permuted.order], original.order)
+    np.testing.assert_allclose(permuted.objective, original.objective, rtol=1e-10)
+
+
+def test_duplicates_are_never_picked_twice_and_their_gain_shrinks() -> None:
+    states = token_states(4, 8, 0, t_min=3, t_max=12) * 3  # every example three times
+    pool = pool_from_tokens(states)
+    sel = select(pool, 12, "fisher")
+    assert sorted(sel.order.tolist()) == list(range(12))
+    for content in range(4):  # copies of one example: lowest index first, gains shrinking
+        copies = sel.order % 4 == content
+        assert (np.diff(sel.order[copies]) > 0).all()
+        assert (np.diff(sel.gains[copies]) < 0).all()
+    # The second copy's gain is exactly the log det increase it brings after the first.
+    twin_pos = next(t for t, i in enumerate(sel.order) if i % 4 in set(sel.order[:t] % 4))
+    before = fisher_objective(pool, sel.order[:twin_pos])
+    after = fisher_objective(pool, sel.order[: twin_pos + 1])
+    np.testing.assert_allclose(sel.gains[twin_pos], after - before, rtol=1e-9)
+    assert sel.gains[twin_pos] > 0
+
+
+@pytest.mark.parametrize("selector", BASELINES)
+def test_baselines_return_k_distinct_valid_indices(selector: str) -> None:
+    states = token_states(30, 8, 1)
+    pool = pool_from_tokens(states + states[:5], base_loss=np.ones(35, dtype=np.float32))
+    order = select(pool, 20, selector, seed=3).order
+    assert order.dtype == np.int64 and len(order) == 20
+    assert len(set(order.tolist())) == 20 and order.min() >= 0 and order.max() < 35
+
+
+def test_baselines_pick_what_they_promise() -> None:
+    pool = make_pool(30, 8, 2)
+    lengths = pool.n_tokens
+    longest = select(pool, 5, "longest").order
+    assert lengths[longest].min() >= np.sort(lengths)[-5]
+    assert (np.diff(lengths[longest]) <= 0).all()
+    assert pool.base_loss is not None
+    np.testing.assert_array_equal(
+        select(pool, 5, "highest-loss").order, np.argsort(-pool.base_loss, kind="stable")[:5]
+    )
+    seeded = [select(pool, 10, "uniform", seed=s).order for s in (0, 0, 1)]
+    np.testing.assert_array_equal(seeded[0], seeded[1])
+    assert not np.array_equal(seeded[0], seeded[2])
+    np.testing.assert_array_equal(
+        select(pool, 10, "k-center", seed=4).order, select(pool, 10, "k-center", seed=4).order
+    )
+
+
+def test_k_center_adds_the_farthest_point() -> None:
+    pool = make_pool(25, 5, 4)
+    order = select(pool, 6, "k-center", seed=2).order
+    x = pool.pooled.astype(np.float64)
+    for t in range(1, 6):
+        dist = np.linalg.norm(x[:, None] - x[None, order[:t]], axis=2).min(axis=1)
+        assert dist[order[t]] == pytest.approx(dist.max(), rel=1e-9)
+
+
+def test_fisher_pooled_matches_brute_force_greedy_on_pooled_vectors() -> None:
+    pool = make_pool(20, 6, 5)
+    v = pool.pooled.astype(np.float64)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+
+    def gram(rows: list[int]) -> np.ndarray:
+        return v[rows].T @ v[rows]
+
+    chosen: list[int] = []
+    for _ in range(5):
+        rest = [i for i in range(20) if i not in chosen]
+        logdets = np.array(
+            [np.linalg.slogdet(1e-3 * np.eye(6) + gram([*chosen, i]))[1] for i in rest]
+        )
+        # Unit vectors tie on the first pick: the lowest index wins, as in select().
+        chosen.append(rest[int(np.flatnonzero(logdets >= logdets.max() - 1e-9)[0])])
+    np.testing.assert_array_equal(select(pool, 5, "fisher-pooled").order, chosen)
+
+
+def test_prior_steers_fisher_away_from_known_directions() -> None:
+    # Half the examples live in the first 4 coordinates, half in the last 4; a prior that
+    # already covers the first block must make every early pick come from the second.
+    rng = np.random.default_rng(0)
+    states = [np.zeros((6, 8)) for _ in range(20)]
+    for i, x in enumerate(states):
+        block = slice(0, 4) if i < 10 else slice(4, 8)
+        x[:, block] = rng.standard_normal((6, 4))
+    prior = np.diag([100.0] * 4 + [0.0] * 4)
+    order = select(pool_from_tokens(states), 3, "fisher", prior=prior).order
+    assert (order >= 10).all()
+
+
+def test_factor_from_tokens_preserves_the_gram() -> None:
+    rng = np.random.default_rng(0)
+    for t in (3, 8, 50):
+        x = rng.standard_normal((t, 8))
+        f = factor_from_tokens(x)
+        assert f.shape == (min(t, 8), 8)
+        np.testing.assert_allclose(f.T @ f, x.T @ x, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_projection_keeps_the_objective_in_the_jl_regime(seed: int) -> None:
+    # With dim >> d, E[P P^T] = I cancels the first-order error; what is left is an
+    # O(d / dim) bias. Measured at d=16, dim=256 over 20 seeds: mean 0.3%, max 0.6%
+    # relative error of f(S) - f(empty); assert 2% (a ~3x margin over the worst seed).
+    pool = make_pool(40, 16, seed)
+    indices = np.random.default_rng(seed).choice(40, size=8, replace=False)
+    sketched = project(pool, 256, seed)
+    assert sketched.d == 256 and (sketched.ranks <= 256).all()
+    exact, approx = info_gain(pool, indices), info_gain(sketched, indices)
+    assert abs(approx - exact) / exact < 0.02
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_projection_below_d_still_selects_nearly_as_well(seed: int) -> None:
+    # With dim < d the sketched log det is a different number (fewer dimensions: 70% off
+    # at dim = d/4), but its greedy picks stay good: measured over 10 seeds, the exact
+    # objective of the picks made on a 4x smaller sketch is >= 99.5% of exact greedy's,
+    # while uniform reaches 91-96%. Assert 98% and better than uniform.
+    pool = make_pool(200, 64, seed, t_min=4, t_max=100)
+    exact = info_gain(pool, select(pool, 20, "fisher").order)
+    sketched = info_gain(pool, select(project(pool, 16, seed), 20, "fisher").order)
+    uniform = info_gain(pool, select(pool, 20, "uniform", seed=seed).order)
+    assert sketched >= 0.98 * exact
+    assert sketched > uniform
+
+
+def pool_arrays(pool: FeaturePool) -> dict[str, np.ndarray | None]:
+    return {f.name: getattr(pool, f.name) for f in dataclasses.fields(pool)}
+
+
+def test_bad_pools_raise_value_errors_naming_the_problem() -> None:
+    good = pool_arrays(make_pool(6, 4, 0, t_min=1, t_max=8))
+
+    def rebuilt(**changes: object) -> None:
+        FeaturePool(**{**good, **changes})  # type: ignore[arg-type]
+
+    factors = good["factors"].copy()  # type: ignore[union-attr]
+    offsets = good["offsets"]
+    assert offsets is not None
+    factors[offsets[3]] = np.nan
+    with pytest.raises(ValueError, match="factors of example 3 contain NaN"):
+        rebuilt(factors=factors)
+    pooled = good["pooled"].copy()  # type: ignore[union-attr]
+    pooled[2, 1] = np.inf
+    with pytest.raises(ValueError, match=r"pooled\[2\] contains NaN or inf"):
+        rebuilt(pooled=pooled)
+    n_tokens = good["n_tokens"].copy()  # type: ignore[union-attr]
+    n_tokens[4] = 0
+    with pytest.raises(ValueError, match="example 4 has n_tokens <= 0"):
+        rebuilt(n_tokens=n_tokens)
+    empty_factor = offsets.copy()
+    empty_factor[2] = empty_factor[1]
+    with pytest.raises(ValueError, match="example 1 has an empty factor"):
+        rebuilt(offsets=empty_factor)
+    with pytest.raises(ValueError, match="factors must be a 2-d float32 array"):
+        rebuilt(factors=good["factors"].astype(np.float64))  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="base_loss has shape"):
+        rebuilt(base_loss=np.ones(3, dtype=np.float32))
+    with pytest.raises(ValueError, match="empty pool"):
+        FeaturePool(
+            factors=np.zeros((0, 4), np.float32),
+            offsets=np.zeros(1, np.int64),
+            pooled=np.zeros((0, 4), np.float32),
+            n_tokens=np.zeros(0, np.int64),
+        )
+
+
+def test_bad_selection_requests_raise_value_errors_naming_the_problem() -> None:
+    pool = make_pool(6, 4, 0)
+    with pytest.raises(ValueError, match="budget must be positive"):
+        select(pool, 0, "fisher")
+    with pytest.raises(ValueError, match="exceeds the pool's 6 examples"):
+        select(pool, 7, "uniform")
+    with pytest.raises(ValueError, match=r"exceeds the pool's \d+ tokens"):
+        select(pool, int(pool.n_tokens.sum()) + 1, "fisher-per-token")
+    with pytest.raises(ValueError, match="fits no example"):
+        select(pool, int(pool.n_tokens.min()) - 1, "fisher-per-token")  # make_pool: T >= 2
+    with pytest.raises(ValueError, match="unknown selector 'fisherr'; known: fisher, "):
+        select(pool, 2, "fisherr")
+    with pytest.raises(ValueError, match=r"needs pool\.base_loss"):
+        select(dataclasses.replace(pool, base_loss=None), 2, "highest-loss")
+    with pytest.raises(ValueError, match="ridge must be a positive"):
+        select(pool, 2, "fisher", ridge=0.0)
+    with pytest.raises(ValueError, match=r"prior must be a \(4, 4\) array"):
+        select(pool, 2, "fisher", prior=np.eye(3))
+    with pytest.raises(ValueError, match="prior must be positive semidefinite"):
+        select(pool, 2, "fisher", prior=-np.eye(4))
+    with pytest.raises(ValueError, match="budget must be an integer"):
+        select(pool, 2.5, "fisher")  # type: ignore[arg-type]
