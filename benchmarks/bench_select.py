@@ -17,10 +17,10 @@ import argparse
 import os
 import resource
 import time
-from functools import partial
 import tracemalloc
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 

@@ -4,7 +4,6 @@ so an unchanged re-run is served from Prefect's cache and a new budget re-runs o
 select and what follows.
 """
 
-from __future__ import annotations
 
 import hashlib
 import json
