@@ -12,16 +12,27 @@ from rich.table import Table
 from flows.config import ConfigError, PipelineConfig, load_config, resolve_paths
 from flows.runtime import configure_environment
 
-app = typer.Typer(help="Sift: data-efficient supervised fine-tuning pipelines.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="Sift: data-efficient supervised fine-tuning pipelines.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 console = Console()
 
-ConfigOption = Annotated[Path | None, typer.Option(
-    "--config", "-c", help="YAML file overriding the defaults (see configs/).")]
-SetOption = Annotated[list[str] | None, typer.Option(
-    "--set", "-s", help="Override one key, e.g. --set select.budget=0.05 (repeatable).")]
-ProjectOption = Annotated[Path, typer.Option(
-    "--project-dir", help="Project root: holds data/, data.dvc, mlflow/ and .sift/.")]
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="YAML file overriding the defaults (see configs/)."),
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set", "-s", help="Override one key, e.g. --set select.budget=0.05 (repeatable)."
+    ),
+]
+ProjectOption = Annotated[
+    Path,
+    typer.Option("--project-dir", help="Project root: holds data/, data.dvc, mlflow/ and .sift/."),
+]
 
 
 def _load(config_path: Path | None, overrides: list[str] | None, project_dir: Path):
@@ -65,8 +76,12 @@ def serve(
     resolved, root = _load(config, set_, project_dir)
     from flows.pipeline import pipeline
 
-    pipeline.serve(name=name, cron=cron, pause_on_shutdown=False,
-                   parameters={"config": resolved.model_dump(), "project_dir": str(root)})
+    pipeline.serve(
+        name=name,
+        cron=cron,
+        pause_on_shutdown=False,
+        parameters={"config": resolved.model_dump(), "project_dir": str(root)},
+    )
 
 
 @app.command("show-config")

@@ -85,16 +85,22 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
 
 def resolve_paths(config: PipelineConfig, project_dir: Path) -> PipelineConfig:
     """Local paths in the config are relative to the project; make them absolute once."""
+
     def local(value: str) -> str:
         path = project_dir / value
         return str(path.resolve()) if not Path(value).is_absolute() and path.exists() else value
 
-    return config.model_copy(update={
-        "data": config.data.model_copy(update={
-            "source": local(config.data.source), "eval_source": local(config.data.eval_source),
-        }),
-        "model": config.model.model_copy(update={"name": local(config.model.name)}),
-    })
+    return config.model_copy(
+        update={
+            "data": config.data.model_copy(
+                update={
+                    "source": local(config.data.source),
+                    "eval_source": local(config.data.eval_source),
+                }
+            ),
+            "model": config.model.model_copy(update={"name": local(config.model.name)}),
+        }
+    )
 
 
 def flat_params(config: PipelineConfig) -> dict[str, object]:

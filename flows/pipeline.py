@@ -4,11 +4,9 @@ so an unchanged re-run is served from Prefect's cache and a new budget re-runs o
 select and what follows.
 """
 
-
 import hashlib
 import json
 from dataclasses import asdict, dataclass
-from functools import partial
 from pathlib import Path
 
 from prefect import flow, task
@@ -18,19 +16,18 @@ from prefect.runtime import flow_run
 from flows.config import PipelineConfig, flat_params
 from flows.runtime import state_dir
 from steps import tracking
-from steps.embed import embed_pool
-from steps.evaluate import evaluate, evaluate_registered
-from steps.finetune import finetune
-from steps.ingest import ingest, source_fingerprint
+from steps.embed import FeaturesRef, embed_pool
+from steps.evaluate import EvalReport, evaluate, evaluate_registered
+from steps.finetune import ModelRef, finetune
+from steps.ingest import IngestResult, ingest, source_fingerprint
 from steps.modeling import model_fingerprint, resolve_device, resolve_precision
 from steps.register import promote, register_model
-from steps.select import select_subset, selected_ids
+from steps.select import SelectionRef, select_subset, selected_ids
 from steps.validate import raise_on_failure, validate
 from steps.version import version_data
 
 # Inputs + the task's source; the MLflow run id is per run and must not split the cache.
 CACHED = (INPUTS + TASK_SOURCE) - "run_id"
-cached = partial(task, cache_policy=CACHED, persist_result=True)
 
 
 def key(*parts: object) -> str:
@@ -38,31 +35,36 @@ def key(*parts: object) -> str:
     return hashlib.md5(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-@cached(name="ingest")
-def ingest_task(config, project_dir: Path, staging_dir: Path, source_md5: str):
+@task(name="ingest", cache_policy=CACHED, persist_result=True)
+def ingest_task(config, project_dir: Path, staging_dir: Path, source_md5: str) -> IngestResult:
     return ingest(config, project_dir, staging_dir)  # source_md5 keys the cache on content
 
 
-@cached(name="embed")
-def embed_task(train_path, train_md5: str, model, model_md5: str, config, out_dir, device):
+@task(name="embed", cache_policy=CACHED, persist_result=True)
+def embed_task(
+    train_path, train_md5: str, model, model_md5: str, config, out_dir, device
+) -> FeaturesRef:
     return embed_pool(train_path, model, config, out_dir, device)
 
 
-@cached(name="select")
-def select_task(features, train_path, train_md5: str, config, out_dir):
+@task(name="select", cache_policy=CACHED, persist_result=True)
+def select_task(features, train_path, train_md5: str, config, out_dir) -> SelectionRef:
     return select_subset(features, train_path, config, out_dir)
 
 
-@cached(name="finetune")
-def finetune_task(train_path, train_md5, selection, model, model_md5, config, out_dir,
-                  device, precision, run_id):
-    return finetune(train_path, selected_ids(selection), model, config, out_dir, device,
-                    precision, run_id)
+@task(name="finetune", cache_policy=CACHED, persist_result=True)
+def finetune_task(
+    train_path, train_md5, selection, model, model_md5, config, out_dir, device, precision, run_id
+) -> ModelRef:
+    return finetune(
+        train_path, selected_ids(selection), model, config, out_dir, device, precision, run_id
+    )
 
 
-@cached(name="evaluate")
-def evaluate_task(model_dir: str, weights_key: str, eval_path, eval_md5: str, model, config,
-                  device):
+@task(name="evaluate", cache_policy=CACHED, persist_result=True)
+def evaluate_task(
+    model_dir: str, weights_key: str, eval_path, eval_md5: str, model, config, device
+) -> EvalReport:
     return evaluate(model_dir, eval_path, model, config, device)
 
 
@@ -89,8 +91,11 @@ def pipeline(config: PipelineConfig, project_dir: Path) -> PipelineResult:
     device = resolve_device(config.model.device)
     precision = resolve_precision(config.model.precision, device)
     run_id = tracking.start_run(
-        project_dir, config.tracking, run_name=f"pipeline-{flow_run.get_name()}",
-        tags={"prefect.flow_run_id": str(flow_run.get_id())}, params=flat_params(config),
+        project_dir,
+        config.tracking,
+        run_name=f"pipeline-{flow_run.get_name()}",
+        tags={"prefect.flow_run_id": str(flow_run.get_id())},
+        params=flat_params(config),
     )
     try:
         result = _steps(config, project_dir, state, device, precision, run_id)
@@ -101,67 +106,134 @@ def pipeline(config: PipelineConfig, project_dir: Path) -> PipelineResult:
     return result
 
 
-def _steps(config: PipelineConfig, project_dir: Path, state: Path, device: str,
-           precision: str, run_id: str) -> PipelineResult:
+def _steps(
+    config: PipelineConfig, project_dir: Path, state: Path, device: str, precision: str, run_id: str
+) -> PipelineResult:
     source_md5 = source_fingerprint(config.data.source, project_dir) + source_fingerprint(
-        config.data.eval_source, project_dir)
+        config.data.eval_source, project_dir
+    )
     staged = ingest_task(config.data, project_dir, state / "staging", source_md5)
     report = validate(staged, config.validation, config.model, state / "gx", project_dir / "data")
     tracking.log_artifact(run_id, str(Path(report.data_docs_path).parent), "data_docs")
     data = raise_on_failure(report)  # gate: nothing below runs on invalid data
     version = version_data(project_dir / "data", project_dir, config.version)
-    tracking.log_tags(run_id, {"dvc.md5": version.dir_md5, "dvc.train_md5": version.train_md5,
-                               "dvc.eval_md5": version.eval_md5})
-    tracking.log_metrics(run_id, {"data.pool_examples": data.train.rows,
-                                  "data.quarantined": report.quarantined})
+    tracking.log_tags(
+        run_id,
+        {
+            "dvc.md5": version.dir_md5,
+            "dvc.train_md5": version.train_md5,
+            "dvc.eval_md5": version.eval_md5,
+        },
+    )
+    tracking.log_metrics(
+        run_id, {"data.pool_examples": data.train.rows, "data.quarantined": report.quarantined}
+    )
 
     model_md5 = model_fingerprint(config.model)
-    features = embed_task(data.train.path, version.train_md5, config.model, model_md5,
-                          config.embed, state / "features" / key(model_md5, version.train_md5,
-                                                                 config.model, config.embed),
-                          device)
-    selection = select_task(features, data.train.path, version.train_md5, config.select,
-                            state / "selections" / key(features, config.select))
+    features = embed_task(
+        data.train.path,
+        version.train_md5,
+        config.model,
+        model_md5,
+        config.embed,
+        state / "features" / key(model_md5, version.train_md5, config.model, config.embed),
+        device,
+    )
+    selection = select_task(
+        features,
+        data.train.path,
+        version.train_md5,
+        config.select,
+        state / "selections" / key(features, config.select),
+    )
     tracking.log_artifact(run_id, selection.selection_path, "selection")
     tracking.log_artifact(run_id, selection.plot_path, "selection")
     tracking.log_dataset(run_id, data.train.path, "train-pool", version.train_md5, "training")
     tracking.log_dataset(run_id, data.eval.path, "eval", version.eval_md5, "evaluation")
 
-    tuned = finetune_task(data.train.path, version.train_md5, selection, config.model,
-                          model_md5, config.finetune,
-                          state / "models" / key(model_md5, version.train_md5, selection,
-                                                 config.model, config.finetune),
-                          device, precision, run_id)
-    base_eval = evaluate_task(config.model.name, model_md5, data.eval.path, version.eval_md5,
-                              config.model, config.eval, device)
-    tuned_eval = evaluate_task(tuned.model_dir, tuned.model_dir, data.eval.path,
-                               version.eval_md5, config.model, config.eval, device)
-    tracking.log_metrics(run_id, {
-        "select.examples": selection.examples, "select.loss_tokens": selection.loss_tokens,
-        "select.objective": selection.objective, "finetune.train_loss": tuned.train_loss,
-        "finetune.steps": tuned.steps, "finetune.seconds": tuned.seconds,
-        "eval.loss_base": base_eval.loss, "eval.perplexity_base": base_eval.perplexity,
-        "eval.loss": tuned_eval.loss, "eval.perplexity": tuned_eval.perplexity,
-    })
+    tuned = finetune_task(
+        data.train.path,
+        version.train_md5,
+        selection,
+        config.model,
+        model_md5,
+        config.finetune,
+        state
+        / "models"
+        / key(model_md5, version.train_md5, selection, config.model, config.finetune),
+        device,
+        precision,
+        run_id,
+    )
+    base_eval = evaluate_task(
+        config.model.name,
+        model_md5,
+        data.eval.path,
+        version.eval_md5,
+        config.model,
+        config.eval,
+        device,
+    )
+    tuned_eval = evaluate_task(
+        tuned.model_dir,
+        tuned.model_dir,
+        data.eval.path,
+        version.eval_md5,
+        config.model,
+        config.eval,
+        device,
+    )
+    tracking.log_metrics(
+        run_id,
+        {
+            "select.examples": selection.examples,
+            "select.loss_tokens": selection.loss_tokens,
+            "select.objective": selection.objective,
+            "finetune.train_loss": tuned.train_loss,
+            "finetune.steps": tuned.steps,
+            "finetune.seconds": tuned.seconds,
+            "eval.loss_base": base_eval.loss,
+            "eval.perplexity_base": base_eval.perplexity,
+            "eval.loss": tuned_eval.loss,
+            "eval.perplexity": tuned_eval.perplexity,
+        },
+    )
     tracking.log_tags(run_id, {"finetune.trained_in_run": str(tuned.run_id)})
 
-    version_ref = register_model(tuned.model_dir, run_id, config.register, {
-        "git.sha": tracking.git_sha(project_dir), "dvc.md5": version.dir_md5,
-        "dvc.train_md5": version.train_md5, "mlflow.source_run": run_id,
-        "select.selector": config.select.selector, "select.examples": str(selection.examples),
-    })
+    version_ref = register_model(
+        tuned.model_dir,
+        run_id,
+        config.register,
+        {
+            "git.sha": tracking.git_sha(project_dir),
+            "dvc.md5": version.dir_md5,
+            "dvc.train_md5": version.train_md5,
+            "mlflow.source_run": run_id,
+            "select.selector": config.select.selector,
+            "select.examples": str(selection.examples),
+        },
+    )
     promotion = promote(
-        version_ref, tuned_eval.loss, version.eval_md5,
+        version_ref,
+        tuned_eval.loss,
+        version.eval_md5,
         lambda uri: evaluate_registered(uri, data.eval.path, config.model, config.eval, device),
         enabled=config.register.promote,
     )
     return PipelineResult(
-        run_id=run_id, data_md5=version.dir_md5, pool_examples=data.train.rows,
-        quarantined=report.quarantined, selected_examples=selection.examples,
-        selected_tokens=selection.loss_tokens, eval_loss_base=base_eval.loss,
-        eval_loss_finetuned=tuned_eval.loss, model_name=version_ref.name,
-        model_version=version_ref.version, champion_version=promotion.champion_version,
-        promoted=promotion.promoted, promotion_reason=promotion.reason,
+        run_id=run_id,
+        data_md5=version.dir_md5,
+        pool_examples=data.train.rows,
+        quarantined=report.quarantined,
+        selected_examples=selection.examples,
+        selected_tokens=selection.loss_tokens,
+        eval_loss_base=base_eval.loss,
+        eval_loss_finetuned=tuned_eval.loss,
+        model_name=version_ref.name,
+        model_version=version_ref.version,
+        champion_version=promotion.champion_version,
+        promoted=promotion.promoted,
+        promotion_reason=promotion.reason,
     )
 
 

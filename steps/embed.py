@@ -50,7 +50,9 @@ class FeaturesRef:
 
 
 def load_pool(ref: FeaturesRef) -> FeaturePool:
-    arrays = {name: np.load(Path(ref.features_dir) / f"{name}.npy", mmap_mode="r") for name in FILES}
+    arrays = {
+        name: np.load(Path(ref.features_dir) / f"{name}.npy", mmap_mode="r") for name in FILES
+    }
     return FeaturePool(
         factors=np.asarray(arrays["factors"]),
         offsets=np.asarray(arrays["offsets"]),
@@ -71,7 +73,9 @@ def _batch_statistics(model, batch: dict[str, torch.Tensor], autocast: bool):
     states = out.hidden_states[-1][:, :-1].float()  # position t predicts token t+1
     targets = batch["labels"][:, 1:]
     losses = torch.nn.functional.cross_entropy(
-        out.logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
+        out.logits[:, :-1].float().transpose(1, 2),
+        targets,
+        ignore_index=IGNORE_INDEX,
         reduction="none",
     )
     return states, losses, targets != IGNORE_INDEX
@@ -96,8 +100,10 @@ def embed_pool(
     autocast = device == "cuda"  # bf16 autocast is a GPU speed-up; CPU stays exact fp32
     with torch.inference_mode(), tqdm(total=sum(lengths), desc="embed", unit="tok") as bar:
         for rows in batches:
-            batch = {k: v.to(device) for k, v in pad_batch([encoded[i] for i in rows],
-                                                           tokenizer.pad_token_id).items()}
+            batch = {
+                k: v.to(device)
+                for k, v in pad_batch([encoded[i] for i in rows], tokenizer.pad_token_id).items()
+            }
             states, losses, mask = _batch_statistics(model, batch, autocast)
             for slot, i in enumerate(rows):
                 x = states[slot][mask[slot]].double().cpu().numpy()
@@ -117,14 +123,20 @@ def _write(
     offsets = np.zeros(len(factors) + 1, np.int64)
     offsets[1:] = np.cumsum([len(f) for f in factors])
     arrays = {
-        "factors": np.concatenate(factors), "offsets": offsets, "pooled": pooled,
-        "n_tokens": n_tokens, "base_loss": base_loss,
+        "factors": np.concatenate(factors),
+        "offsets": offsets,
+        "pooled": pooled,
+        "n_tokens": n_tokens,
+        "base_loss": base_loss,
     }
     for name, array in arrays.items():
         np.save(out_dir / f"{name}.npy", array)
     ref = FeaturesRef(
-        features_dir=str(out_dir), examples=len(factors), dim=pooled.shape[1],
-        loss_tokens=int(n_tokens.sum()), padding_fraction=padded / max(padded + tokens, 1),
+        features_dir=str(out_dir),
+        examples=len(factors),
+        dim=pooled.shape[1],
+        loss_tokens=int(n_tokens.sum()),
+        padding_fraction=padded / max(padded + tokens, 1),
     )
     (out_dir / "meta.json").write_text(json.dumps(ref.__dict__, indent=2))
     return ref

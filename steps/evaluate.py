@@ -46,13 +46,19 @@ def evaluation_loss(
     model.eval()
     with torch.inference_mode():
         for rows in tqdm(batches, desc="evaluate", unit="batch"):
-            batch = {k: v.to(device) for k, v in
-                     pad_batch([encoded[i] for i in rows], tokenizer.pad_token_id).items()}
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            batch = {
+                k: v.to(device)
+                for k, v in pad_batch([encoded[i] for i in rows], tokenizer.pad_token_id).items()
+            }
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
             targets = batch["labels"][:, 1:]
             total += torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().transpose(1, 2), targets,
-                ignore_index=IGNORE_INDEX, reduction="sum",
+                logits[:, :-1].float().transpose(1, 2),
+                targets,
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
             ).item()
             tokens += int((targets != IGNORE_INDEX).sum())
     if tokens == 0:

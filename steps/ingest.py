@@ -96,7 +96,9 @@ def _iter_jsonl(path: Path) -> Iterator[dict]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise IngestError(f"{path}: line {number} is not valid JSON ({error.msg})") from None
+                raise IngestError(
+                    f"{path}: line {number} is not valid JSON ({error.msg})"
+                ) from None
             if not isinstance(record, dict):
                 raise IngestError(f"{path}: line {number} is not a JSON object")
             yield record
@@ -121,7 +123,9 @@ def _read_file(path: Path) -> pd.DataFrame:
         raise IngestError(f"{path}: not valid UTF-8 at byte {error.start}") from None
     except json.JSONDecodeError as error:
         raise IngestError(f"{path}: invalid JSON at line {error.lineno} ({error.msg})") from None
-    raise IngestError(f"{path}: unsupported format '{suffix}' (use one of {sorted(LOCAL_SUFFIXES)})")
+    raise IngestError(
+        f"{path}: unsupported format '{suffix}' (use one of {sorted(LOCAL_SUFFIXES)})"
+    )
 
 
 def read_source(source: str, split: str, revision: str | None, project_dir: Path) -> pd.DataFrame:
@@ -131,8 +135,10 @@ def read_source(source: str, split: str, revision: str | None, project_dir: Path
         from datasets import load_dataset  # heavy import, only for hub sources
 
         return load_dataset(source, split=split, revision=revision).to_pandas()
-    files = [path] if path.is_file() else sorted(
-        p for p in path.rglob("*") if p.suffix.lower() in LOCAL_SUFFIXES
+    files = (
+        [path]
+        if path.is_file()
+        else sorted(p for p in path.rglob("*") if p.suffix.lower() in LOCAL_SUFFIXES)
     )
     if not files:
         raise IngestError(f"{path}: folder holds no {sorted(LOCAL_SUFFIXES)} files")
@@ -159,7 +165,9 @@ def normalise(frame: pd.DataFrame, config: IngestConfig, source: str, split: str
             )
         prompts, responses = frame[config.prompt_field], frame[config.response_field]
     table = pd.DataFrame({"prompt": list(prompts), "response": list(responses)})
-    table.insert(0, "id", [content_id(str(p), str(r)) for p, r in zip(prompts, responses, strict=True)])
+    table.insert(
+        0, "id", [content_id(str(p), str(r)) for p, r in zip(prompts, responses, strict=True)]
+    )
     table["source"] = source
     table["split"] = split
     return table

@@ -11,7 +11,12 @@ from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 IGNORE_INDEX = -100  # label value that torch's cross-entropy skips: prompt tokens carry no loss
 
@@ -68,8 +73,8 @@ def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_model(config: ModelConfig, device: str) -> torch.nn.Module:
-    """Weights stay fp32 in memory; reduced precision comes from autocast (stable on CPU and GPU)."""
+def load_model(config: ModelConfig, device: str) -> PreTrainedModel:
+    """Weights stay fp32 in memory; reduced precision comes from autocast (CPU and GPU)."""
     model = AutoModelForCausalLM.from_pretrained(
         config.name,
         revision=config.revision,
@@ -77,7 +82,7 @@ def load_model(config: ModelConfig, device: str) -> torch.nn.Module:
         dtype=torch.float32,
         use_safetensors=True,  # never unpickle weights
     )
-    return model.to(device)
+    return model.to(device)  # type: ignore[arg-type]  # transformers types .to() narrowly
 
 
 @dataclass(frozen=True)

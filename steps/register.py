@@ -10,11 +10,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel, ConfigDict
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import mlflow
 from steps.ingest import file_md5
 
 CHALLENGER, CHAMPION = "challenger", "champion"
@@ -74,8 +74,10 @@ def register_model(
                 task="text-generation",
                 registered_model_name=config.model_name,
                 # Pinned explicitly: inference would otherwise look for torchvision.
-                pip_requirements=[f"torch=={_version('torch')}",
-                                  f"transformers=={_version('transformers')}"],
+                pip_requirements=[
+                    f"torch=={_version('torch')}",
+                    f"transformers=={_version('transformers')}",
+                ],
             )
         existing = str(info.registered_model_version)
         for key, value in {**tags, WEIGHTS_TAG: weights}.items():
@@ -127,7 +129,13 @@ def promote(
         champion_loss = score_champion(f"models:/{name}@{CHAMPION}")
     if challenger_loss < champion_loss:
         client.set_registered_model_alias(name, CHAMPION, version.version)
-        return Promotion(version.version, True,
-                         f"eval loss {challenger_loss:.4f} < champion's {champion_loss:.4f}")
-    return Promotion(str(champion.version), False,
-                     f"eval loss {challenger_loss:.4f} >= champion's {champion_loss:.4f}")
+        return Promotion(
+            version.version,
+            True,
+            f"eval loss {challenger_loss:.4f} < champion's {champion_loss:.4f}",
+        )
+    return Promotion(
+        str(champion.version),
+        False,
+        f"eval loss {challenger_loss:.4f} >= champion's {champion_loss:.4f}",
+    )

@@ -12,13 +12,13 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files only, never a window
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field
 
-from steps.embed import FeaturesRef, load_pool  # noqa: E402
-from steps.selectors import DEFAULT_RIDGE, SELECTORS, select  # noqa: E402
+from steps.embed import FeaturesRef, load_pool
+from steps.selectors import DEFAULT_RIDGE, SELECTORS, select
 
 
 class SelectConfig(BaseModel):

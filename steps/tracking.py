@@ -11,11 +11,13 @@ import subprocess
 from importlib.metadata import version
 from pathlib import Path
 
-import mlflow
 import pandas as pd
+from mlflow.data.pandas_dataset import from_pandas
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel, ConfigDict
+
+import mlflow
 
 LIBRARIES = ("torch", "transformers", "prefect", "mlflow", "dvc", "great-expectations", "numpy")
 
@@ -57,6 +59,7 @@ def experiment_id(name: str, project_dir: Path) -> str:
 
 def git_sha(project_dir: Path) -> str:
     """The commit the code ran from, with '-dirty' when the work tree has changes."""
+
     def git(*args: str) -> str:
         return subprocess.run(
             ["git", *args], cwd=project_dir, capture_output=True, text=True, check=False
@@ -73,7 +76,10 @@ def library_versions() -> dict[str, str]:
 
 
 def start_run(
-    project_dir: Path, config: TrackingConfig, run_name: str, tags: dict[str, str],
+    project_dir: Path,
+    config: TrackingConfig,
+    run_name: str,
+    tags: dict[str, str],
     params: dict[str, object],
 ) -> str:
     """Opens the parent run of one pipeline run and records config, code and libraries."""
@@ -118,6 +124,6 @@ def log_dataset(run_id: str, table_path: str, name: str, digest: str, context: s
     """mlflow.log_input with the DVC md5 as digest (MLflow rejects dvc:// sources, so the
     source is the file path; the md5 ties it to the DVC version)."""
     frame = pd.read_parquet(table_path)
-    dataset = mlflow.data.from_pandas(frame, source=table_path, name=name, digest=digest[:36])
+    dataset = from_pandas(frame, source=table_path, name=name, digest=digest[:36])
     with mlflow.start_run(run_id=run_id):
         mlflow.log_input(dataset, context=context, tags={"dvc.md5": digest})

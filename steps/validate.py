@@ -14,10 +14,9 @@ from typing import Literal
 import great_expectations as gx
 import great_expectations.expectations as gxe
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field
-
 from great_expectations.checkpoint import UpdateDataDocsAction
 from great_expectations.data_context.types.base import ProgressBarsConfig
+from pydantic import BaseModel, ConfigDict, Field
 
 from steps.ingest import SCHEMA, IngestResult, TableRef, file_md5, write_table
 from steps.modeling import ModelConfig, load_tokenizer
@@ -158,9 +157,7 @@ def _quarantine(
                 reasons.setdefault(int(row), []).append(outcome.expectation_config.type)
         bad = sorted(reasons)
         kept[split] = frame.drop(index=bad).reset_index(drop=True)
-        dropped.append(
-            frame.loc[bad].assign(reason=["; ".join(reasons[row]) for row in bad])
-        )
+        dropped.append(frame.loc[bad].assign(reason=["; ".join(reasons[row]) for row in bad]))
     return kept, pd.concat(dropped, ignore_index=True), unfixable
 
 
@@ -178,7 +175,9 @@ def validate(
     outcomes = _check(context, frames, config, model)
     failures = [
         _describe_failure(split, o, config.examples_per_failure)
-        for split, results in outcomes.items() for o in results if not o.success
+        for split, results in outcomes.items()
+        for o in results
+        if not o.success
     ]
     quarantined = frames["train"].iloc[:0].assign(reason="")
     if failures and config.on_invalid == "quarantine":
@@ -198,7 +197,9 @@ def validate(
             outcomes = _check(context, frames, config, model)  # the cleaned data must pass too
             failures = [
                 _describe_failure(split, o, config.examples_per_failure)
-                for split, results in outcomes.items() for o in results if not o.success
+                for split, results in outcomes.items()
+                for o in results
+                if not o.success
             ]
     docs = gx_dir / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
     if failures:
@@ -207,7 +208,9 @@ def validate(
     return ValidationReport(True, (), len(quarantined), str(docs), accepted=accepted)
 
 
-def publish(frames: dict[str, pd.DataFrame], quarantined: pd.DataFrame, data_dir: Path) -> IngestResult:
+def publish(
+    frames: dict[str, pd.DataFrame], quarantined: pd.DataFrame, data_dir: Path
+) -> IngestResult:
     """Writes validated tables (and the quarantine, possibly empty) into the DVC-tracked folder."""
     data_dir.mkdir(parents=True, exist_ok=True)
     refs = {}
@@ -215,7 +218,9 @@ def publish(frames: dict[str, pd.DataFrame], quarantined: pd.DataFrame, data_dir
         path = data_dir / f"{split}.parquet"
         write_table(frame.drop(columns="prompt_tokens"), path)
         refs[split] = TableRef(path=str(path), rows=len(frame), md5=file_md5(path))
-    write_table(quarantined.drop(columns="prompt_tokens", errors="ignore"), data_dir / "quarantine.parquet")
+    write_table(
+        quarantined.drop(columns="prompt_tokens", errors="ignore"), data_dir / "quarantine.parquet"
+    )
     return IngestResult(train=refs["train"], eval=refs["eval"])
 
 

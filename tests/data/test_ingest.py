@@ -8,8 +8,11 @@ from tests.conftest import write_jsonl
 
 
 def _config(project: Path, **overrides) -> IngestConfig:
-    return IngestConfig(source=str(project / "raw" / "train.jsonl"),
-                        eval_source=str(project / "raw" / "test.jsonl"), **overrides)
+    return IngestConfig(
+        source=str(project / "raw" / "train.jsonl"),
+        eval_source=str(project / "raw" / "test.jsonl"),
+        **overrides,
+    )
 
 
 def test_ingest_writes_the_schema_and_is_deterministic(project: Path, tmp_path: Path):
@@ -42,9 +45,11 @@ def test_other_formats_and_plain_text(project: Path, tmp_path: Path):
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [('{"question": "q", "answer": "a"}\n{not json}\n', "line 2 is not valid JSON"),
-     ('{"q": "x", "a": "y"}\n', r"missing field\(s\) \['question', 'answer'\]"),
-     ("", "no records")],
+    [
+        ('{"question": "q", "answer": "a"}\n{not json}\n', "line 2 is not valid JSON"),
+        ('{"q": "x", "a": "y"}\n', r"missing field\(s\) \['question', 'answer'\]"),
+        ("", "no records"),
+    ],
 )
 def test_bad_files_get_errors_naming_the_problem(project: Path, tmp_path: Path, content, message):
     (project / "raw" / "train.jsonl").write_text(content)

@@ -15,14 +15,20 @@ MODEL = ModelConfig(name=str(MODEL_DIR))
 
 
 def _staged(project: Path, tmp_path: Path):
-    config = IngestConfig(source=str(project / "raw" / "train.jsonl"),
-                          eval_source=str(project / "raw" / "test.jsonl"))
+    config = IngestConfig(
+        source=str(project / "raw" / "train.jsonl"), eval_source=str(project / "raw" / "test.jsonl")
+    )
     return ingest(config, project, tmp_path / "staging")
 
 
 def test_clean_data_passes_and_is_published(project: Path, tmp_path: Path):
-    report = validate(_staged(project, tmp_path), ValidateConfig(on_invalid="fail"), MODEL,
-                      tmp_path / "gx", project / "data")
+    report = validate(
+        _staged(project, tmp_path),
+        ValidateConfig(on_invalid="fail"),
+        MODEL,
+        tmp_path / "gx",
+        project / "data",
+    )
     assert report.success and report.failures == ()
     assert raise_on_failure(report).train.rows == 80
     assert Path(report.data_docs_path).is_file()  # Data Docs HTML built
@@ -37,8 +43,9 @@ def test_failed_suite_names_expectations_and_leaves_data_untouched(
         row["answer"] = ""  # 10 of 80 empty responses: far above the quarantine limit
     write_jsonl(project / "raw" / "train.jsonl", bad)
     write_jsonl(project / "raw" / "test.jsonl", gsm8k_test + gsm8k_train[20:22])  # leakage
-    report = validate(_staged(project, tmp_path), ValidateConfig(), MODEL, tmp_path / "gx",
-                      project / "data")
+    report = validate(
+        _staged(project, tmp_path), ValidateConfig(), MODEL, tmp_path / "gx", project / "data"
+    )
     assert not report.success and report.accepted is None
     text = "\n".join(report.failures)
     assert "expect_column_value_lengths_to_be_between on column 'response'" in text
@@ -62,8 +69,9 @@ def test_quarantine_drops_few_bad_rows_with_reasons(project: Path, tmp_path: Pat
 
 
 def test_dvc_tracks_data_and_pushes_to_a_local_remote(project: Path, tmp_path: Path):
-    report = validate(_staged(project, tmp_path), ValidateConfig(), MODEL, tmp_path / "gx",
-                      project / "data")
+    report = validate(
+        _staged(project, tmp_path), ValidateConfig(), MODEL, tmp_path / "gx", project / "data"
+    )
     assert report.accepted is not None
     config = VersionConfig(remote_url=str(tmp_path / "remote"))
     first = version_data(project / "data", project, config)

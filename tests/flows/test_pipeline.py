@@ -2,10 +2,10 @@
 
 from pathlib import Path
 
-import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
+import mlflow
 from flows.config import load_config, resolve_paths
 from tests.conftest import MODEL_DIR
 
@@ -14,15 +14,24 @@ EXPENSIVE = {"ingest", "embed", "select", "finetune", "evaluate"}
 
 
 def _config(project: Path, *extra: str):
-    return resolve_paths(load_config(None, [
-        f"data.source={project / 'raw' / 'train.jsonl'}",
-        f"data.eval_source={project / 'raw' / 'test.jsonl'}",
-        f"model.name={MODEL_DIR}",
-        "select.budget=0.25", "finetune.epochs=1", "finetune.batch_size=8",
-        f"version.remote_url={project.parent / 'remote'}", "register.model_name=sift-test",
-        f"tracking.tracking_uri=sqlite:///{project.parent / 'mlflow.db'}",
-        *extra,
-    ]), project)
+    return resolve_paths(
+        load_config(
+            None,
+            [
+                f"data.source={project / 'raw' / 'train.jsonl'}",
+                f"data.eval_source={project / 'raw' / 'test.jsonl'}",
+                f"model.name={MODEL_DIR}",
+                "select.budget=0.25",
+                "finetune.epochs=1",
+                "finetune.batch_size=8",
+                f"version.remote_url={project.parent / 'remote'}",
+                "register.model_name=sift-test",
+                f"tracking.tracking_uri=sqlite:///{project.parent / 'mlflow.db'}",
+                *extra,
+            ],
+        ),
+        project,
+    )
 
 
 def _task_states(flow_run_id) -> dict[str, set[str]]:
@@ -31,7 +40,8 @@ def _task_states(flow_run_id) -> dict[str, set[str]]:
 
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
     states: dict[str, set[str]] = {}
     for run in runs:
         states.setdefault(run.name.rsplit("-", 1)[0], set()).add(run.state.name)
@@ -60,7 +70,9 @@ def test_pipeline_end_to_end_then_cached_then_new_budget(prefect_harness, projec
     assert run.data.tags["prefect.flow_run_id"]
     assert "git.sha" in run.data.tags and run.data.params["select.selector"] == "fisher"
     assert {i.dataset.digest for i in run.inputs.dataset_inputs} == {
-        run.data.tags["dvc.train_md5"][:36], run.data.tags["dvc.eval_md5"][:36]}
+        run.data.tags["dvc.train_md5"][:36],
+        run.data.tags["dvc.eval_md5"][:36],
+    }
     artifacts = {a.path for a in client.list_artifacts(first.run_id, "selection")}
     assert "selection/selection.json" in artifacts
     generator = mlflow.transformers.load_model("models:/sift-test@champion")

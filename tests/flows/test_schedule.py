@@ -45,38 +45,74 @@ def _post(api: str, path: str, body: dict) -> list | dict:
 def test_served_cron_schedule_creates_and_runs_flows(project: Path, tmp_path: Path):
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_API_URL": api, "PREFECT_HOME": str(tmp_path / "home"),
-           "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port)}
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": api,
+        "PREFECT_HOME": str(tmp_path / "home"),
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_PORT": str(port),
+    }
     env.pop("PREFECT_RESULTS_LOCAL_STORAGE_PATH", None)
     prefect = str(Path(sys.executable).parent / "prefect")
     sift = str(Path(sys.executable).parent / "sift")
     logs = (tmp_path / "server.log").open("w"), (tmp_path / "serve.log").open("w")
-    server = subprocess.Popen([prefect, "server", "start", "--host", "127.0.0.1", "--port",
-                               str(port)], env=env, stdout=logs[0], stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=logs[0],
+        stderr=subprocess.STDOUT,
+    )
     served = None
     try:
         _wait(lambda: _health(api), 90, "the Prefect server")
         served = subprocess.Popen(
-            [sift, "serve", "--cron", "* * * * *", "--name", "sift-cron-test",
-             "--project-dir", str(project),
-             "--set", f"data.source={project / 'raw' / 'train.jsonl'}",
-             "--set", f"data.eval_source={project / 'raw' / 'test.jsonl'}",
-             "--set", f"model.name={MODEL_DIR}", "--set", "finetune.epochs=1",
-             "--set", f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-             "--set", f"version.remote_url={tmp_path / 'remote'}"],
-            env=env, stdout=logs[1], stderr=subprocess.STDOUT, cwd=project,
+            [
+                sift,
+                "serve",
+                "--cron",
+                "* * * * *",
+                "--name",
+                "sift-cron-test",
+                "--project-dir",
+                str(project),
+                "--set",
+                f"data.source={project / 'raw' / 'train.jsonl'}",
+                "--set",
+                f"data.eval_source={project / 'raw' / 'test.jsonl'}",
+                "--set",
+                f"model.name={MODEL_DIR}",
+                "--set",
+                "finetune.epochs=1",
+                "--set",
+                f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+                "--set",
+                f"version.remote_url={tmp_path / 'remote'}",
+            ],
+            env=env,
+            stdout=logs[1],
+            stderr=subprocess.STDOUT,
+            cwd=project,
         )
         deployment = _wait(lambda: _post(api, "/deployments/filter", {}), 60, "the deployment")[0]
         assert deployment["name"] == "sift-cron-test"
         assert deployment["schedules"][0]["schedule"]["cron"] == "* * * * *"
         # The scheduler service fills the schedule with future runs.
-        _wait(lambda: [r for r in _post(api, "/flow_runs/filter", {}) if r["auto_scheduled"]],
-              60, "the scheduler to create scheduled runs")
+        _wait(
+            lambda: [r for r in _post(api, "/flow_runs/filter", {}) if r["auto_scheduled"]],
+            60,
+            "the scheduler to create scheduled runs",
+        )
         # Whichever run comes first (the cron tick or this manual one), one must complete.
         _post(api, f"/deployments/{deployment['id']}/create_flow_run", {})
-        done = _wait(lambda: [r for r in _post(api, "/flow_runs/filter", {})
-                              if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED")],
-                     240, "a served run to finish")
+        done = _wait(
+            lambda: [
+                r
+                for r in _post(api, "/flow_runs/filter", {})
+                if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED")
+            ],
+            240,
+            "a served run to finish",
+        )
         assert done[0]["state_type"] == "COMPLETED", (tmp_path / "serve.log").read_text()[-3000:]
     finally:
         for process in (served, server):

@@ -20,14 +20,18 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def tables(project: Path, tmp_path: Path):
-    config = IngestConfig(source=str(project / "raw" / "train.jsonl"),
-                          eval_source=str(project / "raw" / "test.jsonl"), limit=24)
+    config = IngestConfig(
+        source=str(project / "raw" / "train.jsonl"),
+        eval_source=str(project / "raw" / "test.jsonl"),
+        limit=24,
+    )
     return ingest(config, project, tmp_path / "staging")
 
 
 def test_factors_reproduce_the_gram_of_loss_token_states(tables, tmp_path: Path):
-    ref = embed_pool(tables.train.path, MODEL, EmbedConfig(batch_tokens=1024), tmp_path / "f",
-                     "cpu")
+    ref = embed_pool(
+        tables.train.path, MODEL, EmbedConfig(batch_tokens=1024), tmp_path / "f", "cpu"
+    )
     pool = load_pool(ref)
     frame = pd.read_parquet(tables.train.path)
     tokenizer, model = load_tokenizer(MODEL), load_model(MODEL, "cpu").eval()
@@ -39,7 +43,7 @@ def test_factors_reproduce_the_gram_of_loss_token_states(tables, tmp_path: Path)
         with torch.inference_mode():
             hidden = model(**batch, output_hidden_states=True).hidden_states[-1][0, :-1]
         x = hidden[batch["labels"][0, 1:] != -100].double().numpy()
-        factor = pool.factors[pool.offsets[i]:pool.offsets[i + 1]].astype(np.float64)
+        factor = pool.factors[pool.offsets[i] : pool.offsets[i + 1]].astype(np.float64)
         np.testing.assert_allclose(factor.T @ factor, x.T @ x, rtol=1e-3, atol=1e-3)
         np.testing.assert_allclose(pool.pooled[i], x.mean(axis=0), rtol=1e-4, atol=1e-4)
     assert np.isfinite(pool.base_loss).all() and (pool.base_loss > 3).all()  # untrained domain

@@ -25,8 +25,12 @@ def test_yaml_and_set_override_in_order(tmp_path: Path):
 
 @pytest.mark.parametrize(
     ("override", "named"),
-    [("select.budgt=3", "select.budgt"), ("finetune.epochs=abc", "finetune.epochs"),
-     ("nosuch.key=1", "nosuch"), ("model.device=tpu", "model.device")],
+    [
+        ("select.budgt=3", "select.budgt"),
+        ("finetune.epochs=abc", "finetune.epochs"),
+        ("nosuch.key=1", "nosuch"),
+        ("model.device=tpu", "model.device"),
+    ],
 )
 def test_bad_keys_and_types_name_the_key(override: str, named: str):
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):

@@ -36,7 +36,7 @@ def test_padding_is_masked(tokenizer):
     b = encode_example(tokenizer, "a longer prompt", "and a longer answer", "{prompt}", 32)
     batch = pad_batch([a, b], tokenizer.pad_token_id)
     assert batch["attention_mask"][0].sum() == len(a.input_ids)
-    assert (batch["labels"][0, len(a.input_ids):] == IGNORE_INDEX).all()
+    assert (batch["labels"][0, len(a.input_ids) :] == IGNORE_INDEX).all()
 
 
 def test_length_sorted_batches_cover_all_and_respect_the_token_bound():

@@ -1,0 +1,39 @@
+# Sift: the few commands you need. Each target creates/updates .venv from requirements.lock.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test lint run ui lock clean
+
+$(STAMP): requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade "pip==25.3"
+	$(BIN)/pip install --quiet -r requirements.lock
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+demo: $(STAMP)  ## set up, then run the pipeline on the bundled model and GSM8K slice
+	$(BIN)/sift run --config configs/demo.yaml
+
+test: $(STAMP) lint  ## set up, lint, type-check, then run the whole test suite
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+run: $(STAMP)  ## the pipeline on the full defaults; add ARGS='--set select.budget=0.05'
+	$(BIN)/sift run $(ARGS)
+
+ui: $(STAMP)  ## browse runs and the registry at http://127.0.0.1:5000
+	$(BIN)/mlflow ui --host 127.0.0.1 --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db
+
+lock: $(STAMP)  ## re-resolve pyproject.toml's dependencies into requirements.lock
+	$(BIN)/pip install --quiet --upgrade -e ".[dev]"
+	{ head -n 2 requirements.lock; $(BIN)/pip freeze --exclude-editable \
+	  | grep -v '^sift' | sed 's/^torch==\(.*\)+cpu/torch==\1/'; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock
+
+clean:  ## remove caches and run state (keeps mlflow/ and data/)
+	rm -rf .sift .pytest_cache .ruff_cache .mypy_cache
