@@ -203,7 +203,7 @@ def _steps(
     version_ref = register_model(
         tuned.model_dir,
         run_id,
-        config.register,
+        config.registry,
         {
             "git.sha": tracking.git_sha(project_dir),
             "dvc.md5": version.dir_md5,
@@ -218,7 +218,7 @@ def _steps(
         tuned_eval.loss,
         version.eval_md5,
         lambda uri: evaluate_registered(uri, data.eval.path, config.model, config.eval, device),
-        enabled=config.register.promote,
+        enabled=config.registry.promote,
     )
     return PipelineResult(
         run_id=run_id,

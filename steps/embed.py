@@ -26,7 +26,7 @@ from steps.modeling import (
     load_tokenizer,
     pad_batch,
 )
-from steps.selectors import FeaturePool, factor_from_tokens
+from steps.selectors import FeaturePool
 
 FILES = ("factors", "offsets", "pooled", "n_tokens", "base_loss")
 
@@ -106,14 +106,23 @@ def embed_pool(
             }
             states, losses, mask = _batch_statistics(model, batch, autocast)
             for slot, i in enumerate(rows):
-                x = states[slot][mask[slot]].double().cpu().numpy()
-                factors[i] = factor_from_tokens(x).astype(np.float32)
+                x = states[slot][mask[slot]].double()
                 n_tokens[i] = len(x)
-                pooled[i] = x.mean(axis=0) if len(x) else 0.0
+                pooled[i] = x.mean(dim=0).cpu().numpy() if len(x) else 0.0
                 base_loss[i] = losses[slot][mask[slot]].mean().item() if len(x) else np.nan
+                factors[i] = _factor(x).float().cpu().numpy()
             padded += batch["input_ids"].numel() - sum(lengths[i] for i in rows)
             bar.update(sum(lengths[i] for i in rows))
     return _write(out_dir, factors, pooled, n_tokens, base_loss, padded, sum(lengths))
+
+
+def _factor(x: torch.Tensor) -> torch.Tensor:
+    """F with FᵀF = xᵀx and min(T, d) rows (as selectors.factor_from_tokens, but in torch:
+    numpy's BLAS threads next to torch's oversubscribe 2 cores and ran 5x slower)."""
+    if x.shape[0] <= x.shape[1]:
+        return x
+    eigenvalues, eigenvectors = torch.linalg.eigh(x.T @ x)
+    return eigenvalues.clamp_min(0).sqrt()[:, None] * eigenvectors.T
 
 
 def _write(

@@ -119,7 +119,7 @@ def promote(
         return Promotion(version.version, False, "already champion")
     if not enabled:
         current = str(champion.version) if champion else "none"
-        return Promotion(current, False, "promotion disabled (register.promote=false)")
+        return Promotion(current, False, "promotion disabled (registry.promote=false)")
     if champion is None:
         client.set_registered_model_alias(name, CHAMPION, version.version)
         return Promotion(version.version, True, "first version: no champion yet")

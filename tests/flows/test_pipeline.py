@@ -25,7 +25,7 @@ def _config(project: Path, *extra: str):
                 "finetune.epochs=1",
                 "finetune.batch_size=8",
                 f"version.remote_url={project.parent / 'remote'}",
-                "register.model_name=sift-test",
+                "registry.model_name=sift-test",
                 f"tracking.tracking_uri=sqlite:///{project.parent / 'mlflow.db'}",
                 *extra,
             ],
@@ -96,7 +96,7 @@ def test_invalid_data_stops_before_anything_downstream(prefect_harness, project:
     from steps.validate import DataValidationError
 
     with pytest.raises(DataValidationError, match="expect_column_value_lengths_to_be_between"):
-        pipeline(_config(project, "register.model_name=sift-invalid"), project)
+        pipeline(_config(project, "registry.model_name=sift-invalid"), project)
     assert not (project / "data").exists() and not (project / "data.dvc").exists()
     mlflow.set_tracking_uri(f"sqlite:///{project.parent / 'mlflow.db'}")
     assert MlflowClient().search_registered_models("name='sift-invalid'") == []
