@@ -80,6 +80,7 @@ class PipelineResult:
     eval_loss_finetuned: float
     model_name: str
     model_version: str
+    aliases: str
     champion_version: str
     promoted: bool
     promotion_reason: str
@@ -231,6 +232,9 @@ def _steps(
         eval_loss_finetuned=tuned_eval.loss,
         model_name=version_ref.name,
         model_version=version_ref.version,
+        aliases="challenger, champion"
+        if promotion.champion_version == version_ref.version
+        else "challenger",
         champion_version=promotion.champion_version,
         promoted=promotion.promoted,
         promotion_reason=promotion.reason,

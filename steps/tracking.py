@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import warnings
 from importlib.metadata import version
 from pathlib import Path
 
@@ -124,6 +125,8 @@ def log_dataset(run_id: str, table_path: str, name: str, digest: str, context: s
     """mlflow.log_input with the DVC md5 as digest (MLflow rejects dvc:// sources, so the
     source is the file path; the md5 ties it to the DVC version)."""
     frame = pd.read_parquet(table_path)
-    dataset = from_pandas(frame, source=table_path, name=name, digest=digest[:36])
+    with warnings.catch_warnings():  # "source can be interpreted in multiple ways": a path
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = from_pandas(frame, source=table_path, name=name, digest=digest[:36])
     with mlflow.start_run(run_id=run_id):
         mlflow.log_input(dataset, context=context, tags={"dvc.md5": digest})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,7 @@ def _file_md5s(repo: Repo, dir_md5: str) -> dict[str, str]:
 
 def version_data(data_dir: Path, repo_dir: Path, config: VersionConfig) -> DataVersion:
     """`dvc add` data_dir (writing <data_dir>.dvc beside it) and push it to the remote."""
+    logging.getLogger("dvc").setLevel(logging.WARNING)  # no "git add" hints on every run
     repo = _open_repo(repo_dir)
     try:
         url = _remote_url(config.remote_url, repo_dir) if config.push else None

@@ -8,6 +8,7 @@ do not mix with the test session's Prefect harness.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -61,6 +62,7 @@ def test_served_cron_schedule_creates_and_runs_flows(project: Path, tmp_path: Pa
         env=env,
         stdout=logs[0],
         stderr=subprocess.STDOUT,
+        start_new_session=True,  # stop it and everything it starts, together
     )
     served = None
     try:
@@ -92,6 +94,7 @@ def test_served_cron_schedule_creates_and_runs_flows(project: Path, tmp_path: Pa
             stdout=logs[1],
             stderr=subprocess.STDOUT,
             cwd=project,
+            start_new_session=True,  # its flow runs are child processes: stop them too
         )
         deployment = _wait(lambda: _post(api, "/deployments/filter", {}), 60, "the deployment")[0]
         assert deployment["name"] == "sift-cron-test"
@@ -117,8 +120,11 @@ def test_served_cron_schedule_creates_and_runs_flows(project: Path, tmp_path: Pa
     finally:
         for process in (served, server):
             if process is not None:
-                process.terminate()
-                process.wait(timeout=30)
+                os.killpg(process.pid, signal.SIGTERM)
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
 
 
 def _health(api: str) -> bool:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
+from steps import selectors
 from steps.selectors import (
     SELECTORS,
     FeaturePool,
@@ -68,6 +69,15 @@ def test_lazy_greedy_matches_plain_greedy(seed: int) -> None:
     np.testing.assert_array_equal(lazy.order, plain.order)
     np.testing.assert_allclose(lazy.objective, plain.objective, rtol=1e-12)
     np.testing.assert_allclose(lazy.gains, plain.gains, rtol=1e-9)
+
+
+def test_chunked_gain_evaluation_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = make_pool(30, 12, 9, t_min=1, t_max=30)
+    whole = select(pool, 10, "fisher", progress=True)
+    monkeypatch.setattr(selectors, "_CHUNK_ROWS", 20)  # a chunk per 1-2 examples
+    monkeypatch.setattr(selectors, "_LAZY_BATCH", 1)
+    np.testing.assert_array_equal(select(pool, 10, "fisher").order, whole.order)
+    np.testing.assert_array_equal(plain_greedy_fisher(pool, 10).order, whole.order)
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -201,7 +211,7 @@ def test_factor_from_tokens_preserves_the_gram() -> None:
 @pytest.mark.parametrize("seed", range(5))
 def test_projection_keeps_the_objective_in_the_jl_regime(seed: int) -> None:
     # With dim >> d, E[P P^T] = I cancels the first-order error; what is left is an
-    # O(d / dim) bias. Measured at d=16, dim=256 over 20 seeds: mean 0.3%, max 0.6%
+    # O(d / dim) bias. Measured at d=16, dim=256 over 20 seeds: mean 0.31%, max 0.56%
     # relative error of f(S) - f(empty); assert 2% (a ~3x margin over the worst seed).
     pool = make_pool(40, 16, seed)
     indices = np.random.default_rng(seed).choice(40, size=8, replace=False)
@@ -215,8 +225,8 @@ def test_projection_keeps_the_objective_in_the_jl_regime(seed: int) -> None:
 def test_projection_below_d_still_selects_nearly_as_well(seed: int) -> None:
     # With dim < d the sketched log det is a different number (fewer dimensions: 70% off
     # at dim = d/4), but its greedy picks stay good: measured over 10 seeds, the exact
-    # objective of the picks made on a 4x smaller sketch is >= 99.5% of exact greedy's,
-    # while uniform reaches 91-96%. Assert 98% and better than uniform.
+    # objective of the picks made on a 4x smaller sketch is >= 99.2% of exact greedy's,
+    # while uniform reaches 91-95%. Assert 98% and better than uniform.
     pool = make_pool(200, 64, seed, t_min=4, t_max=100)
     exact = info_gain(pool, select(pool, 20, "fisher").order)
     sketched = info_gain(pool, select(project(pool, 16, seed), 20, "fisher").order)
