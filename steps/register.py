@@ -10,11 +10,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel, ConfigDict
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import mlflow
 from steps.ingest import file_md5
 
 CHALLENGER, CHAMPION = "challenger", "champion"

@@ -12,13 +12,12 @@ import warnings
 from importlib.metadata import version
 from pathlib import Path
 
+import mlflow
 import pandas as pd
 from mlflow.data.pandas_dataset import from_pandas
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel, ConfigDict
-
-import mlflow
 
 LIBRARIES = ("torch", "transformers", "prefect", "mlflow", "dvc", "great-expectations", "numpy")
 

@@ -2,10 +2,10 @@
 
 from pathlib import Path
 
+import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-import mlflow
 from flows.config import load_config, resolve_paths
 from tests.conftest import MODEL_DIR
 

@@ -1,0 +1,53 @@
+"""Registry: one version per weights, challenger always, champion only when better."""
+
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from steps.register import RegisterConfig, promote, register_model
+from tests.conftest import MODEL_DIR
+
+pytestmark = pytest.mark.slow
+
+
+def _model_copy(path: Path, shift: float) -> str:
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR)
+    with torch.no_grad():
+        model.lm_head.weight.add_(shift)  # distinct weights, so a distinct version
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(MODEL_DIR).save_pretrained(path)
+    return str(path)
+
+
+def test_versions_aliases_and_promotion(tmp_path: Path):
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_registry_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient()
+    experiment = client.create_experiment("t", artifact_location=(tmp_path / "a").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    config = RegisterConfig(model_name="sift-unit")
+    first_dir, second_dir = _model_copy(tmp_path / "m1", 0.0), _model_copy(tmp_path / "m2", 0.01)
+
+    first = register_model(first_dir, run_id, config, {"git.sha": "abc"})
+    assert first.newly_registered and first.version == "1"
+    assert register_model(first_dir, run_id, config, {}).newly_registered is False  # same weights
+    assert client.get_model_version("sift-unit", "1").tags["git.sha"] == "abc"
+
+    never_called = lambda uri: pytest.fail("champion should not be re-scored")  # noqa: E731
+    assert promote(first, 2.5, "eval-a", never_called).promoted  # no champion yet
+
+    second = register_model(second_dir, run_id, config, {})
+    assert second.version == "2"
+    assert str(client.get_model_version_by_alias("sift-unit", "challenger").version) == "2"
+    worse = promote(second, 2.6, "eval-a", never_called)  # same eval data: recorded loss used
+    assert not worse.promoted and worse.champion_version == "1"
+
+    scored: list[str] = []
+    better = promote(second, 2.6, "eval-b", lambda uri: scored.append(uri) or 2.7)
+    assert scored == ["models:/sift-unit@champion"]  # new eval data: the champion is re-scored
+    assert better.promoted
+    assert str(client.get_model_version_by_alias("sift-unit", "champion").version) == "2"
