@@ -10,9 +10,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from prefect import flow, task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.runtime import flow_run
 
+import steps
 from flows.config import PipelineConfig, flat_params
 from flows.runtime import state_dir
 from steps import tracking
@@ -26,8 +27,18 @@ from steps.select import SelectionRef, select_subset, selected_ids
 from steps.validate import raise_on_failure, validate
 from steps.version import version_data
 
-# Inputs + the task's source; the MLflow run id is per run and must not split the cache.
-CACHED = (INPUTS + TASK_SOURCE) - "run_id"
+
+class StepsSource(CachePolicy):
+    """Keys on the source of the whole steps/ package: TASK_SOURCE sees only the thin task
+    wrappers below, so an edit to a step's code would otherwise be served stale results."""
+
+    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str:
+        files = sorted(Path(steps.__file__).parent.glob("*.py"))
+        return hashlib.md5(b"".join(f.read_bytes() for f in files)).hexdigest()
+
+
+# Inputs + code; the MLflow run id is per run and must not split the cache.
+CACHED = (INPUTS + TASK_SOURCE + StepsSource()) - "run_id"
 
 
 def key(*parts: object) -> str:

@@ -148,6 +148,15 @@ def read_source(source: str, split: str, revision: str | None, project_dir: Path
     return frame
 
 
+def source_label(source: str, project_dir: Path) -> str:
+    """The source as recorded in the data: project-relative, so that the same data ingested
+    from two checkouts gives byte-identical files and the same DVC md5."""
+    path = Path(source)
+    if path.is_absolute() and path.is_relative_to(project_dir.resolve()):
+        return str(path.relative_to(project_dir.resolve()))
+    return source
+
+
 def content_id(prompt: str, response: str) -> str:
     return hashlib.sha256(f"{prompt}\x00{response}".encode()).hexdigest()[:16]
 
@@ -190,7 +199,8 @@ def ingest(config: IngestConfig, project_dir: Path, staging_dir: Path) -> Ingest
         ("eval", config.eval_source, config.eval_split, config.eval_limit),
     ):
         frame = read_source(source, split, config.revision, project_dir)
-        table = normalise(frame.head(limit) if limit else frame, config, source, name)
+        label = source_label(source, project_dir)
+        table = normalise(frame.head(limit) if limit else frame, config, label, name)
         path = staging_dir / f"{name}.parquet"
         write_table(table, path)
         refs[name] = TableRef(path=str(path), rows=len(table), md5=file_md5(path))

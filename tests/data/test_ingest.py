@@ -72,3 +72,14 @@ def test_fingerprint_follows_content_not_path(project: Path):
     write_jsonl(path, [{"question": "changed", "answer": "yes"}])
     assert source_fingerprint(str(path), project) != before
     assert source_fingerprint("org/some-hub-dataset", project) == "hub:org/some-hub-dataset"
+
+
+def test_same_data_from_another_checkout_is_byte_identical(project: Path, tmp_path: Path):
+    other = tmp_path / "other-checkout"
+    (other / "raw").mkdir(parents=True)
+    for name in ("train.jsonl", "test.jsonl"):
+        (other / "raw" / name).write_bytes((project / "raw" / name).read_bytes())
+    here = ingest(_config(project), project, tmp_path / "a")
+    there = ingest(_config(other), other, tmp_path / "b")
+    assert (here.train.md5, here.eval.md5) == (there.train.md5, there.eval.md5)
+    assert set(pd.read_parquet(here.train.path).source) == {"raw/train.jsonl"}

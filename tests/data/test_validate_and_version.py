@@ -1,4 +1,5 @@
 import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -81,6 +82,7 @@ def test_dvc_tracks_data_and_pushes_to_a_local_remote(project: Path, tmp_path: P
     dvc_file = yaml.safe_load((project / "data.dvc").read_text())
     assert dvc_file["outs"][0]["md5"] == first.dir_md5
     assert any((tmp_path / "remote").rglob("*.dir"))
-    status = subprocess.run(["dvc", "status", "-c"], cwd=project, capture_output=True, text=True)
+    dvc = str(Path(sys.executable).parent / "dvc")  # the venv's, activated or not
+    status = subprocess.run([dvc, "status", "-c"], cwd=project, capture_output=True, text=True)
     assert "in sync" in status.stdout, status.stdout + status.stderr
     assert "/data" in (project / ".gitignore").read_text()  # the data itself stays out of git
