@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from prefect import flow, task
-from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
+from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE, CachePolicy
 from prefect.runtime import flow_run
 
 import steps
@@ -22,10 +22,10 @@ from steps.evaluate import EvalReport, evaluate, evaluate_registered
 from steps.finetune import ModelRef, finetune
 from steps.ingest import IngestResult, ingest, source_fingerprint
 from steps.modeling import model_fingerprint, resolve_device, resolve_precision
-from steps.register import promote, register_model
+from steps.register import ModelVersionRef, promote, register_model
 from steps.select import SelectionRef, select_subset, selected_ids
 from steps.validate import raise_on_failure, validate
-from steps.version import version_data
+from steps.version import DataVersion, version_data
 
 
 class StepsSource(CachePolicy):
@@ -44,6 +44,17 @@ CACHED = (INPUTS + TASK_SOURCE + StepsSource()) - "run_id"
 def key(*parts: object) -> str:
     """A short stable folder name for one combination of inputs."""
     return hashlib.md5(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# I/O against remotes (DVC push, the MLflow registry) can fail transiently: retry those.
+@task(name="version", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def version_task(data_dir: Path, repo_dir: Path, config) -> DataVersion:
+    return version_data(data_dir, repo_dir, config)
+
+
+@task(name="register", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def register_task(model_dir: str, run_id: str, config, tags: dict[str, str]) -> ModelVersionRef:
+    return register_model(model_dir, run_id, config, tags)
 
 
 @task(name="ingest", cache_policy=CACHED, persist_result=True)
@@ -128,7 +139,7 @@ def _steps(
     report = validate(staged, config.validation, config.model, state / "gx", project_dir / "data")
     tracking.log_artifact(run_id, str(Path(report.data_docs_path).parent), "data_docs")
     data = raise_on_failure(report)  # gate: nothing below runs on invalid data
-    version = version_data(project_dir / "data", project_dir, config.version)
+    version = version_task(project_dir / "data", project_dir, config.version)
     tracking.log_tags(
         run_id,
         {
@@ -212,7 +223,7 @@ def _steps(
     )
     tracking.log_tags(run_id, {"finetune.trained_in_run": str(tuned.run_id)})
 
-    version_ref = register_model(
+    version_ref = register_task(
         tuned.model_dir,
         run_id,
         config.registry,
