@@ -11,6 +11,7 @@ from rich.table import Table
 
 from flows.config import ConfigError, PipelineConfig, load_config, resolve_paths
 from flows.runtime import configure_environment
+from steps.selectors import SELECTORS
 
 app = typer.Typer(
     help="Sift: data-efficient supervised fine-tuning pipelines.",
@@ -81,6 +82,65 @@ def serve(
         cron=cron,
         pause_on_shutdown=False,
         parameters={"config": resolved.model_dump(), "project_dir": str(root)},
+    )
+
+
+@app.command("select")
+def select_command(
+    data: Annotated[Path, typer.Option(help="JSONL/JSON/CSV/Parquet/text file to select from.")],
+    out: Annotated[Path, typer.Option(help="Where to write the selection JSON.")],
+    model: Annotated[str, typer.Option(help="Hub id or local path of the base model.")] = (
+        "assets/models/stories260K"
+    ),
+    budget: Annotated[
+        float, typer.Option(help="Examples to pick: a count, or a fraction < 1.")
+    ] = 0.1,
+    selector: Annotated[
+        str,
+        typer.Option(help=f"One of: {', '.join(SELECTORS)}."),
+    ] = "fisher",
+    ridge: Annotated[float, typer.Option(help="Ridge λ of log det(λI + V_S).")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="Seed for seeded selectors.")] = 0,
+    prompt_field: Annotated[str, typer.Option(help="Field holding the prompt.")] = "prompt",
+    response_field: Annotated[str, typer.Option(help="Field holding the response.")] = "response",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Pick a subset of one file with a selector, without the pipeline (no Prefect, MLflow
+    or DVC): writes ordered ids/rows, per-pick gains and the final objective."""
+    import shutil
+    import tempfile
+
+    from pydantic import ValidationError
+
+    from steps.ingest import IngestError
+    from steps.modeling import ModelConfig, resolve_device
+    from steps.select import SelectConfig, select_from_file
+
+    try:
+        config = SelectConfig(selector=selector, budget=budget, ridge=ridge, seed=seed)
+        model_config = ModelConfig(name=model, device=device)  # type: ignore[arg-type]
+        with tempfile.TemporaryDirectory(prefix="sift-select-") as work:
+            ref = select_from_file(
+                str(data),
+                model_config,
+                config,
+                Path(work),
+                resolve_device(model_config.device),
+                prompt_field,
+                response_field,
+            )
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(ref.selection_path, out)
+    except ValidationError as error:
+        problems = "; ".join(f"--{e['loc'][0]}: {e['msg']}" for e in error.errors())
+        console.print(f"[red]{problems}[/red]")
+        raise typer.Exit(2) from None
+    except (ValueError, IngestError) as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from None
+    console.print(
+        f"{ref.examples} examples ({ref.loss_tokens} loss tokens) selected by "
+        f"{ref.selector}; final objective {ref.objective:.4f} → {out}"
     )
 
 

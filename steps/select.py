@@ -9,15 +9,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only, never a window
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 from pydantic import BaseModel, ConfigDict, Field
 
-from steps.embed import FeaturesRef, load_pool
+from steps.embed import EmbedConfig, FeaturesRef, embed_pool, load_pool
+from steps.ingest import IngestConfig, normalise, read_source, write_table
+from steps.modeling import ModelConfig
 from steps.selectors import DEFAULT_RIDGE, SELECTORS, select
 
 
@@ -80,8 +79,11 @@ def select_subset(
         "budget": budget,
         "ridge": config.ridge,
         "ids": [str(ids[i]) for i in chosen.order],
+        "rows": [int(i) for i in chosen.order],  # positions in the pool table (file order)
         "gains": chosen.gains.tolist(),
         "objective": chosen.objective.tolist(),
+        "final_objective": float(chosen.objective[-1]),
+        "loss_tokens": int(pool.n_tokens[chosen.order].sum()),
     }
     selection_path = out_dir / "selection.json"
     selection_path.write_text(json.dumps(record))
@@ -102,7 +104,8 @@ def selected_ids(selection: SelectionRef) -> list[str]:
 
 
 def _plot_objective(objective: np.ndarray, selector: str, path: Path) -> None:
-    figure, axis = plt.subplots(figsize=(6, 3.5))
+    figure = Figure(figsize=(6, 3.5))
+    axis = figure.subplots()
     axis.plot(np.arange(1, len(objective) + 1), objective)
     axis.set_xlabel("examples selected")
     axis.set_ylabel("log det(λI + V_S)")
@@ -110,4 +113,30 @@ def _plot_objective(objective: np.ndarray, selector: str, path: Path) -> None:
     axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
+
+
+def select_from_file(
+    data_path: str,
+    model: ModelConfig,
+    config: SelectConfig,
+    work_dir: Path,
+    device: str,
+    prompt_field: str = "prompt",
+    response_field: str = "response",
+) -> SelectionRef:
+    """Selection without the pipeline: a JSONL/JSON/CSV/Parquet/text file (prompt/response
+    fields, or one `text` field) → embed with `model` → pick with `config`.
+
+    Writes work_dir/selection.json: ids (content hashes) and rows (file order) in pick order,
+    per-pick gains, the objective curve and final_objective = log det(λI + V_S).
+    """
+    fields = IngestConfig(
+        source=data_path, prompt_field=prompt_field, response_field=response_field
+    )
+    frame = read_source(data_path, "train", None, Path.cwd())
+    table = normalise(frame, fields, data_path, "train")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    table_path = work_dir / "pool.parquet"
+    write_table(table, table_path)
+    features = embed_pool(str(table_path), model, EmbedConfig(), work_dir / "features", device)
+    return select_subset(features, str(table_path), config, work_dir)

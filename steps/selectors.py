@@ -38,6 +38,8 @@ from steps.selectors_baselines import PICK_ORDERS, PickOrder, first_best, tie_fl
 DEFAULT_RIDGE = 1e-3
 _CHUNK_ROWS = 8192  # factor rows per batched gain evaluation: ~100 MB of temporaries at d=768
 _LAZY_BATCH = 16  # stale heap entries re-evaluated at once: 8-32 measured equal, 1 is 1.6x slower
+_GRAM_MIN_RANK = 0.25  # examples with r >= this * d get their gain from a d x d Cholesky
+_GRAM_CACHE_BYTES = 2 * 2**30  # float64 Grams of the high-rank examples kept when this fits
 
 Array = NDArray[np.float64]
 
@@ -252,30 +254,76 @@ class _Design:
     10 ms for r=96 against 47 ms for a fresh inverse, and the same at r=d). Once the picks
     since the last fresh inverse add up to rank d, V is inverted afresh: without that the
     objective drifted 2e-8 (relative) from a fresh log det at ridge 1e-6, with it 2e-9.
+
+    Gains are evaluated one of two ways, chosen per example by its rank alone, so that lazy
+    and plain greedy compute bit-identical gains for the same example and V:
+    - low rank (r < _GRAM_MIN_RANK * d): log det(I_r + F V^{-1} F^T), about 2 r d^2 flops;
+    - high rank: log det(V + G) - log det V with G = F^T F, one batched d x d Cholesky
+      (d^3 / 3 flops). G comes from a cache of the pool's high-rank Grams built once when
+      it fits in _GRAM_CACHE_BYTES, else is formed on the fly (2 r d^2 more flops).
     """
 
     def __init__(self, pool: FeaturePool, ridge: float, prior: Array) -> None:
         self.pool = pool
         self.gram = ridge * np.eye(pool.d) + prior
         self.start = _logdet(self.gram)  # f(empty set)
+        self.logdet = self.start
         self.inverse = np.linalg.inv(self.gram)
         self._rank_since_inverse = 0
+        self._by_gram = pool.ranks >= _GRAM_MIN_RANK * pool.d
+        self._gram_slot = np.full(pool.N, -1, dtype=np.int64)
+        self._grams: Array | None = None
+        high = np.flatnonzero(self._by_gram)
+        if len(high) and len(high) * pool.d**2 * 8 <= _GRAM_CACHE_BYTES:
+            self._grams = np.empty((len(high), pool.d, pool.d))
+            high = high[np.argsort(pool.ranks[high], kind="stable")]  # equal ranks adjacent
+            self._gram_slot[high] = np.arange(len(high))
+            step = max(1, _CHUNK_ROWS // pool.d)
+            for a in range(0, len(high), step):
+                chunk = high[a : a + step]
+                for r in np.unique(pool.ranks[chunk]):
+                    same = chunk[pool.ranks[chunk] == r]
+                    self._grams[self._gram_slot[same]] = self._fresh_grams(same)
+
+    def _fresh_grams(self, examples: NDArray[np.int64]) -> Array:
+        """F_i^T F_i of examples of equal rank, stacked (n, d, d), in float64."""
+        r, d = int(self.pool.ranks[examples[0]]), self.pool.d
+        f = self.pool.factors[_rows(self.pool, examples)].astype(np.float64)
+        f = f.reshape(len(examples), r, d)
+        return f.transpose(0, 2, 1) @ f
 
     def gains(self, examples: NDArray[np.int64]) -> Array:
-        """log det(I_r + F_i V^{-1} F_i^T) for each example, batched by equal rank r."""
+        """The log det increase of V + F_i^T F_i over V for each example, batched."""
         out = np.empty(len(examples))
         ranks = self.pool.ranks[examples]
-        if len(examples) * int(ranks[0]) <= _CHUNK_ROWS and (ranks == ranks[0]).all():
-            return self._gains_of_rank(examples, int(ranks[0]))  # the common small batch
-        by_rank = np.argsort(ranks, kind="stable")
-        group_starts = np.flatnonzero(np.diff(ranks[by_rank], prepend=-1))
+        by_gram = self._by_gram[examples]
+        # group by (route, rank); cached Grams need no equal rank, so they share one group
+        keys = np.where(by_gram & (self._grams is not None), -1, ranks)
+        if len(examples) * self.pool.d <= _CHUNK_ROWS and (keys == keys[0]).all():
+            return self._gains_of_group(examples, int(keys[0]))  # the common small batch
+        by_key = np.argsort(keys, kind="stable")
+        group_starts = np.flatnonzero(np.diff(keys[by_key], prepend=-2))
         for start, stop in zip(group_starts, [*group_starts[1:], len(examples)], strict=True):
-            r = int(ranks[by_rank[start]])
-            step = max(1, _CHUNK_ROWS // r)
+            key = int(keys[by_key[start]])
+            step = max(1, _CHUNK_ROWS // (self.pool.d if key < 0 else key))
             for a in range(start, stop, step):
-                chunk = by_rank[a : min(a + step, stop)]
-                out[chunk] = self._gains_of_rank(examples[chunk], r)
+                chunk = by_key[a : min(a + step, stop)]
+                out[chunk] = self._gains_of_group(examples[chunk], key)
         return out
+
+    def _gains_of_group(self, examples: NDArray[np.int64], key: int) -> Array:
+        """Gains of examples that share a route: key -1 = cached Grams, else their rank."""
+        if key < 0:
+            assert self._grams is not None
+            return self._gains_from_grams(self._grams[self._gram_slot[examples]])
+        if self._by_gram[examples[0]]:
+            return self._gains_from_grams(self._fresh_grams(examples))
+        return self._gains_of_rank(examples, key)
+
+    def _gains_from_grams(self, grams: Array) -> Array:
+        grams += self.gram  # grams is always a fresh temporary (fancy-indexed or computed)
+        chol = np.linalg.cholesky(grams)
+        return 2.0 * np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(axis=1) - self.logdet
 
     def _gains_of_rank(self, examples: NDArray[np.int64], r: int) -> Array:
         d = self.pool.d
@@ -294,6 +342,7 @@ class _Design:
         capacitance = np.eye(len(f)) + fv @ f.T
         gain = 2.0 * float(np.log(np.diagonal(np.linalg.cholesky(capacitance))).sum())
         self.gram += f.T @ f
+        self.logdet = _logdet(self.gram)
         self._rank_since_inverse += len(f)
         if self._rank_since_inverse >= self.pool.d:
             self.inverse = np.linalg.inv(self.gram)
