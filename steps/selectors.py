@@ -6,9 +6,11 @@ Pure math over numpy arrays, no I/O. From docs/fishersft.md, the objective is
 
 where F_i^T F_i = sum_j x_ij x_ij^T sums the pre-logit hidden states of example i's
 loss-bearing tokens. f is monotone submodular, so greedy is within (1 - 1/e) of the best
-set of the same size. `fisher` is the paper's "greedy with cached gains" (lazy greedy) and
-`plain_greedy_fisher` the reference that recomputes every gain at every step; both pick
-the same examples. The compared selectors' pick orders live in selectors_baselines.py.
+set of the same size. `fisher` is the paper's "greedy with cached gains" (lazy greedy),
+its cached bounds tightened by a cheap trace bound before any exact re-evaluation, and
+`plain_greedy_fisher` the reference that recomputes every gain at every step (with the same
+batched gain evaluation); both pick the same examples. The compared selectors' pick
+orders live in selectors_baselines.py.
 
 Conventions shared by every selector:
 - Selection.objective[t] is the token-level f after t+1 picks, and Selection.gains[t] its
@@ -24,7 +26,6 @@ Conventions shared by every selector:
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -38,8 +39,10 @@ from steps.selectors_baselines import PICK_ORDERS, PickOrder, first_best, tie_fl
 DEFAULT_RIDGE = 1e-3
 _CHUNK_ROWS = 8192  # factor rows per batched gain evaluation: ~100 MB of temporaries at d=768
 _LAZY_BATCH = 16  # stale heap entries re-evaluated at once: 8-32 measured equal, 1 is 1.6x slower
-_GRAM_MIN_RANK = 0.25  # examples with r >= this * d get their gain from a d x d Cholesky
+_BOUND_BATCH = 32  # stale entries whose trace bound is computed at once (d^2 flops each)
+_GRAM_MIN_RANK = 0.5  # examples with r >= this * d get their gain from a d x d Cholesky
 _GRAM_CACHE_BYTES = 2 * 2**30  # float64 Grams of the high-rank examples kept when this fits
+_BOUND_SLACK = 1e-6  # relative (and absolute) inflation of the cheap trace bound on a gain
 
 Array = NDArray[np.float64]
 
@@ -257,7 +260,7 @@ class _Design:
 
     Gains are evaluated one of two ways, chosen per example by its rank alone, so that lazy
     and plain greedy compute bit-identical gains for the same example and V:
-    - low rank (r < _GRAM_MIN_RANK * d): log det(I_r + F V^{-1} F^T), about 2 r d^2 flops;
+    - low rank (r < _GRAM_MIN_RANK * d): log det(I_r + F V^{-1} F^T), 2 r d^2 + 2 r^2 d flops;
     - high rank: log det(V + G) - log det V with G = F^T F, one batched d x d Cholesky
       (d^3 / 3 flops). G comes from a cache of the pool's high-rank Grams built once when
       it fits in _GRAM_CACHE_BYTES, else is formed on the fly (2 r d^2 more flops).
@@ -273,6 +276,11 @@ class _Design:
         self._by_gram = pool.ranks >= _GRAM_MIN_RANK * pool.d
         self._gram_slot = np.full(pool.N, -1, dtype=np.int64)
         self._grams: Array | None = None
+        self._cache_built = False  # built on the first gain or bound: add() never needs it
+
+    def _build_cache(self) -> None:
+        self._cache_built = True
+        pool = self.pool
         high = np.flatnonzero(self._by_gram)
         if len(high) and len(high) * pool.d**2 * 8 <= _GRAM_CACHE_BYTES:
             self._grams = np.empty((len(high), pool.d, pool.d))
@@ -294,6 +302,8 @@ class _Design:
 
     def gains(self, examples: NDArray[np.int64]) -> Array:
         """The log det increase of V + F_i^T F_i over V for each example, batched."""
+        if not self._cache_built:
+            self._build_cache()
         out = np.empty(len(examples))
         ranks = self.pool.ranks[examples]
         by_gram = self._by_gram[examples]
@@ -334,6 +344,31 @@ class _Design:
         chol = np.linalg.cholesky(m)
         return 2.0 * np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(axis=1)
 
+    def bounds(self, examples: NDArray[np.int64]) -> Array:
+        """Upper bounds on the gains, valid for this V and every larger one; d^2 flops each.
+
+        With A = V^{-1/2} F^T F V^{-1/2} (rank <= r), concavity of log gives
+        gain = sum_j log(1 + lambda_j(A)) <= r log(1 + tr(A) / r), and tr(A) = <V^{-1}, F^T F>
+        only shrinks as V grows. Inflated by _BOUND_SLACK against rounding in V^{-1}.
+        """
+        if not self._cache_built:
+            self._build_cache()
+        ranks = self.pool.ranks[examples].astype(np.float64)
+        trace = np.empty(len(examples))
+        cached = self._gram_slot[examples] >= 0
+        if cached.any():
+            assert self._grams is not None
+            grams = self._grams[self._gram_slot[examples[cached]]]
+            trace[cached] = grams.reshape(len(grams), -1) @ self.inverse.reshape(-1)
+        if not cached.all():
+            rest = examples[~cached]
+            f = self.pool.factors[_rows(self.pool, rest)].astype(np.float64)
+            per_row = np.einsum("ij,ij->i", f @ self.inverse, f)
+            starts = np.concatenate([[0], np.cumsum(self.pool.ranks[rest])[:-1]])
+            trace[~cached] = np.add.reduceat(per_row, starts)
+        bound = ranks * np.log1p(np.clip(trace, 0.0, None) / ranks)
+        return bound * (1.0 + _BOUND_SLACK) + _BOUND_SLACK
+
     def add(self, example: int) -> float:
         """Add example's F^T F to V; return the gain (the log det increase)."""
         a, b = self.pool.offsets[example], self.pool.offsets[example + 1]
@@ -356,50 +391,58 @@ class _Design:
 def _lazy_greedy(
     design: _Design, costs: Array, budget: float, progress: bool
 ) -> tuple[list[int], list[float]]:
-    """Greedy on gain / cost under sum(cost) <= budget, re-evaluating only stale heap tops.
+    """Greedy on gain / cost under sum(cost) <= budget, re-evaluating only candidates whose
+    upper bound can still tie the best score.
 
-    Gains only shrink as V grows (submodularity), so a cached score bounds the current
-    one. Each step pops stale entries whose bound can still tie the best fresh score, in
-    batches of _LAZY_BATCH, and stops once the best fresh score beats every other bound:
-    the same pick as plain greedy under the same tie rule.
+    bound[i] always bounds i's current score from above: gains only shrink as V grows
+    (submodularity), and _Design.bounds gives a cheap trace bound valid for the current V
+    and every larger one. Each step takes the highest stale bounds _LAZY_BATCH at a time,
+    tightens them with the trace bound, evaluates exactly those still able to tie the best
+    fresh score, and stops once no stale bound can: the same pick as plain greedy under the
+    same tie rule. Bookkeeping is in numpy arrays: O(N) per step, not per heap entry.
     """
     n = design.pool.N
-    first = design.gains(np.arange(n, dtype=np.int64)) / costs
-    heap = [(-float(s), i, 0) for i, s in enumerate(first)]  # (-bound, index, step evaluated)
-    heapq.heapify(heap)
+    bound = design.gains(np.arange(n, dtype=np.int64)) / costs
+    exact = np.ones(n, dtype=bool)  # bound[i] is i's score at the current step
     order: list[int] = []
     gains: list[float] = []
     remaining = budget
     with tqdm(total=budget, disable=not progress, desc="fisher picks") as bar:
-        for step in range(n):
-            fresh: dict[int, float] = {}
-            best = -np.inf
-            while heap and -heap[0][0] >= tie_floor(best):
-                stale: list[int] = []
-                while heap and len(stale) < _LAZY_BATCH and -heap[0][0] >= tie_floor(best):
-                    bound, i, evaluated = heapq.heappop(heap)
-                    if costs[i] > remaining:
-                        continue  # the budget only shrinks: it will never fit again
-                    if evaluated == step:  # only at step 0: the first pass is current
-                        fresh[i] = -bound
-                        best = max(best, -bound)
-                    else:
-                        stale.append(i)
-                if stale:
-                    scores = design.gains(np.array(stale, dtype=np.int64)) / costs[stale]
-                    fresh.update(zip(stale, scores.tolist(), strict=True))
-                    best = max(best, float(scores.max()))
-            if not fresh:
+        while True:
+            bound[costs > remaining] = -np.inf  # the budget only shrinks: never fits again
+            best = float(bound[exact].max()) if exact.any() else -np.inf
+            candidates: NDArray[np.int64] | None = None  # stale entries that may still tie
+            while True:
+                floor = tie_floor(best) if best > -np.inf else -np.finfo(np.float64).max
+                if candidates is None:
+                    stale = np.flatnonzero(~exact & (bound >= floor))
+                else:
+                    stale = candidates[~exact[candidates] & (bound[candidates] >= floor)]
+                    candidates = stale
+                if not len(stale):
+                    break
+                if len(stale) > _BOUND_BATCH:
+                    stale = stale[np.argpartition(-bound[stale], _BOUND_BATCH - 1)[:_BOUND_BATCH]]
+                bound[stale] = np.minimum(bound[stale], design.bounds(stale) / costs[stale])
+                stale = stale[bound[stale] >= floor]
+                if len(stale) > _LAZY_BATCH:  # the rest keep their tightened bounds
+                    stale = stale[np.argpartition(-bound[stale], _LAZY_BATCH - 1)[:_LAZY_BATCH]]
+                if len(stale):
+                    bound[stale] = design.gains(stale) / costs[stale]
+                    exact[stale] = True
+                    best = max(best, float(bound[stale].max()))
+                if candidates is None and best > -np.inf:  # one O(N) scan per step
+                    candidates = np.flatnonzero(~exact & (bound >= tie_floor(best)))
+            if best == -np.inf:
                 break
-            pick = min(i for i, s in fresh.items() if s >= tie_floor(best))
-            for i, s in fresh.items():
-                if i != pick:
-                    heapq.heappush(heap, (-s, i, step))
+            pick = int(np.flatnonzero(exact & (bound >= tie_floor(best)))[0])
+            bound[pick] = -np.inf
+            exact[:] = False
             order.append(pick)
             gains.append(design.add(pick))
             remaining -= costs[pick]
             bar.update(costs[pick])
-            if remaining <= 0:
+            if remaining <= 0 or len(order) == n:
                 break
     return order, gains
 

@@ -80,6 +80,24 @@ def test_chunked_gain_evaluation_changes_nothing(monkeypatch: pytest.MonkeyPatch
     np.testing.assert_array_equal(plain_greedy_fisher(pool, 10).order, whole.order)
 
 
+def test_gain_routes_agree_and_trace_bounds_hold(monkeypatch: pytest.MonkeyPatch) -> None:
+    # r in 1..12 at d=12: both the capacitance route (low rank) and the Gram route (high rank)
+    pool = make_pool(40, 12, 5, t_min=1, t_max=30)
+    design = selectors._Design(pool, 1e-3, random_prior(12, 5))
+    for i in (3, 11, 27):
+        design.add(i)
+    examples = np.arange(pool.N, dtype=np.int64)
+    gains = design.gains(examples)
+    bounds = design.bounds(examples)
+    assert (bounds >= gains).all()
+    monkeypatch.setattr(selectors, "_GRAM_MIN_RANK", 2.0)  # every example by capacitance
+    factor_route = selectors._Design(pool, 1e-3, random_prior(12, 5))
+    for i in (3, 11, 27):
+        factor_route.add(i)
+    np.testing.assert_allclose(factor_route.gains(examples), gains, rtol=1e-9)
+    np.testing.assert_allclose(factor_route.bounds(examples), bounds, rtol=1e-9)
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_lazy_per_token_matches_plain_per_token(seed: int) -> None:
     pool = make_pool(40, 12, seed, t_min=1, t_max=30)
