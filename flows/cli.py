@@ -144,6 +144,80 @@ def select_command(
     )
 
 
+@app.command("validate")
+def validate_command(
+    data: Annotated[
+        str, typer.Option(help="Pool to check: a file, a folder or a hub dataset id.")
+    ],
+    eval_data: Annotated[
+        str | None, typer.Option(help="Eval split to check (default: data.eval_source).")
+    ] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    project_dir: ProjectOption = Path("."),
+) -> None:
+    """Ingest + the validation suite alone (the pipeline's code); exits 1 naming each failed
+    expectation. Leaves data/, data.dvc and the DVC remote alone."""
+    import json
+
+    sources = [f"data.source={json.dumps(data)}"]
+    if eval_data is not None:
+        sources.append(f"data.eval_source={json.dumps(eval_data)}")
+    resolved, root = _load(config, [*(set_ or []), *sources], project_dir)
+    from flows.runtime import state_dir
+    from steps.ingest import IngestError
+    from steps.validate import DataValidationError, ingest_and_validate, raise_on_failure
+
+    try:
+        report = ingest_and_validate(
+            resolved.data, resolved.validation, resolved.model, root, state_dir(root) / "validate"
+        )
+        accepted = raise_on_failure(report)
+    except (IngestError, DataValidationError) as error:
+        console.print(str(error), style="red", markup=False, highlight=False)
+        raise typer.Exit(1) from None
+    console.print(
+        f"valid: {accepted.train.rows} pool and {accepted.eval.rows} eval rows "
+        f"({report.quarantined} quarantined); accepted tables in "
+        f"{Path(accepted.train.path).parent}; Data Docs: {report.data_docs_path}",
+        markup=False,
+        highlight=False,
+    )
+
+
+@app.command()
+def study(
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    project_dir: ProjectOption = Path("."),
+) -> None:
+    """Data-efficiency study: selectors × budgets × seeds (select → fine-tune → evaluate) and
+    the synthetic experiment; tables and plots to MLflow, Prefect and study.results_dir."""
+    from flows.config import parse_override
+    from steps.study import StudyConfigError, load_study_config
+
+    root = project_dir.resolve()
+    try:
+        resolved = load_study_config(config, [parse_override(item) for item in set_ or []])
+    except (ConfigError, StudyConfigError) as error:
+        console.print(f"[red]{error}[/red]")
+        raise typer.Exit(2) from None
+    model = Path(resolved.model.name)
+    if not model.is_absolute() and (root / model).exists():  # project-relative, as `run`
+        resolved = resolved.model_copy(
+            update={"model": resolved.model.model_copy(update={"name": str(root / model)})}
+        )
+    configure_environment(root)
+    from flows.study import study as study_flow
+    from flows.study import summary_rows as study_rows
+
+    result = study_flow(resolved, root)
+    table = Table(title="Sift study", show_header=False)
+    for name, value in study_rows(result):
+        table.add_row(name, value)
+    console.print(table)
+
+
 @app.command("show-config")
 def show_config(config: ConfigOption = None, set_: SetOption = None) -> None:
     """Print the resolved config (defaults + file + --set) as YAML."""

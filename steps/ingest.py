@@ -1,21 +1,30 @@
 """Ingestion: read a training pool and an eval split from files or the hub into one schema.
 
 Output schema (Parquet, one file per split): id (content hash), prompt, response, source, split.
+Sources are streamed batch by batch (steps/data_readers.py) and written row group by row
+group, so a file of any size is never held in memory whole.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import string
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
+from steps.data_readers import LOCAL_SUFFIXES, Batch, IngestError, iter_hub, iter_local
+
+__all__ = ["SCHEMA", "IngestConfig", "IngestError", "IngestResult", "TableRef", "ingest"]
+
 SCHEMA = ["id", "prompt", "response", "source", "split"]
-LOCAL_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet", ".txt"}
+ARROW_SCHEMA = pa.schema([(name, pa.string()) for name in SCHEMA])
 
 
 class IngestConfig(BaseModel):
@@ -30,8 +39,19 @@ class IngestConfig(BaseModel):
     split: str = "train"
     eval_split: str = "test"
     revision: str | None = None  # hub datasets only: pin a commit for reproducibility
+    # auto: local paths are read by Sift's streaming readers, anything else is a hub id.
+    # datasets: always `datasets.load_dataset(source, split, revision)`, e.g. for a local
+    # clone of a hub dataset repo (a folder with train/test files or a loading config).
+    loader: Literal["auto", "datasets"] = "auto"
+    # A column name, or a template over columns such as "{instruction}\n{input}".
     prompt_field: str = "question"
     response_field: str = "answer"
+    # Plain LM data: this column becomes the response and the prompt is empty. A .txt file
+    # always reads as one `text` column per non-blank line.
+    text_field: str | None = None
+    # Local sources must resolve (symlinks followed) inside one of these folders; relative
+    # entries are relative to the project. Stops `../../etc/passwd`-style paths in configs.
+    allowed_roots: tuple[str, ...] = (".", "assets")
     # Cap on pool / eval rows (first rows in file order); None keeps all. Small caps make fast runs.
     limit: int | None = Field(default=None, gt=0)
     eval_limit: int | None = Field(default=400, gt=0)
@@ -52,10 +72,6 @@ class IngestResult:
     eval: TableRef
 
 
-class IngestError(ValueError):
-    """Raised for unreadable or ill-formed input; the message names the file, line or field."""
-
-
 def file_md5(path: Path) -> str:
     """md5 of a file's bytes, read in chunks (the same digest DVC records per file)."""
     digest = hashlib.md5()
@@ -63,18 +79,6 @@ def file_md5(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def source_fingerprint(source: str, project_dir: Path) -> str:
-    """A content hash of a local source (file or folder), or the id itself for hub datasets.
-
-    The flow passes this into cached tasks, so editing a file in place invalidates the cache.
-    """
-    path = resolve_local(source, project_dir)
-    if path is None:
-        return f"hub:{source}"
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return hashlib.md5("".join(f"{p.name}:{file_md5(p)}" for p in files).encode()).hexdigest()
 
 
 def resolve_local(source: str, project_dir: Path) -> Path | None:
@@ -88,64 +92,70 @@ def resolve_local(source: str, project_dir: Path) -> Path | None:
     return None
 
 
-def _iter_jsonl(path: Path) -> Iterator[dict]:
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise IngestError(
-                    f"{path}: line {number} is not valid JSON ({error.msg})"
-                ) from None
-            if not isinstance(record, dict):
-                raise IngestError(f"{path}: line {number} is not a JSON object")
-            yield record
+def check_allowed(path: Path, setting: str, config: IngestConfig, project_dir: Path) -> Path:
+    """The resolved path, if it lies inside data.allowed_roots; an error naming both if not."""
+    roots = [(project_dir / root).resolve() for root in config.allowed_roots]
+    resolved = path.resolve()
+    if not any(resolved.is_relative_to(root) for root in roots):
+        raise IngestError(
+            f"{setting} '{path}' resolves to {resolved}, outside data.allowed_roots "
+            f"{[str(r) for r in roots]}; move the data under the project or add its folder "
+            f"to data.allowed_roots"
+        )
+    return resolved
 
 
-def _read_file(path: Path) -> pd.DataFrame:
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".jsonl":
-            return pd.DataFrame.from_records(list(_iter_jsonl(path)))
-        if suffix == ".json":
-            records = json.loads(path.read_text(encoding="utf-8"))
-            return pd.DataFrame.from_records(records)
-        if suffix == ".csv":
-            return pd.read_csv(path, dtype=str, keep_default_na=False)
-        if suffix == ".parquet":
-            return pd.read_parquet(path)
-        if suffix == ".txt":
-            lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-            return pd.DataFrame({"text": lines})
-    except UnicodeDecodeError as error:
-        raise IngestError(f"{path}: not valid UTF-8 at byte {error.start}") from None
-    except json.JSONDecodeError as error:
-        raise IngestError(f"{path}: invalid JSON at line {error.lineno} ({error.msg})") from None
-    raise IngestError(
-        f"{path}: unsupported format '{suffix}' (use one of {sorted(LOCAL_SUFFIXES)})"
-    )
+def _looks_local(source: str) -> bool:
+    path = Path(source)
+    return source.startswith((".", "/", "~")) or ".." in path.parts or path.suffix in LOCAL_SUFFIXES
+
+
+def _local_source(source: str, setting: str, config: IngestConfig, project_dir: Path):
+    """The resolved local path of a source (checked against data.allowed_roots before any
+    read), or None for a hub dataset id."""
+    path = Path(source) if Path(source).is_absolute() else project_dir / source
+    if path.exists() or _looks_local(source):
+        check_allowed(path, setting, config, project_dir)
+    if config.loader == "datasets" and not path.exists():
+        return None
+    local = resolve_local(source, project_dir)
+    return local.resolve() if local is not None else None
+
+
+def sources_fingerprint(config: IngestConfig, project_dir: Path) -> str:
+    """A content hash of the local sources (after the allowed-roots check), or the hub ids.
+
+    The flow passes this into the cached ingest task, so editing a file in place
+    invalidates the cache.
+    """
+    parts = []
+    for setting, source in (
+        ("data.source", config.source),
+        ("data.eval_source", config.eval_source),
+    ):
+        _local_source(source, setting, config, project_dir)
+        parts.append(source_fingerprint(source, project_dir))
+    return "".join(parts)
+
+
+def source_fingerprint(source: str, project_dir: Path) -> str:
+    """A content hash of one local source (file or folder), or the id itself for hub datasets."""
+    path = resolve_local(source, project_dir)
+    if path is None:
+        return f"hub:{source}"
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return hashlib.md5("".join(f"{p.name}:{file_md5(p)}" for p in files).encode()).hexdigest()
 
 
 def read_source(source: str, split: str, revision: str | None, project_dir: Path) -> pd.DataFrame:
-    """Reads a local file/folder with pandas, or a hub dataset through `datasets.load_dataset`."""
+    """A whole local file/folder or hub split as one DataFrame (for small inputs only;
+    `ingest` streams)."""
     path = resolve_local(source, project_dir)
-    if path is None:
-        from datasets import load_dataset  # heavy import, only for hub sources
-
-        return load_dataset(source, split=split, revision=revision).to_pandas()
-    files = (
-        [path]
-        if path.is_file()
-        else sorted(p for p in path.rglob("*") if p.suffix.lower() in LOCAL_SUFFIXES)
-    )
-    if not files:
-        raise IngestError(f"{path}: folder holds no {sorted(LOCAL_SUFFIXES)} files")
-    frame = pd.concat([_read_file(f) for f in files], ignore_index=True)
-    if frame.empty:
-        raise IngestError(f"{path}: no records")
-    return frame
+    batches = iter_local(path) if path is not None else iter_hub(source, split, revision)
+    frames = [batch.frame for batch in batches]
+    if not frames or sum(len(f) for f in frames) == 0:
+        raise IngestError(f"{path or source}: no records")
+    return pd.concat(frames, ignore_index=True)
 
 
 def source_label(source: str, project_dir: Path) -> str:
@@ -161,25 +171,83 @@ def content_id(prompt: str, response: str) -> str:
     return hashlib.sha256(f"{prompt}\x00{response}".encode()).hexdigest()[:16]
 
 
-def normalise(frame: pd.DataFrame, config: IngestConfig, source: str, split: str) -> pd.DataFrame:
+def _template_fields(template: str) -> list[str]:
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+def _string_cell(value: object, place: str, column: str, setting: str) -> str | None:
+    if value is None or (isinstance(value, float) and value != value):  # null / NaN
+        return None
+    if not isinstance(value, str):
+        raise IngestError(
+            f"{place}: field '{column}' ({setting}) is {type(value).__name__} "
+            f"{value!r:.60}, expected a string"
+        )
+    return value
+
+
+def _column_values(batch: Batch, setting: str, field: str, source: str) -> list[str | None]:
+    """One configured field per row: a column, or a template over columns ("{a}\n{b}").
+
+    Values must be strings (null is kept: the suite reports it, and quarantine can drop it);
+    anything else is an error naming the setting, the line/row and the value.
+    """
+    frame = batch.frame
+    columns = _template_fields(field) if "{" in field else [field]
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise IngestError(
+            f"{source}: missing field(s) {missing} ({setting} = {field!r}); "
+            f"columns present: {list(frame.columns)}"
+        )
+    cells = {c: frame[c].tolist() for c in columns}
+    values: list[str | None] = []
+    for index, place in enumerate(batch.where):
+        row = {c: _string_cell(cells[c][index], f"{source} {place}", c, setting) for c in columns}
+        if any(value is None for value in row.values()):
+            values.append(None)
+        else:
+            values.append(field.format(**row) if "{" in field else row[field])
+    return values
+
+
+def normalise_batch(batch: Batch, config: IngestConfig, source: str, split: str) -> pd.DataFrame:
     """Maps configured fields onto the schema; plain-text data becomes prompt '' + response text."""
-    if "text" in frame.columns and config.prompt_field not in frame.columns:
-        prompts, responses = [""] * len(frame), frame["text"]
+    text_field = config.text_field
+    if text_field is None and list(batch.frame.columns) == ["text"]:
+        text_field = "text"  # a .txt file, or a one-column text dataset
+    if text_field is not None:
+        responses = _column_values(batch, "data.text_field", text_field, source)
+        prompts: list[str | None] = [""] * len(responses)
     else:
-        missing = [f for f in (config.prompt_field, config.response_field) if f not in frame]
+        fields = [config.prompt_field, config.response_field]
+        wanted = [c for f in fields for c in (_template_fields(f) if "{" in f else [f])]
+        missing = [c for c in dict.fromkeys(wanted) if c not in batch.frame.columns]
         if missing:
             raise IngestError(
-                f"{source}: missing field(s) {missing} (data.prompt_field / data.response_field); "
-                f"columns present: {list(frame.columns)}"
+                f"{source}: missing field(s) {missing} (data.prompt_field = "
+                f"{config.prompt_field!r}, data.response_field = {config.response_field!r}); "
+                f"columns present: {list(batch.frame.columns)}"
             )
-        prompts, responses = frame[config.prompt_field], frame[config.response_field]
-    table = pd.DataFrame({"prompt": list(prompts), "response": list(responses)})
-    table.insert(
-        0, "id", [content_id(str(p), str(r)) for p, r in zip(prompts, responses, strict=True)]
+        prompts = _column_values(batch, "data.prompt_field", config.prompt_field, source)
+        responses = _column_values(batch, "data.response_field", config.response_field, source)
+    return pd.DataFrame(
+        {
+            "id": [content_id(str(p), str(r)) for p, r in zip(prompts, responses, strict=True)],
+            "prompt": prompts,
+            "response": responses,
+            "source": source,
+            "split": split,
+        },
+        columns=SCHEMA,
     )
-    table["source"] = source
-    table["split"] = split
-    return table
+
+
+def normalise(frame: pd.DataFrame, config: IngestConfig, source: str, split: str) -> pd.DataFrame:
+    """normalise_batch for a whole in-memory frame (rows numbered from 1)."""
+    return normalise_batch(
+        Batch(frame, [f"row {i}" for i in range(1, len(frame) + 1)]), config, source, split
+    )
 
 
 def write_table(table: pd.DataFrame, path: Path) -> None:
@@ -187,21 +255,58 @@ def write_table(table: pd.DataFrame, path: Path) -> None:
     table.to_parquet(path, index=False, engine="pyarrow", compression="zstd")
 
 
+def _batches(source: str, setting: str, split: str, config: IngestConfig, project_dir: Path):
+    path = _local_source(source, setting, config, project_dir)
+    if path is not None and config.loader == "auto":
+        return iter_local(path)
+    return iter_hub(str(path) if path is not None else source, split, config.revision)
+
+
+def stream_table(
+    batches: Iterator[Batch],
+    config: IngestConfig,
+    label: str,
+    split: str,
+    limit: int | None,
+    path: Path,
+) -> int:
+    """Normalises batches into one Parquet file, a row group per batch; returns rows written."""
+    rows = 0
+    tmp = path.with_suffix(".partial")
+    with pq.ParquetWriter(tmp, ARROW_SCHEMA, compression="zstd") as writer:
+        for batch in batches:
+            table = normalise_batch(batch, config, label, split)
+            if limit is not None:
+                table = table.head(limit - rows)
+            arrow = pa.Table.from_pandas(table, ARROW_SCHEMA, preserve_index=False)
+            writer.write_table(arrow.replace_schema_metadata(None))
+            rows += len(table)
+            if limit is not None and rows >= limit:
+                break
+    if rows == 0:
+        tmp.unlink()
+        raise IngestError(f"{label}: no records")
+    tmp.replace(path)
+    return rows
+
+
 def ingest(config: IngestConfig, project_dir: Path, staging_dir: Path) -> IngestResult:
     """Reads pool and eval split, normalises both and stages them as {train,eval}.parquet.
 
     Staged tables reach the DVC-tracked data/ folder only through validation.
     """
+    sources = (
+        ("train", "data.source", config.source, config.split, config.limit),
+        ("eval", "data.eval_source", config.eval_source, config.eval_split, config.eval_limit),
+    )
+    for _, setting, source, _, _ in sources:  # every path checked before anything is read
+        _local_source(source, setting, config, project_dir)
     staging_dir.mkdir(parents=True, exist_ok=True)
     refs = {}
-    for name, source, split, limit in (
-        ("train", config.source, config.split, config.limit),
-        ("eval", config.eval_source, config.eval_split, config.eval_limit),
-    ):
-        frame = read_source(source, split, config.revision, project_dir)
+    for name, setting, source, split, limit in sources:
+        batches = _batches(source, setting, split, config, project_dir)
         label = source_label(source, project_dir)
-        table = normalise(frame.head(limit) if limit else frame, config, label, name)
         path = staging_dir / f"{name}.parquet"
-        write_table(table, path)
-        refs[name] = TableRef(path=str(path), rows=len(table), md5=file_md5(path))
+        rows = stream_table(batches, config, label, name, limit, path)
+        refs[name] = TableRef(path=str(path), rows=rows, md5=file_md5(path))
     return IngestResult(train=refs["train"], eval=refs["eval"])

@@ -18,10 +18,19 @@ from great_expectations.checkpoint import UpdateDataDocsAction
 from great_expectations.data_context.types.base import ProgressBarsConfig
 from pydantic import BaseModel, ConfigDict, Field
 
-from steps.ingest import SCHEMA, IngestResult, TableRef, file_md5, write_table
+from steps.ingest import (
+    SCHEMA,
+    IngestConfig,
+    IngestResult,
+    TableRef,
+    file_md5,
+    ingest,
+    write_table,
+)
 from steps.modeling import ModelConfig, load_tokenizer
 
 SUITE_NAME = "sift_sft_data"
+CONTROL_CHARS = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"
 
 
 class ValidateConfig(BaseModel):
@@ -70,6 +79,11 @@ def build_suite(split: str, min_rows: int, max_prompt_tokens: int, train_ids: li
     for column in text_columns:
         # pandas 3 string dtype: "str" is the type name GX matches (see docs/stack-notes).
         suite.append(gxe.ExpectColumnValuesToBeOfType(column=column, type_="str"))
+        # Ingest rejects bytes that are not UTF-8; control characters (other than tab and
+        # newlines) are valid UTF-8 but are almost always extraction debris.
+        suite.append(gxe.ExpectColumnValuesToNotMatchRegex(column=column, regex=CONTROL_CHARS))
+    # Same prompt and response twice: the ids (content hashes) collide too, but this names it.
+    suite.append(gxe.ExpectCompoundColumnsToBeUnique(column_list=text_columns))
     if split == "eval":
         # Leakage: an eval example identical to a training example inflates the eval score.
         suite.append(gxe.ExpectColumnValuesToNotBeInSet(column="id", value_set=train_ids))
@@ -233,3 +247,16 @@ def raise_on_failure(report: ValidationReport) -> IngestResult:
             f"\n  {lines}\nData Docs: {report.data_docs_path}"
         )
     return report.accepted
+
+
+def ingest_and_validate(
+    data: IngestConfig,
+    config: ValidateConfig,
+    model: ModelConfig,
+    project_dir: Path,
+    work_dir: Path,
+) -> ValidationReport:
+    """`sift validate`: the pipeline's ingest and suite, alone. Accepted tables (and the
+    quarantine) go to work_dir/data for inspection, never to the project's DVC-tracked data/."""
+    staged = ingest(data, project_dir, work_dir / "staging")
+    return validate(staged, config, model, work_dir / "gx", work_dir / "data")
