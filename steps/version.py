@@ -7,9 +7,14 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+import dvc.api
+import pyarrow.parquet as pq
 import yaml
 from dvc.repo import Repo
+from dvc.scm import RevError
 from pydantic import BaseModel, ConfigDict
+
+from steps.ingest import IngestResult, TableRef, file_md5
 
 
 class VersionConfig(BaseModel):
@@ -19,6 +24,9 @@ class VersionConfig(BaseModel):
     # Written to .dvc/config.local, so a user's remote never lands in git.
     remote_url: str = ".sift/dvc-remote"
     remote_name: str = "sift"
+    # S3-compatible stores other than AWS (MinIO, Ceph, moto): their endpoint URL.
+    # Credentials come from the usual AWS variables, never from this file.
+    endpoint_url: str | None = None
     push: bool = True
 
 
@@ -61,7 +69,10 @@ def version_data(data_dir: Path, repo_dir: Path, config: VersionConfig) -> DataV
         url = _remote_url(config.remote_url, repo_dir) if config.push else None
         if url is not None:
             with repo.config.edit("local") as local:
-                local["remote"][config.remote_name] = {"url": url}
+                remote = {"url": url}
+                if config.endpoint_url:
+                    remote["endpointurl"] = config.endpoint_url
+                local["remote"][config.remote_name] = remote
                 local["core"]["remote"] = config.remote_name
         repo.add(str(data_dir))
         dvc_file = data_dir.parent / f"{data_dir.name}.dvc"
@@ -78,3 +89,58 @@ def version_data(data_dir: Path, repo_dir: Path, config: VersionConfig) -> DataV
         dvc_file=str(dvc_file),
         remote_url=url,
     )
+
+
+class DataRevisionError(ValueError):
+    """The requested git revision has no usable data.dvc, or its data cannot be fetched."""
+
+
+def data_at_rev(
+    repo_dir: Path, rev: str, out_dir: Path, data_path: str = "data"
+) -> tuple[IngestResult, DataVersion]:
+    """The validated data as versioned at git revision `rev`, read through `dvc.api`.
+
+    Files come from the local DVC cache or, failing that, the default remote; each is
+    checked against the md5 that the revision's manifest records. The working tree's data/
+    and data.dvc are not touched.
+    """
+    logging.getLogger("dvc").setLevel(logging.WARNING)
+    try:
+        fs = dvc.api.DVCFileSystem(str(repo_dir), rev=rev)
+        pointer = yaml.safe_load(fs.read_text(f"{data_path}.dvc"))
+        entries = fs.ls(data_path, detail=True)
+    except RevError as error:
+        raise DataRevisionError(f"--data-rev {rev!r}: {error} in {repo_dir}") from None
+    except FileNotFoundError as error:
+        raise DataRevisionError(
+            f"git revision {rev!r} of {repo_dir} has no {data_path}.dvc / {data_path}/ ({error})"
+        ) from None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    md5s = {}
+    for entry in entries:
+        name = Path(entry["name"]).name
+        target = out_dir / name
+        with dvc.api.open(f"{data_path}/{name}", repo=str(repo_dir), rev=rev, mode="rb") as src:
+            target.write_bytes(src.read())
+        md5s[name] = file_md5(target)
+        expected = entry.get("md5")
+        if expected and expected != md5s[name]:
+            raise DataRevisionError(
+                f"{data_path}/{name} at {rev!r}: md5 {md5s[name]} != {expected}"
+            )
+    refs = {
+        split: TableRef(
+            path=str(out_dir / f"{split}.parquet"),
+            rows=pq.ParquetFile(out_dir / f"{split}.parquet").metadata.num_rows,
+            md5=md5s[f"{split}.parquet"],
+        )
+        for split in ("train", "eval")
+    }
+    version = DataVersion(
+        dir_md5=pointer["outs"][0]["md5"],
+        train_md5=md5s["train.parquet"],
+        eval_md5=md5s["eval.parquet"],
+        dvc_file=f"{data_path}.dvc@{rev}",
+        remote_url=None,
+    )
+    return IngestResult(train=refs["train"], eval=refs["eval"]), version
