@@ -272,17 +272,21 @@ def stream_table(
 ) -> int:
     """Normalises batches into one Parquet file, a row group per batch; returns rows written."""
     rows = 0
-    tmp = path.with_suffix(".partial")
-    with pq.ParquetWriter(tmp, ARROW_SCHEMA, compression="zstd") as writer:
-        for batch in batches:
-            table = normalise_batch(batch, config, label, split)
-            if limit is not None:
-                table = table.head(limit - rows)
-            arrow = pa.Table.from_pandas(table, ARROW_SCHEMA, preserve_index=False)
-            writer.write_table(arrow.replace_schema_metadata(None))
-            rows += len(table)
-            if limit is not None and rows >= limit:
-                break
+    tmp = path.with_suffix(".partial")  # a failure half-way leaves no table behind
+    try:
+        with pq.ParquetWriter(tmp, ARROW_SCHEMA, compression="zstd") as writer:
+            for batch in batches:
+                table = normalise_batch(batch, config, label, split)
+                if limit is not None:
+                    table = table.head(limit - rows)
+                arrow = pa.Table.from_pandas(table, ARROW_SCHEMA, preserve_index=False)
+                writer.write_table(arrow.replace_schema_metadata(None))
+                rows += len(table)
+                if limit is not None and rows >= limit:
+                    break
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     if rows == 0:
         tmp.unlink()
         raise IngestError(f"{label}: no records")

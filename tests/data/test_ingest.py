@@ -83,3 +83,65 @@ def test_same_data_from_another_checkout_is_byte_identical(project: Path, tmp_pa
     there = ingest(_config(other), other, tmp_path / "b")
     assert (here.train.md5, here.eval.md5) == (there.train.md5, there.eval.md5)
     assert set(pd.read_parquet(here.train.path).source) == {"raw/train.jsonl"}
+
+
+def test_templates_text_field_and_nulls(project: Path, tmp_path: Path):
+    alpaca = [
+        {"instruction": "Add the numbers.", "input": "2 and 3", "output": "5", "n": 1},
+        {"instruction": "Say hi.", "input": "", "output": "hi", "n": 2},
+        {"instruction": "Null output.", "input": "", "output": None, "n": 3},
+    ]
+    write_jsonl(project / "raw" / "alpaca.jsonl", alpaca)
+    config = _config(project).model_copy(
+        update={
+            "source": str(project / "raw" / "alpaca.jsonl"),
+            "eval_source": str(project / "raw" / "alpaca.jsonl"),
+            "prompt_field": "{instruction}\n{input}",
+            "response_field": "output",
+        }
+    )
+    table = pd.read_parquet(ingest(config, project, tmp_path / "t").train.path)
+    assert list(table.prompt) == ["Add the numbers.\n2 and 3", "Say hi.\n", "Null output.\n"]
+    assert table.response[1] == "hi" and pd.isna(table.response[2])  # null: the suite's job
+
+    lm = config.model_copy(update={"text_field": "instruction"})
+    table = pd.read_parquet(ingest(lm, project, tmp_path / "lm").train.path)
+    assert list(table.prompt) == ["", "", ""] and table.response[0] == "Add the numbers."
+
+    bad = config.model_copy(update={"prompt_field": "{instruction} ({n})"})
+    with pytest.raises(IngestError, match=r"alpaca\.jsonl line 1: field 'n' .* is int 1"):
+        ingest(bad, project, tmp_path / "bad")
+
+
+def test_the_datasets_loader_reads_a_local_dataset_folder_like_the_files(
+    project: Path, tmp_path: Path
+):
+    """`datasets.load_dataset` (the hub code path) on a local folder: same rows, same ids."""
+    hub = _config(project).model_copy(
+        update={"source": "raw", "eval_source": "raw", "loader": "datasets"}
+    )
+    via_datasets = ingest(hub, project, tmp_path / "datasets")
+    via_files = ingest(_config(project), project, tmp_path / "files")
+    for split in ("train", "eval"):
+        left = pd.read_parquet(getattr(via_datasets, split).path)
+        right = pd.read_parquet(getattr(via_files, split).path)
+        assert list(left.id) == list(right.id) and list(left.response) == list(right.response)
+
+
+@pytest.mark.parametrize(
+    "source", ["../outside.jsonl", "raw/../../outside.jsonl", "/etc/passwd", "link.jsonl"]
+)
+def test_paths_outside_the_allowed_roots_are_rejected_before_reading(
+    project: Path, tmp_path: Path, source: str
+):
+    (project.parent / "outside.jsonl").write_text('{"question": "q", "answer": "a"}\n')
+    (project / "link.jsonl").symlink_to(project.parent / "outside.jsonl")
+    config = _config(project).model_copy(update={"source": source})
+    with pytest.raises(
+        IngestError, match=r"data\.source '.*' resolves to .*, outside data\.allowed_roots"
+    ):
+        ingest(config, project, tmp_path / "staging")
+    assert not (tmp_path / "staging").exists()
+    allowed = config.model_copy(update={"allowed_roots": (".", str(project.parent))})
+    if source != "/etc/passwd":
+        assert ingest(allowed, project, tmp_path / "ok").train.rows == 1
