@@ -24,6 +24,8 @@ def configure_environment(project_dir: Path) -> None:
         "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(state / "prefect" / "results"),
         "PREFECT_RESULTS_PERSIST_BY_DEFAULT": "true",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # The ephemeral API's 20 s start-up limit was missed on a loaded 2-core machine.
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "PREFECT_LOGGING_LEVEL": "WARNING",
         "DVC_NO_ANALYTICS": "1",
         "MLFLOW_DISABLE_TELEMETRY": "true",

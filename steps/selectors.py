@@ -42,7 +42,9 @@ _LAZY_BATCH = 16  # stale heap entries re-evaluated at once: 8-32 measured equal
 _BOUND_BATCH = 32  # stale entries whose trace bound is computed at once (d^2 flops each)
 _GRAM_MIN_RANK = 0.5  # examples with r >= this * d get their gain from a d x d Cholesky
 _GRAM_CACHE_BYTES = 2 * 2**30  # float64 Grams of the high-rank examples kept when this fits
-_BOUND_SLACK = 1e-6  # relative (and absolute) inflation of the cheap trace bound on a gain
+_BOUND_SLACK = 1e-6  # relative (and absolute) inflation of the cheap bound on a gain
+_HEAD_ROWS = 4  # largest factor rows per example bounded one by one (Hadamard), m d^2 flops
+_HEAD_CACHE_BYTES = 2**30  # float32 head rows kept; fewer rows per example when N d is large
 
 Array = NDArray[np.float64]
 
@@ -276,6 +278,8 @@ class _Design:
         self._by_gram = pool.ranks >= _GRAM_MIN_RANK * pool.d
         self._gram_slot = np.full(pool.N, -1, dtype=np.int64)
         self._grams: Array | None = None
+        self._head: NDArray[np.float32] | None = None  # (N, m, d) largest rows, zero-padded
+        self._head_rows = np.zeros(pool.N, dtype=np.int64)  # m_i = min(m, r_i) real rows
         self._cache_built = False  # built on the first gain or bound: add() never needs it
 
     def _build_cache(self) -> None:
@@ -292,6 +296,25 @@ class _Design:
                 for r in np.unique(pool.ranks[chunk]):
                     same = chunk[pool.ranks[chunk] == r]
                     self._grams[self._gram_slot[same]] = self._fresh_grams(same)
+        self._build_head()
+
+    def _build_head(self) -> None:
+        """Each example's m largest factor rows (by norm), for the Hadamard part of bounds."""
+        pool = self.pool
+        m = min(_HEAD_ROWS, _HEAD_CACHE_BYTES // (4 * pool.N * pool.d), pool.d)
+        if m < 1:
+            return
+        self._head = np.zeros((pool.N, m, pool.d), dtype=np.float32)
+        self._head_rows = np.minimum(pool.ranks, m)
+        for r in np.unique(pool.ranks):
+            same = np.flatnonzero(pool.ranks == r)
+            for a in range(0, len(same), max(1, _CHUNK_ROWS // int(r))):
+                chunk = same[a : a + max(1, _CHUNK_ROWS // int(r))]
+                f = pool.factors[_rows(pool, chunk)].reshape(len(chunk), int(r), pool.d)
+                keep = min(m, int(r))
+                norms = np.einsum("nrd,nrd->nr", f, f)
+                top = np.argpartition(-norms, keep - 1, axis=1)[:, :keep]
+                self._head[chunk, :keep] = np.take_along_axis(f, top[:, :, None], axis=1)
 
     def _fresh_grams(self, examples: NDArray[np.int64]) -> Array:
         """F_i^T F_i of examples of equal rank, stacked (n, d, d), in float64."""
@@ -345,15 +368,17 @@ class _Design:
         return 2.0 * np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(axis=1)
 
     def bounds(self, examples: NDArray[np.int64]) -> Array:
-        """Upper bounds on the gains, valid for this V and every larger one; d^2 flops each.
+        """Upper bounds on the gains, valid for this V and every larger one; (m + 1) d^2 flops.
 
-        With A = V^{-1/2} F^T F V^{-1/2} (rank <= r), concavity of log gives
-        gain = sum_j log(1 + lambda_j(A)) <= r log(1 + tr(A) / r), and tr(A) = <V^{-1}, F^T F>
-        only shrinks as V grows. Inflated by _BOUND_SLACK against rounding in V^{-1}.
+        The gain is log det(I_r + F V^{-1} F^T). Hadamard's inequality bounds it by
+        sum_k log(1 + a_k) with a_k = f_k V^{-1} f_k^T over F's rows; we keep that sum for
+        the m largest rows and bound the other r - m terms by concavity of log,
+        (r - m) log(1 + (tr - sum_head a_k) / (r - m)), where tr = <V^{-1}, F^T F>. Every a_k
+        and tr only shrink as V grows. Inflated by _BOUND_SLACK against rounding in V^{-1}.
         """
         if not self._cache_built:
             self._build_cache()
-        ranks = self.pool.ranks[examples].astype(np.float64)
+        ranks = self.pool.ranks[examples]
         trace = np.empty(len(examples))
         cached = self._gram_slot[examples] >= 0
         if cached.any():
@@ -366,8 +391,16 @@ class _Design:
             per_row = np.einsum("ij,ij->i", f @ self.inverse, f)
             starts = np.concatenate([[0], np.cumsum(self.pool.ranks[rest])[:-1]])
             trace[~cached] = np.add.reduceat(per_row, starts)
-        bound = ranks * np.log1p(np.clip(trace, 0.0, None) / ranks)
-        return bound * (1.0 + _BOUND_SLACK) + _BOUND_SLACK
+        head_bound = np.zeros(len(examples))
+        head_sum = np.zeros(len(examples))
+        if self._head is not None:
+            head = self._head[examples].astype(np.float64)  # zero rows add log1p(0) = 0
+            a = np.einsum("nmd,nmd->nm", head @ self.inverse, head).clip(0.0, None)
+            head_bound, head_sum = np.log1p(a).sum(axis=1), a.sum(axis=1)
+        tail_rows = (ranks - self._head_rows[examples]).astype(np.float64)
+        tail = np.clip(trace - head_sum, 0.0, None)
+        tail_bound = tail_rows * np.log1p(tail / np.maximum(tail_rows, 1.0))
+        return (head_bound + tail_bound) * (1.0 + _BOUND_SLACK) + _BOUND_SLACK
 
     def add(self, example: int) -> float:
         """Add example's F^T F to V; return the gain (the log det increase)."""

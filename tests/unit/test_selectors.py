@@ -316,3 +316,23 @@ def test_bad_selection_requests_raise_value_errors_naming_the_problem() -> None:
         select(pool, 2, "fisher", prior=-np.eye(4))
     with pytest.raises(ValueError, match="budget must be an integer"):
         select(pool, 2.5, "fisher")  # type: ignore[arg-type]
+
+
+def test_hadamard_head_bounds_are_tighter_than_the_trace_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    spectrum = (1.0 + np.arange(16)) ** -1.0  # hidden states are far from isotropic
+    pool = pool_from_tokens([x * spectrum for x in token_states(60, 16, 7, t_min=1, t_max=40)])
+    examples = np.arange(pool.N, dtype=np.int64)
+    bounds = {}
+    for head_rows in (0, 4):
+        monkeypatch.setattr(selectors, "_HEAD_ROWS", head_rows)
+        design = selectors._Design(pool, 1e-3, random_prior(16, 7))
+        for i in (5, 30):
+            design.add(i)
+        bounds[head_rows] = design.bounds(examples)  # head rows are cached on first use
+    gains = design.gains(examples)
+    trace_bound, head_bound = bounds[0], bounds[4]
+    assert (head_bound >= gains).all()
+    assert (head_bound <= trace_bound * (1 + 1e-9)).all()
+    assert (head_bound < trace_bound * 0.99).mean() > 0.5  # strictly tighter for most
