@@ -52,13 +52,20 @@ def run(
     config: ConfigOption = None,
     set_: SetOption = None,
     project_dir: ProjectOption = Path("."),
+    data_rev: Annotated[
+        str | None,
+        typer.Option(
+            help="Git revision (commit, tag, branch) whose data.dvc names the data to use, "
+            "read through dvc.api instead of ingesting: reproduces that run's data and selection."
+        ),
+    ] = None,
 ) -> None:
     """Run the whole pipeline once: ingest → validate → version → embed → select → fine-tune
     → evaluate → register → promote."""
     resolved, root = _load(config, set_, project_dir)
     from flows.pipeline import pipeline, summary_rows  # imports Prefect: after the env is set
 
-    result = pipeline(resolved, root)
+    result = pipeline(resolved, root, data_rev)
     table = Table(title="Sift pipeline run", show_header=False)
     for name, value in summary_rows(result):
         table.add_row(name, value)
@@ -146,9 +153,7 @@ def select_command(
 
 @app.command("validate")
 def validate_command(
-    data: Annotated[
-        str, typer.Option(help="Pool to check: a file, a folder or a hub dataset id.")
-    ],
+    data: Annotated[str, typer.Option(help="Pool to check: a file, a folder or a hub dataset id.")],
     eval_data: Annotated[
         str | None, typer.Option(help="Eval split to check (default: data.eval_source).")
     ] = None,

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from prefect import flow, task
+from prefect.artifacts import create_link_artifact
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE, CachePolicy
 from prefect.runtime import flow_run
 
@@ -20,12 +21,12 @@ from steps import tracking
 from steps.embed import FeaturesRef, embed_pool
 from steps.evaluate import EvalReport, evaluate, evaluate_registered
 from steps.finetune import ModelRef, finetune
-from steps.ingest import IngestResult, ingest, source_fingerprint
+from steps.ingest import IngestResult, ingest, sources_fingerprint
 from steps.modeling import model_fingerprint, resolve_device, resolve_precision
 from steps.register import ModelVersionRef, promote, register_model
 from steps.select import SelectionRef, select_subset, selected_ids
 from steps.validate import raise_on_failure, validate
-from steps.version import DataVersion, version_data
+from steps.version import DataVersion, data_at_rev, version_data
 
 
 class StepsSource(CachePolicy):
@@ -50,6 +51,11 @@ def key(*parts: object) -> str:
 @task(name="version", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def version_task(data_dir: Path, repo_dir: Path, config) -> DataVersion:
     return version_data(data_dir, repo_dir, config)
+
+
+@task(name="data-at-rev", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def data_at_rev_task(repo_dir: Path, rev: str, out_dir: Path) -> tuple[IngestResult, DataVersion]:
+    return data_at_rev(repo_dir, rev, out_dir)
 
 
 @task(name="register", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
@@ -109,7 +115,11 @@ class PipelineResult:
 
 
 @flow(name="sift-pipeline", log_prints=True)
-def pipeline(config: PipelineConfig, project_dir: Path) -> PipelineResult:
+def pipeline(
+    config: PipelineConfig, project_dir: Path, data_rev: str | None = None
+) -> PipelineResult:
+    """data_rev: a git revision whose data.dvc names the data to use (read through dvc.api,
+    already validated when it was versioned) instead of ingesting data.source."""
     state = state_dir(project_dir)
     device = resolve_device(config.model.device)
     precision = resolve_precision(config.model.precision, device)
@@ -121,7 +131,7 @@ def pipeline(config: PipelineConfig, project_dir: Path) -> PipelineResult:
         params=flat_params(config),
     )
     try:
-        result = _steps(config, project_dir, state, device, precision, run_id)
+        result = _steps(config, project_dir, state, device, precision, run_id, data_rev)
     except BaseException as error:
         tracking.end_run(run_id, error)
         raise
@@ -129,17 +139,39 @@ def pipeline(config: PipelineConfig, project_dir: Path) -> PipelineResult:
     return result
 
 
-def _steps(
-    config: PipelineConfig, project_dir: Path, state: Path, device: str, precision: str, run_id: str
-) -> PipelineResult:
-    source_md5 = source_fingerprint(config.data.source, project_dir) + source_fingerprint(
-        config.data.eval_source, project_dir
-    )
+def _data(
+    config: PipelineConfig, project_dir: Path, state: Path, run_id: str, data_rev: str | None
+) -> tuple[IngestResult, DataVersion, int]:
+    """Validated, versioned data: ingest → validate (gate) → DVC, or a past version by rev."""
+    if data_rev is not None:
+        data, version = data_at_rev_task(project_dir, data_rev, state / "data-revs" / data_rev)
+        tracking.log_tags(run_id, {"dvc.data_rev": data_rev})
+        return data, version, 0
+    source_md5 = sources_fingerprint(config.data, project_dir)  # checks data.allowed_roots
     staged = ingest_task(config.data, project_dir, state / "staging", source_md5)
     report = validate(staged, config.validation, config.model, state / "gx", project_dir / "data")
     tracking.log_artifact(run_id, str(Path(report.data_docs_path).parent), "data_docs")
+    create_link_artifact(
+        key="data-docs",
+        link=Path(report.data_docs_path).resolve().as_uri(),
+        link_text="Great Expectations Data Docs",
+        description=f"Validation of this run's data: {'passed' if report.success else 'FAILED'}",
+    )
     data = raise_on_failure(report)  # gate: nothing below runs on invalid data
     version = version_task(project_dir / "data", project_dir, config.version)
+    return data, version, report.quarantined
+
+
+def _steps(
+    config: PipelineConfig,
+    project_dir: Path,
+    state: Path,
+    device: str,
+    precision: str,
+    run_id: str,
+    data_rev: str | None = None,
+) -> PipelineResult:
+    data, version, quarantined = _data(config, project_dir, state, run_id, data_rev)
     tracking.log_tags(
         run_id,
         {
@@ -149,7 +181,7 @@ def _steps(
         },
     )
     tracking.log_metrics(
-        run_id, {"data.pool_examples": data.train.rows, "data.quarantined": report.quarantined}
+        run_id, {"data.pool_examples": data.train.rows, "data.quarantined": quarantined}
     )
 
     model_md5 = model_fingerprint(config.model)
@@ -247,7 +279,7 @@ def _steps(
         run_id=run_id,
         data_md5=version.dir_md5,
         pool_examples=data.train.rows,
-        quarantined=report.quarantined,
+        quarantined=quarantined,
         selected_examples=selection.examples,
         selected_tokens=selection.loss_tokens,
         eval_loss_base=base_eval.loss,

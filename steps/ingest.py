@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import string
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -49,6 +49,10 @@ class IngestConfig(BaseModel):
     # Plain LM data: this column becomes the response and the prompt is empty. A .txt file
     # always reads as one `text` column per non-blank line.
     text_field: str | None = None
+    # Render each prompt with this tokenizer's chat template (hub id or local folder): one
+    # user turn plus the assistant-turn opener. Pair it with model.prompt_template "{prompt}"
+    # so that no second template wraps it. None keeps prompts as they are.
+    chat_template: str | None = None
     # Local sources must resolve (symlinks followed) inside one of these folders; relative
     # entries are relative to the project. Stops `../../etc/passwd`-style paths in configs.
     allowed_roots: tuple[str, ...] = (".", "assets")
@@ -116,6 +120,8 @@ def _local_source(source: str, setting: str, config: IngestConfig, project_dir: 
     path = Path(source) if Path(source).is_absolute() else project_dir / source
     if path.exists() or _looks_local(source):
         check_allowed(path, setting, config, project_dir)
+        if not path.exists():
+            raise IngestError(f"{setting} not found: {path} (relative paths start at the project)")
     if config.loader == "datasets" and not path.exists():
         return None
     local = resolve_local(source, project_dir)
@@ -211,8 +217,35 @@ def _column_values(batch: Batch, setting: str, field: str, source: str) -> list[
     return values
 
 
-def normalise_batch(batch: Batch, config: IngestConfig, source: str, split: str) -> pd.DataFrame:
-    """Maps configured fields onto the schema; plain-text data becomes prompt '' + response text."""
+def chat_renderer(config: IngestConfig) -> Callable[[str], str] | None:
+    """data.chat_template as a function prompt -> rendered prompt (None when not configured)."""
+    if config.chat_template is None:
+        return None
+    from transformers import AutoTokenizer  # heavy import, only when configured
+
+    tokenizer = AutoTokenizer.from_pretrained(config.chat_template)
+    if not getattr(tokenizer, "chat_template", None):
+        raise IngestError(
+            f"data.chat_template: the tokenizer at {config.chat_template!r} has no chat template"
+        )
+
+    def render(prompt: str) -> str:
+        turn = [{"role": "user", "content": prompt}]
+        return str(tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True))
+
+    return render
+
+
+def normalise_batch(
+    batch: Batch,
+    config: IngestConfig,
+    source: str,
+    split: str,
+    render: Callable[[str], str] | None = None,
+) -> pd.DataFrame:
+    """Maps configured fields onto the schema; plain-text data becomes prompt '' + response text.
+
+    `render` (see chat_renderer) rewrites each non-null prompt before the id is computed."""
     text_field = config.text_field
     if text_field is None and list(batch.frame.columns) == ["text"]:
         text_field = "text"  # a .txt file, or a one-column text dataset
@@ -231,6 +264,8 @@ def normalise_batch(batch: Batch, config: IngestConfig, source: str, split: str)
             )
         prompts = _column_values(batch, "data.prompt_field", config.prompt_field, source)
         responses = _column_values(batch, "data.response_field", config.response_field, source)
+        if render is not None:
+            prompts = [None if p is None else render(p) for p in prompts]
     return pd.DataFrame(
         {
             "id": [content_id(str(p), str(r)) for p, r in zip(prompts, responses, strict=True)],
@@ -272,11 +307,12 @@ def stream_table(
 ) -> int:
     """Normalises batches into one Parquet file, a row group per batch; returns rows written."""
     rows = 0
+    render = chat_renderer(config)
     tmp = path.with_suffix(".partial")  # a failure half-way leaves no table behind
     try:
         with pq.ParquetWriter(tmp, ARROW_SCHEMA, compression="zstd") as writer:
             for batch in batches:
-                table = normalise_batch(batch, config, label, split)
+                table = normalise_batch(batch, config, label, split, render)
                 if limit is not None:
                     table = table.head(limit - rows)
                 arrow = pa.Table.from_pandas(table, ARROW_SCHEMA, preserve_index=False)

@@ -100,7 +100,7 @@ def _describe_failure(split: str, outcome, examples: int) -> str:
     rows = details.get("unexpected_index_list") or []
     values = details.get("partial_unexpected_list") or []
     if rows:
-        evidence = "; rows " + ", ".join(
+        evidence = "; rows (0-based, file order) " + ", ".join(
             f"{row} ({value!r:.60})" for row, value in zip(rows[:examples], values, strict=False)
         )
     elif details.get("observed_value") is not None:
@@ -205,7 +205,7 @@ def validate(
             > config.max_quarantine_fraction * len(frames[split])
         ]
         if unfixable or too_many:
-            failures = [*unfixable, *too_many, *failures]
+            failures = list(dict.fromkeys([*unfixable, *too_many, *failures]))
         else:
             frames = cleaned
             outcomes = _check(context, frames, config, model)  # the cleaned data must pass too

@@ -42,7 +42,7 @@ OUTSIDE = "../" * 16 + "etc/passwd"
 
 # (case id, train file name, train bytes, eval bytes, extra --set overrides, error regex)
 CASES = [
-    ("missing file", "nope.jsonl", None, GOOD_TEST, [], r"data source not found: .*nope\.jsonl"),
+    ("missing file", "nope.jsonl", None, GOOD_TEST, [], r"data\.source not found: .*nope\.jsonl"),
     ("empty file", "train.jsonl", b"", GOOD_TEST, [], r"train\.jsonl: no records"),
     ("unsupported format", "train.xml", b"<a/>", GOOD_TEST, [], r"unsupported format '\.xml'"),
     (
@@ -84,9 +84,9 @@ CASES = [
         [FAIL],
         (
             r"\[train\] expect_column_values_to_not_be_null on column 'response' \(1 rows\); "
-            r"rows 2 \(nan\)",
+            r"rows \(0-based, file order\) 2 \(nan\)",
             r"\[train\] expect_column_value_lengths_to_be_between on column 'response' "
-            r"\(1 rows\); rows 7 \(''\)",
+            r"\(1 rows\); rows \(0-based, file order\) 7 \(''\)",
         ),
     ),
     (
@@ -103,7 +103,8 @@ CASES = [
         GOOD_TRAIN,
         _jsonl(TEST + TRAIN[5:7]),
         [FAIL],
-        r"\[eval\] expect_column_values_to_not_be_in_set on column 'id' \(2 rows\); rows 12 ",
+        r"\[eval\] expect_column_values_to_not_be_in_set on column 'id' \(2 rows\); "
+        r"rows \(0-based, file order\) 12 ",
     ),
     (
         "invalid UTF-8 bytes",
@@ -131,7 +132,7 @@ CASES = [
         GOOD_TEST,
         [FAIL],
         r"\[train\] expect_column_values_to_not_match_regex on column 'response' \(1 rows\); "
-        r"rows 3 ",
+        r"rows \(0-based, file order\) 3 ",
     ),
     (
         "example longer than the context",
@@ -140,7 +141,7 @@ CASES = [
         GOOD_TEST,
         [FAIL],
         r"\[train\] expect_column_values_to_be_between on column 'prompt_tokens' \(1 rows\); "
-        r"rows 6 \(\d+\)",
+        r"rows \(0-based, file order\) 6 \(\d+\)",
     ),
     (
         "too few rows",
@@ -190,7 +191,8 @@ def versioned(tmp_path_factory) -> Path:
 def snapshot(project: Path) -> dict[str, object]:
     """Everything a run may change: data.dvc, data/, the remote, the registry."""
     remote = project.parent / "remote"
-    client = MlflowClient(tracking_uri=f"sqlite:///{project.parent / 'mlflow.db'}")
+    uri = f"sqlite:///{project.parent / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     return {
         "data.dvc": (project / "data.dvc").read_bytes(),
         "data": {p.name: file_md5(p) for p in sorted((project / "data").iterdir())},
@@ -240,3 +242,8 @@ def test_bad_input_stops_the_flow_and_changes_nothing(
     for pattern in (message,) if isinstance(message, str) else message:
         assert re.search(pattern, str(raised.value)), str(raised.value)
     assert snapshot(versioned) == before
+    if isinstance(raised.value, DataValidationError):  # the suite ran: its Data Docs are linked
+        from prefect.artifacts import Artifact
+
+        docs = Artifact.get("data-docs")
+        assert docs is not None and "FAILED" in str(docs.description)

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from steps.ingest import IngestConfig, IngestError, ingest, source_fingerprint
-from tests.conftest import write_jsonl
+from tests.conftest import read_jsonl, write_jsonl
 
 
 def _config(project: Path, **overrides) -> IngestConfig:
@@ -145,3 +145,24 @@ def test_paths_outside_the_allowed_roots_are_rejected_before_reading(
     allowed = config.model_copy(update={"allowed_roots": (".", str(project.parent))})
     if source != "/etc/passwd":
         assert ingest(allowed, project, tmp_path / "ok").train.rows == 1
+
+
+def test_a_chat_template_from_a_tokenizer_renders_prompts(project: Path, tmp_path: Path):
+    from transformers import AutoTokenizer
+
+    from tests.conftest import MODEL_DIR
+
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    plain = _config(project).model_copy(update={"chat_template": str(MODEL_DIR)})
+    with pytest.raises(IngestError, match=r"data\.chat_template: .* has no chat template"):
+        ingest(plain, project, tmp_path / "plain")
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    tokenizer.save_pretrained(tmp_path / "chat-tokenizer")
+    config = plain.model_copy(update={"chat_template": str(tmp_path / "chat-tokenizer")})
+    table = pd.read_parquet(ingest(config, project, tmp_path / "chat").train.path)
+    first = read_jsonl(project / "raw" / "train.jsonl", 1)[0]
+    assert table.prompt[0] == f"<|user|>{first['question']}\n<|assistant|>"
+    assert table.response[0] == first["answer"]
