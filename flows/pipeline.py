@@ -20,7 +20,7 @@ from flows.runtime import state_dir
 from steps import tracking
 from steps.embed import FeaturesRef, embed_pool
 from steps.evaluate import EvalReport, evaluate, evaluate_registered
-from steps.finetune import ModelRef, finetune
+from steps.finetune import ModelRef, NonFiniteLossError, finetune
 from steps.ingest import IngestResult, ingest, sources_fingerprint
 from steps.modeling import model_fingerprint, resolve_device, resolve_precision
 from steps.register import ModelVersionRef, promote, register_model
@@ -80,7 +80,24 @@ def select_task(features, train_path, train_md5: str, config, out_dir) -> Select
     return select_subset(features, train_path, config, out_dir)
 
 
-@task(name="finetune", cache_policy=CACHED, persist_result=True)
+def _not_diverged(task, task_run, state) -> bool:
+    """Retry a failed fine-tune (it resumes from its last checkpoint), never a diverged one."""
+    try:
+        state.result()
+    except NonFiniteLossError:
+        return False
+    except BaseException:
+        return True
+    return True
+
+
+@task(
+    name="finetune",
+    cache_policy=CACHED,
+    persist_result=True,
+    retries=1,
+    retry_condition_fn=_not_diverged,
+)
 def finetune_task(
     train_path, train_md5, selection, model, model_md5, config, out_dir, device, precision, run_id
 ) -> ModelRef:

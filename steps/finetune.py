@@ -101,6 +101,7 @@ class ModelRef:
     seconds: float  # wall time of the training loop in this call
     padding_fraction: float  # share of computed positions that were padding (this call)
     resumed_from_step: int  # 0: trained from scratch
+    processes: int  # data-parallel world size
     run_id: str | None  # the MLflow run that trained it (lineage for cached re-runs)
 
 
@@ -224,6 +225,7 @@ def train(
         seconds=seconds,
         padding_fraction=collator.padding_fraction,
         resumed_from_step=resumed_from_step,
+        processes=trainer.args.world_size,
         run_id=run_id,
     )
 
