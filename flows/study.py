@@ -364,8 +364,8 @@ def _report_synthetic(
     path = out_dir / "synthetic_table.md"
     path.write_text(
         f"Prediction error (total variation) of the refitted multinomial logit, mean ± "
-        f"{config.study.confidence:.0%} t-interval over {config.synthetic.runs} runs; "
-        f"cells are max / mean error and tokens picked.\n\n{lib.synthetic_table(summary)}\n"
+        f"{config.study.confidence:.0%} t-interval over {config.synthetic.runs} runs.\n\n"
+        f"{lib.synthetic_table(records, summary, config.study.confidence)}\n"
     )
     for item in (path, out_dir / "synthetic.png", out_dir / "synthetic_runs.csv"):
         tracking.log_artifact(run_id, str(item), "synthetic")

@@ -8,7 +8,7 @@ hands the per-trial records to the functions here.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -169,13 +169,7 @@ def length_normalised(features: FeaturesRef, out_dir: Path) -> FeaturesRef:
     arrays["factors"] = (arrays["factors"] * per_row[:, None]).astype(np.float32)
     for name, array in arrays.items():
         np.save(out_dir / f"{name}.npy", array)
-    return FeaturesRef(
-        str(out_dir),
-        features.examples,
-        features.dim,
-        features.loss_tokens,
-        features.padding_fraction,
-    )
+    return replace(features, features_dir=str(out_dir))
 
 
 def _per_example(pool: FeaturePool, per_row: np.ndarray) -> np.ndarray:
@@ -255,20 +249,26 @@ def aggregate(
 
 
 def paired_differences(
-    records: pd.DataFrame, metric: str, baseline: str, confidence: float
+    records: pd.DataFrame,
+    metric: str,
+    baseline: str,
+    confidence: float,
+    columns: tuple[str, str, str] = ("arm", "budget", "seed"),
 ) -> pd.DataFrame:
     """metric(arm, seed) - metric(baseline, seed) per budget, with a t-interval over seeds:
-    arms share each seed's training order, so pairing removes that noise from the contrast."""
-    pivot = records.pivot_table(index=["budget", "seed"], columns="arm", values=metric)
-    if baseline not in pivot:
-        return pd.DataFrame(columns=["arm", "budget", "n", "delta", "delta_ci"])
+    arms share each seed's training order (or, in the synthetic experiment, each run's
+    problem), so pairing removes that noise from the contrast."""
+    arm_column, group_column, pair_column = columns
+    pivot = records.pivot_table(
+        index=[group_column, pair_column], columns=arm_column, values=metric
+    )
     rows = []
-    for arm in [a for a in records.arm.unique() if a != baseline]:
-        for budget, frame in (pivot[arm] - pivot[baseline]).dropna().groupby(level="budget"):
+    for arm in [a for a in records[arm_column].unique() if a != baseline and baseline in pivot]:
+        for group, frame in (pivot[arm] - pivot[baseline]).dropna().groupby(level=group_column):
             mean, half = t_interval(frame.to_numpy(), confidence)
-            rows.append({"arm": arm, "budget": budget, "n": len(frame), "delta": mean})
+            rows.append({arm_column: arm, group_column: group, "n": len(frame), "delta": mean})
             rows[-1]["delta_ci"] = half
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=[arm_column, group_column, "n", "delta", "delta_ci"])
 
 
 def _with_ci(mean: float, half: float, digits: int = 3) -> str:
@@ -359,17 +359,27 @@ def synthetic_summary(records: pd.DataFrame, confidence: float) -> pd.DataFrame:
     )
 
 
-def synthetic_table(summary: pd.DataFrame) -> str:
-    """Markdown: selectors as columns, n as rows, 'max / mean' error with CIs."""
-    rows = []
-    for n, frame in summary.groupby("sentences"):
-        row: dict[str, str] = {"n sentences": str(n)}
-        for item in frame.itertuples(index=False):
-            row[f"{item.selector} max"] = _with_ci(item.max_error, item.max_error_ci)
-            row[f"{item.selector} mean"] = _with_ci(item.mean_error, item.mean_error_ci)
-            row[f"{item.selector} tokens"] = f"{item.tokens:.0f}"
-        rows.append(row)
-    return _markdown(pd.DataFrame(rows))
+def synthetic_table(records: pd.DataFrame, summary: pd.DataFrame, confidence: float) -> str:
+    """Markdown: max error, mean error (each ± CI, with fisher - uniform paired over runs) and
+    tokens picked, n sentences as rows and selectors as columns."""
+    parts = []
+    for metric, title in (("max_error", "Maximum"), ("mean_error", "Mean")):
+        wide = summary.pivot(index="sentences", columns="selector", values=metric)
+        half = summary.pivot(index="sentences", columns="selector", values=f"{metric}_ci")
+        frame = pd.DataFrame({"n sentences": wide.index})
+        for selector in summary.selector.unique():
+            frame[selector] = list(map(_with_ci, wide[selector], half[selector]))
+        columns = ("selector", "sentences", "run")
+        deltas = paired_differences(records, metric, BASELINE, confidence, columns)
+        fisher = deltas[deltas.selector == "fisher"].set_index("sentences")
+        if len(fisher):
+            delta = list(map(_with_ci, fisher.delta, fisher.delta_ci))
+            frame[f"fisher − {BASELINE} (paired)"] = delta
+        parts.append(f"{title} prediction error:\n\n{_markdown(frame)}")
+    tokens = summary.pivot(index="sentences", columns="selector", values="tokens").round()
+    tokens = tokens[list(summary.selector.unique())].astype(int).reset_index()
+    parts.append(f"Tokens in the selected sentences:\n\n{_markdown(tokens)}")
+    return "\n\n".join(parts)
 
 
 def plot_synthetic(summary: pd.DataFrame, runs: int, path: Path) -> None:
