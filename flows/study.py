@@ -197,7 +197,8 @@ def _real_data(
     source_md5 = source_fingerprint(config.data.source, project_dir) + source_fingerprint(
         config.data.eval_source, project_dir
     )
-    staged = ingest_task(config.data, project_dir, state / "staging" / key(source_md5), source_md5)
+    staging = state / "staging" / key(source_md5, config.data)  # limits differ per study
+    staged = ingest_task(config.data, project_dir, staging, source_md5)
     train_path, eval_path = staged.train.path, staged.eval.path
     if config.study.holdout:
         train_path, eval_path = lib.split_holdout(
