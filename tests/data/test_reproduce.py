@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -17,6 +18,7 @@ from steps.version import data_at_rev
 from tests.conftest import MODEL_DIR, write_jsonl
 
 pytestmark = pytest.mark.slow
+DVC = str(Path(sys.executable).parent / "dvc")  # the venv's, activated or not
 GIT = ["git", "-c", "user.name=sift-test", "-c", "user.email=sift@example.invalid"]
 
 
@@ -59,6 +61,9 @@ def test_data_rev_reproduces_a_past_selection(
     docs = Artifact.get("data-docs")
     assert docs is not None and docs.flow_run_id == state.state_details.flow_run_id
     assert "index.html" in str(docs.data) and "passed" in str(docs.description)
+    for args, expected in ((["status"], "up to date"), (["status", "-c"], "in sync")):
+        status = subprocess.run([DVC, *args], cwd=project, capture_output=True, text=True)
+        assert expected in status.stdout, status.stdout + status.stderr  # clean after a run
     paths = ["data.dvc", ".gitignore", ".dvc/config", ".dvc/.gitignore", ".dvcignore"]
     subprocess.run([*GIT, "add", *paths], cwd=project, check=True)
     subprocess.run([*GIT, "commit", "-q", "-m", "data for run 1"], cwd=project, check=True)
@@ -75,6 +80,8 @@ def test_data_rev_reproduces_a_past_selection(
     run = client.get_run(again.run_id)
     assert run.data.tags["dvc.data_rev"] == "run-1"
     assert run.data.tags["dvc.md5"] == first.data_md5
+    docs_logged = {a.path for a in client.list_artifacts(first.run_id, "data_docs/local_site")}
+    assert "data_docs/local_site/index.html" in docs_logged  # Data Docs attached to the run
     picked = _selected(client, first.run_id, tmp_path / "first")
     assert _selected(client, again.run_id, tmp_path / "again") == picked
 
