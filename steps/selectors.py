@@ -44,6 +44,7 @@ _GRAM_MIN_RANK = 0.5  # examples with r >= this * d get their gain from a d x d 
 _GRAM_CACHE_BYTES = 2 * 2**30  # float64 Grams of the high-rank examples kept when this fits
 _BOUND_SLACK = 1e-6  # relative (and absolute) inflation of the cheap bound on a gain
 _HEAD_ROWS = 4  # largest factor rows per example bounded one by one (Hadamard), m d^2 flops
+_TOP_SEGMENT = 2048  # highest bounds a lazy step scans; the rest only at a rebuild
 _HEAD_CACHE_BYTES = 2**30  # float32 head rows kept; fewer rows per example when N d is large
 
 Array = NDArray[np.float64]
@@ -296,7 +297,16 @@ class _Design:
                 for r in np.unique(pool.ranks[chunk]):
                     same = chunk[pool.ranks[chunk] == r]
                     self._grams[self._gram_slot[same]] = self._fresh_grams(same)
+        self._cheap = self._gram_slot >= 0
         self._build_head()
+
+    @property
+    def cheap_bounds(self) -> NDArray[np.bool_]:
+        """Examples whose bound costs well under their gain: a cached Gram gives the trace in
+        d^2 flops; otherwise the trace alone costs as much as the gain's F V^{-1} F^T."""
+        if not self._cache_built:
+            self._build_cache()
+        return self._cheap
 
     def _build_head(self) -> None:
         """Each example's m largest factor rows (by norm), for the Hadamard part of bounds."""
@@ -428,56 +438,95 @@ def _lazy_greedy(
     upper bound can still tie the best score.
 
     bound[i] always bounds i's current score from above: gains only shrink as V grows
-    (submodularity), and _Design.bounds gives a cheap trace bound valid for the current V
-    and every larger one. Each step takes the highest stale bounds _LAZY_BATCH at a time,
-    tightens them with the trace bound, evaluates exactly those still able to tie the best
-    fresh score, and stops once no stale bound can: the same pick as plain greedy under the
-    same tie rule. Bookkeeping is in numpy arrays: O(N) per step, not per heap entry.
+    (submodularity), and _Design.bounds gives a cheaper bound valid for the current V and
+    every larger one. Each step takes the highest stale bounds _BOUND_BATCH at a time,
+    tightens them (where that is cheaper than the gain), evaluates exactly the _LAZY_BATCH
+    highest still able to tie the best fresh score, and stops once no stale bound can: the
+    same pick as plain greedy under the same tie rule.
+
+    Work per step is O(_TOP_SEGMENT), not O(N): steps look only at the `top` indices with
+    the highest bounds; every other bound is <= `cutoff` and only shrinks, so the segment is
+    rebuilt (one O(N) partition) only when cutoff could tie the step's best score.
     """
     n = design.pool.N
     bound = design.gains(np.arange(n, dtype=np.int64)) / costs
-    exact = np.ones(n, dtype=bool)  # bound[i] is i's score at the current step
+    exact_at = np.zeros(n, dtype=np.int64)  # the step at which bound[i] was exact
     order: list[int] = []
     gains: list[float] = []
     remaining = budget
+    top, cutoff = _top_segment(bound, costs, remaining, np.inf)
     with tqdm(total=budget, disable=not progress, desc="fisher picks") as bar:
-        while True:
-            bound[costs > remaining] = -np.inf  # the budget only shrinks: never fits again
-            best = float(bound[exact].max()) if exact.any() else -np.inf
-            candidates: NDArray[np.int64] | None = None  # stale entries that may still tie
-            while True:
-                floor = tie_floor(best) if best > -np.inf else -np.finfo(np.float64).max
-                if candidates is None:
-                    stale = np.flatnonzero(~exact & (bound >= floor))
-                else:
-                    stale = candidates[~exact[candidates] & (bound[candidates] >= floor)]
-                    candidates = stale
-                if not len(stale):
-                    break
-                if len(stale) > _BOUND_BATCH:
-                    stale = stale[np.argpartition(-bound[stale], _BOUND_BATCH - 1)[:_BOUND_BATCH]]
-                bound[stale] = np.minimum(bound[stale], design.bounds(stale) / costs[stale])
-                stale = stale[bound[stale] >= floor]
-                if len(stale) > _LAZY_BATCH:  # the rest keep their tightened bounds
-                    stale = stale[np.argpartition(-bound[stale], _LAZY_BATCH - 1)[:_LAZY_BATCH]]
-                if len(stale):
-                    bound[stale] = design.gains(stale) / costs[stale]
-                    exact[stale] = True
-                    best = max(best, float(bound[stale].max()))
-                if candidates is None and best > -np.inf:  # one O(N) scan per step
-                    candidates = np.flatnonzero(~exact & (bound >= tie_floor(best)))
+        for step in range(n):
+            best, top, cutoff = _best_score(
+                design, bound, costs, exact_at, step, top, cutoff, remaining
+            )
             if best == -np.inf:
                 break
-            pick = int(np.flatnonzero(exact & (bound >= tie_floor(best)))[0])
+            tied = top[(exact_at[top] == step) & (bound[top] >= tie_floor(best))]
+            pick = int(tied.min())  # the tie rule of plain greedy: the lowest index
             bound[pick] = -np.inf
-            exact[:] = False
             order.append(pick)
             gains.append(design.add(pick))
             remaining -= costs[pick]
             bar.update(costs[pick])
             if remaining <= 0 or len(order) == n:
                 break
+            too_costly = top[costs[top] > remaining]  # the budget only shrinks: never again
+            bound[too_costly] = -np.inf
     return order, gains
+
+
+def _top_segment(
+    bound: Array, costs: Array, remaining: float, floor: float
+) -> tuple[NDArray[np.int64], float]:
+    """Every index with bound >= floor plus the _TOP_SEGMENT next highest, and a cutoff
+    below floor that bounds every index left out."""
+    bound[costs > remaining] = -np.inf
+    size = int((bound >= floor).sum()) + _TOP_SEGMENT
+    if len(bound) <= size:
+        return np.arange(len(bound), dtype=np.int64), -np.inf
+    part = np.argpartition(-bound, size)
+    return part[:size].astype(np.int64), float(bound[part[size]])
+
+
+def _best_score(
+    design: _Design,
+    bound: Array,
+    costs: Array,
+    exact_at: NDArray[np.int64],
+    step: int,
+    top: NDArray[np.int64],
+    cutoff: float,
+    remaining: float,
+) -> tuple[float, NDArray[np.int64], float]:
+    """Make exact every score that could tie this step's best; return that best (-inf when
+    nothing fits) and the top segment, rebuilt if the best fell to the cutoff."""
+    while True:
+        fresh = top[exact_at[top] == step]
+        best = float(bound[fresh].max()) if len(fresh) else -np.inf
+        candidates = top
+        while True:
+            floor = tie_floor(best) if best > -np.inf else -np.finfo(np.float64).max
+            stale = candidates[(exact_at[candidates] != step) & (bound[candidates] >= floor)]
+            candidates = stale
+            if not len(stale):
+                break
+            if len(stale) > _BOUND_BATCH:
+                stale = stale[np.argpartition(-bound[stale], _BOUND_BATCH - 1)[:_BOUND_BATCH]]
+            cheap = stale[design.cheap_bounds[stale]]
+            if len(cheap):
+                bound[cheap] = np.minimum(bound[cheap], design.bounds(cheap) / costs[cheap])
+                stale = stale[bound[stale] >= floor]
+            if len(stale) > _LAZY_BATCH:  # the rest keep their tightened bounds
+                stale = stale[np.argpartition(-bound[stale], _LAZY_BATCH - 1)[:_LAZY_BATCH]]
+            if len(stale):
+                bound[stale] = design.gains(stale) / costs[stale]
+                exact_at[stale] = step
+                best = max(best, float(bound[stale].max()))
+        if cutoff == -np.inf or (best > -np.inf and cutoff < tie_floor(best)):
+            return best, top, cutoff
+        floor = tie_floor(best) if best > -np.inf else -np.finfo(np.float64).max
+        top, cutoff = _top_segment(bound, costs, remaining, floor)
 
 
 def _plain_greedy(

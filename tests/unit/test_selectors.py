@@ -57,8 +57,12 @@ def test_greedy_is_within_1_minus_1_over_e_of_brute_force(seed: int) -> None:
     assert greedy <= best + 1e-9
 
 
+@pytest.mark.parametrize("top_segment", [2048, 8, 1])  # 8, 1: the top segment is rebuilt
 @pytest.mark.parametrize("seed", range(4))
-def test_lazy_greedy_matches_plain_greedy(seed: int) -> None:
+def test_lazy_greedy_matches_plain_greedy(
+    seed: int, top_segment: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(selectors, "_TOP_SEGMENT", top_segment)
     # d=12 with T in 1..30 mixes T < d (r = T) and T > d (r = d) factors.
     states = token_states(40, 12, seed, t_min=1, t_max=30)
     states += [states[5], states[5], states[17]]  # exact duplicates
