@@ -198,7 +198,7 @@ def validate(
         cleaned, quarantined, unfixable = _quarantine(frames, outcomes)
         too_many = [
             f"[{split}] quarantine would drop {len(frames[split]) - len(cleaned[split])} of "
-            f"{len(frames[split])} rows, above validate.max_quarantine_fraction="
+            f"{len(frames[split])} rows, above validation.max_quarantine_fraction="
             f"{config.max_quarantine_fraction}"
             for split in frames
             if len(frames[split]) - len(cleaned[split])
