@@ -166,3 +166,18 @@ def test_a_chat_template_from_a_tokenizer_renders_prompts(project: Path, tmp_pat
     first = read_jsonl(project / "raw" / "train.jsonl", 1)[0]
     assert table.prompt[0] == f"<|user|>{first['question']}\n<|assistant|>"
     assert table.response[0] == first["answer"]
+
+
+def test_other_formats_name_the_row_at_fault(project: Path, tmp_path: Path):
+    frame = pd.read_json(project / "raw" / "train.jsonl", lines=True)
+    frame.assign(answer=range(7, 7 + len(frame))).to_parquet(project / "raw" / "mixed.parquet")
+    (project / "raw" / "bad.csv").write_bytes(b"question,answer\nq,a\nq2,\xff\n")
+    (project / "raw" / "list.json").write_text('[{"question": "q", "answer": "a"}, 3]')
+    for name, message in (
+        ("mixed.parquet", r"mixed\.parquet row 1: field 'answer' .* is int 7"),
+        ("bad.csv", r"bad\.csv: not valid UTF-8"),
+        ("list.json", r"list\.json: expected a JSON array of objects"),
+    ):
+        config = _config(project).model_copy(update={"source": str(project / "raw" / name)})
+        with pytest.raises(IngestError, match=message):
+            ingest(config, project, tmp_path / name)
