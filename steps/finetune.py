@@ -30,7 +30,12 @@ from steps.modeling import (
     load_tokenizer,
 )
 from steps.train_batching import EpochSampler, PaddingCollator, TokenDataset
-from steps.train_callbacks import MlflowStepLogger, NonFiniteLossError, StopOnNonFiniteLoss
+from steps.train_callbacks import (
+    LogLastStep,
+    MlflowStepLogger,
+    NonFiniteLossError,
+    StopOnNonFiniteLoss,
+)
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"  # under out_dir; deleted once the final model is saved
@@ -203,7 +208,7 @@ def train(
         train_dataset=TokenDataset(examples),
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[StopOnNonFiniteLoss(), MlflowStepLogger(run_id)],
+        callbacks=[LogLastStep(), StopOnNonFiniteLoss(), MlflowStepLogger(run_id)],
     )
     resume = last_checkpoint(out_dir / CHECKPOINTS)
     resumed_from_step = int(resume.name[11:]) if resume else 0

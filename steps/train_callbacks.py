@@ -25,6 +25,14 @@ class StopOnNonFiniteLoss(TrainerCallback):
             )
 
 
+class LogLastStep(TrainerCallback):
+    """Logs the final step too, so the last loss (and a run shorter than logging_steps) is seen."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_log = True
+
+
 class MlflowStepLogger(TrainerCallback):
     """Logs loss, learning rate, tokens/s and (on GPU) peak memory to an explicit MLflow run.
 
