@@ -115,7 +115,9 @@ def _with_token_counts(frame: pd.DataFrame, model: ModelConfig) -> pd.DataFrame:
     prompts = [
         model.prompt_template.format(prompt=p) if isinstance(p, str) else "" for p in frame.prompt
     ]
-    counts = [len(ids) for ids in tokenizer(prompts)["input_ids"]] if prompts else []
+    counts: list[int] = []
+    for start in range(0, len(prompts), 10_000):  # batches: token id lists are large
+        counts += [len(ids) for ids in tokenizer(prompts[start : start + 10_000])["input_ids"]]
     return frame.assign(prompt_tokens=counts)
 
 
