@@ -2,10 +2,13 @@
 
     python benchmarks/bench_select.py --quick          # about a minute
     python benchmarks/bench_select.py                  # d=64, N=5000, k=500 (+ 2N) and d=768
+    python benchmarks/bench_select.py --straightforward  # + the slogdet-loop reference (slow)
 
 1. `fisher` (lazy greedy) against `plain_greedy_fisher` in the same process, asserting they
    pick the same examples. 2. `fisher` as N doubles with k = N/10. 3. d=768: exact `fisher`
    against `fisher` on random-projection sketches (`project`), scored by the exact objective.
+4. At scale (child process, its own peak RSS): N=100k, d=768, k=10k from the statistics the
+   embed step keeps with EmbedConfig(sketch_dim=64, max_rank=16).
 Pools: T ~ U[64, 256] loss tokens per example; states = (example mean + token noise) under a
 power-law spectrum (1 + j)^-0.75, rotated by one of 16 random "topic" bases. Seconds are from an
 untraced call; peak memory is tracemalloc's peak over a second call (numpy buffers included),
@@ -17,6 +20,8 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import subprocess
+import sys
 import time
 import tracemalloc
 from collections.abc import Callable
@@ -26,7 +31,15 @@ from functools import partial
 import numpy as np
 
 from steps import selectors
-from steps.selectors import FeaturePool, Selection, plain_greedy_fisher, project, select
+from steps.selectors import (
+    DEFAULT_RIDGE,
+    FeaturePool,
+    Selection,
+    plain_greedy_fisher,
+    project,
+    select,
+)
+from steps.selectors_baselines import first_best
 
 
 def synthetic_pool(n: int, d: int, seed: int, topics: int = 16) -> FeaturePool:
@@ -41,6 +54,56 @@ def synthetic_pool(n: int, d: int, seed: int, topics: int = 16) -> FeaturePool:
         x = rng.standard_normal(d) + rng.standard_normal((t, d))  # example mean + token noise
         states.append((x @ bases[topic]).astype(np.float32))
     return selectors.pool_from_tokens(states)
+
+
+def sketched_pool(n: int, d: int, dim: int, rank: int, seed: int, topics: int = 16) -> FeaturePool:
+    """The statistics the embed step stores for a d-wide model with EmbedConfig(sketch_dim=dim,
+    max_rank=rank), for states drawn as in synthetic_pool: projected states P^T x are sampled
+    directly from their projected distribution, so no (T, d) state is ever formed."""
+    rng = np.random.default_rng(seed)
+    scale = (1.0 + np.arange(d)) ** -0.75
+    p = selectors.random_projection(d, dim, seed).astype(np.float64)
+    maps = np.stack(
+        [(np.linalg.qr(rng.standard_normal((d, d)))[0] * scale) @ p for _ in range(topics)]
+    )
+    lengths, topic = rng.integers(64, 257, size=n), rng.integers(topics, size=n)
+    factors = np.empty((n, rank, dim), np.float32)
+    pooled = np.empty((n, dim), np.float32)
+    for t in np.unique(lengths):
+        group = np.flatnonzero(lengths == t)
+        z = rng.standard_normal((len(group), 1, d)) + rng.standard_normal((len(group), t, d))
+        x = z @ maps[topic[group]]  # (n_t, t, dim): the projected token states
+        w, u = np.linalg.eigh(x.transpose(0, 2, 1) @ x)
+        top_w, top_u = np.clip(w[:, -rank:][:, ::-1], 0, None), u[:, :, -rank:][:, :, ::-1]
+        factors[group] = np.sqrt(top_w)[:, :, None] * top_u.transpose(0, 2, 1)
+        pooled[group] = x.mean(axis=1)
+    return FeaturePool(
+        factors=factors.reshape(n * rank, dim),
+        offsets=np.arange(0, (n + 1) * rank, rank, dtype=np.int64),
+        pooled=pooled,
+        n_tokens=lengths.astype(np.int64),
+    )
+
+
+def straightforward_greedy(pool: FeaturePool, k: int, ridge: float) -> np.ndarray:
+    """The objective as written, one candidate at a time: argmax_i slogdet(V + G_i)."""
+    grams = [
+        f.T.astype(np.float64) @ f.astype(np.float64)
+        for f in (
+            pool.factors[a:b] for a, b in zip(pool.offsets[:-1], pool.offsets[1:], strict=True)
+        )
+    ]
+    v = ridge * np.eye(pool.d)
+    chosen: list[int] = []
+    for _ in range(k):
+        scores = np.full(pool.N, -np.inf)
+        for i in range(pool.N):
+            if i not in chosen:
+                scores[i] = np.linalg.slogdet(v + grams[i])[1]
+        pick = first_best(scores)
+        chosen.append(pick)
+        v += grams[pick]
+    return np.array(chosen)
 
 
 @dataclass
@@ -79,7 +142,7 @@ def measure(run: Callable[[], Selection], memory_run: Callable[[], Selection] | 
     return Run(selection, seconds, peak / 2**20, counter[0])
 
 
-def compare_lazy_with_plain(n: int, d: int, k: int) -> None:
+def compare_lazy_with_plain(n: int, d: int, k: int, straightforward: bool) -> None:
     pool = synthetic_pool(n, d, seed=0)
     lazy = measure(lambda: select(pool, k, "fisher"))
     # plain greedy's memory does not grow with the step: trace a 1/20 budget for its peak
@@ -88,14 +151,25 @@ def compare_lazy_with_plain(n: int, d: int, k: int) -> None:
     )
     assert np.array_equal(lazy.selection.order, plain.selection.order), "picks differ"
     assert np.allclose(lazy.selection.objective, plain.selection.objective, rtol=1e-10)
-    print(f"\n## fisher (lazy) vs plain greedy: N={n}, d={d}, k={k}, identical picks: yes\n")
-    print("| method | seconds | peak MB | gain evals / pick | f(S_k) |")
-    print("|---|---:|---:|---:|---:|")
-    for name, r in [("fisher (lazy)", lazy), ("plain greedy", plain)]:
+    start = time.perf_counter()
+    naive = straightforward_greedy(pool, k, DEFAULT_RIDGE) if straightforward else None
+    naive_seconds = time.perf_counter() - start
+    same = "not run" if naive is None else str(np.array_equal(naive, lazy.selection.order))
+    print(f"\n## fisher (lazy) vs plain greedy: N={n}, d={d}, k={k}\n")
+    print("| method | seconds | peak MB | gain evals / pick | f(S_k) | same picks as lazy |")
+    print("|---|---:|---:|---:|---:|---|")
+    for name, r in [("fisher (lazy)", lazy), ("plain greedy, batched gains", plain)]:
         evals = r.gain_evaluations / k  # the first pass (N exact gains) included, for both
         row = f"{r.seconds:.2f} | {r.peak_mb:.0f} | {evals:.0f} | {r.selection.objective[-1]:.3f}"
-        print(f"| {name} | {row} |")
-    print(f"\nspeed-up: {plain.seconds / lazy.seconds:.1f}x")
+        print(f"| {name} | {row} | yes |")
+    if naive is not None:
+        print(
+            f"| plain greedy, straightforward slogdet loop | {naive_seconds:.2f} | | {n} | "
+            f"| {same} |"
+        )
+    print(f"\nspeed-up over batched plain greedy: {plain.seconds / lazy.seconds:.1f}x")
+    if naive is not None:
+        print(f"speed-up over the straightforward loop: {naive_seconds / lazy.seconds:.1f}x")
 
 
 def scale_lazy(n: int, d: int) -> None:
@@ -145,6 +219,21 @@ def compare_sketches(n: int, d: int, k: int, dims: list[int]) -> None:
         print(f"| {name} | {row(other, gain(other.selection.order) / best)} |")
 
 
+def large_pool(n: int, d: int, dim: int, rank: int) -> None:
+    """Selection from precomputed sketched statistics; run in a child process so that its
+    max RSS is this case's peak alone."""
+    pool = sketched_pool(n, d, dim, rank, seed=3)
+    start = time.perf_counter()
+    chosen = select(pool, n // 10, "fisher", progress=True)
+    seconds = time.perf_counter() - start
+    pool_mb = (pool.factors.nbytes + pool.pooled.nbytes) / 2**20
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"\n## fisher at scale: N={n}, d={d} sketched to {dim}, rank <= {rank}, k={n // 10}\n")
+    print("| seconds (select) | process peak RSS MB | statistics MB | f(S_k) |")
+    print("|---:|---:|---:|---:|")
+    print(f"| {seconds:.1f} | {peak_mb:.0f} | {pool_mb:.0f} | {chosen.objective[-1]:.1f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=5000, help="pool size for lazy vs plain")
@@ -152,16 +241,27 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=500, help="budget for lazy vs plain")
     parser.add_argument("--n-768", type=int, default=1000, help="pool size of the d=768 run")
     parser.add_argument("--quick", action="store_true", help="small sizes, about a minute")
+    parser.add_argument("--n-large", type=int, default=100_000, help="pool of the at-scale run")
+    parser.add_argument("--large-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--straightforward", action="store_true", help="also time the slogdet-loop reference"
+    )
     args = parser.parse_args()
+    if args.large_only:
+        large_pool(args.n_large, 768, 64, 16)
+        return
     if args.quick:
         args.n, args.k, args.n_768 = 1000, 100, 300
     threads = os.environ.get("OPENBLAS_NUM_THREADS", "unset")
     print(f"# bench_select ({os.cpu_count()} CPUs, OPENBLAS_NUM_THREADS={threads})")
-    compare_lazy_with_plain(args.n, args.d, args.k)
+    compare_lazy_with_plain(args.n, args.d, args.k, args.straightforward)
     scale_lazy(args.n, args.d)
     compare_sketches(args.n_768, 768, args.n_768 // 10, [64, 128, 256])
     max_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\nprocess max RSS: {max_rss_mb:.0f} MB")
+    large = 10_000 if args.quick else args.n_large
+    command = [sys.executable, __file__, "--large-only", "--n-large", str(large)]
+    subprocess.run(command, check=True)
 
 
 if __name__ == "__main__":

@@ -505,20 +505,25 @@ def _best_score(
         fresh = top[exact_at[top] == step]
         best = float(bound[fresh].max()) if len(fresh) else -np.inf
         candidates = top
+        bound_batch, lazy_batch = _BOUND_BATCH, _LAZY_BATCH
         while True:
             floor = tie_floor(best) if best > -np.inf else -np.finfo(np.float64).max
             stale = candidates[(exact_at[candidates] != step) & (bound[candidates] >= floor)]
             candidates = stale
             if not len(stale):
                 break
-            if len(stale) > _BOUND_BATCH:
-                stale = stale[np.argpartition(-bound[stale], _BOUND_BATCH - 1)[:_BOUND_BATCH]]
+            if len(stale) > bound_batch:
+                stale = stale[np.argpartition(-bound[stale], bound_batch - 1)[:bound_batch]]
             cheap = stale[design.cheap_bounds[stale]]
             if len(cheap):
                 bound[cheap] = np.minimum(bound[cheap], design.bounds(cheap) / costs[cheap])
                 stale = stale[bound[stale] >= floor]
-            if len(stale) > _LAZY_BATCH:  # the rest keep their tightened bounds
-                stale = stale[np.argpartition(-bound[stale], _LAZY_BATCH - 1)[:_LAZY_BATCH]]
+            if len(stale) > lazy_batch:  # the rest keep their tightened bounds
+                stale = stale[np.argpartition(-bound[stale], lazy_batch - 1)[:lazy_batch]]
+            # Batches double within a step: when most bounds are loose (the first picks,
+            # before V has full rank) that amortises per-call overhead over big batches,
+            # at worst evaluating twice what a step needs.
+            bound_batch, lazy_batch = min(2 * bound_batch, 4096), min(2 * lazy_batch, 4096)
             if len(stale):
                 bound[stale] = design.gains(stale) / costs[stale]
                 exact_at[stale] = step
