@@ -174,7 +174,13 @@ def iter_hub(name: str, split: str, revision: str | None) -> Iterator[Batch]:
     """A dataset through `datasets.load_dataset` (hub id, or a local dataset folder)."""
     from datasets import load_dataset  # heavy import, only for hub sources
 
-    dataset = load_dataset(name, split=split, revision=revision)
+    try:
+        dataset = load_dataset(name, split=split, revision=revision)
+    except Exception as error:  # datasets raises many types (offline, missing split, auth)
+        raise IngestError(
+            f"datasets.load_dataset({name!r}, split={split!r}, revision={revision!r}) failed: "
+            f"{type(error).__name__}: {error}"
+        ) from None
     first = 1
     for columns in dataset.iter(batch_size=BATCH_ROWS):
         frame = pd.DataFrame(columns)

@@ -181,3 +181,12 @@ def test_other_formats_name_the_row_at_fault(project: Path, tmp_path: Path):
         config = _config(project).model_copy(update={"source": str(project / "raw" / name)})
         with pytest.raises(IngestError, match=message):
             ingest(config, project, tmp_path / name)
+
+
+def test_an_unreachable_hub_dataset_is_a_clear_error(project: Path, tmp_path: Path):
+    config = _config(project).model_copy(update={"source": "no-such-org/no-such-dataset"})
+    with pytest.raises(IngestError, match=r"datasets\.load_dataset\('no-such-org/no-such-dataset'"):
+        ingest(config, project, tmp_path / "hub")
+    local = _config(project).model_copy(update={"source": "raw", "loader": "datasets"})
+    with pytest.raises(IngestError, match=r"split='validation'.* failed: ValueError: Unknown"):
+        ingest(local.model_copy(update={"split": "validation"}), project, tmp_path / "split")
