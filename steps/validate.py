@@ -1,19 +1,24 @@
 """Validation: a Great Expectations suite over the ingested pool and eval split.
 
 The suite is defined here, in code, so it is versioned with the repo; GX's file context stores
-the results and builds Data Docs HTML for every run.
+the results and builds Data Docs HTML for every run. Row-level expectations run chunk by
+chunk and whole-split ones on the id column alone, so memory is bounded by the chunk size,
+not the pool.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import great_expectations as gx
 import great_expectations.expectations as gxe
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 from great_expectations.checkpoint import UpdateDataDocsAction
 from great_expectations.data_context.types.base import ProgressBarsConfig
 from pydantic import BaseModel, ConfigDict, Field
@@ -31,6 +36,7 @@ from steps.modeling import ModelConfig, load_tokenizer
 
 SUITE_NAME = "sift_sft_data"
 CONTROL_CHARS = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"
+CHUNK_ROWS = 50_000  # rows validated per GX run: bounds memory whatever the pool size
 
 
 class ValidateConfig(BaseModel):
@@ -62,13 +68,11 @@ class DataValidationError(ValueError):
     """The data failed the suite; nothing downstream may run."""
 
 
-def build_suite(split: str, min_rows: int, max_prompt_tokens: int, train_ids: list[str]) -> list:
-    """The named expectations for one split (the eval split also checks for leakage)."""
+def row_suite(max_prompt_tokens: int) -> list:
+    """Expectations that hold row by row (checked on each chunk of a split)."""
     text_columns = ["prompt", "response"]
     suite = [
         gxe.ExpectTableColumnsToMatchSet(column_set=[*SCHEMA, "prompt_tokens"], exact_match=True),
-        gxe.ExpectTableRowCountToBeBetween(min_value=min_rows),
-        gxe.ExpectColumnValuesToBeUnique(column="id"),
         # Prompts may be empty (plain LM data); responses carry the loss and may not.
         gxe.ExpectColumnValueLengthsToBeBetween(column="response", min_value=1),
         # A prompt that fills the context leaves no response token to learn from.
@@ -82,36 +86,94 @@ def build_suite(split: str, min_rows: int, max_prompt_tokens: int, train_ids: li
         # Ingest rejects bytes that are not UTF-8; control characters (other than tab and
         # newlines) are valid UTF-8 but are almost always extraction debris.
         suite.append(gxe.ExpectColumnValuesToNotMatchRegex(column=column, regex=CONTROL_CHARS))
-    # Same prompt and response twice: the ids (content hashes) collide too, but this names it.
-    suite.append(gxe.ExpectCompoundColumnsToBeUnique(column_list=text_columns))
-    if split == "eval":
-        # Leakage: an eval example identical to a training example inflates the eval score.
-        suite.append(gxe.ExpectColumnValuesToNotBeInSet(column="id", value_set=train_ids))
     return suite
 
 
-def _describe_failure(split: str, outcome, examples: int) -> str:
-    config = outcome.expectation_config
-    column = config.kwargs.get("column")
-    details = outcome.result or {}
+def split_suite(split: str, min_rows: int, leaked_ids: list[str]) -> list:
+    """Expectations over a whole split, run on its id column alone. Ids are content hashes of
+    (prompt, response): a repeated id is an exact duplicate."""
+    suite = [
+        gxe.ExpectTableRowCountToBeBetween(min_value=min_rows),
+        gxe.ExpectColumnValuesToBeUnique(column="id"),
+    ]
+    if split == "eval":
+        # Leakage: an eval example identical to a training example inflates the eval score.
+        # The value set is the training ids that also occur in eval (the rest cannot match),
+        # so the stored suite stays small for any pool size.
+        suite.append(gxe.ExpectColumnValuesToNotBeInSet(column="id", value_set=leaked_ids))
+    return suite
+
+
+@dataclass
+class _Failure:
+    """One failed expectation of one split, summed over chunks."""
+
+    count: int = 0
+    rows: list[int] = field(default_factory=list)
+    values: list[object] = field(default_factory=list)
+    observed: object = None
+    indexed: bool = True  # names offending rows (so quarantine can drop them)
+
+
+@dataclass
+class _Findings:
+    failures: dict[tuple[str, str, str | None], _Failure] = field(default_factory=dict)
+    reasons: dict[str, dict[int, list[str]]] = field(default_factory=dict)  # split → row → why
+
+    def add(self, split: str, outcomes: list, examples: int) -> None:
+        for outcome in outcomes:
+            if outcome.success:
+                continue
+            config, details = outcome.expectation_config, outcome.result or {}
+            found = self.failures.setdefault(
+                (split, config.type, config.kwargs.get("column")), _Failure()
+            )
+            rows = [int(row) for row in details.get("unexpected_index_list") or []]
+            found.count += details.get("unexpected_count") or 0
+            room = max(examples - len(found.rows), 0)
+            found.rows += rows[:room]
+            found.values += (details.get("partial_unexpected_list") or [])[:room]
+            if details.get("observed_value") is not None:
+                found.observed = details["observed_value"]
+            found.indexed = found.indexed and bool(rows)
+            for row in rows:
+                self.reasons.setdefault(split, {}).setdefault(row, []).append(config.type)
+
+    def lines(self, examples: int, unfixable_only: bool = False) -> list[str]:
+        return [
+            _describe(key, found, examples)
+            for key, found in self.failures.items()
+            if not (unfixable_only and found.indexed)
+        ]
+
+
+def _describe(key: tuple[str, str, str | None], found: _Failure, examples: int) -> str:
+    split, kind, column = key
     where = f" on column '{column}'" if column else ""
-    count = details.get("unexpected_count")
-    counted = f" ({count} rows)" if count else ""
-    rows = details.get("unexpected_index_list") or []
-    values = details.get("partial_unexpected_list") or []
-    if rows:
+    counted = f" ({found.count} rows)" if found.count else ""
+    if found.rows:
         evidence = "; rows (0-based, file order) " + ", ".join(
-            f"{row} ({value!r:.60})" for row, value in zip(rows[:examples], values, strict=False)
+            f"{row} ({value!r:.60})"
+            for row, value in zip(found.rows[:examples], found.values, strict=False)
         )
-    elif details.get("observed_value") is not None:
-        evidence = f"; observed {details['observed_value']!r:.200}"
+    elif found.observed is not None:
+        evidence = f"; observed {found.observed!r:.200}"
     else:
         evidence = ""
-    return f"[{split}] {config.type}{where}{counted}{evidence}"
+    return f"[{split}] {kind}{where}{counted}{evidence}"
 
 
-def _with_token_counts(frame: pd.DataFrame, model: ModelConfig) -> pd.DataFrame:
-    tokenizer = load_tokenizer(model)
+def _chunks(path: str) -> Iterator[pd.DataFrame]:
+    """A staged table in chunks whose index is the row's position in the whole file."""
+    offset = 0
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=CHUNK_ROWS):
+        frame = batch.to_pandas()
+        frame.index = pd.RangeIndex(offset, offset + len(frame))
+        offset += len(frame)
+        yield frame
+
+
+def _with_token_counts(frame: pd.DataFrame, model: ModelConfig, tokenizer) -> pd.DataFrame:
     prompts = [
         model.prompt_template.format(prompt=p) if isinstance(p, str) else "" for p in frame.prompt
     ]
@@ -121,20 +183,20 @@ def _with_token_counts(frame: pd.DataFrame, model: ModelConfig) -> pd.DataFrame:
     return frame.assign(prompt_tokens=counts)
 
 
-def _run_suite(context, split: str, frame: pd.DataFrame, expectations: list) -> list:
+def _run_suite(context, name: str, frame: pd.DataFrame, expectations: list) -> list:
     """One checkpoint run (which also rebuilds Data Docs); returns the per-expectation outcomes."""
     source = context.data_sources.add_or_update_pandas(name="sift")
-    asset = source.add_dataframe_asset(name=split)
-    batch = asset.add_batch_definition_whole_dataframe(f"{split}_all")
+    asset = source.add_dataframe_asset(name=name)
+    batch = asset.add_batch_definition_whole_dataframe(f"{name}_all")
     suite = context.suites.add_or_update(
-        gx.ExpectationSuite(name=f"{SUITE_NAME}_{split}", expectations=expectations)
+        gx.ExpectationSuite(name=f"{SUITE_NAME}_{name}", expectations=expectations)
     )
     definition = context.validation_definitions.add_or_update(
-        gx.ValidationDefinition(name=f"{SUITE_NAME}_{split}", data=batch, suite=suite)
+        gx.ValidationDefinition(name=f"{SUITE_NAME}_{name}", data=batch, suite=suite)
     )
     checkpoint = context.checkpoints.add_or_update(
         gx.Checkpoint(
-            name=f"{SUITE_NAME}_{split}",
+            name=f"{SUITE_NAME}_{name}",
             validation_definitions=[definition],
             actions=[UpdateDataDocsAction(name="data_docs")],
             # COMPLETE gives the index of every offending row, which quarantine needs.
@@ -145,36 +207,15 @@ def _run_suite(context, split: str, frame: pd.DataFrame, expectations: list) -> 
     return [outcome for run in result.run_results.values() for outcome in run.results]
 
 
-def _check(context, frames: dict[str, pd.DataFrame], config: ValidateConfig, model: ModelConfig):
-    """Outcomes per split; eval's leakage check uses the (possibly cleaned) train ids."""
-    outcomes = {}
-    for split, frame in frames.items():
+def _check_splits(context, ids: dict[str, pd.Series], config: ValidateConfig, found: _Findings):
+    """Whole-split expectations; eval's leakage check uses the (possibly cleaned) train ids."""
+    leaked = sorted(set(ids["train"]) & set(ids["eval"]))
+    for split, column in ids.items():
         min_rows = config.min_train_rows if split == "train" else config.min_eval_rows
-        expectations = build_suite(split, min_rows, model.max_length, list(frames["train"].id))
-        outcomes[split] = _run_suite(context, split, frame, expectations)
-    return outcomes
-
-
-def _quarantine(
-    frames: dict[str, pd.DataFrame], outcomes: dict[str, list]
-) -> tuple[dict[str, pd.DataFrame], pd.DataFrame, list[str]]:
-    """Drops rows named by failed row-level expectations; table-level failures cannot be fixed."""
-    kept, dropped, unfixable = {}, [], []
-    for split, frame in frames.items():
-        reasons: dict[int, list[str]] = {}
-        for outcome in outcomes[split]:
-            rows = (outcome.result or {}).get("unexpected_index_list")
-            if outcome.success:
-                continue
-            if not rows:
-                unfixable.append(_describe_failure(split, outcome, 3))
-                continue
-            for row in rows:
-                reasons.setdefault(int(row), []).append(outcome.expectation_config.type)
-        bad = sorted(reasons)
-        kept[split] = frame.drop(index=bad).reset_index(drop=True)
-        dropped.append(frame.loc[bad].assign(reason=["; ".join(reasons[row]) for row in bad]))
-    return kept, pd.concat(dropped, ignore_index=True), unfixable
+        suite = split_suite(split, min_rows, leaked)
+        found.add(
+            split, _run_suite(context, split, column.to_frame(), suite), config.examples_per_failure
+        )
 
 
 def validate(
@@ -184,60 +225,68 @@ def validate(
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
     context = gx.get_context(mode="file", project_root_dir=str(gx_dir))
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    frames = {
-        split: _with_token_counts(pd.read_parquet(ref.path), model)
-        for split, ref in (("train", staged.train), ("eval", staged.eval))
-    }
-    outcomes = _check(context, frames, config, model)
-    failures = [
-        _describe_failure(split, o, config.examples_per_failure)
-        for split, results in outcomes.items()
-        for o in results
-        if not o.success
-    ]
-    quarantined = frames["train"].iloc[:0].assign(reason="")
+    tokenizer = load_tokenizer(model)
+    paths = {"train": staged.train.path, "eval": staged.eval.path}
+    found, ids = _Findings(), {}
+    for split, path in paths.items():
+        columns = []
+        for chunk in _chunks(path):
+            chunk = _with_token_counts(chunk, model, tokenizer)
+            outcomes = _run_suite(context, f"{split}_rows", chunk, row_suite(model.max_length))
+            found.add(split, outcomes, config.examples_per_failure)
+            columns.append(chunk["id"])
+        ids[split] = pd.concat(columns)
+    _check_splits(context, ids, config, found)
+    failures = found.lines(config.examples_per_failure)
+    drop: dict[str, dict[int, list[str]]] = {split: {} for split in paths}
     if failures and config.on_invalid == "quarantine":
-        cleaned, quarantined, unfixable = _quarantine(frames, outcomes)
+        drop = {split: found.reasons.get(split, {}) for split in paths}
         too_many = [
-            f"[{split}] quarantine would drop {len(frames[split]) - len(cleaned[split])} of "
-            f"{len(frames[split])} rows, above validation.max_quarantine_fraction="
-            f"{config.max_quarantine_fraction}"
-            for split in frames
-            if len(frames[split]) - len(cleaned[split])
-            > config.max_quarantine_fraction * len(frames[split])
+            f"[{split}] quarantine would drop {len(drop[split])} of {len(ids[split])} rows, "
+            f"above validation.max_quarantine_fraction={config.max_quarantine_fraction}"
+            for split in paths
+            if len(drop[split]) > config.max_quarantine_fraction * len(ids[split])
         ]
+        unfixable = found.lines(3, unfixable_only=True)
         if unfixable or too_many:
             failures = list(dict.fromkeys([*unfixable, *too_many, *failures]))
         else:
-            frames = cleaned
-            outcomes = _check(context, frames, config, model)  # the cleaned data must pass too
-            failures = [
-                _describe_failure(split, o, config.examples_per_failure)
-                for split, results in outcomes.items()
-                for o in results
-                if not o.success
-            ]
+            # Rows that failed row-level checks are gone; the whole-split checks must now pass.
+            cleaned = {split: ids[split].drop(index=sorted(drop[split])) for split in paths}
+            recheck = _Findings()
+            _check_splits(context, cleaned, config, recheck)
+            failures = recheck.lines(config.examples_per_failure)
     docs = gx_dir / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
     if failures:
         return ValidationReport(False, tuple(failures), 0, str(docs), accepted=None)
-    accepted = publish(frames, quarantined, data_dir)
-    return ValidationReport(True, (), len(quarantined), str(docs), accepted=accepted)
+    accepted, quarantined = publish(paths, drop, data_dir)
+    return ValidationReport(True, (), quarantined, str(docs), accepted=accepted)
 
 
 def publish(
-    frames: dict[str, pd.DataFrame], quarantined: pd.DataFrame, data_dir: Path
-) -> IngestResult:
-    """Writes validated tables (and the quarantine, possibly empty) into the DVC-tracked folder."""
+    paths: dict[str, str], drop: dict[str, dict[int, list[str]]], data_dir: Path
+) -> tuple[IngestResult, int]:
+    """Streams validated tables into the DVC-tracked folder without the dropped rows, which go
+    to quarantine.parquet with their reasons (written even when empty)."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    refs = {}
-    for split, frame in frames.items():
-        path = data_dir / f"{split}.parquet"
-        write_table(frame.drop(columns="prompt_tokens"), path)
-        refs[split] = TableRef(path=str(path), rows=len(frame), md5=file_md5(path))
-    write_table(
-        quarantined.drop(columns="prompt_tokens", errors="ignore"), data_dir / "quarantine.parquet"
-    )
-    return IngestResult(train=refs["train"], eval=refs["eval"])
+    refs, quarantined = {}, []
+    for split, path in paths.items():
+        target, rows, writer = data_dir / f"{split}.parquet", 0, None
+        for chunk in _chunks(path):
+            bad = [row for row in chunk.index if row in drop[split]]
+            quarantined.append(
+                chunk.loc[bad].assign(reason=["; ".join(drop[split][row]) for row in bad])
+            )
+            table = pa.Table.from_pandas(chunk.drop(index=bad), preserve_index=False)
+            if writer is None:  # the same writer settings as write_table (pandas.to_parquet)
+                writer = pq.ParquetWriter(target, table.schema, compression="zstd")
+            writer.write_table(table)
+            rows += table.num_rows
+        if writer is not None:
+            writer.close()
+        refs[split] = TableRef(path=str(target), rows=rows, md5=file_md5(target))
+    write_table(pd.concat(quarantined, ignore_index=True), data_dir / "quarantine.parquet")
+    return IngestResult(train=refs["train"], eval=refs["eval"]), sum(len(q) for q in quarantined)
 
 
 def raise_on_failure(report: ValidationReport) -> IngestResult:

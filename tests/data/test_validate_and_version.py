@@ -86,3 +86,44 @@ def test_dvc_tracks_data_and_pushes_to_a_local_remote(project: Path, tmp_path: P
     status = subprocess.run([dvc, "status", "-c"], cwd=project, capture_output=True, text=True)
     assert "in sync" in status.stdout, status.stdout + status.stderr
     assert "/data" in (project / ".gitignore").read_text()  # the data itself stays out of git
+
+
+def test_chunked_validation_sums_failures_and_quarantines_across_chunks(
+    project: Path, tmp_path: Path, gsm8k_train, monkeypatch
+):
+    import steps.validate
+
+    bad = [dict(r) for r in gsm8k_train]
+    bad[3]["answer"] = bad[50]["answer"] = ""
+    bad[70] = dict(bad[2])  # a duplicate in another chunk
+    write_jsonl(project / "raw" / "train.jsonl", bad)
+    whole = validate(
+        _staged(project, tmp_path / "a"),
+        ValidateConfig(on_invalid="quarantine", max_quarantine_fraction=0.1),
+        MODEL,
+        tmp_path / "gx",
+        tmp_path / "whole",
+    )
+    monkeypatch.setattr(steps.validate, "CHUNK_ROWS", 7)  # 80 rows: 12 chunks
+    failed = validate(
+        _staged(project, tmp_path / "b"),
+        ValidateConfig(on_invalid="fail"),
+        MODEL,
+        tmp_path / "gx",
+        tmp_path / "unused",
+    )
+    text = "\n".join(failed.failures)
+    assert "'response' (2 rows); rows (0-based, file order) 3 (''), 50 ('')" in text
+    assert "[train] expect_column_values_to_be_unique on column 'id' (2 rows)" in text
+    chunked = validate(
+        _staged(project, tmp_path / "c"),
+        ValidateConfig(on_invalid="quarantine", max_quarantine_fraction=0.1),
+        MODEL,
+        tmp_path / "gx",
+        tmp_path / "chunked",
+    )
+    assert whole.quarantined == chunked.quarantined == 4  # both copies of the duplicate go
+    for name in ("train.parquet", "quarantine.parquet"):
+        left = pd.read_parquet(tmp_path / "whole" / name)
+        pd.testing.assert_frame_equal(left, pd.read_parquet(tmp_path / "chunked" / name))
+    assert whole.accepted is not None and whole.accepted.train.rows == 76

@@ -35,13 +35,12 @@ def test_failed_expectations_exit_non_zero_and_are_named(project: Path, gsm8k_tr
     result = _validate(project, "raw/train.jsonl", "--set", "validation.on_invalid=fail")
     assert result.exit_code == 1
     out = " ".join(result.output.split())  # undo the console's line wrapping
-    assert "data validation failed (3 problem(s)); data/ left unchanged" in out
+    assert "data validation failed (2 problem(s)); data/ left unchanged" in out
     assert (
         "[train] expect_column_value_lengths_to_be_between on column 'response' (1 rows); " in out
     )
     unique = "[train] expect_column_values_to_be_unique on column 'id' (2 rows); rows (0-based, "
     assert unique + "file order) 8" in out
-    assert "[train] expect_compound_columns_to_be_unique (2 rows)" in out
     assert not (project / "data").exists()
 
 
