@@ -125,6 +125,7 @@ class TrialInputs:
     model_md5: str
     features: FeaturesRef
     heldout: FeaturesRef
+    pool_features: FeaturesRef  # the unmodified statistics, for profiling every arm alike
     device: str
     precision: str
     parent_id: str
@@ -228,7 +229,7 @@ def _real_data(
     base = evaluate_task(config.model.name, eval_path, eval_md5, config.model, config.eval, device)
     tracking.log_metrics(parent_id, {"eval.loss_base": base.loss, "data.pool": features.examples})
     shared = TrialInputs(
-        project_dir, train_path, eval_path, eval_md5, model_md5, features, heldout,
+        project_dir, train_path, eval_path, eval_md5, model_md5, features, heldout, features,
         device, precision, parent_id,
     )  # fmt: skip
     records = []
@@ -290,7 +291,7 @@ def _trial(
             shared.device,
         )
         profile = lib.selection_profile(
-            load_pool(shared.features),
+            load_pool(shared.pool_features),
             lib.picked_rows(selection.selection_path),
             load_pool(shared.heldout),
             arm.ridge,
@@ -336,8 +337,7 @@ def _report_real(
     deltas = lib.paired_differences(frame, "eval_loss", lib.BASELINE, confidence)
     frame.to_csv(out_dir / "trials.csv", index=False)
     summary.to_csv(out_dir / "summary.csv", index=False)
-    title = f"{config.study.name}: {Path(config.data.source).parent.name or config.data.source}"
-    lib.plot_study(summary, base_loss, title, out_dir / "eval_loss.png")
+    lib.plot_study(summary, base_loss, config.study.name, out_dir / "eval_loss.png")
     table = lib.results_table(summary, deltas)
     profile = lib.profile_table(summary)
     table_path = out_dir / "table.md"

@@ -397,6 +397,9 @@ def plot_synthetic(summary: pd.DataFrame, runs: int, path: Path) -> None:
             )
     for axis, name in zip(axes, ("Maximum", "Mean"), strict=True):
         axis.set_xscale("log")
+        axis.minorticks_off()  # label exactly the n values run, not log-scale minor ticks
+        axis.set_xticks(sorted(summary.sentences.unique()))
+        axis.set_xticklabels([str(n) for n in sorted(summary.sentences.unique())])
         axis.set_xlabel("sentences selected")
         axis.set_ylabel("prediction error (total variation)")
         axis.set_title(f"{name} prediction error, {runs} runs (95% CI)")
