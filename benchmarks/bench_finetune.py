@@ -1,6 +1,7 @@
 """Training throughput of the pipeline's fine-tune step against a plain transformers Trainer.
 
     python benchmarks/bench_finetune.py                           # stories260K, CPU
+    python benchmarks/bench_finetune.py --model llama-3m          # 3.4M params, CPU
     python benchmarks/bench_finetune.py --model llama-125m --device cuda --precision bf16 \\
         --examples 2000 --batch-size 32                           # ~125M Llama on a GPU (+ MFU)
 
@@ -12,9 +13,10 @@ optimizer settings, seed, epochs and batch size, in one process, alternating rep
   - plain+grouped: the same with Trainer's own train_sampling_strategy="group_by_length".
 tokens/s counts real (non-padding) tokens over the wall time of trainer.train(), best of
 --repeats; padding is the share of computed positions that were padding.
-`--model llama-125m` builds a Llama from a config (random init, no hub; stories260K's
-tokenizer) and reports model FLOPs utilisation (6N + 12·L·d·T FLOPs per token, PaLM
-appendix B) against --peak-tflops (H100 SXM dense bf16: 989).
+`--model llama-3m|llama-125m` builds a Llama from a config (random init, no hub;
+stories260K's tokenizer). On CUDA the script also reports model FLOPs utilisation
+(6N + 12·L·d·T FLOPs per token, PaLM appendix B) against --peak-tflops (H100 SXM dense
+bf16: 989).
 """
 
 from __future__ import annotations
@@ -31,23 +33,26 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 STORIES = REPO / "assets" / "models" / "stories260K"
+# Random-init Llama configs (hidden, layers, heads): ~125M parameters for GPUs, ~3M for CPUs
+# (where stories260K's 260k parameters make per-step overhead, not tokens, the cost).
+LLAMA_SIZES = {"llama-125m": (768, 13, 12), "llama-3m": (256, 4, 8)}
 
 
 def build_model(name: str, work_dir: Path) -> Path:
-    """A local model folder: stories260K as bundled, or a random-init ~125M Llama."""
+    """A local model folder: stories260K as bundled, or a random-init Llama (LLAMA_SIZES)."""
     if name == "stories260K":
         return STORIES
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    assert name == "llama-125m", name
+    hidden, layers, heads = LLAMA_SIZES[name]
     tokenizer = AutoTokenizer.from_pretrained(STORIES)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=768,
-        intermediate_size=3072,
-        num_hidden_layers=14,
-        num_attention_heads=12,
-        num_key_value_heads=12,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
         max_position_embeddings=1024,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -155,7 +160,7 @@ def flops_per_token(model_dir: Path, seq_len: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["stories260K", "llama-125m"], default="stories260K")
+    parser.add_argument("--model", choices=["stories260K", *LLAMA_SIZES], default="stories260K")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--examples", type=int, default=400)
