@@ -284,7 +284,8 @@ def _training_arguments(
         use_cpu=device == "cpu",
         ddp_backend="gloo" if device == "cpu" and config.num_processes > 1 else None,
         ddp_find_unused_parameters=False,  # every trainable weight gets a gradient
-        fsdp="full_shard auto_wrap" if config.fsdp else "",
+        # FSDP2, full sharding, one unit per decoder layer (the model's _no_split_modules).
+        fsdp=config.fsdp,
         dataloader_num_workers=0,
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",

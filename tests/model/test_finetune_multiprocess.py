@@ -52,3 +52,31 @@ def test_two_processes_train_one_model_and_log_once(gsm8k_train, tmp_path: Path)
     assert [m.step for m in losses] == [1, 2, 3, 4, 5, 6]  # rank 0 logs, once per step
     AutoModelForCausalLM.from_pretrained(ref.model_dir, use_safetensors=True)
     assert not (out_dir / "checkpoints").exists()
+
+
+def test_fsdp_shards_over_two_processes_and_saves_a_whole_model(gsm8k_train, tmp_path: Path):
+    rows = gsm8k_train[:16]
+    frame = pd.DataFrame(
+        {
+            "id": [f"gsm8k-{i}" for i in range(len(rows))],
+            "prompt": [r["question"] for r in rows],
+            "response": [r["answer"] for r in rows],
+        }
+    )
+    frame.to_parquet(tmp_path / "train.parquet")
+    config = FinetuneConfig(epochs=1, batch_size=4, checkpoint_steps=1, num_processes=2, fsdp=True)
+    ref = finetune(
+        str(tmp_path / "train.parquet"),
+        list(frame.id),
+        MODEL,
+        config,
+        tmp_path / "fsdp",
+        "cpu",
+        "fp32",
+    )
+    assert ref.steps == 2 and ref.processes == 2
+    tuned = AutoModelForCausalLM.from_pretrained(ref.model_dir, use_safetensors=True).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(MODEL.name, use_safetensors=True).state_dict()
+    assert set(tuned) == set(base)  # gathered from the shards, no FSDP prefixes
+    assert all(tuned[k].shape == v.shape for k, v in base.items())
+    assert any(bool((tuned[k] != v).any()) for k, v in base.items())
