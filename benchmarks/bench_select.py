@@ -97,9 +97,10 @@ def straightforward_greedy(pool: FeaturePool, k: int, ridge: float) -> np.ndarra
     chosen: list[int] = []
     for _ in range(k):
         scores = np.full(pool.N, -np.inf)
+        current = np.linalg.slogdet(v)[1]
         for i in range(pool.N):
-            if i not in chosen:
-                scores[i] = np.linalg.slogdet(v + grams[i])[1]
+            if i not in chosen:  # the gain, so that the tie rule sees the same scale as select
+                scores[i] = np.linalg.slogdet(v + grams[i])[1] - current
         pick = first_best(scores)
         chosen.append(pick)
         v += grams[pick]

@@ -44,6 +44,7 @@ _GRAM_MIN_RANK = 0.5  # examples with r >= this * d get their gain from a d x d 
 _GRAM_CACHE_BYTES = 2 * 2**30  # float64 Grams of the high-rank examples kept when this fits
 _BOUND_SLACK = 1e-6  # relative (and absolute) inflation of the cheap bound on a gain
 _HEAD_ROWS = 4  # largest factor rows per example bounded one by one (Hadamard), m d^2 flops
+_GROW_MAX_D = 128  # widest d whose lazy batches grow within a step (see _best_score)
 _TOP_SEGMENT = 2048  # highest bounds a lazy step scans; the rest only at a rebuild
 _HEAD_CACHE_BYTES = 2**30  # float32 head rows kept; fewer rows per example when N d is large
 
@@ -520,10 +521,12 @@ def _best_score(
                 stale = stale[bound[stale] >= floor]
             if len(stale) > lazy_batch:  # the rest keep their tightened bounds
                 stale = stale[np.argpartition(-bound[stale], lazy_batch - 1)[:lazy_batch]]
-            # Batches double within a step: when most bounds are loose (the first picks,
-            # before V has full rank) that amortises per-call overhead over big batches,
-            # at worst evaluating twice what a step needs.
-            bound_batch, lazy_batch = min(2 * bound_batch, 4096), min(2 * lazy_batch, 4096)
+            # For small d, batches double within a step: when most bounds are loose (the
+            # first picks, before V has full rank) that amortises per-call overhead over big
+            # batches, at worst evaluating twice what a step needs. A d=768 gain costs ~10 ms,
+            # far above the overhead: there, doubling only wasted evaluations.
+            if design.pool.d <= _GROW_MAX_D:
+                bound_batch, lazy_batch = min(2 * bound_batch, 4096), min(2 * lazy_batch, 4096)
             if len(stale):
                 bound[stale] = design.gains(stale) / costs[stale]
                 exact_at[stale] = step
