@@ -226,6 +226,10 @@ def _real_data(
         state / "features" / key(model_md5, eval_md5, config.model, config.embed),
         device,
     )
+    tracking.log_tags(  # where benchmarks/study_profiles.py finds the statistics
+        parent_id,
+        {"features.pool_dir": features.features_dir, "features.eval_dir": heldout.features_dir},
+    )
     base = evaluate_task(config.model.name, eval_path, eval_md5, config.model, config.eval, device)
     tracking.log_metrics(parent_id, {"eval.loss_base": base.loss, "data.pool": features.examples})
     shared = TrialInputs(
