@@ -9,6 +9,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from prefect import flow
 
@@ -20,6 +21,16 @@ from tests.conftest import MODEL_DIR
 
 MODEL = ModelConfig(name=str(MODEL_DIR))
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The model is tiny: a second intra-op thread only spin-waits on a busy 2-core CI machine
+    (the kill test took 180 s with 2 threads under load, 16 s with 1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class FailOnceAfterCheckpoint(logging.Handler):
