@@ -285,7 +285,7 @@ def _training_arguments(
         ddp_backend="gloo" if device == "cpu" and config.num_processes > 1 else None,
         ddp_find_unused_parameters=False,  # every trainable weight gets a gradient
         # FSDP2, full sharding, one unit per decoder layer (the model's _no_split_modules).
-        fsdp=config.fsdp,
+        fsdp=config.fsdp,  # type: ignore[arg-type]  # annotated str; True is the documented form
         dataloader_num_workers=0,
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
