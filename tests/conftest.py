@@ -59,3 +59,16 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def new_run_id(experiment_name: str) -> str:
+    """A fresh MLflow run id, without mlflow.set_experiment: that sets a process-wide active
+    experiment which later tests' start_run(run_id=...) would then be checked against."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(experiment_name)
+    experiment_id = (
+        experiment.experiment_id if experiment else client.create_experiment(experiment_name)
+    )
+    return client.create_run(experiment_id).info.run_id

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from mlflow.tracking import MlflowClient
 
 from tests.conftest import MODEL_DIR
 
@@ -54,6 +55,10 @@ def test_served_cron_schedule_creates_and_runs_flows(project: Path, tmp_path: Pa
         "PREFECT_SERVER_API_PORT": str(port),
     }
     env.pop("PREFECT_RESULTS_LOCAL_STORAGE_PATH", None)
+    # Its own MLflow store, created here: two scheduled runs starting together on a store
+    # that still needs its tables would both migrate it ("table secrets already exists").
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(env["MLFLOW_TRACKING_URI"]).search_experiments()
     prefect = str(Path(sys.executable).parent / "prefect")
     sift = str(Path(sys.executable).parent / "sift")
     logs = (tmp_path / "server.log").open("w"), (tmp_path / "serve.log").open("w")

@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import mlflow
 import pandas as pd
 import pytest
 import torch
@@ -20,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from steps.evaluate import EvalConfig, evaluate
 from steps.finetune import FinetuneConfig, NonFiniteLossError, finetune, last_checkpoint
 from steps.modeling import ModelConfig
-from tests.conftest import MODEL_DIR, REPO
+from tests.conftest import MODEL_DIR, REPO, new_run_id
 
 MODEL = ModelConfig(name=str(MODEL_DIR))
 pytestmark = pytest.mark.slow
@@ -53,8 +52,7 @@ def train_table(gsm8k_train, tmp_path: Path) -> tuple[str, list[str]]:
 
 
 def _run_id() -> str:
-    experiment = mlflow.set_experiment("finetune-tests")
-    return MlflowClient().create_run(experiment.experiment_id).info.run_id
+    return new_run_id("finetune-tests")
 
 
 # Recorded with torch 2.13.0 / transformers 5.23.0 on CPU, fp32: per-step training loss of

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mlflow
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
@@ -12,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from steps.finetune import FinetuneConfig, finetune
 from steps.modeling import ModelConfig
-from tests.conftest import MODEL_DIR
+from tests.conftest import MODEL_DIR, new_run_id
 
 MODEL = ModelConfig(name=str(MODEL_DIR))
 pytestmark = pytest.mark.slow
@@ -28,8 +27,7 @@ def test_two_processes_train_one_model_and_log_once(gsm8k_train, tmp_path: Path)
         }
     )
     frame.to_parquet(tmp_path / "train.parquet")
-    experiment = mlflow.set_experiment("finetune-multiprocess")
-    run_id = MlflowClient().create_run(experiment.experiment_id).info.run_id
+    run_id = new_run_id("finetune-multiprocess")
     config = FinetuneConfig(
         epochs=2, batch_size=4, logging_steps=1, checkpoint_steps=2, num_processes=2
     )

@@ -6,7 +6,6 @@ import json
 import logging
 from pathlib import Path
 
-import mlflow
 import pandas as pd
 import pytest
 import torch
@@ -17,7 +16,7 @@ from flows.pipeline import finetune_task
 from steps.finetune import FinetuneConfig, last_checkpoint
 from steps.modeling import ModelConfig
 from steps.select import SelectionRef
-from tests.conftest import MODEL_DIR
+from tests.conftest import MODEL_DIR, new_run_id
 
 MODEL = ModelConfig(name=str(MODEL_DIR))
 pytestmark = pytest.mark.slow
@@ -75,8 +74,7 @@ def test_a_retried_finetune_task_resumes(prefect_harness, gsm8k_train, tmp_path:
     frame.to_parquet(tmp_path / "train.parquet")
     (tmp_path / "selection.json").write_text(json.dumps({"ids": list(frame.id)}))
     selection = SelectionRef(str(tmp_path / "selection.json"), "", "uniform", 24, 0, 0.0)
-    experiment = mlflow.set_experiment("finetune-retry")
-    run_id = MlflowClient().create_run(experiment.experiment_id).info.run_id
+    run_id = new_run_id("finetune-retry")
     config = FinetuneConfig(epochs=4, batch_size=4, logging_steps=1, checkpoint_steps=4)
     out_dir = tmp_path / "model"
 
