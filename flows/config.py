@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
+from steps import config_files
 from steps.embed import EmbedConfig
 from steps.evaluate import EvalConfig
 from steps.finetune import FinetuneConfig
@@ -43,44 +43,17 @@ class ConfigError(ValueError):
     pass
 
 
-def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    node = tree
-    for part in parents:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {dotted}: '{part}' is a value, not a section")
-        node = child
-    node[leaf] = value
-
-
 def parse_override(text: str) -> tuple[str, Any]:
     """'select.budget=0.2' -> ('select.budget', 0.2); the value is read as YAML."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"--set {text!r}: expected key=value, e.g. select.budget=0.2")
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        return config_files.parse_override(text)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def load_config(path: Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
-    tree: dict[str, Any] = {}
-    if path is not None:
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
-        tree = loaded
-    for override in overrides or []:
-        _set_dotted(tree, *parse_override(override))
-    try:
-        return PipelineConfig.model_validate(tree)
-    except ValidationError as error:
-        problems = "\n  ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()
-        )
-        source = f" in {path}" if path else ""
-        raise ConfigError(f"invalid config{source}:\n  {problems}") from None
+    parsed = [parse_override(override) for override in overrides or []]
+    return config_files.load_model(PipelineConfig, path, parsed, ConfigError)
 
 
 def resolve_paths(config: PipelineConfig, project_dir: Path) -> PipelineConfig:

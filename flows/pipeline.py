@@ -4,17 +4,15 @@ so an unchanged re-run is served from Prefect's cache and a new budget re-runs o
 select and what follows.
 """
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from prefect import flow, task
 from prefect.artifacts import create_link_artifact
-from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE, CachePolicy
+from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-import steps
+from flows.caching import CACHED, key
 from flows.config import PipelineConfig, flat_params
 from flows.runtime import state_dir
 from steps import tracking
@@ -27,24 +25,6 @@ from steps.register import ModelVersionRef, promote, register_model
 from steps.select import SelectionRef, select_subset, selected_ids
 from steps.validate import raise_on_failure, validate
 from steps.version import DataVersion, data_at_rev, version_data
-
-
-class StepsSource(CachePolicy):
-    """Keys on the source of the whole steps/ package: TASK_SOURCE sees only the thin task
-    wrappers below, so an edit to a step's code would otherwise be served stale results."""
-
-    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str:
-        files = sorted(Path(steps.__file__).parent.glob("*.py"))
-        return hashlib.md5(b"".join(f.read_bytes() for f in files)).hexdigest()
-
-
-# Inputs + code; the MLflow run id is per run and must not split the cache.
-CACHED = (INPUTS + TASK_SOURCE + StepsSource()) - "run_id"
-
-
-def key(*parts: object) -> str:
-    """A short stable folder name for one combination of inputs."""
-    return hashlib.md5(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # I/O against remotes (DVC push, the MLflow registry) can fail transiently: retry those.

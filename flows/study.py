@@ -7,8 +7,6 @@ resumes where it stopped.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
@@ -17,10 +15,9 @@ from pathlib import Path
 import pandas as pd
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.runtime import flow_run
 
-import steps
+from flows.caching import CACHED, key
 from flows.runtime import state_dir
 from steps import study as lib
 from steps import tracking
@@ -50,21 +47,6 @@ METRICS = [
     "heldout_leverage_mean",
     "heldout_leverage_max",
 ]
-
-
-class StepsSource(CachePolicy):
-    """Keys on the source of the steps/ package: an edit to a step re-runs it."""
-
-    def compute_key(self, task_ctx, inputs, flow_parameters, **kwargs) -> str:
-        files = sorted(Path(steps.__file__).parent.glob("*.py"))
-        return hashlib.md5(b"".join(f.read_bytes() for f in files)).hexdigest()
-
-
-CACHED = (INPUTS + TASK_SOURCE + StepsSource()) - "run_id"
-
-
-def key(*parts: object) -> str:
-    return hashlib.md5(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @task(name="ingest", cache_policy=CACHED, persist_result=True)

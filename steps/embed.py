@@ -262,7 +262,9 @@ def _consolidate(out_dir: Path, chunks: int, hidden: int, tokens_per_second: flo
     padded = tokens = 0
     for path in paths:
         with np.load(path) as chunk:
-            sizes.append((len(chunk["n_tokens"]), len(chunk["factors"]), chunk["factors"].shape[1]))
+            # offsets and pooled are small: the sizes without reading the factors twice
+            offsets, pooled = chunk["offsets"], chunk["pooled"]
+            sizes.append((len(pooled), int(offsets[-1]), pooled.shape[1]))
             padded, tokens = padded + int(chunk["padded"]), tokens + int(chunk["tokens"])
     n, rows, width = sum(s[0] for s in sizes), sum(s[1] for s in sizes), sizes[0][2]
     shapes = {

@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from scipy import stats
 
+from steps import config_files
 from steps.embed import FILES, EmbedConfig, FeaturesRef
 from steps.evaluate import EvalConfig
 from steps.finetune import FinetuneConfig
@@ -120,29 +120,7 @@ class StudyConfigError(ValueError):
 
 def load_study_config(path: Path | None, overrides: list[tuple[str, Any]]) -> StudyConfig:
     """Defaults, then the YAML file, then (dotted key, value) overrides; errors name the key."""
-    tree: dict[str, Any] = {}
-    if path is not None:
-        if not path.is_file():
-            raise StudyConfigError(f"config file not found: {path}")
-        tree = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(tree, dict):
-            raise StudyConfigError(f"{path}: top level must be a mapping of sections")
-    for dotted, value in overrides:
-        *parents, leaf = dotted.split(".")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise StudyConfigError(f"--set {dotted}: '{part}' is a value, not a section")
-        node[leaf] = value
-    try:
-        return StudyConfig.model_validate(tree)
-    except ValidationError as error:
-        problems = "\n  ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in error.errors()
-        )
-        where = f" in {path}" if path else ""
-        raise StudyConfigError(f"invalid study config{where}:\n  {problems}") from None
+    return config_files.load_model(StudyConfig, path, overrides, StudyConfigError, "study config")
 
 
 def split_holdout(train_path: str, rows: int, out_dir: Path) -> tuple[str, str]:

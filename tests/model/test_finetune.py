@@ -10,9 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM
 
@@ -20,35 +18,16 @@ from steps.evaluate import EvalConfig, evaluate
 from steps.finetune import FinetuneConfig, NonFiniteLossError, finetune, last_checkpoint
 from steps.modeling import ModelConfig
 from tests.conftest import MODEL_DIR, REPO, new_run_id
+from tests.model.conftest import write_train_table
 
 MODEL = ModelConfig(name=str(MODEL_DIR))
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The model is tiny: a second intra-op thread only spin-waits on a busy 2-core CI machine
-    (the kill test took 180 s with 2 threads under load, 16 s with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture
 def train_table(gsm8k_train, tmp_path: Path) -> tuple[str, list[str]]:
     """24 GSM8K examples in the validated-table schema (id, prompt, response)."""
-    rows = gsm8k_train[:24]
-    frame = pd.DataFrame(
-        {
-            "id": [f"gsm8k-{i}" for i in range(len(rows))],
-            "prompt": [r["question"] for r in rows],
-            "response": [r["answer"] for r in rows],
-        }
-    )
-    path = tmp_path / "train.parquet"
-    frame.to_parquet(path)
-    return str(path), list(frame.id)
+    return write_train_table(gsm8k_train[:24], tmp_path / "train.parquet")
 
 
 def _run_id() -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM
@@ -12,29 +11,22 @@ from transformers import AutoModelForCausalLM
 from steps.finetune import FinetuneConfig, finetune
 from steps.modeling import ModelConfig
 from tests.conftest import MODEL_DIR, new_run_id
+from tests.model.conftest import write_train_table
 
 MODEL = ModelConfig(name=str(MODEL_DIR))
 pytestmark = pytest.mark.slow
 
 
 def test_two_processes_train_one_model_and_log_once(gsm8k_train, tmp_path: Path):
-    rows = gsm8k_train[:24]
-    frame = pd.DataFrame(
-        {
-            "id": [f"gsm8k-{i}" for i in range(len(rows))],
-            "prompt": [r["question"] for r in rows],
-            "response": [r["answer"] for r in rows],
-        }
-    )
-    frame.to_parquet(tmp_path / "train.parquet")
+    train_path, ids = write_train_table(gsm8k_train[:24], tmp_path / "train.parquet")
     run_id = new_run_id("finetune-multiprocess")
     config = FinetuneConfig(
         epochs=2, batch_size=4, logging_steps=1, checkpoint_steps=2, num_processes=2
     )
     out_dir = tmp_path / "ddp"
     ref = finetune(
-        str(tmp_path / "train.parquet"),
-        list(frame.id),
+        train_path,
+        ids,
         MODEL,
         config,
         out_dir,
@@ -53,19 +45,11 @@ def test_two_processes_train_one_model_and_log_once(gsm8k_train, tmp_path: Path)
 
 
 def test_fsdp_shards_over_two_processes_and_saves_a_whole_model(gsm8k_train, tmp_path: Path):
-    rows = gsm8k_train[:16]
-    frame = pd.DataFrame(
-        {
-            "id": [f"gsm8k-{i}" for i in range(len(rows))],
-            "prompt": [r["question"] for r in rows],
-            "response": [r["answer"] for r in rows],
-        }
-    )
-    frame.to_parquet(tmp_path / "train.parquet")
+    train_path, ids = write_train_table(gsm8k_train[:16], tmp_path / "train.parquet")
     config = FinetuneConfig(epochs=1, batch_size=4, checkpoint_steps=1, num_processes=2, fsdp=True)
     ref = finetune(
-        str(tmp_path / "train.parquet"),
-        list(frame.id),
+        train_path,
+        ids,
         MODEL,
         config,
         tmp_path / "fsdp",

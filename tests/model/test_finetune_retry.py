@@ -6,9 +6,7 @@ import json
 import logging
 from pathlib import Path
 
-import pandas as pd
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 from prefect import flow
 
@@ -17,19 +15,10 @@ from steps.finetune import FinetuneConfig, last_checkpoint
 from steps.modeling import ModelConfig
 from steps.select import SelectionRef
 from tests.conftest import MODEL_DIR, new_run_id
+from tests.model.conftest import write_train_table
 
 MODEL = ModelConfig(name=str(MODEL_DIR))
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The model is tiny: a second intra-op thread only spin-waits on a busy 2-core CI machine
-    (the kill test took 180 s with 2 threads under load, 16 s with 1)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 class FailOnceAfterCheckpoint(logging.Handler):
@@ -63,16 +52,8 @@ class FailOnceAfterCheckpoint(logging.Handler):
 def test_a_retried_finetune_task_resumes(prefect_harness, gsm8k_train, tmp_path: Path):
     import threading
 
-    rows = gsm8k_train[:24]
-    frame = pd.DataFrame(
-        {
-            "id": [f"gsm8k-{i}" for i in range(len(rows))],
-            "prompt": [r["question"] for r in rows],
-            "response": [r["answer"] for r in rows],
-        }
-    )
-    frame.to_parquet(tmp_path / "train.parquet")
-    (tmp_path / "selection.json").write_text(json.dumps({"ids": list(frame.id)}))
+    train_path, ids = write_train_table(gsm8k_train[:24], tmp_path / "train.parquet")
+    (tmp_path / "selection.json").write_text(json.dumps({"ids": ids}))
     selection = SelectionRef(str(tmp_path / "selection.json"), "", "uniform", 24, 0, 0.0)
     run_id = new_run_id("finetune-retry")
     config = FinetuneConfig(epochs=4, batch_size=4, logging_steps=1, checkpoint_steps=4)
@@ -81,7 +62,7 @@ def test_a_retried_finetune_task_resumes(prefect_harness, gsm8k_train, tmp_path:
     @flow
     def finetune_only():
         return finetune_task(
-            str(tmp_path / "train.parquet"), "md5", selection, MODEL, "model-md5",
+            train_path, "md5", selection, MODEL, "model-md5",
             config, out_dir, "cpu", "fp32", run_id,
         )  # fmt: skip
 
