@@ -145,32 +145,44 @@ def measure(run: Callable[[], Selection], memory_run: Callable[[], Selection] | 
 
 def compare_lazy_with_plain(n: int, d: int, k: int, straightforward: bool) -> None:
     pool = synthetic_pool(n, d, seed=0)
-    lazy = measure(lambda: select(pool, k, "fisher"))
+    threads = selectors.default_threads()
+    lazy = measure(lambda: select(pool, k, "fisher", threads=threads))
+    lazy_1 = measure(lambda: select(pool, k, "fisher", threads=1))
     # plain greedy's memory does not grow with the step: trace a 1/20 budget for its peak
     plain = measure(
-        lambda: plain_greedy_fisher(pool, k), lambda: plain_greedy_fisher(pool, max(1, k // 20))
+        lambda: plain_greedy_fisher(pool, k, threads=threads),
+        lambda: plain_greedy_fisher(pool, max(1, k // 20), threads=threads),
     )
-    assert np.array_equal(lazy.selection.order, plain.selection.order), "picks differ"
-    assert np.allclose(lazy.selection.objective, plain.selection.objective, rtol=1e-10)
+    for other in (lazy_1, plain):
+        assert np.array_equal(lazy.selection.order, other.selection.order), "picks differ"
+        assert np.allclose(lazy.selection.objective, other.selection.objective, rtol=1e-10)
     start = time.perf_counter()
     naive = straightforward_greedy(pool, k, DEFAULT_RIDGE) if straightforward else None
     naive_seconds = time.perf_counter() - start
     same = "not run" if naive is None else str(np.array_equal(naive, lazy.selection.order))
     print(f"\n## fisher (lazy) vs plain greedy: N={n}, d={d}, k={k}\n")
-    print("| method | seconds | peak MB | gain evals / pick | f(S_k) | same picks as lazy |")
-    print("|---|---:|---:|---:|---:|---|")
-    for name, r in [("fisher (lazy)", lazy), ("plain greedy, batched gains", plain)]:
-        evals = r.gain_evaluations / k  # the first pass (N exact gains) included, for both
+    print("| method | threads | seconds | peak MB | gain evals / pick | f(S_k) | same picks |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    rows = [
+        ("fisher (lazy)", threads, lazy),
+        ("fisher (lazy)", 1, lazy_1),
+        ("plain greedy, batched gains", threads, plain),
+    ]
+    for name, used, r in rows:
+        evals = r.gain_evaluations / k  # the first pass (N exact gains) included, for all
         row = f"{r.seconds:.2f} | {r.peak_mb:.0f} | {evals:.0f} | {r.selection.objective[-1]:.3f}"
-        print(f"| {name} | {row} | yes |")
+        print(f"| {name} | {used} | {row} | yes |")
     if naive is not None:
         print(
-            f"| plain greedy, straightforward slogdet loop | {naive_seconds:.2f} | | {n} | "
+            f"| plain greedy, straightforward slogdet loop | 1 | {naive_seconds:.2f} | | {n} | "
             f"| {same} |"
         )
     print(f"\nspeed-up over batched plain greedy: {plain.seconds / lazy.seconds:.1f}x")
     if naive is not None:
-        print(f"speed-up over the straightforward loop: {naive_seconds / lazy.seconds:.1f}x")
+        print(
+            f"speed-up over the straightforward loop: {naive_seconds / lazy.seconds:.1f}x "
+            f"({threads} threads), {naive_seconds / lazy_1.seconds:.1f}x (1 thread)"
+        )
 
 
 def scale_lazy(n: int, d: int) -> None:

@@ -84,6 +84,19 @@ def test_chunked_gain_evaluation_changes_nothing(monkeypatch: pytest.MonkeyPatch
     np.testing.assert_array_equal(plain_greedy_fisher(pool, 10).order, whole.order)
 
 
+def test_threads_change_no_pick(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(selectors, "_PARALLEL_MIN", 2)  # split even tiny batches
+    pool = make_pool(60, 12, 3, t_min=1, t_max=30)
+    serial = select(pool, 20, "fisher", threads=1)
+    for threads in (2, 3):
+        split = select(pool, 20, "fisher", threads=threads)
+        np.testing.assert_array_equal(split.order, serial.order)
+        np.testing.assert_allclose(split.objective, serial.objective, rtol=1e-12)
+    np.testing.assert_array_equal(plain_greedy_fisher(pool, 20, threads=2).order, serial.order)
+    with pytest.raises(ValueError, match="threads must be a positive integer"):
+        select(pool, 20, "fisher", threads=0)
+
+
 def test_gain_routes_agree_and_trace_bounds_hold(monkeypatch: pytest.MonkeyPatch) -> None:
     # r in 1..12 at d=12: both the capacitance route (low rank) and the Gram route (high rank)
     pool = make_pool(40, 12, 5, t_min=1, t_max=30)
@@ -99,7 +112,12 @@ def test_gain_routes_agree_and_trace_bounds_hold(monkeypatch: pytest.MonkeyPatch
     for i in (3, 11, 27):
         factor_route.add(i)
     np.testing.assert_allclose(factor_route.gains(examples), gains, rtol=1e-9)
-    np.testing.assert_allclose(factor_route.bounds(examples), bounds, rtol=1e-9)
+    np.testing.assert_allclose(factor_route.traces(examples), design.traces(examples), rtol=1e-9)
+    # without a cached Gram an example has no exact head: the trace bound, looser but valid
+    loose = factor_route.bounds(examples)
+    assert (loose >= bounds * (1 - 1e-9)).all() and (loose >= gains).all()
+    trace_bound = factor_route.trace_bounds(examples, factor_route.traces(examples))
+    np.testing.assert_allclose(loose, trace_bound, rtol=1e-9)
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -322,21 +340,32 @@ def test_bad_selection_requests_raise_value_errors_naming_the_problem() -> None:
         select(pool, 2.5, "fisher")  # type: ignore[arg-type]
 
 
-def test_hadamard_head_bounds_are_tighter_than_the_trace_bound(
+def test_fischer_head_bounds_hold_and_beat_hadamard_and_the_trace_bound(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     spectrum = (1.0 + np.arange(16)) ** -1.0  # hidden states are far from isotropic
     pool = pool_from_tokens([x * spectrum for x in token_states(60, 16, 7, t_min=1, t_max=40)])
     examples = np.arange(pool.N, dtype=np.int64)
-    bounds = {}
-    for head_rows in (0, 4):
-        monkeypatch.setattr(selectors, "_HEAD_ROWS", head_rows)
-        design = selectors._Design(pool, 1e-3, random_prior(16, 7))
-        for i in (5, 30):
-            design.add(i)
-        bounds[head_rows] = design.bounds(examples)  # head rows are cached on first use
-    gains = design.gains(examples)
-    trace_bound, head_bound = bounds[0], bounds[4]
-    assert (head_bound >= gains).all()
-    assert (head_bound <= trace_bound * (1 + 1e-9)).all()
-    assert (head_bound < trace_bound * 0.99).mean() > 0.5  # strictly tighter for most
+    monkeypatch.setattr(selectors, "_GRAM_MIN_RANK", 0.0)  # every example cached, with a head
+    design = selectors._Design(pool, 1e-3, random_prior(16, 7))
+    for i in (5, 30):
+        design.add(i)
+    gains, trace = design.gains(examples), design.traces(examples)
+    fischer = design.bounds(examples, trace)
+    trace_bound = design.trace_bounds(examples, trace)
+    # Hadamard over the same head rows: sum of log(1 + a_k), the head's cross terms dropped
+    m = selectors._HEAD_ROWS
+    hadamard = np.empty(pool.N)
+    for i in examples:
+        f = pool.factors[pool.offsets[i] : pool.offsets[i + 1]].astype(np.float64)
+        f = f[np.argsort(-np.einsum("rd,rd->r", f, f))]
+        a = np.einsum("rd,rd->r", f @ design.inverse, f)
+        rest = max(len(f) - m, 1)
+        hadamard[i] = np.log1p(a[:m]).sum() + rest * np.log1p(a[m:].sum() / rest)
+    assert (fischer >= gains).all()
+    assert (fischer <= hadamard * (1 + 1e-5) + 1e-5).all()
+    assert (fischer <= trace_bound).all()
+    assert (fischer < trace_bound * 0.99).mean() > 0.5  # strictly tighter for most
+    exact_head = pool.ranks <= m  # the whole factor is the head: the bound is the gain
+    assert exact_head.any()
+    np.testing.assert_allclose(fischer[exact_head], gains[exact_head], rtol=2e-6, atol=2e-6)
