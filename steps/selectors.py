@@ -425,7 +425,7 @@ class _Design:
     def _weights_now(self) -> Array:
         """Packed V^{-1} with off-diagonals doubled: <V^{-1}, G> = packed(G) @ this."""
         if self._weights[0] != self._version:
-            weights = self.inverse.reshape(-1)[self._upper]
+            weights = np.asarray(self.inverse.reshape(-1)[self._upper], dtype=np.float64)
             weights[self._off_diagonal] *= 2.0
             self._weights = (self._version, weights)
         return self._weights[1]
