@@ -111,9 +111,18 @@ def select_command(
     prompt_field: Annotated[str, typer.Option(help="Field holding the prompt.")] = "prompt",
     response_field: Annotated[str, typer.Option(help="Field holding the response.")] = "response",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    prior: Annotated[
+        Path | None,
+        typer.Option(
+            help="Warm start: a selection JSON from an earlier `sift select` (or a pipeline "
+            "run's selection/) with its design.npy beside it. Its examples are not picked "
+            "again and lead the train_ids; --budget counts new picks."
+        ),
+    ] = None,
 ) -> None:
     """Pick a subset of one file with a selector, without the pipeline (no Prefect, MLflow
-    or DVC): writes ordered ids/rows, per-pick gains and the final objective."""
+    or DVC): writes ordered ids/rows, per-pick gains and the final objective, and
+    design.npy (Σ FᵀF of prior + picks, for a later --prior) in --out's folder."""
     import shutil
     import tempfile
 
@@ -121,11 +130,12 @@ def select_command(
 
     from steps.ingest import IngestError
     from steps.modeling import ModelConfig, resolve_device
-    from steps.select import SelectConfig, select_from_file
+    from steps.select import SelectConfig, load_prior, select_from_file
 
     try:
         config = SelectConfig(selector=selector, budget=budget, ridge=ridge, seed=seed)
         model_config = ModelConfig(name=model, device=device)  # type: ignore[arg-type]
+        prior_ref = None if prior is None else load_prior(prior, str(prior), "--prior")
         with tempfile.TemporaryDirectory(prefix="sift-select-") as work:
             ref = select_from_file(
                 str(data),
@@ -135,9 +145,12 @@ def select_command(
                 resolve_device(model_config.device),
                 prompt_field,
                 response_field,
+                prior_ref,
             )
             out.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(ref.selection_path, out)
+            # design.npy is what a later --prior reads beside the selection JSON
+            shutil.copyfile(ref.design_path, out.parent / "design.npy")
     except ValidationError as error:
         problems = "; ".join(f"--{e['loc'][0]}: {e['msg']}" for e in error.errors())
         console.print(f"[red]{problems}[/red]")
@@ -148,6 +161,7 @@ def select_command(
     console.print(
         f"{ref.examples} examples ({ref.loss_tokens} loss tokens) selected by "
         f"{ref.selector}; final objective {ref.objective:.4f} → {out}"
+        + (f" (trains on {ref.train_examples} with the prior's)" if prior is not None else "")
     )
 
 

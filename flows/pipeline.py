@@ -1,7 +1,9 @@
 """The main flow: ingest → validate → version → embed → select → fine-tune → evaluate →
 register → promote. Expensive steps are cached on their inputs (content hashes, configs),
 so an unchanged re-run is served from Prefect's cache and a new budget re-runs only
-select and what follows.
+select and what follows. With select.prior, selection warm-starts from an earlier run's
+design: a missing prior stops the run before anything is computed, one from another
+feature space (or too large for the budget) stops it at select, before fine-tuning.
 """
 
 from dataclasses import asdict, dataclass
@@ -16,13 +18,13 @@ from flows.caching import CACHED, key
 from flows.config import PipelineConfig, flat_params
 from flows.runtime import state_dir
 from steps import tracking
-from steps.embed import FeaturesRef, embed_pool
+from steps.embed import FeaturesRef, embed_pool, feature_space
 from steps.evaluate import EvalReport, evaluate, evaluate_registered
 from steps.finetune import ModelRef, NonFiniteLossError, finetune
 from steps.ingest import IngestResult, ingest, sources_fingerprint
 from steps.modeling import model_fingerprint, resolve_device, resolve_precision
-from steps.register import ModelVersionRef, promote, register_model
-from steps.select import SelectionRef, select_subset, selected_ids
+from steps.register import ModelVersionRef, champion_run, promote, register_model
+from steps.select import PriorRef, SelectionRef, load_prior, select_subset, selected_ids
 from steps.validate import raise_on_failure, validate
 from steps.version import DataVersion, data_at_rev, version_data
 
@@ -56,8 +58,11 @@ def embed_task(
 
 
 @task(name="select", cache_policy=CACHED, persist_result=True)
-def select_task(features, train_path, train_md5: str, config, out_dir) -> SelectionRef:
-    return select_subset(features, train_path, config, out_dir)
+def select_task(
+    features, train_path, train_md5: str, config, space: str, prior: PriorRef | None, out_dir
+) -> SelectionRef:
+    # prior carries its design's md5: another champion is another cache key
+    return select_subset(features, train_path, config, out_dir, space=space, prior=prior)
 
 
 def _not_diverged(task, task_run, state) -> bool:
@@ -101,6 +106,8 @@ class PipelineResult:
     quarantined: int
     selected_examples: int
     selected_tokens: int
+    train_examples: int  # selected + the prior's examples in the pool (select.prior)
+    prior_run: str
     eval_loss_base: float
     eval_loss_finetuned: float
     model_name: str
@@ -136,6 +143,45 @@ def pipeline(
     return result
 
 
+NO_CHAMPION = "none (no champion yet)"
+
+
+def _transient(task, task_run, state) -> bool:
+    """Retry I/O errors, not a ValueError naming a bad setting (retrying cannot fix it)."""
+    try:
+        state.result()
+    except ValueError:
+        return False
+    except BaseException:
+        return True
+    return True
+
+
+@task(
+    name="prior",
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=_transient,
+    cache_policy=NO_CACHE,
+)
+def resolve_prior(config: PipelineConfig, state: Path) -> tuple[PriorRef | None, str]:
+    """select.prior → the earlier run's selection to warm-start from (downloaded under
+    state/priors), and the select.prior_run tag: its run id, "none", or NO_CHAMPION when
+    select.prior=champion finds no champion yet (the first run of a schedule): a cold start."""
+    named = config.select.prior
+    if not named:
+        return None, "none"
+    source = champion_run(config.registry.model_name) if named == "champion" else named
+    if source is None:
+        print(
+            f"select.prior=champion: registry model {config.registry.model_name!r} has no "
+            "champion yet, so this run selects without a prior"
+        )
+        return None, NO_CHAMPION
+    selection_path = tracking.download_selection(source, state / "priors" / source, "select.prior")
+    return load_prior(selection_path, source, "select.prior"), source
+
+
 def _data(
     config: PipelineConfig, project_dir: Path, state: Path, run_id: str, data_rev: str | None
 ) -> tuple[IngestResult, DataVersion, int]:
@@ -168,6 +214,8 @@ def _steps(
     run_id: str,
     data_rev: str | None = None,
 ) -> PipelineResult:
+    prior, prior_run = resolve_prior(config, state)
+    tracking.log_tags(run_id, {"select.prior_run": prior_run})
     data, version, quarantined = _data(config, project_dir, state, run_id, data_rev)
     tracking.log_tags(
         run_id,
@@ -196,9 +244,12 @@ def _steps(
         data.train.path,
         version.train_md5,
         config.select,
-        state / "selections" / key(features, config.select),
+        feature_space(features, model_md5, config.embed),
+        prior,
+        state / "selections" / key(features, config.select, prior),
     )
     tracking.log_artifact(run_id, selection.selection_path, "selection")
+    tracking.log_artifact(run_id, selection.design_path, "selection")  # a later run's prior
     tracking.log_artifact(run_id, selection.plot_path, "selection")
     tracking.log_dataset(run_id, data.train.path, "train-pool", version.train_md5, "training")
     tracking.log_dataset(run_id, data.eval.path, "eval", version.eval_md5, "evaluation")
@@ -239,6 +290,7 @@ def _steps(
         run_id,
         {
             "select.examples": selection.examples,
+            "select.train_examples": selection.train_examples,
             "select.loss_tokens": selection.loss_tokens,
             "select.objective": selection.objective,
             "finetune.train_loss": tuned.train_loss,
@@ -263,6 +315,7 @@ def _steps(
             "mlflow.source_run": run_id,
             "select.selector": config.select.selector,
             "select.examples": str(selection.examples),
+            "select.prior_run": prior_run,
         },
     )
     promotion = promote(
@@ -279,6 +332,8 @@ def _steps(
         quarantined=quarantined,
         selected_examples=selection.examples,
         selected_tokens=selection.loss_tokens,
+        train_examples=selection.train_examples,
+        prior_run=prior_run,
         eval_loss_base=base_eval.loss,
         eval_loss_finetuned=tuned_eval.loss,
         model_name=version_ref.name,

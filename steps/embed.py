@@ -74,6 +74,19 @@ class FeaturesRef:
     tokens_per_second: float = 0.0  # of this pass (0 when every chunk came from disk)
 
 
+def feature_space(features: FeaturesRef, model_md5: str, config: EmbedConfig) -> str:
+    """Names the space the statistics live in: the model's weights, the stored width and, when
+    the states were sketched, the projection's seed.
+
+    Designs (Σ FᵀF) measured in different spaces cannot be added, so a selection records this
+    and a warm start (select.prior) refuses a prior whose space differs.
+    """
+    space = f"model={model_md5} width={features.dim}"
+    if features.dim < features.hidden_size:  # sketched: P depends on the seed
+        space += f" sketch_seed={config.sketch_seed}"
+    return space
+
+
 def load_pool(ref: FeaturesRef) -> FeaturePool:
     arrays = {
         name: np.load(Path(ref.features_dir) / f"{name}.npy", mmap_mode="r") for name in FILES

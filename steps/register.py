@@ -95,6 +95,21 @@ def _version(package: str) -> str:
     return version(package).split("+")[0]
 
 
+def champion_run(model_name: str) -> str | None:
+    """The MLflow run that trained model_name's current @champion; None while there is none
+    (no such registered model yet, or no version promoted)."""
+    client = MlflowClient()
+    try:
+        champion = client.get_model_version_by_alias(model_name, CHAMPION)
+    except mlflow.exceptions.MlflowException as error:
+        # A missing model or a missing alias means no champion yet; anything else is an error.
+        missing_alias = error.error_code == "INVALID_PARAMETER_VALUE" and "not found" in str(error)
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST" and not missing_alias:
+            raise
+        return None
+    return champion.tags.get("mlflow.source_run") or champion.run_id
+
+
 def promote(
     version: ModelVersionRef,
     challenger_loss: float,

@@ -1,6 +1,8 @@
 """Selection step: pick a training subset from the pool's statistics and record why.
 
-The math is in steps/selectors.py; this wraps it with budgets, ids and files.
+The math is in steps/selectors.py; this wraps it with budgets, ids and files, and with warm
+starts: an earlier selection's design V0 = Σ FᵀF (design.npy, written by every selection)
+joins the objective, log det(λI + V0 + V_S), so the new picks add what it lacks.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ import pandas as pd
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 from pydantic import BaseModel, ConfigDict, Field
 
-from steps.embed import EmbedConfig, FeaturesRef, embed_pool, load_pool
-from steps.ingest import IngestConfig, normalise, read_source, write_table
-from steps.modeling import ModelConfig
-from steps.selectors import DEFAULT_RIDGE, SELECTORS, select
+from steps.embed import EmbedConfig, FeaturesRef, embed_pool, feature_space, load_pool
+from steps.ingest import IngestConfig, file_md5, normalise, read_source, write_table
+from steps.modeling import ModelConfig, model_fingerprint
+from steps.selectors import DEFAULT_RIDGE, SELECTORS, FeaturePool, select
 
 
 class SelectConfig(BaseModel):
@@ -27,11 +29,35 @@ class SelectConfig(BaseModel):
     selector: str = "fisher"
     # A count of examples (>= 1), or a fraction of the pool (0 < budget < 1).
     # For fisher-per-token the count/fraction is of loss tokens, not examples.
+    # With a prior it counts new picks only, and a fraction is of the candidates left.
     budget: float = Field(default=0.1, gt=0)
     # Ridge λ in log det(λI + V_S): keeps the objective finite before d tokens are chosen;
     # small against hidden-state norms so it barely moves the picks once V_S is full rank.
     ridge: float = Field(default=DEFAULT_RIDGE, gt=0)
     seed: int = 0
+    # Warm start from what an earlier model was trained on: its design joins the objective,
+    # its examples are not picked again, and they are trained on again next to the new picks
+    # (fine-tuning always starts from the base model, so the new model must see them too).
+    # Fewer new examples reach the same objective; the training set grows with every run.
+    # "" = none (a cold start); "champion" = the run that trained registry.model_name's
+    # current @champion (a cold start while there is none yet); anything else = the MLflow
+    # run id of an earlier pipeline run. Its statistics must come from the same model,
+    # width and sketch seed (selection.json's feature_space).
+    prior: str = ""
+
+
+@dataclass(frozen=True)
+class PriorRef:
+    """An earlier selection to warm-start from: its selection.json and design.npy on disk.
+
+    design_md5 makes the prior's content part of any cache key built from this value.
+    """
+
+    source: str  # the MLflow run id it came from, or the file it was read from
+    setting: str  # what named it (select.prior, --prior): errors name it back
+    selection_path: str
+    design_path: str
+    design_md5: str
 
 
 @dataclass(frozen=True)
@@ -41,9 +67,11 @@ class SelectionRef:
     selection_path: str
     plot_path: str
     selector: str
-    examples: int
-    loss_tokens: int
-    objective: float
+    examples: int  # new picks
+    loss_tokens: int  # of the new picks
+    objective: float  # log det(λI + prior + V_S) after the last pick
+    design_path: str  # prior + Σ FᵀF of the new picks (float64, no ridge)
+    train_examples: int  # what fine-tuning trains on: the prior's examples in this pool + picks
 
 
 def resolve_budget(budget: float, total: int, field: str = "select.budget") -> int:
@@ -57,8 +85,21 @@ def resolve_budget(budget: float, total: int, field: str = "select.budget") -> i
 
 
 def select_subset(
-    features: FeaturesRef, train_path: str, config: SelectConfig, out_dir: Path
+    features: FeaturesRef,
+    train_path: str,
+    config: SelectConfig,
+    out_dir: Path,
+    *,
+    space: str = "",
+    prior: PriorRef | None = None,
 ) -> SelectionRef:
+    """Pick config.budget new examples, warm-started from `prior` when one is given.
+
+    space: steps.embed.feature_space of `features`, recorded in selection.json; a prior must
+    have been selected in the same space. The prior's examples found in this pool (by id) are
+    not candidates; train_ids lists them, in the prior's order, then the new picks. Writes
+    out_dir/selection.json, design.npy (prior + Σ FᵀF of the new picks) and the curve plot.
+    """
     if config.selector not in SELECTORS:
         raise ValueError(
             f"select.selector={config.selector!r} is unknown; choose one of {sorted(SELECTORS)}"
@@ -67,23 +108,40 @@ def select_subset(
     ids = pd.read_parquet(train_path, columns=["id"]).id.to_numpy()
     if len(ids) != pool.N:
         raise ValueError(f"{train_path} has {len(ids)} rows but the features hold {pool.N}")
+    start = _warm_start(prior, space, [str(i) for i in ids], pool, config.ridge)
+    keep = np.setdiff1d(np.arange(pool.N), start.rows)  # the candidates, ascending
     per_token = config.selector == "fisher-per-token"
-    total = int(pool.n_tokens.sum()) if per_token else pool.N
-    budget = resolve_budget(config.budget, total)
+    total = int(pool.n_tokens[keep].sum()) if per_token else len(keep)
+    budget = _new_budget(config, total, "loss tokens" if per_token else "examples", prior, start)
+    candidates = pool if len(keep) == pool.N else _sub_pool(pool, keep)
     chosen = select(
-        pool, budget, config.selector, ridge=config.ridge, seed=config.seed, progress=True
+        candidates,
+        budget,
+        config.selector,
+        ridge=config.ridge,
+        seed=config.seed,
+        prior=start.design if prior is not None else None,
+        progress=True,
     )
+    order = keep[chosen.order]  # candidate positions → pool rows
+    new_ids = [str(ids[i]) for i in order]
     out_dir.mkdir(parents=True, exist_ok=True)
+    design_path = out_dir / "design.npy"
+    np.save(design_path, _design(pool, order, start.design))
     record = {
         "selector": config.selector,
         "budget": budget,
         "ridge": config.ridge,
-        "ids": [str(ids[i]) for i in chosen.order],
-        "rows": [int(i) for i in chosen.order],  # positions in the pool table (file order)
+        "feature_space": space,
+        "ids": new_ids,
+        "rows": [int(i) for i in order],  # positions in the pool table (file order)
+        "train_ids": start.train_ids + new_ids,
+        "prior": start.summary,
         "gains": chosen.gains.tolist(),
-        "objective": chosen.objective.tolist(),
+        "objective": chosen.objective.tolist(),  # from f(prior) + the first gain
         "final_objective": float(chosen.objective[-1]),
-        "loss_tokens": int(pool.n_tokens[chosen.order].sum()),
+        "loss_tokens": int(pool.n_tokens[order].sum()),
+        "design_md5": file_md5(design_path),  # ties design.npy to this file (see load_prior)
     }
     selection_path = out_dir / "selection.json"
     selection_path.write_text(json.dumps(record))
@@ -93,14 +151,125 @@ def select_subset(
         selection_path=str(selection_path),
         plot_path=str(plot_path),
         selector=config.selector,
-        examples=len(chosen.order),
-        loss_tokens=int(pool.n_tokens[chosen.order].sum()),
-        objective=float(chosen.objective[-1]),
+        examples=len(order),
+        loss_tokens=record["loss_tokens"],
+        objective=record["final_objective"],
+        design_path=str(design_path),
+        train_examples=len(record["train_ids"]),
     )
 
 
 def selected_ids(selection: SelectionRef) -> list[str]:
-    return list(json.loads(Path(selection.selection_path).read_text())["ids"])
+    """What fine-tuning trains on: the prior's examples in the pool, then the new picks."""
+    return list(json.loads(Path(selection.selection_path).read_text())["train_ids"])
+
+
+def load_prior(selection_path: Path, source: str, setting: str) -> PriorRef:
+    """An earlier selection.json and the design.npy beside it, checked to belong together.
+
+    source: the run id or file it came from; setting: the knob that named it, for errors.
+    """
+    named = f"{setting}={source!r}"
+    if not selection_path.is_file():
+        raise ValueError(f"{named}: no selection file at {selection_path}")
+    try:
+        record = json.loads(selection_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"{named}: {selection_path} is not a selection.json") from None
+    fields = ("feature_space", "train_ids", "design_md5")
+    missing = [f for f in fields if f not in record] if isinstance(record, dict) else fields
+    if missing:
+        raise ValueError(
+            f"{named}: {selection_path} lacks {', '.join(missing)}: not a selection, or one "
+            "written before selections recorded their design; select again to warm-start"
+        )
+    design_path = selection_path.parent / "design.npy"
+    if not design_path.is_file():
+        raise ValueError(f"{named}: no design.npy beside {selection_path}")
+    design_md5 = file_md5(design_path)
+    if design_md5 != record["design_md5"]:
+        raise ValueError(
+            f"{named}: {design_path} (md5 {design_md5}) is not the design this selection "
+            f"wrote (md5 {record['design_md5']}); was it overwritten by another selection?"
+        )
+    return PriorRef(source, setting, str(selection_path), str(design_path), design_md5)
+
+
+@dataclass(frozen=True)
+class _WarmStart:
+    design: np.ndarray  # V0 (d, d) float64; zeros without a prior
+    train_ids: list[str]  # the prior's train ids found in this pool, in its order
+    rows: np.ndarray  # their positions in the pool
+    summary: dict | None  # selection.json's "prior"
+
+
+def _warm_start(
+    prior: PriorRef | None, space: str, ids: list[str], pool: FeaturePool, ridge: float
+) -> _WarmStart:
+    if prior is None:
+        return _WarmStart(np.zeros((pool.d, pool.d)), [], np.empty(0, np.int64), None)
+    named = f"{prior.setting}={prior.source!r}"
+    record = json.loads(Path(prior.selection_path).read_text())
+    if not space:
+        raise ValueError(f"{named}: a warm start needs this pool's feature space to check")
+    if record["feature_space"] != space:
+        raise ValueError(
+            f"{named} was selected in feature space {record['feature_space']!r} but this pool's "
+            f"is {space!r} (another model, statistics width or sketch seed): its design "
+            "cannot be added to these statistics"
+        )
+    design = np.load(prior.design_path).astype(np.float64)
+    if design.shape != (pool.d, pool.d):
+        raise ValueError(
+            f"{named}: design.npy has shape {design.shape}; this pool's statistics are "
+            f"{pool.d} wide, so it must be ({pool.d}, {pool.d})"
+        )
+    row_of = {example_id: row for row, example_id in enumerate(ids)}
+    in_pool = [i for i in record["train_ids"] if i in row_of]
+    _, objective = np.linalg.slogdet(ridge * np.eye(pool.d) + design)
+    summary = {
+        "source": prior.source,
+        "examples": len(record["train_ids"]),
+        "in_pool": len(in_pool),
+        "objective": float(objective),  # log det(λI + V0): where this curve starts
+    }
+    rows = np.array([row_of[i] for i in in_pool], dtype=np.int64)
+    return _WarmStart(design, in_pool, rows, summary)
+
+
+def _new_budget(
+    config: SelectConfig, total: int, unit: str, prior: PriorRef | None, start: _WarmStart
+) -> int:
+    """resolve_budget over the candidates; when the prior's exclusions leave too few, say so."""
+    if prior is not None and len(start.rows) and (total == 0 or config.budget > total):
+        raise ValueError(
+            f"select.budget={config.budget:g} asks for more new picks than the {total} "
+            f"candidate {unit} left: {prior.setting}={prior.source!r} already trained on "
+            f"{len(start.rows)} of this pool's examples, which are not picked again"
+        )
+    return resolve_budget(config.budget, total)
+
+
+def _sub_pool(pool: FeaturePool, keep: np.ndarray) -> FeaturePool:
+    """The pool restricted to the examples `keep` (their factors copied, in that order)."""
+    ranks = pool.ranks[keep]
+    starts = np.repeat(pool.offsets[keep] - np.cumsum(ranks) + ranks, ranks)
+    return FeaturePool(
+        factors=pool.factors[starts + np.arange(int(ranks.sum()))],
+        offsets=np.concatenate([[0], np.cumsum(ranks)]).astype(np.int64),
+        pooled=pool.pooled[keep],
+        n_tokens=pool.n_tokens[keep],
+        base_loss=None if pool.base_loss is None else pool.base_loss[keep],
+    )
+
+
+def _design(pool: FeaturePool, rows: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """prior + Σ_{i∈rows} F_iᵀF_i in float64, no ridge: the next warm start's V0."""
+    design = prior.copy()
+    for i in rows:
+        factor = pool.factors[pool.offsets[i] : pool.offsets[i + 1]].astype(np.float64)
+        design += factor.T @ factor
+    return design
 
 
 def _plot_objective(objective: np.ndarray, selector: str, path: Path) -> None:
@@ -123,12 +292,15 @@ def select_from_file(
     device: str,
     prompt_field: str = "prompt",
     response_field: str = "response",
+    prior: PriorRef | None = None,
 ) -> SelectionRef:
     """Selection without the pipeline: a JSONL/JSON/CSV/Parquet/text file (prompt/response
-    fields, or one `text` field) → embed with `model` → pick with `config`.
+    fields, or one `text` field) → embed with `model` → pick with `config`, warm-started
+    from `prior` when given (an earlier selection over the same model's statistics).
 
     Writes work_dir/selection.json: ids (content hashes) and rows (file order) in pick order,
-    per-pick gains, the objective curve and final_objective = log det(λI + V_S).
+    train_ids (the prior's examples in this file, then the picks), per-pick gains, the
+    objective curve and final_objective = log det(λI + V0 + V_S); and design.npy beside it.
     """
     fields = IngestConfig(
         source=data_path, prompt_field=prompt_field, response_field=response_field
@@ -138,5 +310,7 @@ def select_from_file(
     work_dir.mkdir(parents=True, exist_ok=True)
     table_path = work_dir / "pool.parquet"
     write_table(table, table_path)
-    features = embed_pool(str(table_path), model, EmbedConfig(), work_dir / "features", device)
-    return select_subset(features, str(table_path), config, work_dir)
+    embed = EmbedConfig()
+    features = embed_pool(str(table_path), model, embed, work_dir / "features", device)
+    space = feature_space(features, model_fingerprint(model), embed)
+    return select_subset(features, str(table_path), config, work_dir, space=space, prior=prior)

@@ -16,6 +16,7 @@ import mlflow
 import pandas as pd
 from mlflow.data.pandas_dataset import from_pandas
 from mlflow.entities import RunStatus
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel, ConfigDict
 
@@ -118,6 +119,32 @@ def log_tags(run_id: str, tags: dict[str, str]) -> None:
 
 def log_artifact(run_id: str, path: str, artifact_dir: str | None = None) -> None:
     MlflowClient().log_artifact(run_id, path, artifact_dir)
+
+
+def download_selection(run_id: str, dst_dir: Path, setting: str) -> Path:
+    """An earlier pipeline run's selection/ artifacts (selection.json, design.npy) into
+    dst_dir; returns the selection.json path. ValueError naming `setting` when the run is
+    missing or has no design.npy (runs from before selections recorded their design)."""
+    client = MlflowClient()
+    try:
+        client.get_run(run_id)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise ValueError(
+            f"{setting}={run_id!r}: no such MLflow run at {mlflow.get_tracking_uri()}"
+        ) from None
+    logged = {Path(a.path).name for a in client.list_artifacts(run_id, "selection")}
+    if not {"selection.json", "design.npy"} <= logged:
+        raise ValueError(
+            f"{setting}={run_id!r}: the run has no selection/design.npy to warm-start from "
+            f"(it logged {sorted(logged) or 'no selection'}; runs from before selections "
+            "recorded their design cannot be priors)"
+        )
+    local = mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path="selection", dst_path=str(dst_dir)
+    )
+    return Path(local) / "selection.json"
 
 
 def log_dataset(run_id: str, table_path: str, name: str, digest: str, context: str) -> None:

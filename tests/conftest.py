@@ -33,6 +33,28 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
     return path
 
 
+def write_pool_features(out_dir: Path, n: int = 40, d: int = 6, seed: int = 0):
+    """A small random pool on disk as the embed step leaves it (FILES + a table of ids
+    ex-0..ex-{n-1}): what select_subset reads. Returns (FeaturesRef, table path)."""
+    import numpy as np
+    import pandas as pd
+
+    from steps.embed import FILES, FeaturesRef
+    from steps.selectors import pool_from_tokens
+
+    rng = np.random.default_rng(seed)
+    states = [rng.standard_normal((int(t), d)) for t in rng.integers(1, 3 * d, size=n)]
+    pool = pool_from_tokens(states, base_loss=rng.random(n).astype(np.float32))
+    features_dir = out_dir / "features"
+    features_dir.mkdir(parents=True)
+    for name in FILES:
+        np.save(features_dir / f"{name}.npy", getattr(pool, name))
+    table_path = out_dir / "pool.parquet"
+    pd.DataFrame({"id": [f"ex-{i}" for i in range(n)]}).to_parquet(table_path)
+    tokens = int(pool.n_tokens.sum())
+    return FeaturesRef(str(features_dir), n, d, tokens, 0.0, hidden_size=d), str(table_path)
+
+
 @pytest.fixture(scope="session")
 def gsm8k_train() -> list[dict]:
     return read_jsonl(GSM8K_DIR / "train.jsonl", 80)

@@ -53,3 +53,49 @@ def test_select_alone_writes_ordered_ids_gains_and_objective(project: Path, tmp_
 
     too_many = runner.invoke(app, [*args[:7], "--budget", "500", *args[9:]])
     assert too_many.exit_code == 2 and "need 1..80" in too_many.output
+
+
+def _select_args(project: Path, out: Path, budget: int, *extra: str) -> list[str]:
+    return [
+        "select",
+        "--data",
+        str(project / "raw" / "train.jsonl"),
+        "--out",
+        str(out),
+        "--model",
+        str(MODEL_DIR),
+        "--budget",
+        str(budget),
+        "--prompt-field",
+        "question",
+        "--response-field",
+        "answer",
+        "--device",
+        "cpu",
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_select_with_prior_excludes_and_keeps_the_earlier_picks(project: Path, tmp_path: Path):
+    first_out, warm_out = tmp_path / "first" / "picked.json", tmp_path / "warm" / "picked.json"
+    first = runner.invoke(app, _select_args(project, first_out, 8))
+    assert first.exit_code == 0, first.output
+    assert (first_out.parent / "design.npy").exists()
+    warm = runner.invoke(app, _select_args(project, warm_out, 5, "--prior", str(first_out)))
+    assert warm.exit_code == 0, warm.output
+    before, after = json.loads(first_out.read_text()), json.loads(warm_out.read_text())
+    assert len(after["ids"]) == 5 and not set(after["ids"]) & set(before["ids"])
+    assert after["train_ids"] == before["ids"] + after["ids"]
+    assert after["feature_space"] == before["feature_space"]
+    assert after["prior"]["source"] == str(first_out) and after["prior"]["in_pool"] == 8
+    assert after["objective"][0] - after["gains"][0] == pytest.approx(after["prior"]["objective"])
+
+
+def test_select_with_a_missing_prior_exits_2_naming_it(project: Path, tmp_path: Path):
+    missing = tmp_path / "nowhere" / "selection.json"
+    result = runner.invoke(
+        app, _select_args(project, tmp_path / "o.json", 8, "--prior", str(missing))
+    )
+    assert result.exit_code == 2 and "--prior" in result.output
+    assert not (tmp_path / "o.json").exists()

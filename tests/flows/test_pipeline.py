@@ -1,5 +1,6 @@
 """The whole flow on a small real slice, with the real Prefect API, MLflow, DVC and GX."""
 
+import json
 from pathlib import Path
 
 import mlflow
@@ -55,7 +56,14 @@ def _run(config, project: Path):
     return state.result(), _task_states(state.state_details.flow_run_id)
 
 
-def test_pipeline_end_to_end_then_cached_then_new_budget(prefect_harness, project: Path):
+def _selection(client: MlflowClient, run_id: str, out_dir: Path) -> dict:
+    path = client.download_artifacts(run_id, "selection/selection.json", str(out_dir))
+    return json.loads(Path(path).read_text())
+
+
+def test_pipeline_end_to_end_then_cached_then_new_budget_then_warm_start(
+    prefect_harness, project: Path, tmp_path_factory
+):
     config = _config(project)
     first, states = _run(config, project)
     assert all(states[name] == {"Completed"} for name in EXPENSIVE), states
@@ -74,7 +82,8 @@ def test_pipeline_end_to_end_then_cached_then_new_budget(prefect_harness, projec
         run.data.tags["dvc.eval_md5"][:36],
     }
     artifacts = {a.path for a in client.list_artifacts(first.run_id, "selection")}
-    assert "selection/selection.json" in artifacts
+    assert {"selection/selection.json", "selection/design.npy"} <= artifacts
+    assert run.data.tags["select.prior_run"] == "none"
     generator = mlflow.transformers.load_model("models:/sift-test@champion")
     assert generator.model.config.hidden_size == 64
     assert str(client.get_model_version_by_alias("sift-test", "challenger").version) == "1"
@@ -88,6 +97,29 @@ def test_pipeline_end_to_end_then_cached_then_new_budget(prefect_harness, projec
     assert states["ingest"] == {"Cached"} and states["embed"] == {"Cached"}
     assert states["select"] == {"Completed"} and states["finetune"] == {"Completed"}
     assert cheaper.model_version == "2" and cheaper.selected_examples == 40
+
+    # Warm start from whichever version is champion now: its examples are not picked again,
+    # and lead what the new model trains on (fine-tuning starts from the base model).
+    downloads = tmp_path_factory.mktemp("selections")
+    champion = client.get_model_version_by_alias("sift-test", "champion")
+    champion_run = champion.tags["mlflow.source_run"]
+    before = _selection(client, champion_run, downloads / "champion")
+    warm, states = _run(_config(project, "select.prior=champion", "select.budget=10"), project)
+    assert states["embed"] == {"Cached"} and states["select"] == {"Completed"}
+    after = _selection(client, warm.run_id, downloads / "warm")
+    assert not set(after["ids"]) & set(before["train_ids"])
+    assert after["train_ids"] == before["train_ids"] + after["ids"]
+    assert after["prior"]["source"] == champion_run == warm.prior_run
+    assert warm.selected_examples == 10
+    assert warm.train_examples == len(before["train_ids"]) + 10
+    run = client.get_run(warm.run_id)
+    assert run.data.tags["select.prior_run"] == champion_run
+    assert run.data.metrics["select.train_examples"] == warm.train_examples
+    assert "selection/design.npy" in {
+        a.path for a in client.list_artifacts(warm.run_id, "selection")
+    }
+    version = client.get_model_version("sift-test", warm.model_version)
+    assert version.tags["select.prior_run"] == champion_run
 
 
 def test_invalid_data_stops_before_anything_downstream(prefect_harness, project: Path):

@@ -53,8 +53,8 @@ def test_a_retried_finetune_task_resumes(prefect_harness, gsm8k_train, tmp_path:
     import threading
 
     train_path, ids = write_train_table(gsm8k_train[:24], tmp_path / "train.parquet")
-    (tmp_path / "selection.json").write_text(json.dumps({"ids": ids}))
-    selection = SelectionRef(str(tmp_path / "selection.json"), "", "uniform", 24, 0, 0.0)
+    (tmp_path / "selection.json").write_text(json.dumps({"ids": ids, "train_ids": ids}))
+    selection = SelectionRef(str(tmp_path / "selection.json"), "", "uniform", 24, 0, 0.0, "", 24)
     run_id = new_run_id("finetune-retry")
     config = FinetuneConfig(epochs=4, batch_size=4, logging_steps=1, checkpoint_steps=4)
     out_dir = tmp_path / "model"
