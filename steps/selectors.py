@@ -7,7 +7,8 @@ Pure math over numpy arrays, no I/O. From docs/fishersft.md, the objective is
 where F_i^T F_i = sum_j x_ij x_ij^T sums the pre-logit hidden states of example i's
 loss-bearing tokens. f is monotone submodular, so greedy is within (1 - 1/e) of the best
 set of the same size. `fisher` is the paper's "greedy with cached gains" (lazy greedy),
-its cached bounds tightened by a cheap trace bound before any exact re-evaluation, and
+its cached bounds tightened by a trace bound and then a Fischer-inequality bound before any
+exact re-evaluation, and
 `plain_greedy_fisher` the reference that recomputes every gain at every step (with the same
 batched gain evaluation); both pick the same examples. The compared selectors' pick
 orders live in selectors_baselines.py.
@@ -43,7 +44,7 @@ _CHUNK_ROWS = 8192  # factor rows per batched gain evaluation: ~100 MB of tempor
 _LAZY_BATCH = 16  # stale heap entries re-evaluated at once: 8-32 measured equal, 1 is 1.6x slower
 _BOUND_BATCH = 32  # stale entries whose trace bound is computed at once (d^2 flops each)
 _GRAM_MIN_RANK = 0.5  # examples with r >= this * d get their gain from a d x d Cholesky
-_GRAM_CACHE_BYTES = 2 * 2**30  # float64 Grams of the high-rank examples kept when this fits
+_GRAM_CACHE_BYTES = 2 * 2**30  # packed float64 Grams of high-rank examples kept if this fits
 _BOUND_SLACK = 1e-6  # relative (and absolute) inflation of the cheap bound on a gain
 _HEAD_ROWS = 8  # largest factor rows per example in the exact (Fischer) head of a bound
 _GROW_MAX_D = 128  # widest d whose lazy batches grow within a step (see _best_score)
@@ -269,8 +270,9 @@ class _Design:
     and plain greedy compute bit-identical gains for the same example and V:
     - low rank (r < _GRAM_MIN_RANK * d): log det(I_r + F V^{-1} F^T), 2 r d^2 + 2 r^2 d flops;
     - high rank: log det(V + G) - log det V with G = F^T F, one batched d x d Cholesky
-      (d^3 / 3 flops). G comes from a cache of the pool's high-rank Grams built once when
-      it fits in _GRAM_CACHE_BYTES, else is formed on the fly (2 r d^2 more flops).
+      (d^3 / 3 flops). G comes from a cache of the pool's high-rank Grams (upper triangles)
+      built once when it fits in _GRAM_CACHE_BYTES, else is formed on the fly (2 r d^2 more
+      flops). Only cached examples get cheap bounds (see bounds).
     """
 
     def __init__(self, pool: FeaturePool, ridge: float, prior: Array, threads: int = 1) -> None:
@@ -294,7 +296,7 @@ class _Design:
         self._off_diagonal = ~np.eye(pool.d, dtype=bool)[upper]
         self._version = 0  # picks so far: keys the packed weights of V^{-1}
         self._weights: tuple[int, Array] = (-1, np.empty(0))
-        self._head: Array | None = None  # (N, m, d) largest rows, zero-padded
+        self._head: Array | None = None  # (cached, m, d) largest rows by slot, zero-padded
         self._head_rows = np.zeros(pool.N, dtype=np.int64)  # m_i = min(m, r_i) real rows
         self._cache_built = False  # built on the first gain or bound: add() never needs it
 
@@ -302,7 +304,7 @@ class _Design:
         self._cache_built = True
         pool = self.pool
         high = np.flatnonzero(self._by_gram)
-        if len(high) and len(high) * pool.d**2 * 8 <= _GRAM_CACHE_BYTES:
+        if len(high) and len(high) * len(self._upper) * 8 <= _GRAM_CACHE_BYTES:
             self._packed = np.empty((len(high), len(self._upper)))
             high = high[np.argsort(pool.ranks[high], kind="stable")]  # equal ranks adjacent
             self._gram_slot[high] = np.arange(len(high))
