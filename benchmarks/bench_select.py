@@ -1,32 +1,38 @@
-"""Time and memory of FisherSFT selection on synthetic pools; prints markdown tables.
+"""Time and memory of FisherSFT selection on synthetic and real pools; prints markdown tables.
 
     python benchmarks/bench_select.py --quick          # about a minute
     python benchmarks/bench_select.py                  # d=64, N=5000, k=500 (+ 2N) and d=768
     python benchmarks/bench_select.py --straightforward  # + the slogdet-loop reference (slow)
 
 1. `fisher` (lazy greedy) against `plain_greedy_fisher` in the same process, asserting they
-   pick the same examples. 2. `fisher` as N doubles with k = N/10. 3. d=768: exact `fisher`
-   against `fisher` on random-projection sketches (`project`), scored by the exact objective.
+   pick the same examples, on a synthetic pool and on the real GSM8K pool embedded by
+   stories260K (`--gsm8k N` rows, 2,000 by default, k = N/10). 2. `fisher` as N doubles with
+   k = N/10. 3. d=768: exact `fisher` against `fisher` on random-projection sketches
+   (`project`), scored by the exact objective.
 4. At scale (child process, its own peak RSS): N=100k, d=768, k=10k from the statistics the
    embed step keeps with EmbedConfig(sketch_dim=64, max_rank=16).
-Pools: T ~ U[64, 256] loss tokens per example; states = (example mean + token noise) under a
-power-law spectrum (1 + j)^-0.75, rotated by one of 16 random "topic" bases. Seconds are from an
-untraced call; peak memory is tracemalloc's peak over a second call (numpy buffers included),
-on top of the pool itself (for plain greedy, a call with k/20: its memory does not grow).
+Synthetic pools: T ~ U[64, 256] loss tokens per example; states = (example mean + token noise)
+under a power-law spectrum (1 + j)^-0.75, rotated by one of 16 random "topic" bases. Seconds
+are from an untraced call; peak memory is tracemalloc's peak over a second call (numpy buffers
+included), on top of the pool itself (for plain greedy, a call with k/20: its memory does not
+grow).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 
@@ -40,6 +46,8 @@ from steps.selectors import (
     select,
 )
 from steps.selectors_baselines import first_best
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def synthetic_pool(n: int, d: int, seed: int, topics: int = 16) -> FeaturePool:
@@ -143,8 +151,10 @@ def measure(run: Callable[[], Selection], memory_run: Callable[[], Selection] | 
     return Run(selection, seconds, peak / 2**20, counter[0])
 
 
-def compare_lazy_with_plain(n: int, d: int, k: int, straightforward: bool) -> None:
-    pool = synthetic_pool(n, d, seed=0)
+def compare_lazy_with_plain(
+    pool: FeaturePool, k: int, straightforward: bool, title: str = "synthetic"
+) -> None:
+    n, d = pool.N, pool.d
     threads = selectors.default_threads()
     lazy = measure(lambda: select(pool, k, "fisher", threads=threads))
     lazy_1 = measure(lambda: select(pool, k, "fisher", threads=1))
@@ -160,7 +170,7 @@ def compare_lazy_with_plain(n: int, d: int, k: int, straightforward: bool) -> No
     naive = straightforward_greedy(pool, k, DEFAULT_RIDGE) if straightforward else None
     naive_seconds = time.perf_counter() - start
     same = "not run" if naive is None else str(np.array_equal(naive, lazy.selection.order))
-    print(f"\n## fisher (lazy) vs plain greedy: N={n}, d={d}, k={k}\n")
+    print(f"\n## fisher (lazy) vs plain greedy, {title} pool: N={n}, d={d}, k={k}\n")
     print("| method | threads | seconds | peak MB | gain evals / pick | f(S_k) | same picks |")
     print("|---|---:|---:|---:|---:|---:|---|")
     rows = [
@@ -183,6 +193,25 @@ def compare_lazy_with_plain(n: int, d: int, k: int, straightforward: bool) -> No
             f"speed-up over the straightforward loop: {naive_seconds / lazy.seconds:.1f}x "
             f"({threads} threads), {naive_seconds / lazy_1.seconds:.1f}x (1 thread)"
         )
+
+
+def gsm8k_pool(n: int) -> FeaturePool:
+    """The statistics the embed step keeps for the first n GSM8K training examples under
+    stories260K (both bundled in assets/): real hidden states, d=64, T = answer tokens."""
+    from steps.embed import EmbedConfig, embed_pool, load_pool
+    from steps.ingest import IngestConfig, normalise, read_source, write_table
+    from steps.modeling import ModelConfig
+
+    source = REPO / "assets/data/gsm8k/train.jsonl"
+    fields = IngestConfig(source=str(source), prompt_field="question", response_field="answer")
+    table = normalise(read_source(str(source), "train", None, REPO), fields, str(source), "train")
+    with tempfile.TemporaryDirectory() as work:
+        path = Path(work) / "pool.parquet"
+        write_table(table.head(n), path)
+        model = ModelConfig(name=str(REPO / "assets/models/stories260K"))
+        features = embed_pool(str(path), model, EmbedConfig(), Path(work) / "features", "cpu")
+        pool = load_pool(features)
+        return dataclasses.replace(pool, factors=np.array(pool.factors))  # off the temp dir
 
 
 def scale_lazy(n: int, d: int) -> None:
@@ -253,6 +282,9 @@ def main() -> None:
     parser.add_argument("--d", type=int, default=64, help="hidden size for lazy vs plain")
     parser.add_argument("--k", type=int, default=500, help="budget for lazy vs plain")
     parser.add_argument("--n-768", type=int, default=1000, help="pool size of the d=768 run")
+    parser.add_argument(
+        "--gsm8k", type=int, default=2000, help="real pool: first N bundled GSM8K rows (0: skip)"
+    )
     parser.add_argument("--quick", action="store_true", help="small sizes, about a minute")
     parser.add_argument("--n-large", type=int, default=100_000, help="pool of the at-scale run")
     parser.add_argument("--large-only", action="store_true", help=argparse.SUPPRESS)
@@ -264,10 +296,15 @@ def main() -> None:
         large_pool(args.n_large, 768, 64, 16)
         return
     if args.quick:
-        args.n, args.k, args.n_768 = 1000, 100, 300
+        args.n, args.k, args.n_768, args.gsm8k = 1000, 100, 300, 300
     threads = os.environ.get("OPENBLAS_NUM_THREADS", "unset")
     print(f"# bench_select ({os.cpu_count()} CPUs, OPENBLAS_NUM_THREADS={threads})")
-    compare_lazy_with_plain(args.n, args.d, args.k, args.straightforward)
+    compare_lazy_with_plain(synthetic_pool(args.n, args.d, seed=0), args.k, args.straightforward)
+    if args.gsm8k:
+        pool = gsm8k_pool(args.gsm8k)
+        t = pool.n_tokens
+        title = f"GSM8K / stories260K (T = {t.min()}-{t.max()}, median {np.median(t):.0f})"
+        compare_lazy_with_plain(pool, args.gsm8k // 10, args.straightforward, title)
     scale_lazy(args.n, args.d)
     compare_sketches(args.n_768, 768, args.n_768 // 10, [64, 128, 256])
     max_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
