@@ -200,15 +200,20 @@ def gsm8k_pool(n: int) -> FeaturePool:
     stories260K (both bundled in assets/): real hidden states, d=64, T = answer tokens."""
     from steps.embed import EmbedConfig, embed_pool, load_pool
     from steps.ingest import IngestConfig, normalise, read_source, write_table
-    from steps.modeling import ModelConfig
+    from steps.modeling import IGNORE_INDEX, ModelConfig, encode_examples, load_tokenizer
 
     source = REPO / "assets/data/gsm8k/train.jsonl"
     fields = IngestConfig(source=str(source), prompt_field="question", response_field="answer")
     table = normalise(read_source(str(source), "train", None, REPO), fields, str(source), "train")
+    model = ModelConfig(name=str(REPO / "assets/models/stories260K"))
+    encoded = encode_examples(
+        load_tokenizer(model), list(table.prompt), list(table.response), model
+    )
+    # as the pipeline's validation does: drop prompts that leave no response token in context
+    trainable = [any(t != IGNORE_INDEX for t in e.labels[1:]) for e in encoded]
     with tempfile.TemporaryDirectory() as work:
         path = Path(work) / "pool.parquet"
-        write_table(table.head(n), path)
-        model = ModelConfig(name=str(REPO / "assets/models/stories260K"))
+        write_table(table[trainable].head(n), path)
         features = embed_pool(str(path), model, EmbedConfig(), Path(work) / "features", "cpu")
         pool = load_pool(features)
         return dataclasses.replace(pool, factors=np.array(pool.factors))  # off the temp dir

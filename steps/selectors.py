@@ -35,6 +35,7 @@ from functools import cache, cached_property
 
 import numpy as np
 from numpy.typing import NDArray
+from threadpoolctl import ThreadpoolController
 from tqdm import tqdm
 
 from steps.selectors_baselines import PICK_ORDERS, PickOrder, first_best, tie_floor
@@ -370,10 +371,15 @@ class _Design:
         if self.threads < 2 or len(examples) < _PARALLEL_MIN:
             return compute(examples, *per_example)
         parts = np.array_split(np.arange(len(examples)), min(self.threads, len(examples)))
-        done = _executor(self.threads).map(
-            lambda part: compute(examples[part], *(a[part] for a in per_example)), parts
-        )
-        return np.concatenate(list(done))
+        # One BLAS thread per worker: OpenBLAS's own threads on top oversubscribe the cores
+        # (measured 8% slower than one thread when OPENBLAS_NUM_THREADS is unset).
+        with _blas_controller().limit(limits=1, user_api="blas"):
+            done = list(
+                _executor(self.threads).map(
+                    lambda part: compute(examples[part], *(a[part] for a in per_example)), parts
+                )
+            )
+        return np.concatenate(done)
 
     def gains(self, examples: NDArray[np.int64]) -> Array:
         """The log det increase of V + F_i^T F_i over V for each example, batched."""
@@ -512,6 +518,12 @@ class _Design:
         self.inverse = (self.inverse + self.inverse.T) / 2
         self._version += 1
         return gain
+
+
+@cache
+def _blas_controller() -> ThreadpoolController:
+    """The loaded BLAS libraries (numpy's OpenBLAS), found once."""
+    return ThreadpoolController()
 
 
 @cache
