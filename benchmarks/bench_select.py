@@ -6,7 +6,7 @@
 
 1. `fisher` (lazy greedy) against `plain_greedy_fisher` in the same process, asserting they
    pick the same examples, on a synthetic pool and on the real GSM8K pool embedded by
-   stories260K (`--gsm8k N` rows, 2,000 by default, k = N/10). 2. `fisher` as N doubles with
+   stories260K (`--gsm8k N` rows, 5,000 by default, k = N/10). 2. `fisher` as N doubles with
    k = N/10. 3. d=768: exact `fisher` against `fisher` on random-projection sketches
    (`project`), scored by the exact objective.
 4. At scale (child process, its own peak RSS): N=100k, d=768, k=10k from the statistics the
@@ -288,7 +288,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=500, help="budget for lazy vs plain")
     parser.add_argument("--n-768", type=int, default=1000, help="pool size of the d=768 run")
     parser.add_argument(
-        "--gsm8k", type=int, default=2000, help="real pool: first N bundled GSM8K rows (0: skip)"
+        "--gsm8k", type=int, default=5000, help="real pool: first N bundled GSM8K rows (0: skip)"
     )
     parser.add_argument("--quick", action="store_true", help="small sizes, about a minute")
     parser.add_argument("--n-large", type=int, default=100_000, help="pool of the at-scale run")
