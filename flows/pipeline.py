@@ -65,15 +65,19 @@ def select_task(
     return select_subset(features, train_path, config, out_dir, space=space, prior=prior)
 
 
-def _not_diverged(task, task_run, state) -> bool:
-    """Retry a failed fine-tune (it resumes from its last checkpoint), never a diverged one."""
-    try:
-        state.result()
-    except NonFiniteLossError:
-        return False
-    except BaseException:
+def _retry_unless(*final: type[BaseException]):
+    """A task's retry condition: retry any failure except these (a retry cannot fix them)."""
+
+    def condition(task, task_run, state) -> bool:
+        try:
+            state.result()
+        except final:
+            return False
+        except BaseException:
+            return True
         return True
-    return True
+
+    return condition
 
 
 @task(
@@ -81,7 +85,7 @@ def _not_diverged(task, task_run, state) -> bool:
     cache_policy=CACHED,
     persist_result=True,
     retries=1,
-    retry_condition_fn=_not_diverged,
+    retry_condition_fn=_retry_unless(NonFiniteLossError),  # resumes; a divergence won't
 )
 def finetune_task(
     train_path, train_md5, selection, model, model_md5, config, out_dir, device, precision, run_id
@@ -146,22 +150,11 @@ def pipeline(
 NO_CHAMPION = "none (no champion yet)"
 
 
-def _transient(task, task_run, state) -> bool:
-    """Retry I/O errors, not a ValueError naming a bad setting (retrying cannot fix it)."""
-    try:
-        state.result()
-    except ValueError:
-        return False
-    except BaseException:
-        return True
-    return True
-
-
 @task(
     name="prior",
     retries=2,
     retry_delay_seconds=5,
-    retry_condition_fn=_transient,
+    retry_condition_fn=_retry_unless(ValueError),  # a bad select.prior: no retry
     cache_policy=NO_CACHE,
 )
 def resolve_prior(config: PipelineConfig, state: Path) -> tuple[PriorRef | None, str]:

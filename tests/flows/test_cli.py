@@ -24,37 +24,6 @@ def test_show_config_prints_the_resolved_value():
     assert result.exit_code == 0 and "selector: uniform" in result.output
 
 
-@pytest.mark.slow
-def test_select_alone_writes_ordered_ids_gains_and_objective(project: Path, tmp_path: Path):
-    out = tmp_path / "picked.json"
-    args = [
-        "select",
-        "--data",
-        str(project / "raw" / "train.jsonl"),
-        "--out",
-        str(out),
-        "--model",
-        str(MODEL_DIR),
-        "--budget",
-        "8",
-        "--prompt-field",
-        "question",
-        "--response-field",
-        "answer",
-        "--device",
-        "cpu",
-    ]
-    result = runner.invoke(app, args)
-    assert result.exit_code == 0, result.output
-    picked = json.loads(out.read_text())
-    assert len(picked["ids"]) == len(set(picked["rows"])) == 8
-    assert picked["final_objective"] == pytest.approx(picked["objective"][-1])
-    assert all(a >= b - 1e-9 for a, b in zip(picked["gains"], picked["gains"][1:], strict=False))
-
-    too_many = runner.invoke(app, [*args[:7], "--budget", "500", *args[9:]])
-    assert too_many.exit_code == 2 and "need 1..80" in too_many.output
-
-
 def _select_args(project: Path, out: Path, budget: int, *extra: str) -> list[str]:
     return [
         "select",
@@ -74,6 +43,21 @@ def _select_args(project: Path, out: Path, budget: int, *extra: str) -> list[str
         "cpu",
         *extra,
     ]
+
+
+@pytest.mark.slow
+def test_select_alone_writes_ordered_ids_gains_and_objective(project: Path, tmp_path: Path):
+    out = tmp_path / "picked.json"
+    args = _select_args(project, out, 8)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    picked = json.loads(out.read_text())
+    assert len(picked["ids"]) == len(set(picked["rows"])) == 8
+    assert picked["final_objective"] == pytest.approx(picked["objective"][-1])
+    assert all(a >= b - 1e-9 for a, b in zip(picked["gains"], picked["gains"][1:], strict=False))
+
+    too_many = runner.invoke(app, _select_args(project, out, 500))
+    assert too_many.exit_code == 2 and "need 1..80" in too_many.output
 
 
 @pytest.mark.slow
