@@ -64,8 +64,15 @@ def run(
     → evaluate → register → promote."""
     resolved, root = _load(config, set_, project_dir)
     from flows.pipeline import pipeline, summary_rows  # imports Prefect: after the env is set
+    from steps.ingest import IngestError
 
-    result = pipeline(resolved, root, data_rev)
+    try:
+        result = pipeline(resolved, root, data_rev)
+    except (ValueError, IngestError) as error:
+        # A setting or the data at fault: the message names it (Prefect's log above has the
+        # traceback); the run stopped before anything downstream of the failure changed.
+        console.print(f"[red]sift run stopped: {error}[/red]")
+        raise typer.Exit(1) from None
     table = Table(title="Sift pipeline run", show_header=False)
     for name, value in summary_rows(result):
         table.add_row(name, value)

@@ -19,6 +19,19 @@ def test_run_rejects_an_unknown_key_before_doing_anything(tmp_path: Path):
     assert not (tmp_path / ".sift").exists()
 
 
+@pytest.mark.slow
+def test_run_with_an_unknown_prior_stops_with_one_line_naming_it(prefect_harness, project: Path):
+    store = f"sqlite:///{project / 'mlflow.db'}"
+    args = ["run", "--project-dir", str(project), "--set", f"tracking.tracking_uri={store}"]
+    sources = [f"data.source={project / 'raw' / 'train.jsonl'}", f"model.name={MODEL_DIR}"]
+    for override in [*sources, "select.prior=0123abcd"]:
+        args += ["--set", override]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1
+    assert "sift run stopped: select.prior='0123abcd': no such MLflow run" in result.output
+    assert not (project / "data").exists() and not (project / "data.dvc").exists()
+
+
 def test_show_config_prints_the_resolved_value():
     result = runner.invoke(app, ["show-config", "--set", "select.selector=uniform"])
     assert result.exit_code == 0 and "selector: uniform" in result.output
