@@ -21,7 +21,6 @@ grow).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import resource
 import subprocess
@@ -198,7 +197,7 @@ def compare_lazy_with_plain(
 def gsm8k_pool(n: int) -> FeaturePool:
     """The statistics the embed step keeps for the first n GSM8K training examples under
     stories260K (both bundled in assets/): real hidden states, d=64, T = answer tokens."""
-    from steps.embed import EmbedConfig, embed_pool, load_pool
+    from steps.embed import FILES, EmbedConfig, embed_pool, load_pool
     from steps.ingest import IngestConfig, normalise, read_source, write_table
     from steps.modeling import IGNORE_INDEX, ModelConfig, encode_examples, load_tokenizer
 
@@ -215,8 +214,8 @@ def gsm8k_pool(n: int) -> FeaturePool:
         path = Path(work) / "pool.parquet"
         write_table(table[trainable].head(n), path)
         features = embed_pool(str(path), model, EmbedConfig(), Path(work) / "features", "cpu")
-        pool = load_pool(features)
-        return dataclasses.replace(pool, factors=np.array(pool.factors))  # off the temp dir
+        pool = load_pool(features)  # memory-mapped from the temporary folder: copy it all
+        return FeaturePool(**{name: np.array(getattr(pool, name)) for name in FILES})
 
 
 def scale_lazy(n: int, d: int) -> None:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from steps.embed import EmbedConfig, FeaturesRef, embed_pool, feature_space, load_pool
 from steps.ingest import IngestConfig, file_md5, normalise, read_source, write_table
 from steps.modeling import ModelConfig, model_fingerprint
-from steps.selectors import DEFAULT_RIDGE, SELECTORS, FeaturePool, select
+from steps.selectors import DEFAULT_RIDGE, SELECTORS, FeaturePool, design_of, select
 
 
 class SelectConfig(BaseModel):
@@ -113,7 +113,7 @@ def select_subset(
     per_token = config.selector == "fisher-per-token"
     total = int(pool.n_tokens[keep].sum()) if per_token else len(keep)
     budget = _new_budget(config, total, "loss tokens" if per_token else "examples", prior, start)
-    candidates = pool if len(keep) == pool.N else _sub_pool(pool, keep)
+    candidates = pool if len(keep) == pool.N else pool.subset(keep)
     chosen = select(
         candidates,
         budget,
@@ -127,7 +127,7 @@ def select_subset(
     new_ids = [str(ids[i]) for i in order]
     out_dir.mkdir(parents=True, exist_ok=True)
     design_path = out_dir / "design.npy"
-    np.save(design_path, _design(pool, order, start.design))
+    np.save(design_path, start.design + design_of(pool, order))  # the next warm start's V0
     record = {
         "selector": config.selector,
         "budget": budget,
@@ -248,28 +248,6 @@ def _new_budget(
             f"{len(start.rows)} of this pool's examples, which are not picked again"
         )
     return resolve_budget(config.budget, total)
-
-
-def _sub_pool(pool: FeaturePool, keep: np.ndarray) -> FeaturePool:
-    """The pool restricted to the examples `keep` (their factors copied, in that order)."""
-    ranks = pool.ranks[keep]
-    starts = np.repeat(pool.offsets[keep] - np.cumsum(ranks) + ranks, ranks)
-    return FeaturePool(
-        factors=pool.factors[starts + np.arange(int(ranks.sum()))],
-        offsets=np.concatenate([[0], np.cumsum(ranks)]).astype(np.int64),
-        pooled=pool.pooled[keep],
-        n_tokens=pool.n_tokens[keep],
-        base_loss=None if pool.base_loss is None else pool.base_loss[keep],
-    )
-
-
-def _design(pool: FeaturePool, rows: np.ndarray, prior: np.ndarray) -> np.ndarray:
-    """prior + Σ_{i∈rows} F_iᵀF_i in float64, no ridge: the next warm start's V0."""
-    design = prior.copy()
-    for i in rows:
-        factor = pool.factors[pool.offsets[i] : pool.offsets[i + 1]].astype(np.float64)
-        design += factor.T @ factor
-    return design
 
 
 def _plot_objective(objective: np.ndarray, selector: str, path: Path) -> None:
