@@ -8,7 +8,7 @@ Both loops see the same tokenised examples and count real (unpadded) tokens per 
   torch.inference_mode — what one writes first;
 - plain loop on the pass's own length-sorted batches (same padding as the pass, no
   statistics): isolates the cost of forming the statistics;
-- the pass itself (steps.embed.embed_encoded): length-sorted batches, loss-token states,
+- the pass itself (steps.selection.embed.embed_encoded): length-sorted batches, loss-token states,
   factors and per-token losses, written to disk in chunks.
 Each is run twice and the faster run kept (the first warms caches and allocators).
 """
@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 
-from steps.embed import EmbedConfig, embed_encoded
 from steps.modeling import (
     Encoded,
     ModelConfig,
@@ -33,6 +32,7 @@ from steps.modeling import (
     load_tokenizer,
     pad_batch,
 )
+from steps.selection.embed import EmbedConfig, embed_encoded
 
 REPO = Path(__file__).resolve().parents[1]
 

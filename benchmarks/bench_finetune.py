@@ -7,7 +7,7 @@
 
 Same model, same GSM8K examples (prompt template, max_length, completion-only labels), same
 optimizer settings, seed, epochs and batch size, in one process, alternating repeats:
-  - step: steps.finetune.finetune as the flow calls it (length-grouped batches, checkpoints
+  - step: steps.training.finetune.finetune as the flow calls it (length-grouped batches, checkpoints
     every --checkpoint-steps, per-step MLflow logging into a throwaway SQLite store);
   - plain: Trainer + DataCollatorForSeq2Seq (pads labels with -100), random batches;
   - plain+grouped: the same with Trainer's own train_sampling_strategy="group_by_length".
@@ -79,8 +79,8 @@ def gsm8k_table(examples: int, path: Path) -> list[str]:
 
 
 def run_step(args, model_dir: Path, table: Path, ids: list[str], out_dir: Path, run_id: str):
-    from steps.finetune import FinetuneConfig, finetune
     from steps.modeling import ModelConfig
+    from steps.training.finetune import FinetuneConfig, finetune
 
     config = FinetuneConfig(
         epochs=args.epochs,

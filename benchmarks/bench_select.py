@@ -35,8 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
-from steps import selectors
-from steps.selectors import (
+from steps.selection import selectors
+from steps.selection.baselines import first_best
+from steps.selection.selectors import (
     DEFAULT_RIDGE,
     FeaturePool,
     Selection,
@@ -44,7 +45,6 @@ from steps.selectors import (
     project,
     select,
 )
-from steps.selectors_baselines import first_best
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -197,9 +197,9 @@ def compare_lazy_with_plain(
 def gsm8k_pool(n: int) -> FeaturePool:
     """The statistics the embed step keeps for the first n GSM8K training examples under
     stories260K (both bundled in assets/): real hidden states, d=64, T = answer tokens."""
-    from steps.embed import FILES, EmbedConfig, embed_pool, load_pool
-    from steps.ingest import IngestConfig, normalise, read_source, write_table
+    from steps.data.ingest import IngestConfig, normalise, read_source, write_table
     from steps.modeling import IGNORE_INDEX, ModelConfig, encode_examples, load_tokenizer
+    from steps.selection.embed import FILES, EmbedConfig, embed_pool, load_pool
 
     source = REPO / "assets/data/gsm8k/train.jsonl"
     fields = IngestConfig(source=str(source), prompt_field="question", response_field="answer")

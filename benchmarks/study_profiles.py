@@ -1,5 +1,5 @@
 """What each selector variant picks, without training: length, state norm, base-model loss,
-outlierness and held-out leverage (steps.study.selection_profile) for one budget.
+outlierness and held-out leverage (steps.study.study.selection_profile) for one budget.
 
 Reads two features folders written by the study's embed step (the pool and a held-out
 split of the TRAINING data, e.g. configs/study-tune.yaml's), so it costs seconds:
@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from steps.embed import FeaturesRef, load_pool
-from steps.selectors import FeaturePool, select
-from steps.study import length_normalised, parse_arm, selection_profile
+from steps.selection.embed import FeaturesRef, load_pool
+from steps.selection.selectors import FeaturePool, select
+from steps.study.study import length_normalised, parse_arm, selection_profile
 
 ARMS = [
     "uniform",

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from flows.config import ConfigError, PipelineConfig, load_config, resolve_paths
 from flows.runtime import configure_environment
-from steps.selectors import SELECTORS
+from steps.selection.selectors import SELECTORS
 
 app = typer.Typer(
     help="Sift: data-efficient supervised fine-tuning pipelines.",
@@ -64,7 +64,7 @@ def run(
     → evaluate → register → promote."""
     resolved, root = _load(config, set_, project_dir)
     from flows.pipeline import pipeline, summary_rows  # imports Prefect: after the env is set
-    from steps.ingest import IngestError
+    from steps.data.ingest import IngestError
 
     try:
         result = pipeline(resolved, root, data_rev)
@@ -135,9 +135,9 @@ def select_command(
 
     from pydantic import ValidationError
 
-    from steps.ingest import IngestError
+    from steps.data.ingest import IngestError
     from steps.modeling import ModelConfig, resolve_device
-    from steps.select import SelectConfig, load_prior, select_from_file
+    from steps.selection.select import SelectConfig, load_prior, select_from_file
 
     try:
         config = SelectConfig(selector=selector, budget=budget, ridge=ridge, seed=seed)
@@ -191,8 +191,8 @@ def validate_command(
         sources.append(f"data.eval_source={json.dumps(eval_data)}")
     resolved, root = _load(config, [*(set_ or []), *sources], project_dir)
     from flows.runtime import state_dir
-    from steps.ingest import IngestError
-    from steps.validate import DataValidationError, ingest_and_validate, raise_on_failure
+    from steps.data.ingest import IngestError
+    from steps.data.validate import DataValidationError, ingest_and_validate, raise_on_failure
 
     try:
         report = ingest_and_validate(
@@ -220,7 +220,7 @@ def study(
     """Data-efficiency study: selectors × budgets × seeds (select → fine-tune → evaluate) and
     the synthetic experiment; tables and plots to MLflow, Prefect and study.results_dir."""
     from flows.config import parse_override
-    from steps.study import StudyConfigError, load_study_config
+    from steps.study.study import StudyConfigError, load_study_config
 
     root = project_dir.resolve()
     try:

@@ -12,16 +12,16 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from steps import config_files
-from steps.embed import EmbedConfig
-from steps.evaluate import EvalConfig
-from steps.finetune import FinetuneConfig
-from steps.ingest import IngestConfig
+from steps.data.ingest import IngestConfig
+from steps.data.validate import ValidateConfig
+from steps.data.version import VersionConfig
+from steps.evaluation.evaluate import EvalConfig
 from steps.modeling import ModelConfig
-from steps.register import RegisterConfig
-from steps.select import SelectConfig
+from steps.registry.register import RegisterConfig
+from steps.selection.embed import EmbedConfig
+from steps.selection.select import SelectConfig
 from steps.tracking import TrackingConfig
-from steps.validate import ValidateConfig
-from steps.version import VersionConfig
+from steps.training.finetune import FinetuneConfig
 
 
 class PipelineConfig(BaseModel):

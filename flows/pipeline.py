@@ -18,15 +18,15 @@ from flows.caching import CACHED, key
 from flows.config import PipelineConfig, flat_params
 from flows.runtime import state_dir
 from steps import tracking
-from steps.embed import FeaturesRef, embed_pool, feature_space
-from steps.evaluate import EvalReport, evaluate, evaluate_registered
-from steps.finetune import ModelRef, NonFiniteLossError, finetune
-from steps.ingest import IngestResult, ingest, sources_fingerprint
+from steps.data.ingest import IngestResult, ingest, sources_fingerprint
+from steps.data.validate import raise_on_failure, validate
+from steps.data.version import DataVersion, data_at_rev, version_data
+from steps.evaluation.evaluate import EvalReport, evaluate, evaluate_registered
 from steps.modeling import model_fingerprint, resolve_device, resolve_precision
-from steps.register import ModelVersionRef, champion_run, promote, register_model
-from steps.select import PriorRef, SelectionRef, load_prior, select_subset, selected_ids
-from steps.validate import raise_on_failure, validate
-from steps.version import DataVersion, data_at_rev, version_data
+from steps.registry.register import ModelVersionRef, champion_run, promote, register_model
+from steps.selection.embed import FeaturesRef, embed_pool, feature_space
+from steps.selection.select import PriorRef, SelectionRef, load_prior, select_subset, selected_ids
+from steps.training.finetune import ModelRef, NonFiniteLossError, finetune
 
 
 # I/O against remotes (DVC push, the MLflow registry) can fail transiently: retry those.

@@ -19,15 +19,15 @@ from prefect.runtime import flow_run
 
 from flows.caching import CACHED, key
 from flows.runtime import state_dir
-from steps import study as lib
 from steps import tracking
-from steps.embed import FeaturesRef, embed_pool, load_pool
-from steps.evaluate import EvalReport, evaluate
-from steps.finetune import ModelRef, finetune
-from steps.ingest import IngestResult, ingest, source_fingerprint
+from steps.data.ingest import IngestResult, ingest, source_fingerprint
+from steps.evaluation.evaluate import EvalReport, evaluate
 from steps.modeling import model_fingerprint, resolve_device, resolve_precision
-from steps.select import SelectConfig, SelectionRef, select_subset, selected_ids
-from steps.synthetic import SyntheticConfig, run_synthetic
+from steps.selection.embed import FeaturesRef, embed_pool, load_pool
+from steps.selection.select import SelectConfig, SelectionRef, select_subset, selected_ids
+from steps.study import study as lib
+from steps.study.synthetic import SyntheticConfig, run_synthetic
+from steps.training.finetune import ModelRef, finetune
 
 METRICS = [
     "eval_loss",
@@ -309,7 +309,7 @@ def _trial(
 
 
 def _md5(path: str) -> str:
-    from steps.ingest import file_md5
+    from steps.data.ingest import file_md5
 
     return file_md5(Path(path))
 

@@ -160,7 +160,7 @@ def model_fingerprint(config: ModelConfig) -> str:
     """
     from pathlib import Path
 
-    from steps.ingest import file_md5
+    from steps.data.ingest import file_md5
 
     path = Path(config.name)
     if not path.is_dir():

@@ -39,8 +39,8 @@ def write_pool_features(out_dir: Path, n: int = 40, d: int = 6, seed: int = 0):
     import numpy as np
     import pandas as pd
 
-    from steps.embed import FILES, FeaturesRef
-    from steps.selectors import pool_from_tokens
+    from steps.selection.embed import FILES, FeaturesRef
+    from steps.selection.selectors import pool_from_tokens
 
     rng = np.random.default_rng(seed)
     states = [rng.standard_normal((int(t), d)) for t in rng.integers(1, 3 * d, size=n)]

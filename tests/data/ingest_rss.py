@@ -21,7 +21,7 @@ GSM8K_TRAIN = REPO / "assets" / "data" / "gsm8k" / "train.jsonl"
 CHILD = """
 import json, resource, sys, time
 from pathlib import Path
-from steps.ingest import IngestConfig, ingest
+from steps.data.ingest import IngestConfig, ingest
 source, project, out = sys.argv[1:4]
 start = time.perf_counter()
 config = IngestConfig(source=source, eval_source=source, eval_limit=10, allowed_roots=("/",))

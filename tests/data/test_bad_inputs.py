@@ -16,10 +16,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flows.config import load_config, resolve_paths
-from steps.ingest import IngestConfig, IngestError, file_md5, ingest
+from steps.data.ingest import IngestConfig, IngestError, file_md5, ingest
 from steps.modeling import ModelConfig
-from steps.validate import DataValidationError, ValidateConfig, raise_on_failure, validate
-from steps.version import VersionConfig, version_data
+from steps.data.validate import DataValidationError, ValidateConfig, raise_on_failure, validate
+from steps.data.version import VersionConfig, version_data
 from tests.conftest import GSM8K_DIR, MODEL_DIR, read_jsonl, write_jsonl
 
 pytestmark = pytest.mark.slow

@@ -12,9 +12,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flows.config import load_config, resolve_paths
-from steps.embed import embed_pool
-from steps.select import select_subset, selected_ids
-from steps.version import data_at_rev
+from steps.selection.embed import embed_pool
+from steps.selection.select import select_subset, selected_ids
+from steps.data.version import data_at_rev
 from tests.conftest import MODEL_DIR, write_jsonl
 
 pytestmark = pytest.mark.slow

@@ -50,7 +50,7 @@ def test_a_malformed_line_deep_in_a_large_file_is_named(tmp_path: Path):
     rows = write_jsonl(source, 8, SEED)
     with source.open("a") as handle:
         handle.write('{"question": "q", "answer": "a"\n')
-    from steps.ingest import IngestConfig, IngestError, ingest
+    from steps.data.ingest import IngestConfig, IngestError, ingest
 
     config = IngestConfig(source=str(source), eval_source=str(source), eval_limit=5)
     with pytest.raises(IngestError, match=rf"pool\.jsonl: line {rows + 1} is not valid JSON"):

@@ -6,10 +6,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from steps.ingest import IngestConfig, ingest
+from steps.data.ingest import IngestConfig, ingest
 from steps.modeling import ModelConfig
-from steps.validate import DataValidationError, ValidateConfig, raise_on_failure, validate
-from steps.version import VersionConfig, version_data
+from steps.data.validate import DataValidationError, ValidateConfig, raise_on_failure, validate
+from steps.data.version import VersionConfig, version_data
 from tests.conftest import MODEL_DIR, write_jsonl
 
 MODEL = ModelConfig(name=str(MODEL_DIR))
@@ -91,7 +91,7 @@ def test_dvc_tracks_data_and_pushes_to_a_local_remote(project: Path, tmp_path: P
 def test_chunked_validation_sums_failures_and_quarantines_across_chunks(
     project: Path, tmp_path: Path, gsm8k_train, monkeypatch
 ):
-    import steps.validate
+    import steps.data.validate
 
     bad = [dict(r) for r in gsm8k_train]
     bad[3]["answer"] = bad[50]["answer"] = ""
@@ -104,7 +104,7 @@ def test_chunked_validation_sums_failures_and_quarantines_across_chunks(
         tmp_path / "gx",
         tmp_path / "whole",
     )
-    monkeypatch.setattr(steps.validate, "CHUNK_ROWS", 7)  # 80 rows: 12 chunks
+    monkeypatch.setattr(steps.data.validate, "CHUNK_ROWS", 7)  # 80 rows: 12 chunks
     failed = validate(
         _staged(project, tmp_path / "b"),
         ValidateConfig(on_invalid="fail"),

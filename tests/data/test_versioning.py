@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from steps.ingest import IngestConfig, ingest
+from steps.data.ingest import IngestConfig, ingest
 from steps.modeling import ModelConfig
-from steps.validate import ValidateConfig, raise_on_failure, validate
-from steps.version import DataRevisionError, VersionConfig, data_at_rev, version_data
+from steps.data.validate import ValidateConfig, raise_on_failure, validate
+from steps.data.version import DataRevisionError, VersionConfig, data_at_rev, version_data
 from tests.conftest import MODEL_DIR, write_jsonl
 
 DVC = str(Path(sys.executable).parent / "dvc")  # the venv's, activated or not

@@ -125,7 +125,7 @@ def test_pipeline_end_to_end_then_cached_then_new_budget_then_warm_start(
 def test_invalid_data_stops_before_anything_downstream(prefect_harness, project: Path):
     (project / "raw" / "train.jsonl").write_text('{"question": "q", "answer": ""}\n' * 30)
     from flows.pipeline import pipeline
-    from steps.validate import DataValidationError
+    from steps.data.validate import DataValidationError
 
     with pytest.raises(DataValidationError, match="expect_column_value_lengths_to_be_between"):
         pipeline(_config(project, "registry.model_name=sift-invalid"), project)

@@ -9,7 +9,7 @@ from flows.config import load_config
 from flows.pipeline import NO_CHAMPION
 from flows.pipeline import resolve_prior as prior_task
 from steps import tracking
-from steps.select import SelectConfig, select_subset
+from steps.selection.select import SelectConfig, select_subset
 from tests.conftest import write_pool_features
 
 resolve_prior = prior_task.fn  # the step's body, without a Prefect flow run around it

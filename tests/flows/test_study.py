@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
 from flows.cli import app
-from steps.study import load_study_config
+from steps.study.study import load_study_config
 from tests.conftest import MODEL_DIR, REPO
 
 PNG = b"\x89PNG\r\n\x1a\n"

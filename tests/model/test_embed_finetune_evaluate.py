@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 import torch
 
-from steps.embed import EmbedConfig, embed_pool, load_pool
-from steps.evaluate import EvalConfig, evaluate
-from steps.finetune import FinetuneConfig, finetune
-from steps.ingest import IngestConfig, ingest
+from steps.data.ingest import IngestConfig, ingest
+from steps.evaluation.evaluate import EvalConfig, evaluate
 from steps.modeling import ModelConfig, encode_examples, load_model, load_tokenizer, pad_batch
+from steps.selection.embed import EmbedConfig, embed_pool, load_pool
+from steps.training.finetune import FinetuneConfig, finetune
 from tests.conftest import MODEL_DIR
 
 MODEL = ModelConfig(name=str(MODEL_DIR))

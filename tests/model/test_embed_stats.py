@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from steps.embed import FILES, EmbedConfig, embed_pool, load_pool
-from steps.ingest import IngestConfig, ingest, write_table
+from steps.data.ingest import IngestConfig, ingest, write_table
 from steps.modeling import ModelConfig
-from steps.selectors import fisher_objective, project, select
+from steps.selection.embed import FILES, EmbedConfig, embed_pool, load_pool
+from steps.selection.selectors import fisher_objective, project, select
 from tests.conftest import MODEL_DIR
 
 MODEL = ModelConfig(name=str(MODEL_DIR))

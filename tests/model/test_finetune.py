@@ -14,9 +14,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM
 
-from steps.evaluate import EvalConfig, evaluate
-from steps.finetune import FinetuneConfig, NonFiniteLossError, finetune, last_checkpoint
+from steps.evaluation.evaluate import EvalConfig, evaluate
 from steps.modeling import ModelConfig
+from steps.training.finetune import FinetuneConfig, NonFiniteLossError, finetune, last_checkpoint
 from tests.conftest import MODEL_DIR, REPO, new_run_id
 from tests.model.conftest import write_train_table
 
@@ -81,7 +81,7 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(train_table, tmp_path: Pa
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(_spec(path, ids, config, out_dir)))
     worker = subprocess.Popen(
-        [sys.executable, "-m", "steps.launch", str(spec_path)],
+        [sys.executable, "-m", "steps.training.launch", str(spec_path)],
         cwd=REPO,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
         stdout=subprocess.DEVNULL,

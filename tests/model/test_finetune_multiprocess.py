@@ -8,8 +8,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM
 
-from steps.finetune import FinetuneConfig, finetune
 from steps.modeling import ModelConfig
+from steps.training.finetune import FinetuneConfig, finetune
 from tests.conftest import MODEL_DIR, new_run_id
 from tests.model.conftest import write_train_table
 

@@ -11,9 +11,9 @@ from mlflow.tracking import MlflowClient
 from prefect import flow
 
 from flows.pipeline import finetune_task
-from steps.finetune import FinetuneConfig, last_checkpoint
 from steps.modeling import ModelConfig
-from steps.select import SelectionRef
+from steps.selection.select import SelectionRef
+from steps.training.finetune import FinetuneConfig, last_checkpoint
 from tests.conftest import MODEL_DIR, new_run_id
 from tests.model.conftest import write_train_table
 

@@ -8,7 +8,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from steps.register import RegisterConfig, promote, register_model
+from steps.registry.register import RegisterConfig, promote, register_model
 from tests.conftest import MODEL_DIR
 
 pytestmark = pytest.mark.slow

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from flows.config import ConfigError, load_config, parse_override, resolve_paths
-from steps.select import resolve_budget
+from steps.selection.select import resolve_budget
 
 
 def test_defaults_name_the_documented_keys():

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 
-from steps import selectors
-from steps.selectors import (
+from steps.selection import selectors
+from steps.selection.selectors import (
     SELECTORS,
     FeaturePool,
     factor_from_tokens,

@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from steps.embed import FeaturesRef, load_pool
-from steps.selectors import pool_from_tokens
-from steps.study import (
+from steps.selection.embed import FeaturesRef, load_pool
+from steps.selection.selectors import pool_from_tokens
+from steps.study.study import (
     StudyConfigError,
     aggregate,
     length_normalised,

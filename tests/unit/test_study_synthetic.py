@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from steps.synthetic import (
+from steps.study.synthetic import (
     SyntheticConfig,
     _sample_labels,
     _softmax,

@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from steps.embed import load_pool
-from steps.select import SelectConfig, load_prior, select_subset, selected_ids
+from steps.selection.embed import load_pool
+from steps.selection.select import SelectConfig, load_prior, select_subset, selected_ids
 from tests.conftest import write_pool_features
 
 SPACE = "model=test width=6"

@@ -1,7 +1,7 @@
 """Selection step: pick a training subset from the pool's statistics and record why.
 
-The math is in steps/selectors.py; this wraps it with budgets, ids and files, and with warm
-starts: an earlier selection's design V0 = Σ FᵀF (design.npy, written by every selection)
+The math is in steps/selection/selectors.py; this wraps it with budgets, ids and files, and
+with warm starts: an earlier selection's design V0 = Σ FᵀF (design.npy, written by every selection)
 joins the objective, log det(λI + V0 + V_S), so the new picks add what it lacks.
 """
 
@@ -16,16 +16,17 @@ import pandas as pd
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 from pydantic import BaseModel, ConfigDict, Field
 
-from steps.embed import EmbedConfig, FeaturesRef, embed_pool, feature_space, load_pool
-from steps.ingest import IngestConfig, file_md5, normalise, read_source, write_table
+from steps.data.ingest import IngestConfig, file_md5, normalise, read_source, write_table
 from steps.modeling import ModelConfig, model_fingerprint
-from steps.selectors import DEFAULT_RIDGE, SELECTORS, FeaturePool, design_of, select
+from steps.selection.embed import EmbedConfig, FeaturesRef, embed_pool, feature_space, load_pool
+from steps.selection.selectors import DEFAULT_RIDGE, SELECTORS, FeaturePool, design_of, select
 
 
 class SelectConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # One of steps.selectors.SELECTORS: fisher, fisher-pooled, fisher-per-token, uniform, ...
+    # One of steps.selection.selectors.SELECTORS: fisher, fisher-pooled, fisher-per-token,
+    # uniform, ...
     selector: str = "fisher"
     # A count of examples (>= 1), or a fraction of the pool (0 < budget < 1).
     # For fisher-per-token the count/fraction is of loss tokens, not examples.
@@ -95,10 +96,11 @@ def select_subset(
 ) -> SelectionRef:
     """Pick config.budget new examples, warm-started from `prior` when one is given.
 
-    space: steps.embed.feature_space of `features`, recorded in selection.json; a prior must
-    have been selected in the same space. The prior's examples found in this pool (by id) are
-    not candidates; train_ids lists them, in the prior's order, then the new picks. Writes
-    out_dir/selection.json, design.npy (prior + Σ FᵀF of the new picks) and the curve plot.
+    space: steps.selection.embed.feature_space of `features`, recorded in selection.json; a
+    prior must have been selected in the same space. The prior's examples found in this pool
+    (by id) are not candidates; train_ids lists them, in the prior's order, then the new
+    picks. Writes out_dir/selection.json, design.npy (prior + Σ FᵀF of the new picks) and
+    the curve plot.
     """
     if config.selector not in SELECTORS:
         raise ValueError(

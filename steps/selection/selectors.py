@@ -38,7 +38,7 @@ from numpy.typing import NDArray
 from threadpoolctl import ThreadpoolController
 from tqdm import tqdm
 
-from steps.selectors_baselines import PICK_ORDERS, PickOrder, first_best, tie_floor
+from steps.selection.baselines import PICK_ORDERS, PickOrder, first_best, tie_floor
 
 DEFAULT_RIDGE = 1e-3
 _CHUNK_ROWS = 8192  # factor rows per batched gain evaluation: ~100 MB of temporaries at d=768

@@ -23,7 +23,7 @@ from great_expectations.checkpoint import UpdateDataDocsAction
 from great_expectations.data_context.types.base import ProgressBarsConfig
 from pydantic import BaseModel, ConfigDict, Field
 
-from steps.ingest import (
+from steps.data.ingest import (
     SCHEMA,
     IngestConfig,
     IngestResult,

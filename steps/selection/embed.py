@@ -6,7 +6,7 @@ F_iᵀF_i equal to it (at most d rows), never all N·T·d token states.
 
 Large hidden sizes get a documented sketch (EmbedConfig): states wider than `sketch_dim` are
 projected by a seeded Gaussian matrix P (x → Pᵀx, Johnson–Lindenstrauss; the same P as
-steps.selectors.project), and `max_rank` keeps only each example's top eigen-directions.
+steps.selection.selectors.project), and `max_rank` keeps only each example's top eigen-directions.
 tests/model/test_embed_stats.py measures what both cost on the exact objective.
 
 The pass streams: every `chunk_examples` examples are written to disk as one chunk-*.npz,
@@ -39,7 +39,7 @@ from steps.modeling import (
     load_tokenizer,
     pad_batch,
 )
-from steps.selectors import FeaturePool, random_projection
+from steps.selection.selectors import FeaturePool, random_projection
 
 FILES = ("factors", "offsets", "pooled", "n_tokens", "base_loss")
 

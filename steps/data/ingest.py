@@ -1,7 +1,7 @@
 """Ingestion: read a training pool and an eval split from files or the hub into one schema.
 
 Output schema (Parquet, one file per split): id (content hash), prompt, response, source, split.
-Sources are streamed batch by batch (steps/data_readers.py) and written row group by row
+Sources are streamed batch by batch (steps/data/readers.py) and written row group by row
 group, so a file of any size is never held in memory whole.
 """
 
@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from steps.data_readers import LOCAL_SUFFIXES, Batch, IngestError, iter_hub, iter_local
+from steps.data.readers import LOCAL_SUFFIXES, Batch, IngestError, iter_hub, iter_local
 
 __all__ = ["SCHEMA", "IngestConfig", "IngestError", "IngestResult", "TableRef", "ingest"]
 

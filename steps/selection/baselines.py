@@ -1,6 +1,6 @@
 """Pick orders of the selectors FisherSFT is compared against, as pure functions over arrays.
 
-Each function returns pool indices in pick order; `steps.selectors` wraps them into a
+Each function returns pool indices in pick order; `steps.selection.selectors` wraps them into a
 `Selection` and scores every order with the same token-level objective, so curves compare.
 `pooled_fisher_order` is the sentence-level design of the DataFlex reimplementation
 (docs/fishersft.md, "Known variants"): one L2-normalised mean vector per example.
@@ -15,7 +15,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 if TYPE_CHECKING:  # only for annotations: selectors.py imports this module
-    from steps.selectors import FeaturePool
+    from steps.selection.selectors import FeaturePool
 
 # Scores within this distance of the best count as ties, broken by the lowest index. Exact
 # duplicates get the same score only up to rounding that depends on how candidates were

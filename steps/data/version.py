@@ -14,7 +14,7 @@ from dvc.repo import Repo
 from dvc.scm import RevError
 from pydantic import BaseModel, ConfigDict
 
-from steps.ingest import IngestResult, TableRef, file_md5
+from steps.data.ingest import IngestResult, TableRef, file_md5
 
 
 class VersionConfig(BaseModel):

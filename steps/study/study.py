@@ -19,14 +19,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from scipy import stats
 
 from steps import config_files
-from steps.embed import FILES, EmbedConfig, FeaturesRef
-from steps.evaluate import EvalConfig
-from steps.finetune import FinetuneConfig
-from steps.ingest import IngestConfig, write_table
+from steps.data.ingest import IngestConfig, write_table
+from steps.evaluation.evaluate import EvalConfig
 from steps.modeling import ModelConfig
-from steps.selectors import DEFAULT_RIDGE, SELECTORS, FeaturePool
-from steps.synthetic import SyntheticConfig
+from steps.selection.embed import FILES, EmbedConfig, FeaturesRef
+from steps.selection.selectors import DEFAULT_RIDGE, SELECTORS, FeaturePool
+from steps.study.synthetic import SyntheticConfig
 from steps.tracking import TrackingConfig
+from steps.training.finetune import FinetuneConfig
 
 BASELINE = "uniform"  # paired differences are taken against this arm
 

@@ -2,10 +2,10 @@
 
 The parent writes the fine-tune call as JSON, launches the workers (torch.distributed
 under accelerate: NCCL on GPUs, gloo on CPU), waits, and reads back the result that rank 0
-wrote. Every worker runs steps.finetune.train; Trainer handles DDP/FSDP from the
+wrote. Every worker runs steps.training.finetune.train; Trainer handles DDP/FSDP from the
 environment the launcher sets (RANK, WORLD_SIZE, MASTER_ADDR, ...).
 
-    python -m steps.launch SPEC.json     # one worker; what accelerate launch runs N times
+    python -m steps.training.launch SPEC.json     # one worker; what accelerate launch runs N times
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from steps.train_callbacks import NonFiniteLossError
+from steps.training.callbacks import NonFiniteLossError
 
-REPO_DIR = Path(__file__).resolve().parents[1]
+REPO_DIR = Path(__file__).resolve().parents[2]
 ACCELERATE_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 
 
@@ -47,7 +47,7 @@ def launch_command(
             "--dynamo_backend",
             "no",
         ]
-    return [*command, "-m", "steps.launch", str(spec_path)]
+    return [*command, "-m", "steps.training.launch", str(spec_path)]
 
 
 def _die_with_parent() -> None:
@@ -102,7 +102,7 @@ def run_workers(
 
 def main(argv: list[str]) -> None:
     spec = json.loads(Path(argv[0]).read_text())
-    from steps.finetune import train_from_spec  # here, not at the top: finetune imports us
+    from steps.training.finetune import train_from_spec  # here, not at the top: finetune imports us
 
     ref = train_from_spec(spec)
     if int(os.environ.get("RANK", "0")) == 0 and spec.get("result_path"):

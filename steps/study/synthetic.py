@@ -20,7 +20,7 @@ import torch
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field
 
-from steps.selectors import DEFAULT_RIDGE, pool_from_tokens, select
+from steps.selection.selectors import DEFAULT_RIDGE, pool_from_tokens, select
 
 
 class SyntheticConfig(BaseModel):

@@ -3,7 +3,7 @@
 Full fine-tuning or LoRA (peft) by config; checkpoints every `checkpoint_steps` into
 `out_dir/checkpoints`, and a re-run with the same out_dir (the flow keys it on the inputs)
 resumes from the newest complete one: weights, optimizer, scheduler, RNG and data order.
-With `num_processes > 1` the same recipe runs under `accelerate launch` (steps/launch.py).
+With `num_processes > 1` the same recipe runs under `accelerate launch` (steps/training/launch.py).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
-from steps import launch
 from steps.modeling import (
     IGNORE_INDEX,
     ModelConfig,
@@ -29,8 +28,9 @@ from steps.modeling import (
     load_model,
     load_tokenizer,
 )
-from steps.train_batching import EpochSampler, PaddingCollator, TokenDataset
-from steps.train_callbacks import (
+from steps.training import launch
+from steps.training.batching import EpochSampler, PaddingCollator, TokenDataset
+from steps.training.callbacks import (
     LogLastStep,
     MlflowStepLogger,
     NonFiniteLossError,
@@ -145,7 +145,7 @@ def finetune(
 
 
 def train_from_spec(spec: dict[str, Any]) -> ModelRef:
-    """The worker side of steps/launch.py: the same call as finetune(), from JSON."""
+    """The worker side of steps/training/launch.py: the same call as finetune(), from JSON."""
     return train(
         spec["train_path"],
         spec["selected_ids"],

@@ -1,0 +1,1 @@
+"""Evaluation stage: held-out loss and perplexity."""

@@ -1,0 +1,1 @@
+"""Registry stage: MLflow model versions, aliases and promotion."""

@@ -1,0 +1,1 @@
+"""Study stage: the data-efficiency study and the paper's synthetic experiment."""
