@@ -35,14 +35,15 @@ from pathlib import Path
 
 import numpy as np
 
-from steps.selection import selectors
 from steps.selection.baselines import first_best
+from steps.selection.design import Design
+from steps.selection.pool import FeaturePool, pool_from_tokens, project, random_projection
 from steps.selection.selectors import (
     DEFAULT_RIDGE,
-    FeaturePool,
     Selection,
+    default_threads,
+    fisher_objective,
     plain_greedy_fisher,
-    project,
     select,
 )
 
@@ -60,7 +61,7 @@ def synthetic_pool(n: int, d: int, seed: int, topics: int = 16) -> FeaturePool:
     for t, topic in zip(rng.integers(64, 257, size=n), rng.integers(topics, size=n), strict=True):
         x = rng.standard_normal(d) + rng.standard_normal((t, d))  # example mean + token noise
         states.append((x @ bases[topic]).astype(np.float32))
-    return selectors.pool_from_tokens(states)
+    return pool_from_tokens(states)
 
 
 def sketched_pool(n: int, d: int, dim: int, rank: int, seed: int, topics: int = 16) -> FeaturePool:
@@ -69,7 +70,7 @@ def sketched_pool(n: int, d: int, dim: int, rank: int, seed: int, topics: int = 
     directly from their projected distribution, so no (T, d) state is ever formed."""
     rng = np.random.default_rng(seed)
     scale = (1.0 + np.arange(d)) ** -0.75
-    p = selectors.random_projection(d, dim, seed).astype(np.float64)
+    p = random_projection(d, dim, seed).astype(np.float64)
     maps = np.stack(
         [(np.linalg.qr(rng.standard_normal((d, d)))[0] * scale) @ p for _ in range(topics)]
     )
@@ -128,19 +129,19 @@ def measure(run: Callable[[], Selection], memory_run: Callable[[], Selection] | 
     3x, so it never overlaps the timed call.
     """
     counter = [0]
-    original = selectors._Design.gains  # counted through the private hook: benchmark only
+    original = Design.gains  # counted by wrapping the method: benchmark only, restored below
 
-    def counted(self: selectors._Design, examples: np.ndarray) -> np.ndarray:
+    def counted(self: Design, examples: np.ndarray) -> np.ndarray:
         counter[0] += len(examples)
         return original(self, examples)
 
-    selectors._Design.gains = counted  # type: ignore[method-assign]
+    Design.gains = counted  # type: ignore[method-assign]
     start = time.perf_counter()
     try:
         selection = run()
     finally:
         seconds = time.perf_counter() - start
-        selectors._Design.gains = original  # type: ignore[method-assign]
+        Design.gains = original  # type: ignore[method-assign]
     tracemalloc.start()
     try:
         (memory_run or run)()
@@ -154,7 +155,7 @@ def compare_lazy_with_plain(
     pool: FeaturePool, k: int, straightforward: bool, title: str = "synthetic"
 ) -> None:
     n, d = pool.N, pool.d
-    threads = selectors.default_threads()
+    threads = default_threads()
     lazy = measure(lambda: select(pool, k, "fisher", threads=threads))
     lazy_1 = measure(lambda: select(pool, k, "fisher", threads=1))
     # plain greedy's memory does not grow with the step: trace a 1/20 budget for its peak
@@ -213,7 +214,9 @@ def gsm8k_pool(n: int) -> FeaturePool:
     with tempfile.TemporaryDirectory() as work:
         path = Path(work) / "pool.parquet"
         write_table(table[trainable].head(n), path)
-        features = embed_pool(str(path), model, EmbedConfig(), Path(work) / "features", "cpu")
+        features = embed_pool(
+            str(path), model, EmbedConfig(), Path(work) / "features", "cpu", "fp32"
+        )
         pool = load_pool(features)  # memory-mapped from the temporary folder: copy it all
         return FeaturePool(**{name: np.array(getattr(pool, name)) for name in FILES})
 
@@ -236,10 +239,10 @@ def scale_lazy(n: int, d: int) -> None:
 
 def compare_sketches(n: int, d: int, k: int, dims: list[int]) -> None:
     pool = synthetic_pool(n, d, seed=2)
-    empty = selectors.fisher_objective(pool, [])
+    empty = fisher_objective(pool, [])
 
     def gain(order: np.ndarray) -> float:
-        return selectors.fisher_objective(pool, order) - empty
+        return fisher_objective(pool, order) - empty
 
     exact = measure(lambda: select(pool, k, "fisher"))
     best = gain(exact.selection.order)

@@ -9,17 +9,16 @@ Each function returns pool indices in pick order; `steps.selection.selectors` wr
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import NDArray
 
-if TYPE_CHECKING:  # only for annotations: selectors.py imports this module
-    from steps.selection.selectors import FeaturePool
+from steps.selection.pool import FeaturePool
 
 # Scores within this distance of the best count as ties, broken by the lowest index. Exact
 # duplicates get the same score only up to rounding that depends on how candidates were
-# batched; a tolerance far above rounding (~1e-15) makes every implementation agree.
+# batched; a tolerance far above rounding (~1e-15) makes every implementation agree. The
+# fisher selectors share this rule (greedy.py says how lazy greedy keeps it).
 TIE_RTOL = 1e-9
 TIE_ATOL = 1e-12
 
@@ -105,7 +104,7 @@ def _highest_loss(pool: FeaturePool, k: int, seed: int, ridge: float) -> NDArray
     return highest_loss_order(pool.base_loss, k)
 
 
-PickOrder = Callable[["FeaturePool", int, int, float], NDArray[np.int64]]  # (pool, k, seed, ridge)
+PickOrder = Callable[[FeaturePool, int, int, float], NDArray[np.int64]]  # (pool, k, seed, ridge)
 
 # Registry names -> pick order; `seed` matters to uniform and k-center, `ridge` to fisher-pooled.
 PICK_ORDERS: dict[str, PickOrder] = {

@@ -20,7 +20,8 @@ import torch
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field
 
-from steps.selection.selectors import DEFAULT_RIDGE, pool_from_tokens, select
+from steps.selection.pool import pool_from_tokens
+from steps.selection.selectors import DEFAULT_RIDGE, select
 
 
 class SyntheticConfig(BaseModel):

@@ -2,26 +2,23 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import itertools
 import math
+import subprocess
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from steps.selection import selectors
-from steps.selection.selectors import (
-    SELECTORS,
-    FeaturePool,
-    factor_from_tokens,
-    fisher_objective,
-    plain_greedy_fisher,
-    pool_from_tokens,
-    project,
-    select,
-)
+from steps.selection.design import Design, GreedySettings
+from steps.selection.pool import FeaturePool, factor_from_tokens, pool_from_tokens, project
+from steps.selection.selectors import SELECTORS, fisher_objective, plain_greedy_fisher, select
 
+REPO = Path(__file__).resolve().parents[2]
 BASELINES = ["fisher-pooled", "uniform", "longest", "highest-loss", "k-center"]
 
 
@@ -59,56 +56,113 @@ def test_greedy_is_within_1_minus_1_over_e_of_brute_force(seed: int) -> None:
 
 @pytest.mark.parametrize("top_segment", [2048, 8, 1])  # 8, 1: the top segment is rebuilt
 @pytest.mark.parametrize("seed", range(4))
-def test_lazy_greedy_matches_plain_greedy(
-    seed: int, top_segment: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(selectors, "_TOP_SEGMENT", top_segment)
+def test_lazy_greedy_matches_plain_greedy(seed: int, top_segment: int) -> None:
+    settings = GreedySettings(top_segment=top_segment)
     # d=12 with T in 1..30 mixes T < d (r = T) and T > d (r = d) factors.
     states = token_states(40, 12, seed, t_min=1, t_max=30)
     states += [states[5], states[5], states[17]]  # exact duplicates
     pool = pool_from_tokens(states)
     prior = random_prior(12, seed) if seed % 2 else None
-    lazy = select(pool, 25, "fisher", prior=prior)
+    lazy = select(pool, 25, "fisher", prior=prior, settings=settings)
     plain = plain_greedy_fisher(pool, 25, prior=prior)
     np.testing.assert_array_equal(lazy.order, plain.order)
     np.testing.assert_allclose(lazy.objective, plain.objective, rtol=1e-12)
     np.testing.assert_allclose(lazy.gains, plain.gains, rtol=1e-9)
 
 
-def test_chunked_gain_evaluation_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_chunked_gain_evaluation_changes_no_pick() -> None:
     pool = make_pool(30, 12, 9, t_min=1, t_max=30)
     whole = select(pool, 10, "fisher", progress=True)
-    monkeypatch.setattr(selectors, "_CHUNK_ROWS", 20)  # a chunk per 1-2 examples
-    monkeypatch.setattr(selectors, "_LAZY_BATCH", 1)
-    np.testing.assert_array_equal(select(pool, 10, "fisher").order, whole.order)
-    np.testing.assert_array_equal(plain_greedy_fisher(pool, 10).order, whole.order)
+    chunked = GreedySettings(chunk_rows=20, lazy_batch=1)  # a chunk per 1-2 examples
+    np.testing.assert_array_equal(select(pool, 10, "fisher", settings=chunked).order, whole.order)
+    plain = plain_greedy_fisher(pool, 10, settings=chunked)
+    np.testing.assert_array_equal(plain.order, whole.order)
 
 
-def test_threads_change_no_pick(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(selectors, "_PARALLEL_MIN", 2)  # split even tiny batches
+def test_threads_change_no_pick() -> None:
+    settings = GreedySettings(parallel_min=2)  # split even tiny batches
     pool = make_pool(60, 12, 3, t_min=1, t_max=30)
-    serial = select(pool, 20, "fisher", threads=1)
+    serial = select(pool, 20, "fisher", threads=1, settings=settings)
     for threads in (2, 3):
-        split = select(pool, 20, "fisher", threads=threads)
+        split = select(pool, 20, "fisher", threads=threads, settings=settings)
         np.testing.assert_array_equal(split.order, serial.order)
         np.testing.assert_allclose(split.objective, serial.objective, rtol=1e-12)
-    np.testing.assert_array_equal(plain_greedy_fisher(pool, 20, threads=2).order, serial.order)
+    plain = plain_greedy_fisher(pool, 20, threads=2, settings=settings)
+    np.testing.assert_array_equal(plain.order, serial.order)
     with pytest.raises(ValueError, match="threads must be a positive integer"):
         select(pool, 20, "fisher", threads=0)
 
 
-def test_gain_routes_agree_and_trace_bounds_hold(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("selector", ["fisher", "fisher-per-token"])
+def test_extreme_settings_change_no_pick(selector: str) -> None:
+    # Every batching, caching and bounding knob at once at its most extreme: single-example
+    # chunks and batches, a one-entry top segment, no Gram or head cache, split threads.
+    extreme = GreedySettings(
+        chunk_rows=1,
+        lazy_batch=1,
+        bound_batch=1,
+        gram_cache_bytes=0,
+        bound_slack=1e-2,
+        head_rows=1,
+        grow_max_d=1,
+        top_segment=1,
+        parallel_min=2,
+        head_cache_bytes=0,
+    )
+    states = token_states(50, 12, 4, t_min=1, t_max=30)
+    pool = pool_from_tokens([*states, states[7], states[7]])
+    prior = random_prior(12, 4)
+    budget = 400 if selector == "fisher-per-token" else 20
+    default = select(pool, budget, selector, prior=prior)
+    for threads in (1, 2):
+        tuned = select(pool, budget, selector, prior=prior, threads=threads, settings=extreme)
+        np.testing.assert_array_equal(tuned.order, default.order)
+        np.testing.assert_allclose(tuned.objective, default.objective, rtol=1e-12)
+
+
+def test_bad_settings_raise_value_errors_naming_the_field() -> None:
+    with pytest.raises(ValueError, match=r"GreedySettings\.top_segment must be an integer >= 1"):
+        GreedySettings(top_segment=0)
+    with pytest.raises(ValueError, match=r"GreedySettings\.chunk_rows must be an integer >= 1"):
+        GreedySettings(chunk_rows=2.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"GreedySettings\.bound_slack must be a number >= 0"):
+        GreedySettings(bound_slack=-1e-6)
+    with pytest.raises(ValueError, match=r"GreedySettings\.gram_min_rank must be finite"):
+        GreedySettings(gram_min_rank=float("inf"))
+    with pytest.raises(ValueError, match=r"GreedySettings\.lazy_batch must be an integer >= 1"):
+        GreedySettings(lazy_batch=True)
+
+
+def test_pool_and_baselines_import_without_the_selectors_above_them() -> None:
+    # The layering has no cycle: pool <- baselines, design <- greedy <- selectors.
+    code = (
+        "import sys; import steps.selection.baselines, steps.selection.greedy; "
+        "print(sorted(m for m in sys.modules if m.startswith('steps.selection.')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    loaded = ast.literal_eval(out.stdout.strip())
+    assert loaded == [
+        "steps.selection.baselines",
+        "steps.selection.design",
+        "steps.selection.greedy",
+        "steps.selection.pool",
+    ]
+
+
+def test_gain_routes_agree_and_trace_bounds_hold() -> None:
     # r in 1..12 at d=12: both the capacitance route (low rank) and the Gram route (high rank)
     pool = make_pool(40, 12, 5, t_min=1, t_max=30)
-    design = selectors._Design(pool, 1e-3, random_prior(12, 5))
+    design = Design(pool, 1e-3, random_prior(12, 5))
     for i in (3, 11, 27):
         design.add(i)
     examples = np.arange(pool.N, dtype=np.int64)
     gains = design.gains(examples)
     bounds = design.bounds(examples)
     assert (bounds >= gains).all()
-    monkeypatch.setattr(selectors, "_GRAM_MIN_RANK", 2.0)  # every example by capacitance
-    factor_route = selectors._Design(pool, 1e-3, random_prior(12, 5))
+    by_capacitance = GreedySettings(gram_min_rank=2.0)  # every example by capacitance
+    factor_route = Design(pool, 1e-3, random_prior(12, 5), settings=by_capacitance)
     for i in (3, 11, 27):
         factor_route.add(i)
     np.testing.assert_allclose(factor_route.gains(examples), gains, rtol=1e-9)
@@ -340,21 +394,19 @@ def test_bad_selection_requests_raise_value_errors_naming_the_problem() -> None:
         select(pool, 2.5, "fisher")  # type: ignore[arg-type]
 
 
-def test_fischer_head_bounds_hold_and_beat_hadamard_and_the_trace_bound(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_fischer_head_bounds_hold_and_beat_hadamard_and_the_trace_bound() -> None:
     spectrum = (1.0 + np.arange(16)) ** -1.0  # hidden states are far from isotropic
     pool = pool_from_tokens([x * spectrum for x in token_states(60, 16, 7, t_min=1, t_max=40)])
     examples = np.arange(pool.N, dtype=np.int64)
-    monkeypatch.setattr(selectors, "_GRAM_MIN_RANK", 0.0)  # every example cached, with a head
-    design = selectors._Design(pool, 1e-3, random_prior(16, 7))
+    settings = GreedySettings(gram_min_rank=0.0)  # every example cached, with a head
+    design = Design(pool, 1e-3, random_prior(16, 7), settings=settings)
     for i in (5, 30):
         design.add(i)
     gains, trace = design.gains(examples), design.traces(examples)
     fischer = design.bounds(examples, trace)
     trace_bound = design.trace_bounds(examples, trace)
     # Hadamard over the same head rows: sum of log(1 + a_k), the head's cross terms dropped
-    m = selectors._HEAD_ROWS
+    m = settings.head_rows
     hadamard = np.empty(pool.N)
     for i in examples:
         f = pool.factors[pool.offsets[i] : pool.offsets[i + 1]].astype(np.float64)

@@ -1,0 +1,174 @@
+"""Greedy maximisation of the FisherSFT objective over a `Design`: lazy, and plain for reference.
+
+Both maximise gain / cost under sum(cost) <= budget (cost 1 per example for `fisher`, its
+loss tokens for `fisher-per-token`) and return the picks in order with each pick's gain.
+
+Lazy greedy (Minoux 1978, "Accelerated greedy algorithms for maximizing submodular set
+functions"; the paper's "greedy with cached gains", docs/fishersft.md) keeps, for every
+candidate, a cached score that upper-bounds its current score: f is submodular, so a gain
+only shrinks as V grows, and Design's trace and Fischer bounds are valid for the current V
+and every larger one. A score made exact at this step ("fresh") that is at least every
+other bound is therefore the best, and only candidates whose bound could still tie the best
+fresh score are ever re-evaluated.
+
+The tie rule stays identical to plain greedy's: plain greedy takes the lowest index among
+the scores within TIE_RTOL / TIE_ATOL of the best (baselines.first_best). Lazy greedy does
+not stop at the first fresh top entry: it keeps making scores exact until no stale bound
+reaches tie_floor(best), so every candidate that plain greedy would count as tied has a
+fresh, exact score, and the pick is the lowest index among those. Both compute each gain
+with the same Design route (chosen by the example's rank alone), so the scores compared are
+bit-identical and so are the picks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+from tqdm import tqdm
+
+from steps.selection.baselines import first_best, tie_floor
+from steps.selection.design import Array, Design
+
+
+def lazy_greedy(
+    design: Design, costs: Array, budget: float, progress: bool
+) -> tuple[list[int], list[float]]:
+    """Greedy on gain / cost under sum(cost) <= budget, re-evaluating only candidates whose
+    upper bound can still tie the best score.
+
+    bound[i] always bounds i's current score from above (see the module docstring). Each
+    step takes the highest stale bounds bound_batch at a time, tightens them (where that is
+    cheaper than the gain), evaluates exactly the lazy_batch highest still able to tie the
+    best fresh score, and stops once no stale bound can: the same pick as plain greedy under
+    the same tie rule.
+
+    Work per step is O(top_segment), not O(N): steps look only at the `top` indices with
+    the highest bounds; every other bound is <= `cutoff` and only shrinks, so the segment is
+    rebuilt (one O(N) partition) only when cutoff could tie the step's best score.
+    """
+    n = design.pool.N
+    bound = design.gains(np.arange(n, dtype=np.int64)) / costs
+    exact_at = np.zeros(n, dtype=np.int64)  # the step at which bound[i] was exact
+    order: list[int] = []
+    gains: list[float] = []
+    remaining = budget
+    segment = design.settings.top_segment
+    top, cutoff = _top_segment(bound, costs, remaining, np.inf, segment)
+    with tqdm(total=budget, disable=not progress, desc="fisher picks") as bar:
+        for step in range(n):
+            best, top, cutoff = _best_score(
+                design, bound, costs, exact_at, step, top, cutoff, remaining
+            )
+            if best == -np.inf:
+                break
+            tied = top[(exact_at[top] == step) & (bound[top] >= tie_floor(best))]
+            pick = int(tied.min())  # the tie rule of plain greedy: the lowest index
+            bound[pick] = -np.inf
+            order.append(pick)
+            gains.append(design.add(pick))
+            remaining -= costs[pick]
+            bar.update(costs[pick])
+            if remaining <= 0 or len(order) == n:
+                break
+            too_costly = top[costs[top] > remaining]  # the budget only shrinks: never again
+            bound[too_costly] = -np.inf
+    return order, gains
+
+
+def _top_segment(
+    bound: Array, costs: Array, remaining: float, floor: float, segment: int
+) -> tuple[NDArray[np.int64], float]:
+    """Every index with bound >= floor plus the `segment` next highest, and a cutoff below
+    floor that bounds every index left out."""
+    bound[costs > remaining] = -np.inf
+    size = int((bound >= floor).sum()) + segment
+    if len(bound) <= size:
+        return np.arange(len(bound), dtype=np.int64), -np.inf
+    part = np.argpartition(-bound, size)
+    return part[:size].astype(np.int64), float(bound[part[size]])
+
+
+def _best_score(
+    design: Design,
+    bound: Array,
+    costs: Array,
+    exact_at: NDArray[np.int64],
+    step: int,
+    top: NDArray[np.int64],
+    cutoff: float,
+    remaining: float,
+) -> tuple[float, NDArray[np.int64], float]:
+    """Make exact every score that could tie this step's best; return that best (-inf when
+    nothing fits) and the top segment, rebuilt if the best fell to the cutoff."""
+    settings = design.settings
+    while True:
+        fresh = top[exact_at[top] == step]
+        best = float(bound[fresh].max()) if len(fresh) else -np.inf
+        candidates = top
+        bound_batch, lazy_batch = settings.bound_batch, settings.lazy_batch
+        while True:
+            floor = tie_floor(best) if best > -np.inf else -np.finfo(np.float64).max
+            stale = candidates[(exact_at[candidates] != step) & (bound[candidates] >= floor)]
+            candidates = stale
+            if not len(stale):
+                break
+            if len(stale) > bound_batch:
+                stale = stale[np.argpartition(-bound[stale], bound_batch - 1)[:bound_batch]]
+            cheap = stale[design.cheap_bounds[stale]]
+            if len(cheap) and best > -np.inf:  # with no floor yet, bounds prune nothing
+                _tighten(design, bound, costs, cheap, floor)
+                stale = stale[bound[stale] >= floor]
+            if len(stale) > lazy_batch:  # the rest keep their tightened bounds
+                stale = stale[np.argpartition(-bound[stale], lazy_batch - 1)[:lazy_batch]]
+            # For small d, batches double within a step: when most bounds are loose (the
+            # first picks, before V has full rank) that amortises per-call overhead over big
+            # batches, at worst evaluating twice what a step needs. A d=768 gain costs ~10 ms,
+            # far above the overhead: there, doubling only wasted evaluations.
+            if design.pool.d <= settings.grow_max_d:
+                bound_batch, lazy_batch = min(2 * bound_batch, 4096), min(2 * lazy_batch, 4096)
+            if len(stale):
+                bound[stale] = design.gains(stale) / costs[stale]
+                exact_at[stale] = step
+                best = max(best, float(bound[stale].max()))
+        if cutoff == -np.inf or (best > -np.inf and cutoff < tie_floor(best)):
+            return best, top, cutoff
+        floor = tie_floor(best) if best > -np.inf else -np.finfo(np.float64).max
+        top, cutoff = _top_segment(bound, costs, remaining, floor, settings.top_segment)
+
+
+def _tighten(
+    design: Design, bound: Array, costs: Array, examples: NDArray[np.int64], floor: float
+) -> None:
+    """Lower examples' bounds in two tiers: the trace bound (d^2 / 2 flops from a cached
+    Gram) for all, the tighter Fischer bound (+ 2 m d^2) only for those still >= floor."""
+    trace = design.traces(examples)
+    bound[examples] = np.minimum(
+        bound[examples], design.trace_bounds(examples, trace) / costs[examples]
+    )
+    alive = bound[examples] >= floor
+    examples, trace = examples[alive], trace[alive]
+    if len(examples):
+        tight = design.bounds(examples, trace) / costs[examples]
+        bound[examples] = np.minimum(bound[examples], tight)
+
+
+def plain_greedy(
+    design: Design, costs: Array, budget: float, progress: bool
+) -> tuple[list[int], list[float]]:
+    """Greedy on gain / cost under sum(cost) <= budget, recomputing every gain every step."""
+    available = np.ones(design.pool.N, dtype=bool)
+    order: list[int] = []
+    gains: list[float] = []
+    remaining = budget
+    with tqdm(total=budget, disable=not progress, desc="plain greedy picks") as bar:
+        while remaining > 0:
+            candidates = np.flatnonzero(available & (costs <= remaining))
+            if not len(candidates):
+                break
+            pick = int(candidates[first_best(design.gains(candidates) / costs[candidates])])
+            available[pick] = False
+            order.append(pick)
+            gains.append(design.add(pick))
+            remaining -= costs[pick]
+            bar.update(costs[pick])
+    return order, gains

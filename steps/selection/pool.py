@@ -1,0 +1,180 @@
+"""The candidate pool: per-example sufficient statistics every selector reads.
+
+Pure numpy, no I/O. `FeaturePool` holds each example's low-rank factor of its loss-token
+Gram (docs/fishersft.md, "Algorithm": the pool streams sufficient statistics, never every
+token's state); `pool_from_tokens` builds one from raw states, and `project` /
+`random_projection` sketch it to fewer dimensions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+from numpy.typing import NDArray
+
+
+@dataclass(frozen=True, eq=False)
+class FeaturePool:
+    """Per-example sufficient statistics of the pre-logit hidden states of loss-bearing tokens.
+
+    Example i's low-rank factor F_i = factors[offsets[i]:offsets[i+1]] satisfies
+    F_i.T @ F_i == sum_j x_ij x_ij^T, exactly or as a sketch, with 1 <= r_i <= d rows.
+    """
+
+    factors: NDArray[np.float32]  # (R, d)
+    offsets: NDArray[np.int64]  # (N+1,), offsets[0] == 0, nondecreasing, offsets[-1] == R
+    pooled: NDArray[np.float32]  # (N, d) mean over loss tokens, for fisher-pooled and k-center
+    n_tokens: NDArray[np.int64]  # (N,) loss-bearing tokens per example
+    base_loss: NDArray[np.float32] | None = None  # (N,) mean base-model loss per token
+
+    def __post_init__(self) -> None:
+        _check_array("factors", self.factors, 2, np.float32)
+        _check_array("offsets", self.offsets, 1, np.int64)
+        _check_array("pooled", self.pooled, 2, np.float32)
+        _check_array("n_tokens", self.n_tokens, 1, np.int64)
+        n, (rows, d) = len(self.n_tokens), self.factors.shape
+        if n == 0 or d == 0:
+            raise ValueError(f"empty pool: {n} examples with hidden size d={d}")
+        _check_shape("offsets", self.offsets, (n + 1,))
+        _check_shape("pooled", self.pooled, (n, d))
+        if self.offsets[0] != 0 or self.offsets[-1] != rows:
+            raise ValueError(f"offsets must run from 0 to len(factors)={rows}")
+        ranks = np.diff(self.offsets)
+        fail_at(ranks < 0, "offsets decrease at example {i}")
+        fail_at(ranks == 0, "example {i} has an empty factor (zero rows in factors)")
+        fail_at(ranks > d, f"example {{i}} has more factor rows than d={d}")
+        fail_at(self.n_tokens <= 0, "example {i} has n_tokens <= 0: no loss-bearing tokens")
+        bad_rows = ~np.isfinite(self.factors).all(axis=1)
+        if bad_rows.any():
+            row = int(np.flatnonzero(bad_rows)[0])
+            example = int(np.searchsorted(self.offsets, row, side="right")) - 1
+            raise ValueError(f"factors of example {example} contain NaN or inf (row {row})")
+        fail_at(~np.isfinite(self.pooled).all(axis=1), "pooled[{i}] contains NaN or inf")
+        if self.base_loss is not None:
+            _check_array("base_loss", self.base_loss, 1, np.float32)
+            _check_shape("base_loss", self.base_loss, (n,))
+            fail_at(~np.isfinite(self.base_loss), "base_loss[{i}] is NaN or inf")
+
+    @property
+    def N(self) -> int:
+        return len(self.n_tokens)
+
+    @property
+    def d(self) -> int:
+        return int(self.factors.shape[1])
+
+    @cached_property
+    def ranks(self) -> NDArray[np.int64]:
+        """r_i, the number of factor rows of each example."""
+        return np.diff(self.offsets)
+
+    def factor_rows(self, examples: NDArray[np.int64]) -> NDArray[np.int64]:
+        """Indices into factors of the given examples' rows, concatenated in that order."""
+        ranks = self.ranks[examples]
+        starts = np.repeat(self.offsets[examples] - np.cumsum(ranks) + ranks, ranks)
+        return starts + np.arange(int(ranks.sum()))
+
+    def subset(self, examples: NDArray[np.int64]) -> FeaturePool:
+        """The pool restricted to `examples`, in that order (their factors copied)."""
+        ranks = self.ranks[examples]
+        return FeaturePool(
+            factors=self.factors[self.factor_rows(examples)],
+            offsets=np.concatenate([[0], np.cumsum(ranks)]).astype(np.int64),
+            pooled=self.pooled[examples],
+            n_tokens=self.n_tokens[examples],
+            base_loss=None if self.base_loss is None else self.base_loss[examples],
+        )
+
+
+def _check_array(field: str, value: object, ndim: int, dtype: type[np.generic]) -> None:
+    if not isinstance(value, np.ndarray):
+        raise ValueError(f"{field} must be a numpy array, got {type(value).__name__}")
+    if value.ndim != ndim or value.dtype != dtype:
+        raise ValueError(
+            f"{field} must be a {ndim}-d {np.dtype(dtype).name} array, "
+            f"got {value.ndim}-d {value.dtype}"
+        )
+
+
+def _check_shape(field: str, value: NDArray[np.generic], shape: tuple[int, ...]) -> None:
+    if value.shape != shape:
+        raise ValueError(f"{field} has shape {value.shape}, expected {shape}")
+
+
+def fail_at(bad: NDArray[np.bool_] | np.bool_, message: str) -> None:
+    """Raise ValueError(message) naming the first example index where `bad` holds."""
+    if np.any(bad):
+        raise ValueError(message.format(i=int(np.flatnonzero(bad)[0])))
+
+
+def factor_from_tokens(x: NDArray[np.floating]) -> NDArray[np.floating]:
+    """(T, d) token states -> a factor F with F.T @ F == x.T @ x and min(T, d) rows.
+
+    Returns x itself when T <= d; otherwise the d x d factor sqrt(w) U^T of the Gram's
+    eigendecomposition (computed in float64, returned in x's dtype).
+    """
+    if x.ndim != 2:
+        raise ValueError(f"token states must be (T, d), got shape {x.shape}")
+    if x.shape[0] <= x.shape[1]:
+        return x
+    x64 = x.astype(np.float64)
+    w, u = np.linalg.eigh(x64.T @ x64)
+    return (np.sqrt(np.clip(w, 0.0, None))[:, None] * u.T).astype(x.dtype)
+
+
+def pool_from_tokens(
+    states: Sequence[NDArray[np.floating]], base_loss: NDArray[np.float32] | None = None
+) -> FeaturePool:
+    """Build a FeaturePool from each example's (T_i, d) loss-token hidden states."""
+    factors = [factor_from_tokens(np.asarray(x, dtype=np.float32)) for x in states]
+    pooled = np.stack([np.asarray(x, dtype=np.float64).mean(axis=0) for x in states])
+    n_tokens = np.array([len(x) for x in states], dtype=np.int64)
+    return _pool_of(factors, pooled, n_tokens, base_loss)
+
+
+def _pool_of(
+    factors: Sequence[NDArray[np.floating]],
+    pooled: NDArray[np.floating],
+    n_tokens: NDArray[np.int64],
+    base_loss: NDArray[np.float32] | None,
+) -> FeaturePool:
+    return FeaturePool(
+        factors=np.concatenate(factors).astype(np.float32),
+        offsets=np.concatenate([[0], np.cumsum([len(f) for f in factors])]).astype(np.int64),
+        pooled=pooled.astype(np.float32),
+        n_tokens=n_tokens,
+        base_loss=base_loss,
+    )
+
+
+def random_projection(d: int, dim: int, seed: int) -> NDArray[np.float32]:
+    """Seeded (d, dim) Gaussian matrix P with N(0, 1/dim) entries, so E[P P^T] = I_d.
+
+    Apply it to token states (x -> x @ P) as they stream out of the forward pass, so that
+    no (T, d) state or d x d factor of a large pool is ever stored.
+    """
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((d, dim)) / np.sqrt(dim)).astype(np.float32)
+
+
+def project(pool: FeaturePool, dim: int, seed: int) -> FeaturePool:
+    """Johnson-Lindenstrauss sketch of the pool: every state x becomes P^T x.
+
+    Each Gram becomes P^T (F_i^T F_i) P, so a gain costs about (d / dim)^2 less. For
+    dim >> d, E[P P^T] = I leaves an O(d / dim) error on f(S) - f(empty); for dim < d the
+    sketched f is a different number (fewer dimensions), but its greedy picks score nearly
+    as well on the exact f (tests/unit/test_selectors.py and the benchmark measure both).
+    Factors left with more than dim rows are re-factored to dim rows.
+    """
+    if dim < 1:
+        raise ValueError(f"projection dim must be >= 1, got {dim}")
+    p = random_projection(pool.d, dim, seed)
+    factors = [
+        factor_from_tokens(pool.factors[a:b] @ p)
+        for a, b in zip(pool.offsets[:-1], pool.offsets[1:], strict=True)
+    ]
+    pooled = pool.pooled.astype(np.float64) @ p
+    return _pool_of(factors, pooled, pool.n_tokens, pool.base_loss)
