@@ -6,6 +6,8 @@ import math
 import time
 
 import torch
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
 from transformers import TrainerCallback
 
 
@@ -59,9 +61,6 @@ class MlflowStepLogger(TrainerCallback):
             if torch.cuda.is_available() and args.device.type == "cuda":
                 metrics["cuda_max_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         self.last_time, self.last_tokens = now, tokens
-        from mlflow.entities import Metric
-        from mlflow.tracking import MlflowClient
-
         stamp = int(time.time() * 1000)
         batch = [
             Metric(f"train/{key}", value, stamp, state.global_step)

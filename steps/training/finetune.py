@@ -3,7 +3,8 @@
 Full fine-tuning or LoRA (peft) by config; checkpoints every `checkpoint_steps` into
 `out_dir/checkpoints`, and a re-run with the same out_dir (the flow keys it on the inputs)
 resumes from the newest complete one: weights, optimizer, scheduler, RNG and data order.
-With `num_processes > 1` the same recipe runs under `accelerate launch` (steps/training/launch.py).
+With `num_processes > 1` the same recipe runs in workers under `accelerate launch`
+(steps/training/multiprocess.py starts them; each runs steps/training/launch.py).
 """
 
 from __future__ import annotations
@@ -13,12 +14,10 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
 from steps.modeling import (
@@ -28,7 +27,6 @@ from steps.modeling import (
     load_model,
     load_tokenizer,
 )
-from steps.training import launch
 from steps.training.batching import EpochSampler, PaddingCollator, TokenDataset
 from steps.training.callbacks import (
     LogLastStep,
@@ -36,82 +34,15 @@ from steps.training.callbacks import (
     NonFiniteLossError,
     StopOnNonFiniteLoss,
 )
+from steps.training.job import FinetuneConfig, ModelRef, TrainJob
+from steps.training.multiprocess import run_workers
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"  # under out_dir; deleted once the final model is saved
 
 
-class FinetuneConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    epochs: float = Field(default=3.0, gt=0)
-    # Tiny models tolerate (and need) a large learning rate; use ~1e-5–1e-4 for real LLMs
-    # (LoRA: ~1e-4–1e-3).
-    learning_rate: float = Field(default=2e-3, gt=0)
-    batch_size: int = Field(default=16, gt=0)  # per process
-    gradient_accumulation_steps: int = Field(default=1, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    lr_scheduler: str = "cosine"
-    warmup_steps: int = Field(default=0, ge=0)
-    max_grad_norm: float = Field(default=1.0, gt=0)
-    # Batches of similar length waste less compute on padding than random batches.
-    group_by_length: bool = True
-    # Recompute activations in the backward pass: ~30% slower, far less activation memory.
-    gradient_checkpointing: bool = False
-    logging_steps: int = Field(default=10, gt=0)
-    seed: int = 0
-    # full: every weight trains. lora: low-rank adapters only (less memory, smaller
-    # optimizer state), merged into the weights before saving, so the saved model is a
-    # plain one that evaluate and register load like a full fine-tune.
-    method: Literal["full", "lora"] = "full"
-    lora_r: int = Field(default=16, gt=0)
-    lora_alpha: int = Field(default=32, gt=0)
-    lora_dropout: float = Field(default=0.05, ge=0, lt=1)
-    # "all-linear" = every linear layer but the output head (peft's shorthand).
-    lora_target_modules: str | tuple[str, ...] = "all-linear"
-    # A checkpoint (weights, optimizer, scheduler, RNG, step) every N optimizer steps, for
-    # resuming after a crash; 0 = none. Frequent saves cost time on big models.
-    checkpoint_steps: int = Field(default=50, ge=0)
-    checkpoints_kept: int = Field(default=2, gt=0)
-    # > 1: data-parallel training in that many processes via `accelerate launch` (GPUs: one
-    # per process; CPU: gloo). Batch size is per process.
-    num_processes: int = Field(default=1, gt=0)
-    # Shard parameters, gradients and optimizer state over the processes (FSDP) for models
-    # that do not fit one GPU; plain DDP replicates the model in each process.
-    fsdp: bool = False
-    # An `accelerate config` file for clusters (machines, ranks, main address, FSDP options);
-    # it overrides the launch flags above except num_processes.
-    accelerate_config: str | None = None
-
-    @model_validator(mode="after")
-    def _check_combinations(self) -> FinetuneConfig:
-        if self.fsdp and self.num_processes < 2:
-            raise ValueError("finetune.fsdp needs finetune.num_processes > 1")
-        if self.fsdp and self.method == "lora":
-            raise ValueError("finetune.fsdp with finetune.method 'lora' is not supported; use DDP")
-        if self.accelerate_config and self.num_processes < 2:
-            raise ValueError("finetune.accelerate_config needs finetune.num_processes > 1")
-        return self
-
-
-@dataclass(frozen=True)
-class ModelRef:
-    """A fine-tuned model on disk (safetensors + tokenizer) and how it was made."""
-
-    model_dir: str
-    train_loss: float  # mean over all steps, including those before a resume
-    final_loss: float  # the last logged loss
-    steps: int
-    tokens: int  # non-padding input tokens, all processes, this call only
-    seconds: float  # wall time of the training loop in this call
-    padding_fraction: float  # share of computed positions that were padding (this call)
-    resumed_from_step: int  # 0: trained from scratch
-    processes: int  # data-parallel world size
-    run_id: str | None  # the MLflow run that trained it (lineage for cached re-runs)
-
-
 def finetune(
-    train_path: str,
+    train_path: str | Path,
     selected_ids: list[str],
     model_config: ModelConfig,
     config: FinetuneConfig,
@@ -123,39 +54,24 @@ def finetune(
     """Trains the base model on the selected examples and saves it to out_dir.
 
     Resumes from out_dir/checkpoints when an earlier call with the same out_dir was killed.
+    The arguments are TrainJob's fields (steps/training/job.py), validated there.
     """
+    # Validated, not just constructed: precision arrives as a resolved string.
+    job = TrainJob.model_validate(
+        {
+            "train_path": str(train_path),
+            "selected_ids": selected_ids,
+            "model": model_config,
+            "finetune": config,
+            "out_dir": out_dir,
+            "device": device,
+            "precision": precision,
+            "run_id": run_id,
+        }
+    )
     if config.num_processes == 1:
-        return train(
-            train_path, selected_ids, model_config, config, out_dir, device, precision, run_id
-        )
-    spec = {
-        "train_path": str(train_path),
-        "selected_ids": list(selected_ids),
-        "model_config": model_config.model_dump(),
-        "config": config.model_dump(),
-        "out_dir": str(out_dir),
-        "device": device,
-        "precision": precision,
-        "run_id": run_id,
-    }
-    result = launch.run_workers(
-        spec, Path(out_dir) / "launch", config.num_processes, device, config.accelerate_config
-    )
-    return ModelRef(**result)
-
-
-def train_from_spec(spec: dict[str, Any]) -> ModelRef:
-    """The worker side of steps/training/launch.py: the same call as finetune(), from JSON."""
-    return train(
-        spec["train_path"],
-        spec["selected_ids"],
-        ModelConfig.model_validate(spec["model_config"]),
-        FinetuneConfig.model_validate(spec["config"]),
-        Path(spec["out_dir"]),
-        spec["device"],
-        spec["precision"],
-        spec["run_id"],
-    )
+        return train(job)
+    return run_workers(job, job.out_dir / "launch")
 
 
 def last_checkpoint(checkpoint_dir: Path) -> Path | None:
@@ -185,30 +101,21 @@ class SiftTrainer(Trainer):
         )
 
 
-def train(
-    train_path: str,
-    selected_ids: list[str],
-    model_config: ModelConfig,
-    config: FinetuneConfig,
-    out_dir: Path,
-    device: str,
-    precision: str,
-    run_id: str | None = None,
-) -> ModelRef:
+def train(job: TrainJob) -> ModelRef:
     """The recipe in this process (one of several under accelerate launch)."""
-    out_dir = Path(out_dir)
-    frame = pd.read_parquet(train_path).set_index("id").loc[selected_ids]
+    config, model_config, out_dir = job.finetune, job.model, job.out_dir
+    frame = pd.read_parquet(job.train_path).set_index("id").loc[job.selected_ids]
     tokenizer = load_tokenizer(model_config)
-    model = _prepare_model(load_model(model_config, device), config)
+    model = _prepare_model(load_model(model_config, job.device), config)
     examples = encode_examples(tokenizer, list(frame.prompt), list(frame.response), model_config)
     collator = PaddingCollator(tokenizer.pad_token_id)
     trainer = SiftTrainer(
         model=model,
-        args=_training_arguments(config, out_dir / CHECKPOINTS, device, precision),
+        args=_training_arguments(config, out_dir / CHECKPOINTS, job.device, job.precision),
         train_dataset=TokenDataset(examples),
         data_collator=collator,
         processing_class=tokenizer,
-        callbacks=[LogLastStep(), StopOnNonFiniteLoss(), MlflowStepLogger(run_id)],
+        callbacks=[LogLastStep(), StopOnNonFiniteLoss(), MlflowStepLogger(job.run_id)],
     )
     resume = last_checkpoint(out_dir / CHECKPOINTS)
     resumed_from_step = int(resume.name[11:]) if resume else 0
@@ -231,7 +138,7 @@ def train(
         padding_fraction=collator.padding_fraction,
         resumed_from_step=resumed_from_step,
         processes=trainer.args.world_size,
-        run_id=run_id,
+        run_id=job.run_id,
     )
 
 
@@ -325,4 +232,13 @@ def _save_final(
         shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
 
 
-__all__ = ["IGNORE_INDEX", "FinetuneConfig", "ModelRef", "NonFiniteLossError", "finetune"]
+# FinetuneConfig and ModelRef live with TrainJob (job.py); this is where callers import them.
+__all__ = [
+    "IGNORE_INDEX",
+    "FinetuneConfig",
+    "ModelRef",
+    "NonFiniteLossError",
+    "finetune",
+    "last_checkpoint",
+    "train",
+]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -15,8 +14,9 @@ from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM
 
 from steps.evaluation.evaluate import EvalConfig, evaluate
-from steps.modeling import ModelConfig
+from steps.modeling import ModelConfig, ModelSource, trained_source
 from steps.training.finetune import FinetuneConfig, NonFiniteLossError, finetune, last_checkpoint
+from steps.training.job import NON_FINITE_LOSS_EXIT, TrainJob, WorkerFailure, read_result
 from tests.conftest import MODEL_DIR, REPO, new_run_id
 from tests.model.conftest import write_train_table
 
@@ -57,17 +57,26 @@ def test_golden_losses_and_step_metrics_in_mlflow(train_table, tmp_path: Path):
     assert not [n for n in saved if n.endswith((".bin", ".pt", ".pth", ".pkl"))]  # no pickles
 
 
-def _spec(path: str, ids: list[str], config: FinetuneConfig, out_dir: Path) -> dict:
-    return {
-        "train_path": path,
-        "selected_ids": ids,
-        "model_config": MODEL.model_dump(),
-        "config": config.model_dump(),
-        "out_dir": str(out_dir),
-        "device": "cpu",
-        "precision": "fp32",
-        "run_id": None,
-    }
+def _job(path: str, ids: list[str], config: FinetuneConfig, out_dir: Path) -> TrainJob:
+    return TrainJob(
+        train_path=path,
+        selected_ids=ids,
+        model=MODEL,
+        finetune=config,
+        out_dir=out_dir,
+        device="cpu",
+        precision="fp32",
+    )
+
+
+def _worker(spec_path: Path, *result_path: Path, **popen) -> subprocess.Popen:
+    """One real worker process, as accelerate launch starts each of its N."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "steps.training.launch", str(spec_path), *map(str, result_path)],
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        **popen,
+    )
 
 
 def test_a_killed_run_resumes_from_its_last_checkpoint(train_table, tmp_path: Path):
@@ -79,14 +88,8 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(train_table, tmp_path: Pa
     config = FinetuneConfig(epochs=3, batch_size=4, logging_steps=1, checkpoint_steps=8)
     out_dir = tmp_path / "killed"
     spec_path = tmp_path / "spec.json"
-    spec_path.write_text(json.dumps(_spec(path, ids, config, out_dir)))
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "steps.training.launch", str(spec_path)],
-        cwd=REPO,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    spec_path.write_text(_job(path, ids, config, out_dir).model_dump_json())
+    worker = _worker(spec_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while last_checkpoint(out_dir / "checkpoints") is None and worker.poll() is None:
         assert time.monotonic() < deadline, "no checkpoint within 60 s"
@@ -119,20 +122,40 @@ def test_lora_saves_a_merged_model_that_evaluates_like_a_full_one(train_table, t
     assert set(merged.state_dict()) == set(base.state_dict())  # no lora_A/lora_B left
     tuned = merged.state_dict()
     assert any(bool((tuned[k] != v).any()) for k, v in base.state_dict().items())
-    report = evaluate(ref.model_dir, path, MODEL, EvalConfig(), "cpu")
-    assert report.loss < evaluate(MODEL.name, path, MODEL, EvalConfig(), "cpu").loss
+    tuned_loss = evaluate(
+        trained_source(MODEL, ref.model_dir, fingerprint="lora"), path, EvalConfig(), "cpu", "fp32"
+    ).loss
+    assert tuned_loss < evaluate(ModelSource(MODEL, "base"), path, EvalConfig(), "cpu", "fp32").loss
+
+
+# An absurd learning rate, unclipped: the loss is inf or NaN within the first steps.
+DIVERGING = FinetuneConfig(
+    epochs=1,
+    batch_size=4,
+    learning_rate=1e30,
+    max_grad_norm=1e6,
+    logging_steps=1,
+    checkpoint_steps=0,
+)
 
 
 def test_a_diverging_run_stops_with_a_clear_error_and_saves_nothing(train_table, tmp_path):
     path, ids = train_table
-    config = FinetuneConfig(
-        epochs=1,
-        batch_size=4,
-        learning_rate=1e30,
-        max_grad_norm=1e6,
-        logging_steps=1,
-        checkpoint_steps=0,
-    )
     with pytest.raises(NonFiniteLossError, match="finetune.learning_rate"):
-        finetune(path, ids, MODEL, config, tmp_path / "nan", "cpu", "fp32")
+        finetune(path, ids, MODEL, DIVERGING, tmp_path / "nan", "cpu", "fp32")
+    assert not (tmp_path / "nan" / "model.safetensors").exists()
+
+
+def test_a_diverging_worker_exits_with_its_own_code_and_writes_the_failure(train_table, tmp_path):
+    """What the parent of a multi-process run reads instead of the log: the exit status and
+    the result file of the worker (here run directly, as accelerate launch runs it)."""
+    path, ids = train_table
+    spec_path, result_path = tmp_path / "spec.json", tmp_path / "result.json"
+    spec_path.write_text(_job(path, ids, DIVERGING, tmp_path / "nan").model_dump_json())
+    worker = _worker(spec_path, result_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, stderr = worker.communicate(timeout=300)
+    assert worker.returncode == NON_FINITE_LOSS_EXIT, stderr.decode()[-2000:]
+    failure = read_result(result_path)
+    assert isinstance(failure, WorkerFailure) and failure.error == "non_finite_loss"
+    assert "finetune.learning_rate" in failure.message
     assert not (tmp_path / "nan" / "model.safetensors").exists()

@@ -2,23 +2,47 @@
 
 from __future__ import annotations
 
-import json
 import logging
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 from prefect import flow
 
-from flows.pipeline import finetune_task
-from steps.modeling import ModelConfig
+from flows.tasks import FINETUNE, RunContext, finetune_task, work_dir
+from steps.data.ingest import TableRef
+from steps.modeling import ModelConfig, ModelSource
+from steps.selection.record import SelectionRecord, write_selection
 from steps.selection.select import SelectionRef
 from steps.training.finetune import FinetuneConfig, last_checkpoint
 from tests.conftest import MODEL_DIR, new_run_id
-from tests.model.conftest import write_train_table
+
+# one_torch_thread is a fixture: imported here, pytest finds it in this module.
+from tests.model.conftest import one_torch_thread, write_train_table  # noqa: F401
 
 MODEL = ModelConfig(name=str(MODEL_DIR))
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
+
+
+def _uniform_record(ids: list[str]) -> SelectionRecord:
+    """A selection.json that trains on all of `ids` (what the task reads: train_ids)."""
+    return SelectionRecord(
+        selector="uniform",
+        budget=len(ids),
+        ridge=0.0,
+        feature_space="",
+        ids=ids,
+        rows=list(range(len(ids))),
+        train_ids=ids,
+        prior=None,
+        gains=[0.0] * len(ids),
+        objective=[0.0] * len(ids),
+        final_objective=0.0,
+        loss_tokens=0,
+        design_md5="",
+    )
 
 
 class FailOnceAfterCheckpoint(logging.Handler):
@@ -34,8 +58,6 @@ class FailOnceAfterCheckpoint(logging.Handler):
         self.retried = False
 
     def checkpoint_watcher(self) -> None:
-        import time
-
         while self.deleted_at is None:
             found = last_checkpoint(self.checkpoint_dir)
             if found is not None:
@@ -50,23 +72,24 @@ class FailOnceAfterCheckpoint(logging.Handler):
 
 
 def test_a_retried_finetune_task_resumes(prefect_harness, gsm8k_train, tmp_path: Path):
-    import threading
-
     train_path, ids = write_train_table(gsm8k_train[:24], tmp_path / "train.parquet")
-    (tmp_path / "selection.json").write_text(json.dumps({"ids": ids, "train_ids": ids}))
-    selection = SelectionRef(str(tmp_path / "selection.json"), "", "uniform", 24, 0, 0.0, "", 24)
-    run_id = new_run_id("finetune-retry")
+    selection_path = tmp_path / "selection.json"
+    write_selection(selection_path, _uniform_record(ids))
+    selection = SelectionRef(str(selection_path), "", "uniform", 24, 0, 0.0, "", 24)
+    table = TableRef(train_path, 24, "md5")
+    model = ModelSource(MODEL, "model-md5")
+    context = RunContext(tmp_path, tmp_path / "state", "cpu", "fp32", new_run_id("finetune-retry"))
     config = FinetuneConfig(epochs=4, batch_size=4, logging_steps=1, checkpoint_steps=4)
-    out_dir = tmp_path / "model"
+    # the folder the task derives from its inputs, where the first attempt leaves checkpoints
+    out_dir = work_dir(context, "models", FINETUNE, table.md5, selection, model, config)
 
     @flow
     def finetune_only():
         return finetune_task(
-            train_path, "md5", selection, MODEL, "model-md5",
-            config, out_dir, "cpu", "fp32", run_id,
-        )  # fmt: skip
+            table=table, selection=selection, model=model, config=config, context=context
+        )
 
-    breaker = FailOnceAfterCheckpoint(run_id, out_dir / "checkpoints")
+    breaker = FailOnceAfterCheckpoint(context.run_id, out_dir / "checkpoints")
     watcher = threading.Thread(target=breaker.checkpoint_watcher, daemon=True)
     logger = logging.getLogger("prefect.task_runs")
     level = logger.level

@@ -1,0 +1,150 @@
+"""The fine-tune job: its settings, the whole call as one typed spec, and what comes back.
+
+`TrainJob` is the one declaration of a fine-tune call's inputs: finetune() builds it, train()
+runs it, and for `num_processes > 1` the parent writes it as JSON and every worker validates it
+(steps/training/multiprocess.py starts them, steps/training/launch.py is what each one runs).
+A worker answers in a result file: rank 0 writes the `ModelRef` fields; any rank that stopped
+on a non-finite loss writes a `WorkerFailure` and exits with `NON_FINITE_LOSS_EXIT`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from transformers import SchedulerType
+
+from steps.modeling import ModelConfig
+
+# Names Trainer's `lr_scheduler_type` accepts; checked when the config is built, so a typo
+# fails `sift show-config` instead of the fine-tune step after ingest, embed and select.
+LR_SCHEDULERS = tuple(s.value for s in SchedulerType)
+# A worker's exit status when it stopped on a NaN/inf loss. accelerate's launcher reports its
+# own status (1) when a worker fails, so the parent reads the result file first; this code is
+# what a worker run directly (`python -m steps.training.launch`) reports.
+NON_FINITE_LOSS_EXIT = 3
+
+
+class FinetuneConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epochs: float = Field(default=3.0, gt=0)
+    # Tiny models tolerate (and need) a large learning rate; use ~1e-5–1e-4 for real LLMs
+    # (LoRA: ~1e-4–1e-3).
+    learning_rate: float = Field(default=2e-3, gt=0)
+    batch_size: int = Field(default=16, gt=0)  # per process
+    gradient_accumulation_steps: int = Field(default=1, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    # One of LR_SCHEDULERS (transformers' SchedulerType); kept a plain string so the resolved
+    # config logs and hashes as it did.
+    lr_scheduler: str = "cosine"
+    warmup_steps: int = Field(default=0, ge=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    # Batches of similar length waste less compute on padding than random batches.
+    group_by_length: bool = True
+    # Recompute activations in the backward pass: ~30% slower, far less activation memory.
+    gradient_checkpointing: bool = False
+    logging_steps: int = Field(default=10, gt=0)
+    seed: int = 0
+    # full: every weight trains. lora: low-rank adapters only (less memory, smaller
+    # optimizer state), merged into the weights before saving, so the saved model is a
+    # plain one that evaluate and register load like a full fine-tune.
+    method: Literal["full", "lora"] = "full"
+    lora_r: int = Field(default=16, gt=0)
+    lora_alpha: int = Field(default=32, gt=0)
+    lora_dropout: float = Field(default=0.05, ge=0, lt=1)
+    # "all-linear" = every linear layer but the output head (peft's shorthand).
+    lora_target_modules: str | tuple[str, ...] = "all-linear"
+    # A checkpoint (weights, optimizer, scheduler, RNG, step) every N optimizer steps, for
+    # resuming after a crash; 0 = none. Frequent saves cost time on big models.
+    checkpoint_steps: int = Field(default=50, ge=0)
+    checkpoints_kept: int = Field(default=2, gt=0)
+    # > 1: data-parallel training in that many processes via `accelerate launch` (GPUs: one
+    # per process; CPU: gloo). Batch size is per process.
+    num_processes: int = Field(default=1, gt=0)
+    # Shard parameters, gradients and optimizer state over the processes (FSDP) for models
+    # that do not fit one GPU; plain DDP replicates the model in each process.
+    fsdp: bool = False
+    # An `accelerate config` file for clusters (machines, ranks, main address, FSDP options);
+    # it overrides the launch flags above except num_processes.
+    accelerate_config: str | None = None
+
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _known_scheduler(cls, name: str) -> str:
+        if name not in LR_SCHEDULERS:
+            choices = ", ".join(LR_SCHEDULERS)
+            raise ValueError(f"{name!r} is not a scheduler; choose one of: {choices}")
+        return name
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> FinetuneConfig:
+        if self.fsdp and self.num_processes < 2:
+            raise ValueError("finetune.fsdp needs finetune.num_processes > 1")
+        if self.fsdp and self.method == "lora":
+            raise ValueError("finetune.fsdp with finetune.method 'lora' is not supported; use DDP")
+        if self.accelerate_config and self.num_processes < 2:
+            raise ValueError("finetune.accelerate_config needs finetune.num_processes > 1")
+        return self
+
+
+class TrainJob(BaseModel):
+    """One fine-tune call: the base model trained on `selected_ids` of the table at train_path,
+    saved to out_dir. device and precision are resolved ('cpu'/'cuda', 'fp32'/'bf16'/'fp16')."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    train_path: str  # as pandas reads it: a local path or an fsspec URI
+    selected_ids: list[str]  # a list: pandas reads a tuple given to .loc as (rows, columns)
+    model: ModelConfig
+    finetune: FinetuneConfig
+    out_dir: Path
+    device: str
+    precision: Literal["fp32", "bf16", "fp16"]
+    run_id: str | None = None  # the MLflow run that step metrics go to; None: not logged
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A fine-tuned model on disk (safetensors + tokenizer) and how it was made."""
+
+    model_dir: str
+    train_loss: float  # mean over all steps, including those before a resume
+    final_loss: float  # the last logged loss
+    steps: int
+    tokens: int  # non-padding input tokens, all processes, this call only
+    seconds: float  # wall time of the training loop in this call
+    padding_fraction: float  # share of computed positions that were padding (this call)
+    resumed_from_step: int  # 0: trained from scratch
+    processes: int  # data-parallel world size
+    run_id: str | None  # the MLflow run that trained it (lineage for cached re-runs)
+
+
+class WorkerFailure(BaseModel):
+    """What a worker that stopped on a NaN/inf loss leaves in the result file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    error: Literal["non_finite_loss"]
+    message: str
+
+
+def write_result(path: Path, result: ModelRef | WorkerFailure) -> None:
+    """Atomic (write, then rename): several ranks may report the same failure at once, and the
+    parent must never read half a file."""
+    fields = result.model_dump() if isinstance(result, WorkerFailure) else asdict(result)
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    partial.write_text(json.dumps(fields))
+    partial.replace(path)
+
+
+def read_result(path: Path) -> ModelRef | WorkerFailure | None:
+    """The workers' answer; None when none was written (a crash before the end)."""
+    if not path.is_file():
+        return None
+    fields = json.loads(path.read_text())
+    return WorkerFailure.model_validate(fields) if "error" in fields else ModelRef(**fields)
