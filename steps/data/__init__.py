@@ -1,1 +1,1 @@
-"""Data stage: ingest files or hub datasets, validate them (Great Expectations), version them (DVC)."""
+"""Data stage: ingest files or hub datasets, validate (Great Expectations), version (DVC)."""

@@ -1,6 +1,9 @@
 """Ingestion: read a training pool and an eval split from files or the hub into one schema.
 
-Output schema (Parquet, one file per split): id (content hash), prompt, response, source, split.
+Output schema (Parquet, one file per split): id (the user's own id, data.id_field, else the
+content hash of prompt and response), prompt, response, source, split. Beside each staged
+table, a second Parquet holds what validation needs and the data must not carry: each row's
+source place (file and 1-based line or record) and content hash.
 Sources are streamed batch by batch (steps/data/readers.py) and written row group by row
 group, so a file of any size is never held in memory whole.
 """
@@ -8,8 +11,8 @@ group, so a file of any size is never held in memory whole.
 from __future__ import annotations
 
 import hashlib
-import string
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -19,12 +22,33 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
+from steps.hashing import file_md5
+from steps.data.fields import (
+    AUTO_ID,
+    chat_renderer,
+    column_values,
+    content_id,
+    empty_prompt,
+    field_columns,
+    id_column,
+    user_ids,
+)
 from steps.data.readers import LOCAL_SUFFIXES, Batch, IngestError, iter_hub, iter_local
 
-__all__ = ["SCHEMA", "IngestConfig", "IngestError", "IngestResult", "TableRef", "ingest"]
+__all__ = [
+    "SCHEMA",
+    "IngestConfig",
+    "IngestError",
+    "IngestResult",
+    "StagedRows",
+    "TableRef",
+    "content_id",
+    "ingest",
+]
 
 SCHEMA = ["id", "prompt", "response", "source", "split"]
 ARROW_SCHEMA = pa.schema([(name, pa.string()) for name in SCHEMA])
+PLACES_SCHEMA = pa.schema([("place", pa.string()), ("content_id", pa.string())])
 
 
 class IngestConfig(BaseModel):
@@ -49,6 +73,11 @@ class IngestConfig(BaseModel):
     # Plain LM data: this column becomes the response and the prompt is empty. A .txt file
     # always reads as one `text` column per non-blank line.
     text_field: str | None = None
+    # The column holding the user's own example ids, which then name the examples in
+    # selection.json, MLflow and validation messages (they must be unique and non-empty).
+    # "auto": the column `id` when the source has one, else none; null: none. Without ids,
+    # an example's id is the content hash of prompt + response (the dedup key either way).
+    id_field: str | None = AUTO_ID
     # Render each prompt with this tokenizer's chat template (hub id or local folder): one
     # user turn plus the assistant-turn opener. Pair it with model.prompt_template "{prompt}"
     # so that no second template wraps it. None keeps prompts as they are.
@@ -62,27 +91,29 @@ class IngestConfig(BaseModel):
 
 
 @dataclass(frozen=True)
+class StagedRows:
+    """What ingest knows about a staged table that its published bytes must not carry."""
+
+    places_path: str  # Parquet, a row per table row: source place ("a.jsonl line 7"), content hash
+    # What a prompt is when every prompt field is empty (template and chat text only);
+    # None where prompts may be empty by design (plain LM data: data.text_field).
+    empty_prompt: str | None
+
+
+@dataclass(frozen=True)
 class TableRef:
     """A Parquet table written by ingest: its path, row count and content md5."""
 
     path: str
     rows: int
     md5: str
+    staged: StagedRows | None = None  # staged tables only: read by validation, never published
 
 
 @dataclass(frozen=True)
 class IngestResult:
     train: TableRef
     eval: TableRef
-
-
-def file_md5(path: Path) -> str:
-    """md5 of a file's bytes, read in chunks (the same digest DVC records per file)."""
-    digest = hashlib.md5()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def resolve_local(source: str, project_dir: Path) -> Path | None:
@@ -173,67 +204,53 @@ def source_label(source: str, project_dir: Path) -> str:
     return source
 
 
-def content_id(prompt: str, response: str) -> str:
-    return hashlib.sha256(f"{prompt}\x00{response}".encode()).hexdigest()[:16]
+@dataclass(frozen=True)
+class _Normalised:
+    table: pd.DataFrame
+    content_ids: list[str]
+    plain: bool  # plain LM rows: the prompt is empty by design
 
 
-def _template_fields(template: str) -> list[str]:
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
-
-
-def _string_cell(value: object, place: str, column: str, setting: str) -> str | None:
-    if value is None or (isinstance(value, float) and value != value):  # null / NaN
-        return None
-    if not isinstance(value, str):
-        raise IngestError(
-            f"{place}: field '{column}' ({setting}) is {type(value).__name__} "
-            f"{value!r:.60}, expected a string"
-        )
-    return value
-
-
-def _column_values(batch: Batch, setting: str, field: str, source: str) -> list[str | None]:
-    """One configured field per row: a column, or a template over columns ("{a}\n{b}").
-
-    Values must be strings (null is kept: the suite reports it, and quarantine can drop it);
-    anything else is an error naming the setting, the line/row and the value.
-    """
-    frame = batch.frame
-    columns = _template_fields(field) if "{" in field else [field]
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise IngestError(
-            f"{source}: missing field(s) {missing} ({setting} = {field!r}); "
-            f"columns present: {list(frame.columns)}"
-        )
-    cells = {c: frame[c].tolist() for c in columns}
-    values: list[str | None] = []
-    for index, place in enumerate(batch.where):
-        row = {c: _string_cell(cells[c][index], f"{source} {place}", c, setting) for c in columns}
-        if any(value is None for value in row.values()):
-            values.append(None)
-        else:
-            values.append(field.format(**row) if "{" in field else row[field])
-    return values
-
-
-def chat_renderer(config: IngestConfig) -> Callable[[str], str] | None:
-    """data.chat_template as a function prompt -> rendered prompt (None when not configured)."""
-    if config.chat_template is None:
-        return None
-    from transformers import AutoTokenizer  # heavy import, only when configured
-
-    tokenizer = AutoTokenizer.from_pretrained(config.chat_template)
-    if not getattr(tokenizer, "chat_template", None):
-        raise IngestError(
-            f"data.chat_template: the tokenizer at {config.chat_template!r} has no chat template"
-        )
-
-    def render(prompt: str) -> str:
-        turn = [{"role": "user", "content": prompt}]
-        return str(tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True))
-
-    return render
+def _normalise(
+    batch: Batch,
+    config: IngestConfig,
+    source: str,
+    split: str,
+    render: Callable[[str], str] | None,
+) -> _Normalised:
+    text_field = config.text_field
+    if text_field is None and list(batch.frame.columns) == ["text"]:
+        text_field = "text"  # a .txt file, or a one-column text dataset
+    if text_field is not None:
+        responses = column_values(batch, "data.text_field", text_field, source)
+        prompts: list[str | None] = [""] * len(responses)
+    else:
+        fields = [config.prompt_field, config.response_field]
+        wanted = [c for f in fields for c in field_columns(f)]
+        missing = [c for c in dict.fromkeys(wanted) if c not in batch.frame.columns]
+        if missing:
+            raise IngestError(
+                f"{source}: missing field(s) {missing} (data.prompt_field = "
+                f"{config.prompt_field!r}, data.response_field = {config.response_field!r}); "
+                f"columns present: {list(batch.frame.columns)}"
+            )
+        prompts = column_values(batch, "data.prompt_field", config.prompt_field, source)
+        responses = column_values(batch, "data.response_field", config.response_field, source)
+        if render is not None:
+            prompts = [None if p is None else render(p) for p in prompts]
+    hashes = [content_id(str(p), str(r)) for p, r in zip(prompts, responses, strict=True)]
+    column = id_column(batch, config.id_field, source)
+    table = pd.DataFrame(
+        {
+            "id": hashes if column is None else user_ids(batch, column, source),
+            "prompt": prompts,
+            "response": responses,
+            "source": source,
+            "split": split,
+        },
+        columns=SCHEMA,
+    )
+    return _Normalised(table, hashes, plain=text_field is not None)
 
 
 def normalise_batch(
@@ -246,42 +263,13 @@ def normalise_batch(
     """Maps configured fields onto the schema; plain-text data becomes prompt '' + response text.
 
     `render` (see chat_renderer) rewrites each non-null prompt before the id is computed."""
-    text_field = config.text_field
-    if text_field is None and list(batch.frame.columns) == ["text"]:
-        text_field = "text"  # a .txt file, or a one-column text dataset
-    if text_field is not None:
-        responses = _column_values(batch, "data.text_field", text_field, source)
-        prompts: list[str | None] = [""] * len(responses)
-    else:
-        fields = [config.prompt_field, config.response_field]
-        wanted = [c for f in fields for c in (_template_fields(f) if "{" in f else [f])]
-        missing = [c for c in dict.fromkeys(wanted) if c not in batch.frame.columns]
-        if missing:
-            raise IngestError(
-                f"{source}: missing field(s) {missing} (data.prompt_field = "
-                f"{config.prompt_field!r}, data.response_field = {config.response_field!r}); "
-                f"columns present: {list(batch.frame.columns)}"
-            )
-        prompts = _column_values(batch, "data.prompt_field", config.prompt_field, source)
-        responses = _column_values(batch, "data.response_field", config.response_field, source)
-        if render is not None:
-            prompts = [None if p is None else render(p) for p in prompts]
-    return pd.DataFrame(
-        {
-            "id": [content_id(str(p), str(r)) for p, r in zip(prompts, responses, strict=True)],
-            "prompt": prompts,
-            "response": responses,
-            "source": source,
-            "split": split,
-        },
-        columns=SCHEMA,
-    )
+    return _normalise(batch, config, source, split, render).table
 
 
 def normalise(frame: pd.DataFrame, config: IngestConfig, source: str, split: str) -> pd.DataFrame:
-    """normalise_batch for a whole in-memory frame (rows numbered from 1)."""
+    """normalise_batch for a whole in-memory frame (records numbered from 1)."""
     return normalise_batch(
-        Batch(frame, [f"row {i}" for i in range(1, len(frame) + 1)]), config, source, split
+        Batch(frame, [f"record {i}" for i in range(1, len(frame) + 1)]), config, source, split
     )
 
 
@@ -304,30 +292,69 @@ def stream_table(
     split: str,
     limit: int | None,
     path: Path,
+    places_path: Path | None = None,
 ) -> int:
-    """Normalises batches into one Parquet file, a row group per batch; returns rows written."""
-    rows = 0
-    render = chat_renderer(config)
-    tmp = path.with_suffix(".partial")  # a failure half-way leaves no table behind
+    """Normalises batches into one Parquet file, a row group per batch; returns rows written.
+
+    With `places_path`, each row's source place and content hash go to that file alongside."""
+    return _stream_table(batches, config, label, split, limit, path, places_path)[0]
+
+
+def _stream_table(
+    batches: Iterator[Batch],
+    config: IngestConfig,
+    label: str,
+    split: str,
+    limit: int | None,
+    path: Path,
+    places_path: Path | None,
+) -> tuple[int, str | None]:
+    """stream_table, also returning the table's empty prompt (see StagedRows)."""
+    rows, plain = 0, False
+    render = chat_renderer(config.chat_template)
+    targets = [path] if places_path is None else [path, places_path]
+    partials = [target.with_suffix(".partial") for target in targets]  # no half-written tables
     try:
-        with pq.ParquetWriter(tmp, ARROW_SCHEMA, compression="zstd") as writer:
+        with (
+            pq.ParquetWriter(partials[0], ARROW_SCHEMA, compression="zstd") as writer,
+            _places_writer(partials[1:]) as places,
+        ):
             for batch in batches:
-                table = normalise_batch(batch, config, label, split, render)
-                if limit is not None:
-                    table = table.head(limit - rows)
-                arrow = pa.Table.from_pandas(table, ARROW_SCHEMA, preserve_index=False)
+                done = _normalise(batch, config, label, split, render)
+                keep = len(done.table) if limit is None else limit - rows
+                arrow = pa.Table.from_pandas(
+                    done.table.head(keep), ARROW_SCHEMA, preserve_index=False
+                )
                 writer.write_table(arrow.replace_schema_metadata(None))
-                rows += len(table)
+                if places is not None:
+                    where = [f"{label} {place}" for place in batch.where[:keep]]
+                    columns = {"place": where, "content_id": done.content_ids[:keep]}
+                    places.write_table(pa.table(columns, schema=PLACES_SCHEMA))
+                rows += arrow.num_rows
+                plain = plain or (done.plain and arrow.num_rows > 0)
                 if limit is not None and rows >= limit:
                     break
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        for partial in partials:
+            partial.unlink(missing_ok=True)
         raise
     if rows == 0:
-        tmp.unlink()
+        for partial in partials:
+            partial.unlink()
         raise IngestError(f"{label}: no records")
-    tmp.replace(path)
-    return rows
+    for partial, target in zip(partials, targets, strict=True):
+        partial.replace(target)
+    # A folder mixing plain-text and prompt/response files keeps empty prompts legal.
+    return rows, None if plain else empty_prompt(config.prompt_field, render)
+
+
+@contextmanager
+def _places_writer(paths: list[Path]) -> Iterator[pq.ParquetWriter | None]:
+    if not paths:
+        yield None
+        return
+    with pq.ParquetWriter(paths[0], PLACES_SCHEMA, compression="zstd") as writer:
+        yield writer
 
 
 def ingest(config: IngestConfig, project_dir: Path, staging_dir: Path) -> IngestResult:
@@ -346,7 +373,8 @@ def ingest(config: IngestConfig, project_dir: Path, staging_dir: Path) -> Ingest
     for name, setting, source, split, limit in sources:
         batches = _batches(source, setting, split, config, project_dir)
         label = source_label(source, project_dir)
-        path = staging_dir / f"{name}.parquet"
-        rows = stream_table(batches, config, label, name, limit, path)
-        refs[name] = TableRef(path=str(path), rows=rows, md5=file_md5(path))
+        path, places = staging_dir / f"{name}.parquet", staging_dir / f"{name}.places.parquet"
+        rows, empty = _stream_table(batches, config, label, name, limit, path, places)
+        staged = StagedRows(places_path=str(places), empty_prompt=empty)
+        refs[name] = TableRef(path=str(path), rows=rows, md5=file_md5(path), staged=staged)
     return IngestResult(train=refs["train"], eval=refs["eval"])

@@ -1,12 +1,15 @@
 """Streaming readers: each yields a source in batches of rows, never the whole file at once.
 
-A batch carries where each row came from ("line 7" in JSONL/text, "row 7" elsewhere) so that
-errors found later (a non-string field, bytes that are not UTF-8) name the exact place.
-A JSON array is the one exception: it is parsed whole (use JSONL for large data).
+A batch carries where each row came from, 1-based: "line 7" for JSONL, text and CSV (a CSV's
+header is line 1; a quoted field may span lines, the record's first line is named), "record 7"
+for JSON arrays, Parquet and hub datasets. Errors found later (a non-string field, bytes that
+are not UTF-8, a failed validation) name that exact place.
+A JSON array is the one exception to streaming: it is parsed whole (use JSONL for large data).
 """
 
 from __future__ import annotations
 
+import csv
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +30,7 @@ class IngestError(ValueError):
 @dataclass(frozen=True)
 class Batch:
     frame: pd.DataFrame
-    where: list[str]  # per row: "line N" (JSONL, text) or "row N" (1-based, in file order)
+    where: list[str]  # per row: "line N" (JSONL, text, CSV) or "record N" (1-based)
 
 
 def _decode(raw: bytes, path: Path, number: int) -> str:
@@ -107,14 +110,53 @@ def _json_records(path: Path) -> Iterator[tuple[str, dict]]:
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
         raise IngestError(f"{path}: expected a JSON array of objects (one per example)")
     for index, record in enumerate(records, start=1):
-        _check_encodable(record, path, f"row {index}")
-        yield f"row {index}", record
+        _check_encodable(record, path, f"record {index}")
+        yield f"record {index}", record
 
 
-def _frames_with_rows(frames: Iterator[pd.DataFrame]) -> Iterator[Batch]:
+def _frames_with_records(frames: Iterator[pd.DataFrame]) -> Iterator[Batch]:
     first = 1
     for frame in frames:
-        yield Batch(frame.reset_index(drop=True), [f"row {first + i}" for i in range(len(frame))])
+        places = [f"record {first + i}" for i in range(len(frame))]
+        yield Batch(frame.reset_index(drop=True), places)
+        first += len(frame)
+
+
+def _csv_record_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(first line, first field) of each CSV record after the header, 1-based, by the csv
+    module: pandas gives no line numbers, and a quoted field may hold newlines. Blank lines
+    are skipped, as pandas skips them; a csv.Error (e.g. a field above csv.field_size_limit)
+    ends the numbering."""
+    with path.open(newline="", encoding="utf-8", errors="replace") as handle:
+        reader = csv.reader(handle)
+        try:
+            next(reader, None)  # the header
+            start = reader.line_num + 1
+            for record in reader:
+                if record:
+                    yield start, record[0]
+                start = reader.line_num + 1
+        except csv.Error:
+            return
+
+
+def _frames_with_lines(frames: Iterator[pd.DataFrame], path: Path) -> Iterator[Batch]:
+    """CSV batches whose rows name their file lines. Each line is checked against the row
+    pandas parsed (same first field); from the first disagreement on (an odd dialect) the
+    rest of the file is named by record number, which is never wrong, only less direct."""
+    lines: Iterator[tuple[int, str]] | None = _csv_record_lines(path)
+    first = 1
+    for frame in frames:
+        firsts = frame.iloc[:, 0].tolist() if len(frame.columns) else [None] * len(frame)
+        places = []
+        for number, cell in enumerate(firsts, start=first):
+            line, field = next(lines, (None, None)) if lines is not None else (None, None)
+            if line is None or field != cell:
+                lines = None
+                places.append(f"record {number}")
+            else:
+                places.append(f"line {line}")
+        yield Batch(frame.reset_index(drop=True), places)
         first += len(frame)
 
 
@@ -148,9 +190,9 @@ def iter_file(path: Path) -> Iterator[Batch]:
     elif suffix == ".json":
         yield from _batched(_json_records(path))
     elif suffix == ".csv":
-        yield from _frames_with_rows(_csv_frames(path))
+        yield from _frames_with_lines(_csv_frames(path), path)
     elif suffix == ".parquet":
-        yield from _frames_with_rows(_parquet_frames(path))
+        yield from _frames_with_records(_parquet_frames(path))
     else:
         raise IngestError(
             f"{path}: unsupported format '{suffix}' (use one of {sorted(LOCAL_SUFFIXES)})"
@@ -166,8 +208,9 @@ def iter_local(path: Path) -> Iterator[Batch]:
     if not files:
         raise IngestError(f"{path}: folder holds no {sorted(LOCAL_SUFFIXES)} files")
     for file in files:
+        name = file.relative_to(path).as_posix()  # not just the name: sub-folders may repeat it
         for batch in iter_file(file):
-            yield Batch(batch.frame, [f"{file.name} {place}" for place in batch.where])
+            yield Batch(batch.frame, [f"{name} {place}" for place in batch.where])
 
 
 def iter_hub(name: str, split: str, revision: str | None) -> Iterator[Batch]:
@@ -184,5 +227,5 @@ def iter_hub(name: str, split: str, revision: str | None) -> Iterator[Batch]:
     first = 1
     for columns in dataset.iter(batch_size=BATCH_ROWS):
         frame = pd.DataFrame(columns)
-        yield Batch(frame, [f"row {first + i}" for i in range(len(frame))])
+        yield Batch(frame, [f"record {first + i}" for i in range(len(frame))])
         first += len(frame)

@@ -1,9 +1,10 @@
 """Validation: a Great Expectations suite over the ingested pool and eval split.
 
-The suite is defined here, in code, so it is versioned with the repo; GX's file context stores
-the results and builds Data Docs HTML for every run. Row-level expectations run chunk by
-chunk and whole-split ones on the id column alone, so memory is bounded by the chunk size,
-not the pool.
+The suite (steps/data/checks.py) is defined in code, so it is versioned with the repo; GX's
+file context stores the results and builds Data Docs HTML for every run. Row-level
+expectations run chunk by chunk and whole-split ones on the row keys alone (content hash,
+user id), so memory is bounded by the chunk size, not the pool. Messages name each failing
+row by its source file and 1-based line or record, read from ingest's places table.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from pathlib import Path
 from typing import Literal
 
 import great_expectations as gx
-import great_expectations.expectations as gxe
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -23,19 +23,12 @@ from great_expectations.checkpoint import UpdateDataDocsAction
 from great_expectations.data_context.types.base import ProgressBarsConfig
 from pydantic import BaseModel, ConfigDict, Field
 
-from steps.data.ingest import (
-    SCHEMA,
-    IngestConfig,
-    IngestResult,
-    TableRef,
-    file_md5,
-    ingest,
-    write_table,
-)
+from steps.data.checks import row_suite, split_suite
+from steps.data.ingest import IngestConfig, IngestResult, TableRef, ingest, write_table
+from steps.hashing import file_md5
 from steps.modeling import ModelConfig, load_tokenizer
 
 SUITE_NAME = "sift_sft_data"
-CONTROL_CHARS = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"
 CHUNK_ROWS = 50_000  # rows validated per GX run: bounds memory whatever the pool size
 
 
@@ -62,46 +55,13 @@ class ValidationReport:
     quarantined: int  # rows moved to quarantine (0 in fail mode)
     data_docs_path: str
     accepted: IngestResult | None  # the published tables under data/, None on failure
+    # One line per quarantined row: split, source place and reasons (quarantine.parquet
+    # holds the rows themselves, with their reasons).
+    quarantined_rows: tuple[str, ...] = ()
 
 
 class DataValidationError(ValueError):
     """The data failed the suite; nothing downstream may run."""
-
-
-def row_suite(max_prompt_tokens: int) -> list:
-    """Expectations that hold row by row (checked on each chunk of a split)."""
-    text_columns = ["prompt", "response"]
-    suite = [
-        gxe.ExpectTableColumnsToMatchSet(column_set=[*SCHEMA, "prompt_tokens"], exact_match=True),
-        # Prompts may be empty (plain LM data); responses carry the loss and may not.
-        gxe.ExpectColumnValueLengthsToBeBetween(column="response", min_value=1),
-        # A prompt that fills the context leaves no response token to learn from.
-        gxe.ExpectColumnValuesToBeBetween(column="prompt_tokens", max_value=max_prompt_tokens - 1),
-    ]
-    for column in ["id", *text_columns]:
-        suite.append(gxe.ExpectColumnValuesToNotBeNull(column=column))
-    for column in text_columns:
-        # pandas 3 string dtype: "str" is the type name GX matches (see docs/stack-notes).
-        suite.append(gxe.ExpectColumnValuesToBeOfType(column=column, type_="str"))
-        # Ingest rejects bytes that are not UTF-8; control characters (other than tab and
-        # newlines) are valid UTF-8 but are almost always extraction debris.
-        suite.append(gxe.ExpectColumnValuesToNotMatchRegex(column=column, regex=CONTROL_CHARS))
-    return suite
-
-
-def split_suite(split: str, min_rows: int, leaked_ids: list[str]) -> list:
-    """Expectations over a whole split, run on its id column alone. Ids are content hashes of
-    (prompt, response): a repeated id is an exact duplicate."""
-    suite = [
-        gxe.ExpectTableRowCountToBeBetween(min_value=min_rows),
-        gxe.ExpectColumnValuesToBeUnique(column="id"),
-    ]
-    if split == "eval":
-        # Leakage: an eval example identical to a training example inflates the eval score.
-        # The value set is the training ids that also occur in eval (the rest cannot match),
-        # so the stored suite stays small for any pool size.
-        suite.append(gxe.ExpectColumnValuesToNotBeInSet(column="id", value_set=leaked_ids))
-    return suite
 
 
 @dataclass
@@ -115,9 +75,15 @@ class _Failure:
     indexed: bool = True  # names offending rows (so quarantine can drop them)
 
 
+# A failed expectation: split, GX type, column, description (two regex checks on one column
+# differ only in the last).
+_Key = tuple[str, str, str | None, str | None]
+Places = dict[str, dict[int, str]]  # split → 0-based row → "raw/train.jsonl line 8"
+
+
 @dataclass
 class _Findings:
-    failures: dict[tuple[str, str, str | None], _Failure] = field(default_factory=dict)
+    failures: dict[_Key, _Failure] = field(default_factory=dict)
     reasons: dict[str, dict[int, list[str]]] = field(default_factory=dict)  # split → row → why
 
     def add(self, split: str, outcomes: list, examples: int) -> None:
@@ -125,9 +91,8 @@ class _Findings:
             if outcome.success:
                 continue
             config, details = outcome.expectation_config, outcome.result or {}
-            found = self.failures.setdefault(
-                (split, config.type, config.kwargs.get("column")), _Failure()
-            )
+            key = (split, config.type, config.kwargs.get("column"), config.description)
+            found = self.failures.setdefault(key, _Failure())
             rows = [int(row) for row in details.get("unexpected_index_list") or []]
             found.count += details.get("unexpected_count") or 0
             room = max(examples - len(found.rows), 0)
@@ -139,28 +104,59 @@ class _Findings:
             for row in rows:
                 self.reasons.setdefault(split, {}).setdefault(row, []).append(config.type)
 
-    def lines(self, examples: int, unfixable_only: bool = False) -> list[str]:
+    def rows(self) -> dict[str, set[int]]:
+        """The rows that messages quote, per split."""
+        quoted: dict[str, set[int]] = {}
+        for (split, *_), found in self.failures.items():
+            quoted.setdefault(split, set()).update(found.rows)
+        return quoted
+
+    def lines(self, examples: int, places: Places, unfixable_only: bool = False) -> list[str]:
         return [
-            _describe(key, found, examples)
+            _describe(key, found, examples, places.get(key[0], {}))
             for key, found in self.failures.items()
             if not (unfixable_only and found.indexed)
         ]
 
 
-def _describe(key: tuple[str, str, str | None], found: _Failure, examples: int) -> str:
-    split, kind, column = key
+def _describe(key: _Key, found: _Failure, examples: int, places: dict[int, str]) -> str:
+    split, kind, column, description = key
     where = f" on column '{column}'" if column else ""
     counted = f" ({found.count} rows)" if found.count else ""
+    what = f" - {description}" if description else ""
     if found.rows:
-        evidence = "; rows (0-based, file order) " + ", ".join(
-            f"{row} ({value!r:.60})"
+        evidence = "; " + ", ".join(
+            f"{_place(row, places)} ({value!r:.60})"
             for row, value in zip(found.rows[:examples], found.values, strict=False)
         )
     elif found.observed is not None:
         evidence = f"; observed {found.observed!r:.200}"
     else:
         evidence = ""
-    return f"[{split}] {kind}{where}{counted}{evidence}"
+    return f"[{split}] {kind}{where}{counted}{what}{evidence}"
+
+
+def _place(row: int, places: dict[int, str]) -> str:
+    # A table that ingest did not stage (no places) is named by its own row numbers.
+    return places.get(row) or f"staged row {row} (0-based)"
+
+
+def _read_places(tables: dict[str, TableRef], wanted: dict[str, set[int]]) -> Places:
+    """The source places of the wanted rows, in one streaming pass per places table."""
+    places: Places = {}
+    for split, table in tables.items():
+        rows = wanted.get(split, set())
+        places[split] = {}
+        if table.staged is None or not rows:
+            continue
+        offset = 0
+        batches = pq.ParquetFile(table.staged.places_path).iter_batches(columns=["place"])
+        for batch in batches:
+            column = batch.column(0)
+            for row in (r for r in rows if offset <= r < offset + len(column)):
+                places[split][row] = column[row - offset].as_py()
+            offset += len(column)
+    return places
 
 
 def _chunks(path: str) -> Iterator[pd.DataFrame]:
@@ -207,15 +203,42 @@ def _run_suite(context, name: str, frame: pd.DataFrame, expectations: list) -> l
     return [outcome for run in result.run_results.values() for outcome in run.results]
 
 
-def _check_splits(context, ids: dict[str, pd.Series], config: ValidateConfig, found: _Findings):
-    """Whole-split expectations; eval's leakage check uses the (possibly cleaned) train ids."""
-    leaked = sorted(set(ids["train"]) & set(ids["eval"]))
-    for split, column in ids.items():
+def _check_splits(
+    context, keys: dict[str, pd.DataFrame], config: ValidateConfig, found: _Findings
+) -> None:
+    """Whole-split expectations; eval's leakage check uses the (possibly cleaned) train keys."""
+    leaked = sorted(set(keys["train"].content_id) & set(keys["eval"].content_id))
+    for split, frame in keys.items():
         min_rows = config.min_train_rows if split == "train" else config.min_eval_rows
-        suite = split_suite(split, min_rows, leaked)
-        found.add(
-            split, _run_suite(context, split, column.to_frame(), suite), config.examples_per_failure
-        )
+        suite = split_suite(split, min_rows, leaked, user_ids="id" in frame.columns)
+        found.add(split, _run_suite(context, split, frame, suite), config.examples_per_failure)
+
+
+def _keys(table: TableRef, ids: pd.Series) -> pd.DataFrame:
+    """A split's keys: content hashes (from ingest's places table; for a table ingest did not
+    stage, its id column, which then holds them) and the user's ids where they differ."""
+    if table.staged is None:
+        return pd.DataFrame({"content_id": ids})
+    hashes = pq.read_table(table.staged.places_path, columns=["content_id"]).column(0)
+    content = pd.Series(hashes.to_pylist(), index=ids.index, dtype=ids.dtype)
+    if (ids == content).all():
+        return pd.DataFrame({"content_id": content})
+    return pd.DataFrame({"content_id": content, "id": ids.where(ids != content)})
+
+
+def _check_rows(
+    context, split: str, table: TableRef, model: ModelConfig, tokenizer, config, found: _Findings
+) -> pd.DataFrame:
+    """Row-level expectations, chunk by chunk; returns the split's keys for _check_splits."""
+    empty_prompt = table.staged.empty_prompt if table.staged is not None else None
+    columns = []
+    for chunk in _chunks(table.path):
+        chunk = _with_token_counts(chunk, model, tokenizer)
+        suite = row_suite(model.max_length, empty_prompt)  # GX binds expectations to one suite
+        outcomes = _run_suite(context, f"{split}_rows", chunk, suite)
+        found.add(split, outcomes, config.examples_per_failure)
+        columns.append(chunk["id"])
+    return _keys(table, pd.concat(columns))
 
 
 def validate(
@@ -226,41 +249,48 @@ def validate(
     context = gx.get_context(mode="file", project_root_dir=str(gx_dir))
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     tokenizer = load_tokenizer(model)
-    paths = {"train": staged.train.path, "eval": staged.eval.path}
-    found, ids = _Findings(), {}
-    for split, path in paths.items():
-        columns = []
-        for chunk in _chunks(path):
-            chunk = _with_token_counts(chunk, model, tokenizer)
-            outcomes = _run_suite(context, f"{split}_rows", chunk, row_suite(model.max_length))
-            found.add(split, outcomes, config.examples_per_failure)
-            columns.append(chunk["id"])
-        ids[split] = pd.concat(columns)
-    _check_splits(context, ids, config, found)
-    failures = found.lines(config.examples_per_failure)
-    drop: dict[str, dict[int, list[str]]] = {split: {} for split in paths}
-    if failures and config.on_invalid == "quarantine":
-        drop = {split: found.reasons.get(split, {}) for split in paths}
+    tables = {"train": staged.train, "eval": staged.eval}
+    found = _Findings()
+    keys = {
+        split: _check_rows(context, split, table, model, tokenizer, config, found)
+        for split, table in tables.items()
+    }
+    _check_splits(context, keys, config, found)
+    drop: dict[str, dict[int, list[str]]] = {split: {} for split in tables}
+    failing, unfixable, too_many = found, False, []
+    if found.failures and config.on_invalid == "quarantine":
+        drop = {split: found.reasons.get(split, {}) for split in tables}
         too_many = [
-            f"[{split}] quarantine would drop {len(drop[split])} of {len(ids[split])} rows, "
+            f"[{split}] quarantine would drop {len(drop[split])} of {len(keys[split])} rows, "
             f"above validation.max_quarantine_fraction={config.max_quarantine_fraction}"
-            for split in paths
-            if len(drop[split]) > config.max_quarantine_fraction * len(ids[split])
+            for split in tables
+            if len(drop[split]) > config.max_quarantine_fraction * len(keys[split])
         ]
-        unfixable = found.lines(3, unfixable_only=True)
-        if unfixable or too_many:
-            failures = list(dict.fromkeys([*unfixable, *too_many, *failures]))
-        else:
+        unfixable = any(not failure.indexed for failure in found.failures.values())
+        if not (unfixable or too_many):
             # Rows that failed row-level checks are gone; the whole-split checks must now pass.
-            cleaned = {split: ids[split].drop(index=sorted(drop[split])) for split in paths}
-            recheck = _Findings()
-            _check_splits(context, cleaned, config, recheck)
-            failures = recheck.lines(config.examples_per_failure)
+            cleaned = {split: keys[split].drop(index=sorted(drop[split])) for split in tables}
+            failing = _Findings()
+            _check_splits(context, cleaned, config, failing)
+    wanted = failing.rows()
+    for split, rows in drop.items():
+        wanted.setdefault(split, set()).update(rows)
+    places = _read_places(tables, wanted)
+    failures = failing.lines(config.examples_per_failure, places)
+    if unfixable or too_many:
+        first = [*found.lines(3, places, unfixable_only=True), *too_many]
+        failures = list(dict.fromkeys([*first, *failures]))
     docs = gx_dir / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
     if failures:
         return ValidationReport(False, tuple(failures), 0, str(docs), accepted=None)
+    paths = {split: table.path for split, table in tables.items()}
     accepted, quarantined = publish(paths, drop, data_dir)
-    return ValidationReport(True, (), quarantined, str(docs), accepted=accepted)
+    notes = tuple(
+        f"[{split}] {_place(row, places[split])}: {'; '.join(reasons)}"
+        for split, rows in drop.items()
+        for row, reasons in sorted(rows.items())
+    )
+    return ValidationReport(True, (), quarantined, str(docs), accepted, quarantined_rows=notes)
 
 
 def publish(

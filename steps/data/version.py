@@ -14,7 +14,8 @@ from dvc.repo import Repo
 from dvc.scm import RevError
 from pydantic import BaseModel, ConfigDict
 
-from steps.data.ingest import IngestResult, TableRef, file_md5
+from steps.data.ingest import IngestResult, TableRef
+from steps.hashing import file_md5
 
 
 class VersionConfig(BaseModel):

@@ -174,7 +174,7 @@ def test_other_formats_name_the_row_at_fault(project: Path, tmp_path: Path):
     (project / "raw" / "bad.csv").write_bytes(b"question,answer\nq,a\nq2,\xff\n")
     (project / "raw" / "list.json").write_text('[{"question": "q", "answer": "a"}, 3]')
     for name, message in (
-        ("mixed.parquet", r"mixed\.parquet row 1: field 'answer' .* is int 7"),
+        ("mixed.parquet", r"mixed\.parquet record 1: field 'answer' .* is int 7"),
         ("bad.csv", r"bad\.csv: not valid UTF-8"),
         ("list.json", r"list\.json: expected a JSON array of objects"),
     ):

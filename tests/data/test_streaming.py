@@ -25,6 +25,7 @@ def _measure(tmp_path: Path, megabytes: float) -> tuple[dict, int]:
     return result, rows
 
 
+@pytest.mark.slow
 def test_peak_memory_is_flat_in_the_file_size(tmp_path: Path):
     baseline, _ = _measure(tmp_path, 0.05)
     small, _ = _measure(tmp_path, 25)

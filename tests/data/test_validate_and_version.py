@@ -7,9 +7,9 @@ import pytest
 import yaml
 
 from steps.data.ingest import IngestConfig, ingest
-from steps.modeling import ModelConfig
 from steps.data.validate import DataValidationError, ValidateConfig, raise_on_failure, validate
 from steps.data.version import VersionConfig, version_data
+from steps.modeling import ModelConfig
 from tests.conftest import MODEL_DIR, write_jsonl
 
 MODEL = ModelConfig(name=str(MODEL_DIR))
@@ -50,7 +50,7 @@ def test_failed_suite_names_expectations_and_leaves_data_untouched(
     assert not report.success and report.accepted is None
     text = "\n".join(report.failures)
     assert "expect_column_value_lengths_to_be_between on column 'response'" in text
-    assert "[eval] expect_column_values_to_not_be_in_set on column 'id'" in text
+    assert "[eval] expect_column_values_to_not_be_in_set on column 'content_id'" in text
     assert "max_quarantine_fraction" in text
     with pytest.raises(DataValidationError, match="data/ left unchanged"):
         raise_on_failure(report)
@@ -88,6 +88,7 @@ def test_dvc_tracks_data_and_pushes_to_a_local_remote(project: Path, tmp_path: P
     assert "/data" in (project / ".gitignore").read_text()  # the data itself stays out of git
 
 
+@pytest.mark.slow
 def test_chunked_validation_sums_failures_and_quarantines_across_chunks(
     project: Path, tmp_path: Path, gsm8k_train, monkeypatch
 ):
@@ -113,8 +114,8 @@ def test_chunked_validation_sums_failures_and_quarantines_across_chunks(
         tmp_path / "unused",
     )
     text = "\n".join(failed.failures)
-    assert "'response' (2 rows); rows (0-based, file order) 3 (''), 50 ('')" in text
-    assert "[train] expect_column_values_to_be_unique on column 'id' (2 rows)" in text
+    assert "'response' (2 rows); raw/train.jsonl line 4 (''), raw/train.jsonl line 51 ('')" in text
+    assert "[train] expect_column_values_to_be_unique on column 'content_id' (2 rows)" in text
     chunked = validate(
         _staged(project, tmp_path / "c"),
         ValidateConfig(on_invalid="quarantine", max_quarantine_fraction=0.1),

@@ -39,8 +39,8 @@ def test_failed_expectations_exit_non_zero_and_are_named(project: Path, gsm8k_tr
     assert (
         "[train] expect_column_value_lengths_to_be_between on column 'response' (1 rows); " in out
     )
-    unique = "[train] expect_column_values_to_be_unique on column 'id' (2 rows); rows (0-based, "
-    assert unique + "file order) 8" in out
+    unique = "[train] expect_column_values_to_be_unique on column 'content_id' (2 rows) - exact "
+    assert unique + "duplicates: the same prompt and response; raw/train.jsonl line 9 (" in out
     assert not (project / "data").exists()
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from steps.data.ingest import IngestConfig, ingest
-from steps.modeling import ModelConfig
 from steps.data.validate import ValidateConfig, raise_on_failure, validate
 from steps.data.version import DataRevisionError, VersionConfig, data_at_rev, version_data
+from steps.modeling import ModelConfig
 from tests.conftest import MODEL_DIR, write_jsonl
 
 DVC = str(Path(sys.executable).parent / "dvc")  # the venv's, activated or not
@@ -41,6 +41,7 @@ def _commit(project: Path, message: str) -> str:
     ).stdout.strip()
 
 
+@pytest.mark.slow
 def test_a_past_version_is_read_back_by_git_revision(project: Path, tmp_path: Path, gsm8k_train):
     (project / "README.md").write_text("a project before it had data\n")
     subprocess.run([*GIT, "add", "README.md"], cwd=project, check=True)
@@ -106,6 +107,7 @@ def s3_endpoint(monkeypatch):
     server.stop()
 
 
+@pytest.mark.slow
 def test_push_to_an_s3_remote(project: Path, tmp_path: Path, s3_endpoint: str):
     import boto3
 

@@ -16,10 +16,11 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flows.config import load_config, resolve_paths
-from steps.data.ingest import IngestConfig, IngestError, file_md5, ingest
-from steps.modeling import ModelConfig
+from steps.data.ingest import IngestConfig, IngestError, ingest
 from steps.data.validate import DataValidationError, ValidateConfig, raise_on_failure, validate
 from steps.data.version import VersionConfig, version_data
+from steps.hashing import file_md5
+from steps.modeling import ModelConfig
 from tests.conftest import GSM8K_DIR, MODEL_DIR, read_jsonl, write_jsonl
 
 pytestmark = pytest.mark.slow
@@ -84,9 +85,9 @@ CASES = [
         [FAIL],
         (
             r"\[train\] expect_column_values_to_not_be_null on column 'response' \(1 rows\); "
-            r"rows \(0-based, file order\) 2 \(nan\)",
+            r"raw/null-and-empty-responses/train\.jsonl line 3 \(nan\)",
             r"\[train\] expect_column_value_lengths_to_be_between on column 'response' "
-            r"\(1 rows\); rows \(0-based, file order\) 7 \(''\)",
+            r"\(1 rows\); raw/null-and-empty-responses/train\.jsonl line 8 \(''\)",
         ),
     ),
     (
@@ -95,7 +96,8 @@ CASES = [
         _jsonl([TRAIN[0]] * 40),
         GOOD_TEST,
         [],
-        r"\[train\] expect_column_values_to_be_unique on column 'id' \(40 rows\)",
+        r"\[train\] expect_column_values_to_be_unique on column 'content_id' \(40 rows\) - exact "
+        r"duplicates: the same prompt and response; raw/all-duplicates/train\.jsonl line 1 ",
     ),
     (
         "eval/train leakage",
@@ -103,8 +105,9 @@ CASES = [
         GOOD_TRAIN,
         _jsonl(TEST + TRAIN[5:7]),
         [FAIL],
-        r"\[eval\] expect_column_values_to_not_be_in_set on column 'id' \(2 rows\); "
-        r"rows \(0-based, file order\) 12 ",
+        r"\[eval\] expect_column_values_to_not_be_in_set on column 'content_id' \(2 rows\) - eval "
+        r"examples also in the training pool \(same prompt and response\); "
+        r"raw/eval-train-leakage/test\.jsonl line 13 ",
     ),
     (
         "invalid UTF-8 bytes",
@@ -132,7 +135,7 @@ CASES = [
         GOOD_TEST,
         [FAIL],
         r"\[train\] expect_column_values_to_not_match_regex on column 'response' \(1 rows\); "
-        r"rows \(0-based, file order\) 3 ",
+        r"raw/control-characters/train\.jsonl line 4 ",
     ),
     (
         "example longer than the context",
@@ -141,7 +144,7 @@ CASES = [
         GOOD_TEST,
         [FAIL],
         r"\[train\] expect_column_values_to_be_between on column 'prompt_tokens' \(1 rows\); "
-        r"rows \(0-based, file order\) 6 \(\d+\)",
+        r"raw/example-longer-than-the-context/train\.jsonl line 7 \(\d+\)",
     ),
     (
         "too few rows",

@@ -1,0 +1,113 @@
+"""The expectation suite over ingested data, as Great Expectations objects (run by validate.py).
+
+Text checks read "empty" as "no visible character": a response of spaces, newlines, control
+or zero-width characters teaches nothing, and neither does a prompt that is only its
+template's own text.
+"""
+
+from __future__ import annotations
+
+import re
+
+import great_expectations.expectations as gxe
+
+from steps.data.ingest import SCHEMA
+
+# Control characters other than tab and newlines, C1 included (\x80-\x9f: mis-decoded
+# Windows-1252 text, e.g. \x92 for an apostrophe): valid UTF-8, almost always extraction debris.
+CONTROL_CHARS = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]"
+# Characters that show nothing: whitespace (\s), controls (Unicode Cc) and format characters
+# (Unicode Cf: soft hyphen, zero-width space/joiners, direction marks, BOM, tags).
+# tests/data/test_text_checks.py checks this list against Python's unicodedata.
+INVISIBLE = (
+    r"\s\x00-\x1f\x7f-\x9f\xad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e"
+    r"\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb"
+    r"\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3\U0001d173-\U0001d17a"
+    r"\U000e0001\U000e0020-\U000e007f"
+)
+# Empty passes here: the length check reports it, so a row gets one reason, not two.
+VISIBLE_OR_EMPTY = rf"\A\Z|[^{INVISIBLE}]"
+BLANK = rf"\A[{INVISIBLE}]*\Z"
+
+
+def visible(text: str) -> str:
+    return re.sub(f"[{INVISIBLE}]", "", text)
+
+
+def same_visible_text(text: str) -> str:
+    """A regex matching exactly the strings whose visible characters are those of `text`."""
+    gap = f"[{INVISIBLE}]*"
+    return r"\A" + gap + "".join(re.escape(char) + gap for char in visible(text)) + r"\Z"
+
+
+def row_suite(max_prompt_tokens: int, empty_prompt: str | None) -> list:
+    """Expectations that hold row by row (checked on each chunk of a split).
+
+    `empty_prompt` is what a prompt is when all its fields are empty (StagedRows); None
+    where prompts may be empty (plain LM data)."""
+    text_columns = ["prompt", "response"]
+    suite = [
+        gxe.ExpectTableColumnsToMatchSet(column_set=[*SCHEMA, "prompt_tokens"], exact_match=True),
+        # Responses carry the loss and may not be empty.
+        gxe.ExpectColumnValueLengthsToBeBetween(column="response", min_value=1),
+        # A prompt that fills the context leaves no response token to learn from.
+        gxe.ExpectColumnValuesToBeBetween(column="prompt_tokens", max_value=max_prompt_tokens - 1),
+    ]
+    for column in ["id", *text_columns]:
+        suite.append(gxe.ExpectColumnValuesToNotBeNull(column=column))
+    for column in text_columns:
+        # pandas 3 string dtype: "str" is the type name GX matches (see docs/stack-notes.md).
+        suite.append(gxe.ExpectColumnValuesToBeOfType(column=column, type_="str"))
+        suite.append(gxe.ExpectColumnValuesToNotMatchRegex(column=column, regex=CONTROL_CHARS))
+    # Last, so that a row failing the checks above keeps its reasons in the same order.
+    suite.append(
+        gxe.ExpectColumnValuesToMatchRegex(
+            column="response",
+            regex=VISIBLE_OR_EMPTY,
+            description="response is only whitespace, control or zero-width characters",
+        )
+    )
+    # Ids are content hashes or the user's own (data.id_field), which may not be blank.
+    suite.append(
+        gxe.ExpectColumnValuesToNotMatchRegex(
+            column="id", regex=BLANK, description="data.id_field id is empty or whitespace"
+        )
+    )
+    if empty_prompt is not None:
+        suite.append(
+            gxe.ExpectColumnValuesToNotMatchRegex(
+                column="prompt",
+                regex=same_visible_text(empty_prompt),
+                description="prompt has no text of its own: its data.prompt_field fields are "
+                "empty or whitespace",
+            )
+        )
+    return suite
+
+
+def split_suite(split: str, min_rows: int, leaked: list[str], user_ids: bool) -> list:
+    """Expectations over a whole split, run on its keys alone: `content_id`, the hash of
+    (prompt, response), so a repeat is an exact duplicate; and `id`, the user's ids where
+    they are not content hashes (`user_ids`)."""
+    suite = [
+        gxe.ExpectTableRowCountToBeBetween(min_value=min_rows),
+        gxe.ExpectColumnValuesToBeUnique(
+            column="content_id", description="exact duplicates: the same prompt and response"
+        ),
+    ]
+    if user_ids:
+        suite.append(
+            gxe.ExpectColumnValuesToBeUnique(column="id", description="data.id_field ids repeat")
+        )
+    if split == "eval":
+        # Leakage: an eval example identical to a training example inflates the eval score.
+        # The value set is the training hashes that also occur in eval (the rest cannot
+        # match), so the stored suite stays small for any pool size.
+        suite.append(
+            gxe.ExpectColumnValuesToNotBeInSet(
+                column="content_id",
+                value_set=leaked,
+                description="eval examples also in the training pool (same prompt and response)",
+            )
+        )
+    return suite
