@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -11,7 +12,6 @@ from rich.table import Table
 
 from flows.config import ConfigError, PipelineConfig, load_config, resolve_paths
 from flows.runtime import configure_environment
-from steps.selection.selectors import SELECTORS
 
 app = typer.Typer(
     help="Sift: data-efficient supervised fine-tuning pipelines.",
@@ -36,13 +36,26 @@ ProjectOption = Annotated[
 ]
 
 
+def _fail(message: object, code: int) -> typer.Exit:
+    """Print one red message, unwrapped (it names the key or file: keep it on one line) and
+    not read as markup (messages quote values such as ['a', 'b']); the exit to raise."""
+    console.print(str(message), style="red", markup=False, highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _resolve(
+    config_path: Path | None, overrides: list[str] | None, project_dir: Path
+) -> PipelineConfig:
+    """The config with project-relative paths made absolute; a bad one exits 2 naming it."""
+    try:
+        return resolve_paths(load_config(config_path, overrides), project_dir)
+    except ConfigError as error:
+        raise _fail(error, 2) from None
+
+
 def _load(config_path: Path | None, overrides: list[str] | None, project_dir: Path):
     project_dir = project_dir.resolve()
-    try:
-        config = resolve_paths(load_config(config_path, overrides), project_dir)
-    except ConfigError as error:
-        console.print(f"[red]{error}[/red]")
-        raise typer.Exit(2) from None
+    config = _resolve(config_path, overrides, project_dir)
     configure_environment(project_dir)
     return config, project_dir
 
@@ -71,8 +84,7 @@ def run(
     except (ValueError, IngestError) as error:
         # A setting or the data at fault: the message names it (Prefect's log above has the
         # traceback); the run stopped before anything downstream of the failure changed.
-        console.print(f"[red]sift run stopped: {error}[/red]")
-        raise typer.Exit(1) from None
+        raise _fail(f"sift run stopped: {error}", 1) from None
     table = Table(title="Sift pipeline run", show_header=False)
     for name, value in summary_rows(result):
         table.add_row(name, value)
@@ -101,70 +113,63 @@ def serve(
 
 @app.command("select")
 def select_command(
-    data: Annotated[Path, typer.Option(help="JSONL/JSON/CSV/Parquet/text file to select from.")],
+    data: Annotated[
+        Path, typer.Option(help="JSONL/JSON/CSV/Parquet/text file to select from (data.source).")
+    ],
     out: Annotated[Path, typer.Option(help="Where to write the selection JSON.")],
-    model: Annotated[str, typer.Option(help="Hub id or local path of the base model.")] = (
-        "assets/models/stories260K"
-    ),
-    budget: Annotated[
-        float, typer.Option(help="Examples to pick: a count, or a fraction < 1.")
-    ] = 0.1,
-    selector: Annotated[
-        str,
-        typer.Option(help=f"One of: {', '.join(SELECTORS)}."),
-    ] = "fisher",
-    ridge: Annotated[float, typer.Option(help="Ridge λ of log det(λI + V_S).")] = 1e-3,
-    seed: Annotated[int, typer.Option(help="Seed for seeded selectors.")] = 0,
-    prompt_field: Annotated[str, typer.Option(help="Field holding the prompt.")] = "prompt",
-    response_field: Annotated[str, typer.Option(help="Field holding the response.")] = "response",
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     prior: Annotated[
         Path | None,
         typer.Option(
             help="Warm start: a selection JSON from an earlier `sift select` (or a pipeline "
             "run's selection/) with its design.npy beside it. Its examples are not picked "
-            "again and lead the train_ids; --budget counts new picks."
+            "again and lead the train_ids; select.budget counts new picks."
         ),
     ] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
 ) -> None:
-    """Pick a subset of one file with a selector, without the pipeline (no Prefect, MLflow
-    or DVC): writes ordered ids/rows, per-pick gains and the final objective, and
-    design.npy (Σ FᵀF of prior + picks, for a later --prior) in --out's folder."""
+    """Pick a subset of one file with the config's data, model, embed and select sections,
+    without the pipeline (no Prefect, MLflow or DVC): writes ordered ids/rows, per-pick gains
+    and the final objective, and design.npy (Σ FᵀF of prior + picks, for a later --prior) in
+    --out's folder. Paths are relative to the working directory."""
     import shutil
     import tempfile
 
-    from pydantic import ValidationError
-
     from steps.data.ingest import IngestError
-    from steps.modeling import ModelConfig, resolve_device
-    from steps.selection.select import SelectConfig, load_prior, select_from_file
+    from steps.modeling import resolve_hardware
+    from steps.selection.select import load_prior, select_from_file
 
+    root = Path.cwd()
+    resolved = _resolve(config, [*(set_ or []), f"data.source={json.dumps(str(data))}"], root)
+    if resolved.select.prior:
+        # select.prior names an MLflow run, which this command never reads: say so rather
+        # than select cold while the config asks for a warm start.
+        raise _fail(
+            f"select.prior={resolved.select.prior!r} names an MLflow run; `sift select` "
+            "warm-starts from a file: --prior FILE (and --set select.prior='')",
+            2,
+        )
     try:
-        config = SelectConfig(selector=selector, budget=budget, ridge=ridge, seed=seed)
-        model_config = ModelConfig(name=model, device=device)  # type: ignore[arg-type]
+        device, precision = resolve_hardware(resolved.model)
         prior_ref = None if prior is None else load_prior(prior, str(prior), "--prior")
         with tempfile.TemporaryDirectory(prefix="sift-select-") as work:
             ref = select_from_file(
-                str(data),
-                model_config,
-                config,
+                resolved.data,
+                resolved.model,
+                resolved.embed,
+                resolved.select,
                 Path(work),
-                resolve_device(model_config.device),
-                prompt_field,
-                response_field,
-                prior_ref,
+                device=device,
+                precision=precision,
+                project_dir=root,
+                prior=prior_ref,
             )
             out.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(ref.selection_path, out)
             # design.npy is what a later --prior reads beside the selection JSON
             shutil.copyfile(ref.design_path, out.parent / "design.npy")
-    except ValidationError as error:
-        problems = "; ".join(f"--{e['loc'][0]}: {e['msg']}" for e in error.errors())
-        console.print(f"[red]{problems}[/red]")
-        raise typer.Exit(2) from None
     except (ValueError, IngestError) as error:
-        console.print(f"[red]{error}[/red]")
-        raise typer.Exit(2) from None
+        raise _fail(error, 2) from None
     console.print(
         f"{ref.examples} examples ({ref.loss_tokens} loss tokens) selected by "
         f"{ref.selector}; final objective {ref.objective:.4f} → {out}"
@@ -184,8 +189,6 @@ def validate_command(
 ) -> None:
     """Ingest + the validation suite alone (the pipeline's code); exits 1 naming each failed
     expectation. Leaves data/, data.dvc and the DVC remote alone."""
-    import json
-
     sources = [f"data.source={json.dumps(data)}"]
     if eval_data is not None:
         sources.append(f"data.eval_source={json.dumps(eval_data)}")
@@ -200,8 +203,7 @@ def validate_command(
         )
         accepted = raise_on_failure(report)
     except (IngestError, DataValidationError) as error:
-        console.print(str(error), style="red", markup=False, highlight=False)
-        raise typer.Exit(1) from None
+        raise _fail(error, 1) from None
     console.print(
         f"valid: {accepted.train.rows} pool and {accepted.eval.rows} eval rows "
         f"({report.quarantined} quarantined); accepted tables in "
@@ -226,16 +228,15 @@ def study(
     try:
         resolved = load_study_config(config, [parse_override(item) for item in set_ or []])
     except (ConfigError, StudyConfigError) as error:
-        console.print(f"[red]{error}[/red]")
-        raise typer.Exit(2) from None
+        raise _fail(error, 2) from None
     model = Path(resolved.model.name)
     if not model.is_absolute() and (root / model).exists():  # project-relative, as `run`
         resolved = resolved.model_copy(
             update={"model": resolved.model.model_copy(update={"name": str(root / model)})}
         )
     configure_environment(root)
+    from flows.pipeline import summary_rows as study_rows
     from flows.study import study as study_flow
-    from flows.study import summary_rows as study_rows
 
     result = study_flow(resolved, root)
     table = Table(title="Sift study", show_header=False)
@@ -252,6 +253,5 @@ def show_config(config: ConfigOption = None, set_: SetOption = None) -> None:
     try:
         loaded: PipelineConfig = load_config(config, set_)
     except ConfigError as error:
-        console.print(f"[red]{error}[/red]")
-        raise typer.Exit(2) from None
+        raise _fail(error, 2) from None
     console.print(yaml.safe_dump(loaded.model_dump(), sort_keys=False))

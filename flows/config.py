@@ -76,7 +76,7 @@ def resolve_paths(config: PipelineConfig, project_dir: Path) -> PipelineConfig:
     )
 
 
-def flat_params(config: PipelineConfig) -> dict[str, object]:
+def flat_params(config: BaseModel) -> dict[str, object]:
     """section.key -> value, for MLflow params."""
     return {
         f"{section}.{key}": value

@@ -7,19 +7,28 @@ joins the objective, log det(λI + V0 + V_S), so the new picks add what it lacks
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
-from steps.data.ingest import IngestConfig, file_md5, normalise, read_source, write_table
+from steps.data.ingest import IngestConfig, resolve_local, stream_table
+from steps.data.readers import iter_hub, iter_local
+from steps.hashing import file_md5
 from steps.modeling import ModelConfig, model_fingerprint
 from steps.selection.embed import EmbedConfig, FeaturesRef, embed_pool, feature_space, load_pool
-from steps.selection.selectors import DEFAULT_RIDGE, SELECTORS, FeaturePool, design_of, select
+from steps.selection.pool import FeaturePool
+from steps.selection.record import (
+    PriorSummary,
+    SelectionRecord,
+    read_selection,
+    write_selection,
+)
+from steps.selection.selectors import DEFAULT_RIDGE, SELECTORS, design_of, select
 
 
 class SelectConfig(BaseModel):
@@ -45,6 +54,19 @@ class SelectConfig(BaseModel):
     # run id of an earlier pipeline run. Its statistics must come from the same model,
     # width and sketch seed (selection.json's feature_space).
     prior: str = ""
+
+    @field_validator("selector")
+    @classmethod
+    def _known_selector(cls, selector: str) -> str:
+        # Checked when the config loads, so a typo stops `sift run` before ingest and the DVC
+        # push, not at the select step. A custom error: no "Value error, " prefix on the line.
+        if selector not in SELECTORS:
+            raise PydanticCustomError(
+                "unknown_selector",
+                "unknown selector '{selector}'; choose one of: {choices}",
+                {"selector": selector, "choices": ", ".join(SELECTORS)},
+            )
+        return selector
 
 
 @dataclass(frozen=True)
@@ -102,10 +124,6 @@ def select_subset(
     picks. Writes out_dir/selection.json, design.npy (prior + Σ FᵀF of the new picks) and
     the curve plot.
     """
-    if config.selector not in SELECTORS:
-        raise ValueError(
-            f"select.selector={config.selector!r} is unknown; choose one of {sorted(SELECTORS)}"
-        )
     pool = load_pool(features)
     ids = pd.read_parquet(train_path, columns=["id"]).id.to_numpy()
     if len(ids) != pool.N:
@@ -130,23 +148,23 @@ def select_subset(
     out_dir.mkdir(parents=True, exist_ok=True)
     design_path = out_dir / "design.npy"
     np.save(design_path, start.design + design_of(pool, order))  # the next warm start's V0
-    record = {
-        "selector": config.selector,
-        "budget": budget,
-        "ridge": config.ridge,
-        "feature_space": space,
-        "ids": new_ids,
-        "rows": [int(i) for i in order],  # positions in the pool table (file order)
-        "train_ids": start.train_ids + new_ids,
-        "prior": start.summary,
-        "gains": chosen.gains.tolist(),
-        "objective": chosen.objective.tolist(),  # from f(prior) + the first gain
-        "final_objective": float(chosen.objective[-1]),
-        "loss_tokens": int(pool.n_tokens[order].sum()),
-        "design_md5": file_md5(design_path),  # ties design.npy to this file (see load_prior)
-    }
+    record = SelectionRecord(
+        selector=config.selector,
+        budget=budget,
+        ridge=config.ridge,
+        feature_space=space,
+        ids=new_ids,
+        rows=[int(i) for i in order],
+        train_ids=start.train_ids + new_ids,
+        prior=start.summary,
+        gains=chosen.gains.tolist(),
+        objective=chosen.objective.tolist(),
+        final_objective=float(chosen.objective[-1]),
+        loss_tokens=int(pool.n_tokens[order].sum()),
+        design_md5=file_md5(design_path),  # ties design.npy to this file (see load_prior)
+    )
     selection_path = out_dir / "selection.json"
-    selection_path.write_text(json.dumps(record))
+    write_selection(selection_path, record)
     plot_path = out_dir / "objective_curve.png"
     _plot_objective(chosen.objective, config.selector, plot_path)
     return SelectionRef(
@@ -154,16 +172,16 @@ def select_subset(
         plot_path=str(plot_path),
         selector=config.selector,
         examples=len(order),
-        loss_tokens=record["loss_tokens"],
-        objective=record["final_objective"],
+        loss_tokens=record.loss_tokens,
+        objective=record.final_objective,
         design_path=str(design_path),
-        train_examples=len(record["train_ids"]),
+        train_examples=len(record.train_ids),
     )
 
 
 def selected_ids(selection: SelectionRef) -> list[str]:
     """What fine-tuning trains on: the prior's examples in the pool, then the new picks."""
-    return list(json.loads(Path(selection.selection_path).read_text())["train_ids"])
+    return read_selection(Path(selection.selection_path), "selection").train_ids
 
 
 def load_prior(selection_path: Path, source: str, setting: str) -> PriorRef:
@@ -172,27 +190,15 @@ def load_prior(selection_path: Path, source: str, setting: str) -> PriorRef:
     source: the run id or file it came from; setting: the knob that named it, for errors.
     """
     named = f"{setting}={source!r}"
-    if not selection_path.is_file():
-        raise ValueError(f"{named}: no selection file at {selection_path}")
-    try:
-        record = json.loads(selection_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ValueError(f"{named}: {selection_path} is not a selection.json") from None
-    fields = ("feature_space", "train_ids", "design_md5")
-    missing = [f for f in fields if f not in record] if isinstance(record, dict) else fields
-    if missing:
-        raise ValueError(
-            f"{named}: {selection_path} lacks {', '.join(missing)}: not a selection, or one "
-            "written before selections recorded their design; select again to warm-start"
-        )
+    record = read_selection(selection_path, named)
     design_path = selection_path.parent / "design.npy"
     if not design_path.is_file():
         raise ValueError(f"{named}: no design.npy beside {selection_path}")
     design_md5 = file_md5(design_path)
-    if design_md5 != record["design_md5"]:
+    if design_md5 != record.design_md5:
         raise ValueError(
             f"{named}: {design_path} (md5 {design_md5}) is not the design this selection "
-            f"wrote (md5 {record['design_md5']}); was it overwritten by another selection?"
+            f"wrote (md5 {record.design_md5}); was it overwritten by another selection?"
         )
     return PriorRef(source, setting, str(selection_path), str(design_path), design_md5)
 
@@ -202,7 +208,7 @@ class _WarmStart:
     design: np.ndarray  # V0 (d, d) float64; zeros without a prior
     train_ids: list[str]  # the prior's train ids found in this pool, in its order
     rows: np.ndarray  # their positions in the pool
-    summary: dict | None  # selection.json's "prior"
+    summary: PriorSummary | None  # selection.json's "prior"
 
 
 def _warm_start(
@@ -211,12 +217,12 @@ def _warm_start(
     if prior is None:
         return _WarmStart(np.zeros((pool.d, pool.d)), [], np.empty(0, np.int64), None)
     named = f"{prior.setting}={prior.source!r}"
-    record = json.loads(Path(prior.selection_path).read_text())
+    record = read_selection(Path(prior.selection_path), named)
     if not space:
         raise ValueError(f"{named}: a warm start needs this pool's feature space to check")
-    if record["feature_space"] != space:
+    if record.feature_space != space:
         raise ValueError(
-            f"{named} was selected in feature space {record['feature_space']!r} but this pool's "
+            f"{named} was selected in feature space {record.feature_space!r} but this pool's "
             f"is {space!r} (another model, statistics width or sketch seed): its design "
             "cannot be added to these statistics"
         )
@@ -227,14 +233,14 @@ def _warm_start(
             f"{pool.d} wide, so it must be ({pool.d}, {pool.d})"
         )
     row_of = {example_id: row for row, example_id in enumerate(ids)}
-    in_pool = [i for i in record["train_ids"] if i in row_of]
+    in_pool = [i for i in record.train_ids if i in row_of]
     _, objective = np.linalg.slogdet(ridge * np.eye(pool.d) + design)
-    summary = {
-        "source": prior.source,
-        "examples": len(record["train_ids"]),
-        "in_pool": len(in_pool),
-        "objective": float(objective),  # log det(λI + V0): where this curve starts
-    }
+    summary = PriorSummary(
+        source=prior.source,
+        examples=len(record.train_ids),
+        in_pool=len(in_pool),
+        objective=float(objective),
+    )
     rows = np.array([row_of[i] for i in in_pool], dtype=np.int64)
     return _WarmStart(design, in_pool, rows, summary)
 
@@ -265,32 +271,40 @@ def _plot_objective(objective: np.ndarray, selector: str, path: Path) -> None:
 
 
 def select_from_file(
-    data_path: str,
+    data: IngestConfig,
     model: ModelConfig,
+    embed: EmbedConfig,
     config: SelectConfig,
     work_dir: Path,
+    *,
     device: str,
-    prompt_field: str = "prompt",
-    response_field: str = "response",
+    precision: str,
+    project_dir: Path,
     prior: PriorRef | None = None,
 ) -> SelectionRef:
-    """Selection without the pipeline: a JSONL/JSON/CSV/Parquet/text file (prompt/response
-    fields, or one `text` field) → embed with `model` → pick with `config`, warm-started
-    from `prior` when given (an earlier selection over the same model's statistics).
+    """Selection without the pipeline: data.source → ingest's field mapping → embed with
+    `model` → pick with `config`, warm-started from `prior` when given (an earlier selection
+    over the same model's statistics).
 
-    Writes work_dir/selection.json: ids (content hashes) and rows (file order) in pick order,
-    train_ids (the prior's examples in this file, then the picks), per-pick gains, the
-    objective curve and final_objective = log det(λI + V0 + V_S); and design.npy beside it.
+    The sections are the pipeline's own (flows/config.py PipelineConfig), so a file maps
+    and embeds as `sift run` would: data.prompt_field/response_field templates, text_field,
+    chat_template and limit. Writes work_dir/selection.json (steps/selection/record.py) and
+    design.npy beside it.
     """
-    fields = IngestConfig(
-        source=data_path, prompt_field=prompt_field, response_field=response_field
-    )
-    frame = read_source(data_path, "train", None, Path.cwd())
-    table = normalise(frame, fields, data_path, "train")
     work_dir.mkdir(parents=True, exist_ok=True)
     table_path = work_dir / "pool.parquet"
-    write_table(table, table_path)
-    embed = EmbedConfig()
-    features = embed_pool(str(table_path), model, embed, work_dir / "features", device)
+    stream_table(
+        _source_batches(data, project_dir), data, data.source, "train", data.limit, table_path
+    )
+    features = embed_pool(str(table_path), model, embed, work_dir / "features", device, precision)
     space = feature_space(features, model_fingerprint(model), embed)
     return select_subset(features, str(table_path), config, work_dir, space=space, prior=prior)
+
+
+def _source_batches(data: IngestConfig, project_dir: Path):
+    """data.source read as ingest reads it, but without data.allowed_roots: that guards the
+    paths a config names, and `sift select` reads the one file its user named (--data)."""
+    path = resolve_local(data.source, project_dir)
+    if path is not None and data.loader == "auto":
+        return iter_local(path)
+    return iter_hub(str(path) if path is not None else data.source, data.split, data.revision)

@@ -23,7 +23,9 @@ from steps.data.ingest import IngestConfig, write_table
 from steps.evaluation.evaluate import EvalConfig
 from steps.modeling import ModelConfig
 from steps.selection.embed import FILES, EmbedConfig, FeaturesRef
-from steps.selection.selectors import DEFAULT_RIDGE, SELECTORS, FeaturePool
+from steps.selection.pool import FeaturePool
+from steps.selection.record import read_selection
+from steps.selection.selectors import DEFAULT_RIDGE, SELECTORS
 from steps.study.synthetic import SyntheticConfig
 from steps.tracking import TrackingConfig
 from steps.training.finetune import FinetuneConfig
@@ -161,7 +163,7 @@ def _rows_of(pool: FeaturePool, order: np.ndarray) -> np.ndarray:
 
 def picked_rows(selection_path: str) -> np.ndarray:
     """Pool positions of a selection (select_subset's selection.json), in pick order."""
-    return np.asarray(json.loads(Path(selection_path).read_text())["rows"], dtype=np.int64)
+    return np.asarray(read_selection(Path(selection_path), "study").rows, dtype=np.int64)
 
 
 def selection_profile(

@@ -7,7 +7,8 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from tests.conftest import MODEL_DIR
+from steps.data.ingest import content_id
+from tests.conftest import MODEL_DIR, write_jsonl
 
 runner = CliRunner()
 
@@ -37,23 +38,34 @@ def test_show_config_prints_the_resolved_value():
     assert result.exit_code == 0 and "selector: uniform" in result.output
 
 
-def _select_args(project: Path, out: Path, budget: int, *extra: str) -> list[str]:
+def test_a_selector_typo_fails_show_config_with_one_line_listing_the_choices():
+    result = runner.invoke(app, ["show-config", "--set", "select.selector=fisherr"])
+    assert result.exit_code == 2
+    problem = next(line for line in result.output.splitlines() if "select.selector" in line)
+    assert "'fisherr'" in problem and "fisher-per-token" in problem and "uniform" in problem
+
+
+def test_run_with_a_selector_typo_stops_before_ingest(tmp_path: Path):
+    args = ["run", "--project-dir", str(tmp_path), "--set", "select.selector=fisherr"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "select.selector" in result.output
+    assert not (tmp_path / ".sift").exists() and not (tmp_path / "data.dvc").exists()
+
+
+def _select_args(data: Path, out: Path, budget: int, *extra: str) -> list[str]:
+    """`sift select` on the tiny model, CPU; gsm8k's question/answer are the config defaults."""
     return [
         "select",
         "--data",
-        str(project / "raw" / "train.jsonl"),
+        str(data),
         "--out",
         str(out),
-        "--model",
-        str(MODEL_DIR),
-        "--budget",
-        str(budget),
-        "--prompt-field",
-        "question",
-        "--response-field",
-        "answer",
-        "--device",
-        "cpu",
+        "--set",
+        f"model.name={MODEL_DIR}",
+        "--set",
+        "model.device=cpu",
+        "--set",
+        f"select.budget={budget}",
         *extra,
     ]
 
@@ -61,7 +73,7 @@ def _select_args(project: Path, out: Path, budget: int, *extra: str) -> list[str
 @pytest.mark.slow
 def test_select_alone_writes_ordered_ids_gains_and_objective(project: Path, tmp_path: Path):
     out = tmp_path / "picked.json"
-    args = _select_args(project, out, 8)
+    args = _select_args(project / "raw" / "train.jsonl", out, 8)
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     picked = json.loads(out.read_text())
@@ -69,17 +81,19 @@ def test_select_alone_writes_ordered_ids_gains_and_objective(project: Path, tmp_
     assert picked["final_objective"] == pytest.approx(picked["objective"][-1])
     assert all(a >= b - 1e-9 for a, b in zip(picked["gains"], picked["gains"][1:], strict=False))
 
-    too_many = runner.invoke(app, _select_args(project, out, 500))
+    too_many = runner.invoke(app, _select_args(project / "raw" / "train.jsonl", out, 500))
     assert too_many.exit_code == 2 and "need 1..80" in too_many.output
 
 
 @pytest.mark.slow
 def test_select_with_prior_excludes_and_keeps_the_earlier_picks(project: Path, tmp_path: Path):
     first_out, warm_out = tmp_path / "first" / "picked.json", tmp_path / "warm" / "picked.json"
-    first = runner.invoke(app, _select_args(project, first_out, 8))
+    first = runner.invoke(app, _select_args(project / "raw" / "train.jsonl", first_out, 8))
     assert first.exit_code == 0, first.output
     assert (first_out.parent / "design.npy").exists()
-    warm = runner.invoke(app, _select_args(project, warm_out, 5, "--prior", str(first_out)))
+    warm = runner.invoke(
+        app, _select_args(project / "raw" / "train.jsonl", warm_out, 5, "--prior", str(first_out))
+    )
     assert warm.exit_code == 0, warm.output
     before, after = json.loads(first_out.read_text()), json.loads(warm_out.read_text())
     assert len(after["ids"]) == 5 and not set(after["ids"]) & set(before["ids"])
@@ -92,7 +106,63 @@ def test_select_with_prior_excludes_and_keeps_the_earlier_picks(project: Path, t
 def test_select_with_a_missing_prior_exits_2_naming_it(project: Path, tmp_path: Path):
     missing = tmp_path / "nowhere" / "selection.json"
     result = runner.invoke(
-        app, _select_args(project, tmp_path / "o.json", 8, "--prior", str(missing))
+        app,
+        _select_args(
+            project / "raw" / "train.jsonl", tmp_path / "o.json", 8, "--prior", str(missing)
+        ),
     )
     assert result.exit_code == 2 and "--prior" in result.output
     assert not (tmp_path / "o.json").exists()
+
+
+@pytest.mark.slow
+def test_select_reads_a_plain_text_file_through_data_text_field(tmp_path: Path, gsm8k_train):
+    texts = [f"{row['question']} {row['answer']}" for row in gsm8k_train[:30]]
+    data = write_jsonl(
+        tmp_path / "plain.jsonl", [{"id": f"doc-{i}", "text": t} for i, t in enumerate(texts)]
+    )
+    out = tmp_path / "picked.json"
+    refused = runner.invoke(app, _select_args(data, out, 6))  # the defaults want question/answer
+    assert refused.exit_code == 2 and "data.prompt_field" in refused.output
+    result = runner.invoke(app, _select_args(data, out, 6, "--set", "data.text_field=text"))
+    assert result.exit_code == 0, result.output
+    picked = json.loads(out.read_text())
+    hashes = [content_id("", texts[row]) for row in picked["rows"]]
+    own_ids = [f"doc-{row}" for row in picked["rows"]]  # once data.id_field names the id column
+    assert picked["ids"] in (hashes, own_ids)
+    assert len(set(picked["rows"])) == 6
+
+
+@pytest.mark.slow
+def test_select_takes_data_model_and_select_sections_from_the_config_file(tmp_path, gsm8k_train):
+    rows = [{"q": r["question"], "a": r["answer"]} for r in gsm8k_train[:30]]
+    data = write_jsonl(tmp_path / "pool.jsonl", rows)
+    config = tmp_path / "select.yaml"
+    config.write_text(
+        "data:\n  prompt_field: 'Q: {q}'\n  response_field: a\n  limit: 20\n"
+        f"model:\n  name: {MODEL_DIR}\n  device: cpu\n"
+        "select:\n  budget: 0.25\n  selector: uniform\n  seed: 3\n"
+    )
+    out = tmp_path / "picked.json"
+    result = runner.invoke(
+        app, ["select", "--data", str(data), "--out", str(out), "-c", str(config)]
+    )
+    assert result.exit_code == 0, result.output
+    picked = json.loads(out.read_text())
+    assert picked["selector"] == "uniform" and picked["budget"] == 5  # 0.25 of data.limit's 20
+    assert max(picked["rows"]) < 20
+    expected = [content_id(f"Q: {rows[r]['q']}", rows[r]["a"]) for r in picked["rows"]]
+    assert picked["ids"] == expected
+
+
+def test_select_refuses_select_prior_which_names_an_mlflow_run(project: Path, tmp_path: Path):
+    args = _select_args(project / "raw" / "train.jsonl", tmp_path / "o.json", 8)
+    result = runner.invoke(app, [*args, "--set", "select.prior=champion"])
+    assert result.exit_code == 2 and "select.prior='champion'" in result.output
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_select_no_longer_takes_flags_that_repeat_config_fields(project: Path, tmp_path: Path):
+    args = _select_args(project / "raw" / "train.jsonl", tmp_path / "o.json", 8)
+    result = runner.invoke(app, [*args, "--budget", "8"])
+    assert result.exit_code == 2 and "--budget" in result.output

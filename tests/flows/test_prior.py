@@ -1,18 +1,16 @@
 """select.prior resolved against a real MLflow store: a run id, the champion, or neither."""
 
+import json
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from flows.config import load_config
-from flows.pipeline import NO_CHAMPION
-from flows.pipeline import resolve_prior as prior_task
+from flows.tasks import NO_CHAMPION, RunContext, prior_task
 from steps import tracking
-from steps.selection.select import SelectConfig, select_subset
+from steps.selection.select import PriorRef, SelectConfig, select_subset
 from tests.conftest import write_pool_features
-
-resolve_prior = prior_task.fn  # the step's body, without a Prefect flow run around it
 
 
 @pytest.fixture
@@ -22,14 +20,19 @@ def store(tmp_path: Path) -> str:
     return uri
 
 
-def _config(store: str, prior: str):
-    return load_config(
+def resolve_prior(store: str, prior: str, state_dir: Path) -> tuple[PriorRef | None, str]:
+    """The prior task's body (no Prefect flow run around it) for a config naming `prior`."""
+    config = load_config(
         None,
         [
             f"tracking.tracking_uri={store}",
             "registry.model_name=sift-prior",
             f"select.prior={prior}",
         ],
+    )
+    context = RunContext(state_dir, state_dir, device="cpu", precision="fp32", run_id="")
+    return prior_task.fn(
+        named=config.select.prior, model_name=config.registry.model_name, context=context
     )
 
 
@@ -45,11 +48,11 @@ def _run_with_selection(tmp_path: Path, files: tuple[str, ...]) -> str:
 
 
 def test_no_prior_and_champion_before_any_champion_are_cold_starts(store, tmp_path, capsys):
-    assert resolve_prior(_config(store, ""), tmp_path) == (None, "none")
-    assert resolve_prior(_config(store, "champion"), tmp_path) == (None, NO_CHAMPION)
+    assert resolve_prior(store, "", tmp_path) == (None, "none")
+    assert resolve_prior(store, "champion", tmp_path) == (None, NO_CHAMPION)
     assert "has no champion yet" in capsys.readouterr().out
     MlflowClient().create_registered_model("sift-prior")  # registered, nothing promoted
-    assert resolve_prior(_config(store, "champion"), tmp_path) == (None, NO_CHAMPION)
+    assert resolve_prior(store, "champion", tmp_path) == (None, NO_CHAMPION)
 
 
 def test_the_champion_resolves_to_the_run_that_trained_it(store, tmp_path: Path):
@@ -61,18 +64,29 @@ def test_the_champion_resolves_to_the_run_that_trained_it(store, tmp_path: Path)
     )
     client.set_registered_model_alias("sift-prior", "champion", version.version)
 
-    prior, prior_run = resolve_prior(_config(store, "champion"), tmp_path / "state")
+    prior, prior_run = resolve_prior(store, "champion", tmp_path / "state")
     assert prior is not None and prior_run == prior.source == run_id
     assert prior.setting == "select.prior"
     assert Path(prior.design_path).parent == Path(prior.selection_path).parent
     assert Path(prior.selection_path).is_relative_to(tmp_path / "state" / "priors" / run_id)
-    same, _ = resolve_prior(_config(store, run_id), tmp_path / "state")
+    same, _ = resolve_prior(store, run_id, tmp_path / "state")
     assert same == prior  # by run id: the same files, the same cache key
 
 
 def test_a_missing_run_or_one_without_a_design_is_named(store, tmp_path: Path):
     with pytest.raises(ValueError, match=r"select\.prior='0123abc': no such MLflow run"):
-        resolve_prior(_config(store, "0123abc"), tmp_path)
+        resolve_prior(store, "0123abc", tmp_path)
     old = _run_with_selection(tmp_path, ("selection.json",))  # from before designs
     with pytest.raises(ValueError, match=rf"select\.prior='{old}': .* no selection/design\.npy"):
-        resolve_prior(_config(store, old), tmp_path)
+        resolve_prior(store, old, tmp_path)
+
+
+def test_a_run_whose_selection_json_is_not_a_selection_record_is_named(store, tmp_path: Path):
+    run_id = _run_with_selection(tmp_path, ("design.npy",))
+    record = json.loads((tmp_path / "s" / "selection.json").read_text())
+    bad = tmp_path / "bad" / "selection.json"
+    bad.parent.mkdir()
+    bad.write_text(json.dumps({**record, "rows": "all of them"}))
+    MlflowClient().log_artifact(run_id, str(bad), "selection")
+    with pytest.raises(ValueError, match=rf"select\.prior='{run_id}': .* not a valid .* rows"):
+        resolve_prior(store, run_id, tmp_path / "state")

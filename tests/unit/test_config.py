@@ -4,6 +4,7 @@ import pytest
 
 from flows.config import ConfigError, load_config, parse_override, resolve_paths
 from steps.selection.select import resolve_budget
+from steps.selection.selectors import SELECTORS
 
 
 def test_defaults_name_the_documented_keys():
@@ -37,6 +38,12 @@ def test_bad_keys_and_types_name_the_key(override: str, named: str):
         load_config(None, [override])
 
 
+def test_an_unknown_selector_fails_at_load_naming_the_key_and_the_choices():
+    with pytest.raises(ConfigError, match=r"select\.selector: unknown selector 'fisherr'") as error:
+        load_config(None, ["select.selector=fisherr"])
+    assert all(name in str(error.value) for name in SELECTORS)
+
+
 def test_override_needs_equals():
     with pytest.raises(ConfigError, match="key=value"):
         parse_override("select.budget")
@@ -66,3 +73,11 @@ def test_budget_is_a_fraction_or_a_count(budget: float, count: int):
 def test_budget_above_pool_is_an_error():
     with pytest.raises(ValueError, match="1..100"):
         resolve_budget(101, 100)
+
+
+def test_an_unknown_lr_scheduler_fails_at_load_naming_the_key_and_the_choices():
+    with pytest.raises(ConfigError, match=r"finetune\.lr_scheduler") as raised:
+        load_config(None, ["finetune.lr_scheduler=cosine_wrong"])
+    assert "'cosine_wrong'" in str(raised.value)
+    assert "cosine_with_restarts" in str(raised.value)  # the choices are listed
+    assert load_config(None, ["finetune.lr_scheduler=linear"]).finetune.lr_scheduler == "linear"
