@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint run ui lock clean
+.PHONY: demo test test-fast lint run ui lock clean
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,9 @@ demo: $(STAMP)  ## set up, then run the pipeline on the bundled model and GSM8K 
 
 test: $(STAMP) lint  ## set up, lint, type-check, then run the whole test suite
 	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)  ## the inner loop: the unit tier without slow tests (< 60 s), no lint
+	$(BIN)/python -m pytest tests/unit -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,7 +1,7 @@
 """Process-level settings that must exist before Prefect, DVC or MLflow are imported.
 
 Prefect reads PREFECT_HOME and its result path once, at import; setting them later is
-silently ignored (docs/stack-notes). Values already in the environment win, so pointing
+silently ignored (docs/stack-notes.md). Values already in the environment win, so pointing
 PREFECT_API_URL / MLFLOW_TRACKING_URI at servers needs no code change.
 """
 

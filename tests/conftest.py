@@ -40,7 +40,7 @@ def write_pool_features(out_dir: Path, n: int = 40, d: int = 6, seed: int = 0):
     import pandas as pd
 
     from steps.selection.embed import FILES, FeaturesRef
-    from steps.selection.selectors import pool_from_tokens
+    from steps.selection.pool import pool_from_tokens
 
     rng = np.random.default_rng(seed)
     states = [rng.standard_normal((int(t), d)) for t in rng.integers(1, 3 * d, size=n)]

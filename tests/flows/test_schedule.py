@@ -1,6 +1,6 @@
 """`sift serve` on a real Prefect server: the cron schedule creates runs and a run completes.
 
-This is what broke with SQLAlchemy 2.1 / new fastapi (docs/stack-notes): deployments were
+This is what broke with SQLAlchemy 2.1 / new fastapi (docs/stack-notes.md): deployments were
 saved but the scheduler never created runs. Runs in subprocesses so the server's settings
 do not mix with the test session's Prefect harness.
 """

@@ -23,9 +23,18 @@ def _model_copy(path: Path, shift: float) -> str:
     return str(path)
 
 
-def test_versions_aliases_and_promotion(tmp_path: Path):
+@pytest.fixture
+def own_registry(tmp_path: Path):
+    """A registry of this test's own; the URIs are process-wide, so later tests get theirs back."""
+    before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_registry_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    yield
+    mlflow.set_tracking_uri(before[0])
+    mlflow.set_registry_uri(before[1])
+
+
+def test_versions_aliases_and_promotion(own_registry, tmp_path: Path):
     client = MlflowClient()
     experiment = client.create_experiment("t", artifact_location=(tmp_path / "a").as_uri())
     run_id = client.create_run(experiment).info.run_id

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from steps.selection.embed import FeaturesRef, load_pool
-from steps.selection.selectors import pool_from_tokens
+from steps.selection.pool import pool_from_tokens
 from steps.study.study import (
     StudyConfigError,
     aggregate,
