@@ -26,11 +26,13 @@ import torch
 from steps.modeling import (
     Encoded,
     ModelConfig,
+    autocast,
     encode_examples,
     length_sorted_batches,
     load_model,
     load_tokenizer,
     pad_batch,
+    resolve_precision,
 )
 from steps.selection.embed import EmbedConfig, embed_encoded
 
@@ -47,11 +49,13 @@ def read_pool(path: Path, examples: int) -> tuple[list[str], list[str]]:
     return prompts, responses
 
 
-def plain_loop(model, batches: list[list[Encoded]], pad_id: int, device: str) -> tuple[float, int]:
+def plain_loop(
+    model, batches: list[list[Encoded]], pad_id: int, device: str, precision: str
+) -> tuple[float, int]:
     """Seconds and padded positions of model(**batch) over the batches."""
     padded = 0
     start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(device, precision):
         for examples in batches:
             batch = {k: v.to(device) for k, v in pad_batch(examples, pad_id).items()}
             batch.pop("labels")
@@ -70,7 +74,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="plain loop, examples")
     parser.add_argument("--batch-tokens", type=int, default=EmbedConfig().batch_tokens)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     args = parser.parse_args()
+    precision = resolve_precision(args.precision, args.device)
 
     model_config = ModelConfig(name=args.model)
     tokenizer = load_tokenizer(model_config)
@@ -91,12 +97,12 @@ def main() -> None:
             ("plain loop, file order", file_order),
             ("plain loop, length-sorted", sorted_batches),
         ]:
-            seconds, padded = plain_loop(model, batches, pad_id, args.device)
+            seconds, padded = plain_loop(model, batches, pad_id, args.device, precision)
             if name not in results or seconds < results[name][0]:
                 results[name] = (seconds, padded / (padded + tokens))
         with tempfile.TemporaryDirectory() as out:
             start = time.perf_counter()
-            ref = embed_encoded(model, encoded, pad_id, config, Path(out), args.device)
+            ref = embed_encoded(model, encoded, pad_id, config, Path(out), args.device, precision)
             seconds = time.perf_counter() - start
         name = "embed pass (statistics to disk)"
         if name not in results or seconds < results[name][0]:
@@ -107,7 +113,10 @@ def main() -> None:
         if args.device == "cuda"
         else f"cpu, {torch.get_num_threads()} threads"
     )
-    print(f"# bench_embed: {args.model}, {len(encoded)} examples, {tokens} tokens, {device}\n")
+    print(
+        f"# bench_embed: {args.model}, {len(encoded)} examples, {tokens} tokens, {device}, "
+        f"{precision}\n"
+    )
     print("| loop | seconds | tokens/s | padding | vs plain, file order |")
     print("|---|---:|---:|---:|---:|")
     baseline = results["plain loop, file order"][0]

@@ -1,33 +1,42 @@
-"""The data-efficiency study: arms × budgets × seeds through the pipeline's own steps
-(ingest → embed once → select → fine-tune → evaluate), each trial a child MLflow run of one
-parent, then tables and plots (MLflow, a Prefect artifact, study.results_dir), plus the
-paper's synthetic experiment. Trials are cached on their inputs, so an interrupted study
-resumes where it stopped.
+"""The data-efficiency study: arms × budgets × seeds through the pipeline's own tasks
+(ingest → embed once → select → fine-tune → evaluate, flows/tasks.py), each trial a child
+MLflow run of one parent, then tables and plots (MLflow, a Prefect artifact,
+study.results_dir), plus the paper's synthetic experiment. Trials are cached on their inputs,
+so an interrupted study resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import shutil
-import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
-from prefect import flow, task
+import pyarrow.parquet as pq
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from flows.caching import CACHED, key
+from flows.caching import key
+from flows.config import flat_params
 from flows.runtime import state_dir
+from flows.tasks import (
+    RunContext,
+    embed_task,
+    evaluate_task,
+    finetune_task,
+    ingest_task,
+    run_context,
+    select_task,
+    synthetic_task,
+)
 from steps import tracking
-from steps.data.ingest import IngestResult, ingest, source_fingerprint
-from steps.evaluation.evaluate import EvalReport, evaluate
-from steps.modeling import model_fingerprint, resolve_device, resolve_precision
-from steps.selection.embed import FeaturesRef, embed_pool, load_pool
-from steps.selection.select import SelectConfig, SelectionRef, select_subset, selected_ids
+from steps.data.ingest import TableRef, sources_fingerprint
+from steps.hashing import file_md5
+from steps.modeling import ModelSource, model_source, trained_source
+from steps.selection.embed import FeaturesRef, feature_space, load_pool
+from steps.selection.select import SelectConfig
 from steps.study import study as lib
-from steps.study.synthetic import SyntheticConfig, run_synthetic
-from steps.training.finetune import ModelRef, finetune
 
 METRICS = [
     "eval_loss",
@@ -49,68 +58,17 @@ METRICS = [
 ]
 
 
-@task(name="ingest", cache_policy=CACHED, persist_result=True)
-def ingest_task(config, project_dir: Path, staging_dir: Path, source_md5: str) -> IngestResult:
-    return ingest(config, project_dir, staging_dir)
-
-
-@task(name="embed", cache_policy=CACHED, persist_result=True)
-def embed_task(
-    table_path: str, table_md5: str, model, model_md5: str, config, out_dir, device
-) -> FeaturesRef:
-    return embed_pool(table_path, model, config, out_dir, device)
-
-
-@task(name="select", cache_policy=CACHED, persist_result=True)
-def select_task(features, train_path, config, out_dir) -> tuple[SelectionRef, float]:
-    started = time.perf_counter()
-    selection = select_subset(features, train_path, config, out_dir)
-    return selection, time.perf_counter() - started
-
-
-@task(name="finetune", cache_policy=CACHED, persist_result=True)
-def finetune_task(
-    train_path, selection, model, model_md5, config, out_dir, device, precision, run_id
-) -> ModelRef:
-    return finetune(
-        train_path=train_path,
-        selected_ids=selected_ids(selection),
-        model_config=model,
-        config=config,
-        out_dir=out_dir,
-        device=device,
-        precision=precision,
-        run_id=run_id,
-    )
-
-
-@task(name="evaluate", cache_policy=CACHED, persist_result=True)
-def evaluate_task(
-    model_dir: str, eval_path: str, eval_md5: str, model, config, device
-) -> EvalReport:
-    return evaluate(model_dir, eval_path, model, config, device)
-
-
-@task(name="synthetic", cache_policy=CACHED, persist_result=True)
-def synthetic_task(config: SyntheticConfig) -> pd.DataFrame:
-    return run_synthetic(config)
-
-
 @dataclass(frozen=True)
 class TrialInputs:
-    """What every trial of one study shares: the embedded pool and eval split, the device."""
+    """What every trial of one study shares: the embedded pool and eval split, the model."""
 
-    project_dir: Path
-    train_path: str
-    eval_path: str
-    eval_md5: str
-    model_md5: str
+    context: RunContext  # run_id: the study's parent run
+    train: TableRef
+    eval: TableRef
+    model: ModelSource
     features: FeaturesRef
     heldout: FeaturesRef
     pool_features: FeaturesRef  # the unmodified statistics, for profiling every arm alike
-    device: str
-    precision: str
-    parent_id: str
 
 
 @dataclass(frozen=True)
@@ -125,108 +83,87 @@ class StudyResult:
 
 @flow(name="sift-study", log_prints=True)
 def study(config: lib.StudyConfig, project_dir: Path) -> StudyResult:
-    device = resolve_device(config.model.device)
-    precision = resolve_precision(config.model.precision, device)
-    params = {
-        f"{section}.{name}": value
-        for section, fields in config.model_dump().items()
-        for name, value in fields.items()
-    }
-    run_id = tracking.start_run(
+    state = state_dir(project_dir)
+    hardware = run_context(project_dir, state, config.model, run_id="")
+    with tracking.tracked_run(
         project_dir,
         config.tracking,
         run_name=f"{config.study.name}-{flow_run.get_name()}",
         tags={"prefect.flow_run_id": str(flow_run.get_id()), "sift.kind": "study"},
-        params={**params, "device": device, "precision": precision},
-    )
-    try:
-        result = _study(config, project_dir, device, precision, run_id)
-    except BaseException as error:
-        tracking.end_run(run_id, error)
-        raise
-    tracking.end_run(run_id)
-    return result
+        params={
+            **flat_params(config),
+            "device": hardware.device,
+            "precision": hardware.precision,
+        },
+    ) as run_id:
+        return _study(config, replace(hardware, run_id=run_id))
 
 
-def _study(
-    config: lib.StudyConfig, project_dir: Path, device: str, precision: str, run_id: str
-) -> StudyResult:
-    out_dir = state_dir(project_dir) / "studies" / f"{config.study.name}-{run_id[:8]}"
+def _study(config: lib.StudyConfig, context: RunContext) -> StudyResult:
+    out_dir = context.state_dir / "studies" / f"{config.study.name}-{context.run_id[:8]}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    results_dir = project_dir / config.study.results_dir if config.study.results_dir else None
+    results_dir = (
+        context.project_dir / config.study.results_dir if config.study.results_dir else None
+    )
     table_path = synthetic_path = None
     base_loss = float("nan")
     records: list[dict] = []
     if config.study.arms:
-        base_loss, records = _real_data(config, project_dir, device, precision, run_id)
-        table_path = _report_real(config, records, base_loss, out_dir, run_id)
+        base_loss, records = _real_data(config, context)
+        table_path = _report_real(config, records, base_loss, out_dir, context.run_id)
     if config.synthetic.runs > 0:
         synthetic_path = _report_synthetic(
-            config, synthetic_task(config.synthetic), out_dir, run_id
+            config, synthetic_task(config=config.synthetic), out_dir, context.run_id
         )
     if results_dir is not None:
         results_dir.mkdir(parents=True, exist_ok=True)
         for path in out_dir.iterdir():
             shutil.copy2(path, results_dir / path.name)
     return StudyResult(
-        run_id, len(records), base_loss, table_path, synthetic_path, str(results_dir or out_dir)
+        context.run_id,
+        len(records),
+        base_loss,
+        table_path,
+        synthetic_path,
+        str(results_dir or out_dir),
     )
 
 
-def _real_data(
-    config: lib.StudyConfig, project_dir: Path, device: str, precision: str, parent_id: str
-) -> tuple[float, list[dict]]:
-    state = state_dir(project_dir)
-    source_md5 = source_fingerprint(config.data.source, project_dir) + source_fingerprint(
-        config.data.eval_source, project_dir
-    )
-    staging = state / "staging" / key(source_md5, config.data)  # limits differ per study
-    staged = ingest_task(config.data, project_dir, staging, source_md5)
-    train_path, eval_path = staged.train.path, staged.eval.path
+def _table(path: str) -> TableRef:
+    return TableRef(path, pq.ParquetFile(path).metadata.num_rows, file_md5(Path(path)))
+
+
+def _real_data(config: lib.StudyConfig, context: RunContext) -> tuple[float, list[dict]]:
+    source_md5 = sources_fingerprint(config.data, context.project_dir)
+    staged = ingest_task(config=config.data, source_md5=source_md5, context=context)
+    train, heldout_table = staged.train, staged.eval
     if config.study.holdout:
         train_path, eval_path = lib.split_holdout(
-            train_path, config.study.holdout, state / "holdout" / key(staged, config.study.holdout)
+            train.path,
+            config.study.holdout,
+            context.state_dir / "holdout" / key(staged, config.study.holdout),
         )
-    train_md5, eval_md5 = _md5(train_path), _md5(eval_path)
-    tracking.log_tags(parent_id, {"data.train_md5": train_md5, "data.eval_md5": eval_md5})
-    model_md5 = model_fingerprint(config.model)
-    features = embed_task(
-        train_path,
-        train_md5,
-        config.model,
-        model_md5,
-        config.embed,
-        state / "features" / key(model_md5, train_md5, config.model, config.embed),
-        device,
-    )
-    heldout = embed_task(
-        eval_path,
-        eval_md5,
-        config.model,
-        model_md5,
-        config.embed,
-        state / "features" / key(model_md5, eval_md5, config.model, config.embed),
-        device,
-    )
+        train, heldout_table = _table(train_path), _table(eval_path)
+    parent_id = context.run_id
+    tracking.log_tags(parent_id, {"data.train_md5": train.md5, "data.eval_md5": heldout_table.md5})
+    model = model_source(config.model)
+    features = embed_task(table=train, model=model, config=config.embed, context=context)
+    heldout = embed_task(table=heldout_table, model=model, config=config.embed, context=context)
     tracking.log_tags(  # where benchmarks/study_profiles.py finds the statistics
         parent_id,
         {"features.pool_dir": features.features_dir, "features.eval_dir": heldout.features_dir},
     )
-    base = evaluate_task(config.model.name, eval_path, eval_md5, config.model, config.eval, device)
+    base = evaluate_task(model=model, table=heldout_table, config=config.eval, context=context)
     tracking.log_metrics(parent_id, {"eval.loss_base": base.loss, "data.pool": features.examples})
-    shared = TrialInputs(
-        project_dir, train_path, eval_path, eval_md5, model_md5, features, heldout, features,
-        device, precision, parent_id,
-    )  # fmt: skip
+    shared = TrialInputs(context, train, heldout_table, model, features, heldout, features)
     records = []
     for arm in config.arms():
+        arm_inputs = shared
         if arm.length_normalised:
             normalised = lib.length_normalised(
                 features, Path(f"{features.features_dir}-length-normalised")
             )
             arm_inputs = replace(shared, features=normalised)
-        else:
-            arm_inputs = shared
         for budget in config.study.budgets:
             for seed in config.study.seeds:
                 records.append(_trial(config, arm, budget, seed, arm_inputs))
@@ -237,44 +174,37 @@ def _trial(
     config: lib.StudyConfig, arm: lib.Arm, budget: float, seed: int, shared: TrialInputs
 ) -> dict:
     """One arm × budget × seed: select, fine-tune, evaluate, as a child run of the study."""
-    state = state_dir(shared.project_dir)
-    child_id = tracking.start_run(
-        shared.project_dir,
+    with tracking.tracked_run(
+        shared.context.project_dir,
         config.tracking,
         run_name=f"{arm.label}-b{budget:g}-s{seed}",
-        tags={"mlflow.parentRunId": shared.parent_id, "sift.kind": "study-trial"},
+        tags={"mlflow.parentRunId": shared.context.run_id, "sift.kind": "study-trial"},
         params={"arm": arm.label, "selector": arm.selector, "ridge": arm.ridge,
                 "length_normalised": arm.length_normalised, "budget": budget, "seed": seed},
-    )  # fmt: skip
-    try:
+    ) as child_id:  # fmt: skip
+        context = replace(shared.context, run_id=child_id)
         select_config = SelectConfig(
             selector=arm.selector, budget=budget, ridge=arm.ridge, seed=seed
         )
-        selection, select_seconds = select_task(
-            shared.features,
-            shared.train_path,
-            select_config,
-            state / "selections" / key(shared.features, select_config),
+        timed = select_task(
+            features=shared.features,
+            table=shared.train,
+            config=select_config,
+            space=feature_space(shared.features, shared.model.fingerprint, config.embed),
+            prior=None,
+            context=context,
         )
-        finetune_config = config.finetune.model_copy(update={"seed": seed})
+        selection = timed.selection
         tuned = finetune_task(
-            shared.train_path,
-            selection,
-            config.model,
-            shared.model_md5,
-            finetune_config,
-            state / "models" / key(shared.model_md5, selection, config.model, finetune_config),
-            shared.device,
-            shared.precision,
-            child_id,
+            table=shared.train,
+            selection=selection,
+            model=shared.model,
+            config=config.finetune.model_copy(update={"seed": seed}),
+            context=context,
         )
+        trained = trained_source(config.model, tuned.model_dir, Path(tuned.model_dir).name)
         report = evaluate_task(
-            tuned.model_dir,
-            shared.eval_path,
-            shared.eval_md5,
-            config.model,
-            config.eval,
-            shared.device,
+            model=trained, table=shared.eval, config=config.eval, context=context
         )
         profile = lib.selection_profile(
             load_pool(shared.pool_features),
@@ -290,7 +220,7 @@ def _trial(
             "examples": selection.examples,
             "loss_tokens": selection.loss_tokens,
             "tokens_trained": tuned.tokens,
-            "select_seconds": select_seconds,
+            "select_seconds": timed.seconds,
             "train_seconds": tuned.seconds,
             "train_loss": tuned.train_loss,
             "objective": selection.objective,
@@ -300,18 +230,8 @@ def _trial(
             child_id, {k: v for k, v in record.items() if isinstance(v, int | float)}
         )
         tracking.log_artifact(child_id, selection.selection_path, "selection")
-    except BaseException as error:
-        tracking.end_run(child_id, error)
-        raise
-    tracking.end_run(child_id)
     print(f"{arm.label} budget={budget:g} seed={seed}: eval loss {report.loss:.4f}")
     return record
-
-
-def _md5(path: str) -> str:
-    from steps.data.ingest import file_md5
-
-    return file_md5(Path(path))
 
 
 def _report_real(
@@ -367,7 +287,3 @@ def _report_synthetic(
 def _artifact_key(name: str) -> str:
     """Prefect artifact keys allow lowercase letters, digits and dashes only."""
     return "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-") or "study"
-
-
-def summary_rows(result: StudyResult) -> list[tuple[str, str]]:
-    return [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in asdict(result).items()]

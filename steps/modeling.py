@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -17,6 +18,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from steps.hashing import file_md5
 
 IGNORE_INDEX = -100  # label value that torch's cross-entropy skips: prompt tokens carry no loss
 
@@ -61,6 +64,28 @@ def resolve_precision(precision: Precision, device: str) -> str:
     if device == "cuda" and torch.cuda.is_bf16_supported():
         return "bf16"
     return "fp32"
+
+
+def resolve_hardware(config: ModelConfig) -> tuple[str, str]:
+    """model.device and model.precision resolved once, at the edge: (device, precision).
+
+    Embed, fine-tune and evaluate all take these resolved values, so one run computes in one
+    precision throughout."""
+    device = resolve_device(config.device)
+    return device, resolve_precision(config.precision, device)
+
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: str, precision: str) -> torch.autocast:
+    """Mixed precision for inference (embed, evaluate): fp32 weights, matmuls in `precision`.
+
+    Fine-tuning gets the same precision through Trainer's bf16/fp16 arguments."""
+    dtype = AUTOCAST_DTYPES.get(precision)
+    return torch.autocast(
+        torch.device(device).type, dtype=dtype or torch.float32, enabled=dtype is not None
+    )
 
 
 def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
@@ -158,12 +183,26 @@ def model_fingerprint(config: ModelConfig) -> str:
 
     Cached steps key on this, so retraining a local checkpoint in place invalidates them.
     """
-    from pathlib import Path
-
-    from steps.data.ingest import file_md5
-
     path = Path(config.name)
     if not path.is_dir():
         return f"{config.name}@{config.revision or 'main'}"
     files = sorted(p for p in path.iterdir() if p.is_file())
     return hashlib.md5("".join(f"{p.name}:{file_md5(p)}" for p in files).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model to load and the fingerprint that keys every cache built from it."""
+
+    config: ModelConfig
+    fingerprint: str
+
+
+def model_source(config: ModelConfig) -> ModelSource:
+    return ModelSource(config, model_fingerprint(config))
+
+
+def trained_source(base: ModelConfig, model_dir: str, fingerprint: str) -> ModelSource:
+    """A fine-tuned folder shown to the model the way `base` is (template, max_length); the
+    hub revision no longer applies. fingerprint: what made it (its work-folder key)."""
+    return ModelSource(base.model_copy(update={"name": model_dir, "revision": None}), fingerprint)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import subprocess
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
 
@@ -95,6 +97,25 @@ def start_run(
     for key, value in params.items():
         client.log_param(run_id, key, str(value)[:6000])
     return run_id
+
+
+@contextmanager
+def tracked_run(
+    project_dir: Path,
+    config: TrackingConfig,
+    run_name: str,
+    tags: dict[str, str],
+    params: dict[str, object],
+) -> Iterator[str]:
+    """start_run ... end_run: the run ends FAILED with an `error` tag when the body raises
+    (KeyboardInterrupt and Prefect's cancellations included), FINISHED otherwise."""
+    run_id = start_run(project_dir, config, run_name, tags, params)
+    try:
+        yield run_id
+    except BaseException as error:
+        end_run(run_id, error)
+        raise
+    end_run(run_id)
 
 
 def end_run(run_id: str, error: BaseException | None = None) -> None:

@@ -13,6 +13,8 @@ from tqdm.auto import tqdm
 from steps.modeling import (
     IGNORE_INDEX,
     ModelConfig,
+    ModelSource,
+    autocast,
     encode_examples,
     length_sorted_batches,
     load_model,
@@ -36,7 +38,13 @@ class EvalReport:
 
 
 def evaluation_loss(
-    model, tokenizer, eval_path: str, model_config: ModelConfig, config: EvalConfig, device: str
+    model,
+    tokenizer,
+    eval_path: str,
+    model_config: ModelConfig,
+    config: EvalConfig,
+    device: str,
+    precision: str,
 ) -> EvalReport:
     """Token-weighted mean loss over every response token of the eval split."""
     frame = pd.read_parquet(eval_path)
@@ -44,7 +52,7 @@ def evaluation_loss(
     batches = length_sorted_batches([len(e.input_ids) for e in encoded], config.batch_tokens)
     total, tokens = 0.0, 0
     model.eval()
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast(device, precision):
         for rows in tqdm(batches, desc="evaluate", unit="batch"):
             batch = {
                 k: v.to(device)
@@ -68,19 +76,27 @@ def evaluation_loss(
 
 
 def evaluate(
-    model_dir: str, eval_path: str, model_config: ModelConfig, config: EvalConfig, device: str
+    model: ModelSource, eval_path: str, config: EvalConfig, device: str, precision: str
 ) -> EvalReport:
-    """Loads a model folder (the base model or a fine-tuned one) and scores the eval split."""
-    if model_dir != model_config.name:  # a fine-tuned folder: the hub revision no longer applies
-        model_config = model_config.model_copy(update={"name": model_dir, "revision": None})
-    local = model_config
+    """Loads a model (the base model or a fine-tuned folder) and scores the eval split."""
     return evaluation_loss(
-        load_model(local, device), load_tokenizer(local), eval_path, model_config, config, device
+        load_model(model.config, device),
+        load_tokenizer(model.config),
+        eval_path,
+        model.config,
+        config,
+        device,
+        precision,
     )
 
 
 def evaluate_registered(
-    model_uri: str, eval_path: str, model_config: ModelConfig, config: EvalConfig, device: str
+    model_uri: str,
+    eval_path: str,
+    model_config: ModelConfig,
+    config: EvalConfig,
+    device: str,
+    precision: str,
 ) -> float:
     """Scores a registry model (e.g. models:/name@champion) on the eval split; returns the loss."""
     import mlflow
@@ -88,5 +104,5 @@ def evaluate_registered(
     components = mlflow.transformers.load_model(model_uri, return_type="components")
     model = components["model"].to(device)
     return evaluation_loss(
-        model, components["tokenizer"], eval_path, model_config, config, device
+        model, components["tokenizer"], eval_path, model_config, config, device, precision
     ).loss

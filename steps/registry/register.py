@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from pydantic import BaseModel, ConfigDict
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from steps.data.ingest import file_md5
+from steps.hashing import file_md5
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 # Identifies a model's weights, so a cached re-run finds its version instead of adding one.

@@ -29,17 +29,19 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from steps.hashing import code_fingerprint
 from steps.modeling import (
     IGNORE_INDEX,
     Encoded,
     ModelConfig,
+    autocast,
     encode_examples,
     length_sorted_batches,
     load_model,
     load_tokenizer,
     pad_batch,
 )
-from steps.selection.selectors import FeaturePool, random_projection
+from steps.selection.pool import FeaturePool, random_projection
 
 FILES = ("factors", "offsets", "pooled", "n_tokens", "base_loss")
 
@@ -72,16 +74,17 @@ class FeaturesRef:
     padding_fraction: float
     hidden_size: int = 0  # the model's d, before any sketch
     tokens_per_second: float = 0.0  # of this pass (0 when every chunk came from disk)
+    precision: str = "fp32"  # what the forward passes computed in (see modeling.autocast)
 
 
 def feature_space(features: FeaturesRef, model_md5: str, config: EmbedConfig) -> str:
-    """Names the space the statistics live in: the model's weights, the stored width and, when
-    the states were sketched, the projection's seed.
+    """Names the space the statistics live in: the model's weights, the stored width, the
+    precision the states were computed in and, when sketched, the projection's seed.
 
     Designs (Σ FᵀF) measured in different spaces cannot be added, so a selection records this
     and a warm start (select.prior) refuses a prior whose space differs.
     """
-    space = f"model={model_md5} width={features.dim}"
+    space = f"model={model_md5} width={features.dim} precision={features.precision}"
     if features.dim < features.hidden_size:  # sketched: P depends on the seed
         space += f" sketch_seed={config.sketch_seed}"
     return space
@@ -101,7 +104,12 @@ def load_pool(ref: FeaturesRef) -> FeaturePool:
 
 
 def embed_pool(
-    table_path: str, model_config: ModelConfig, config: EmbedConfig, out_dir: Path, device: str
+    table_path: str,
+    model_config: ModelConfig,
+    config: EmbedConfig,
+    out_dir: Path,
+    device: str,
+    precision: str,
 ) -> FeaturesRef:
     """One inference pass over the pool in length-sorted batches; writes FILES to out_dir."""
     frame = pd.read_parquet(table_path)
@@ -109,7 +117,7 @@ def embed_pool(
     model = load_model(model_config, device).eval()
     encoded = encode_examples(tokenizer, list(frame.prompt), list(frame.response), model_config)
     _require_loss_tokens(encoded, list(frame.id), model_config)
-    return embed_encoded(model, encoded, tokenizer.pad_token_id, config, out_dir, device)
+    return embed_encoded(model, encoded, tokenizer.pad_token_id, config, out_dir, device, precision)
 
 
 def _require_loss_tokens(encoded: list[Encoded], ids: list[str], model: ModelConfig) -> None:
@@ -129,6 +137,7 @@ def embed_encoded(
     config: EmbedConfig,
     out_dir: Path,
     device: str,
+    precision: str,
 ) -> FeaturesRef:
     """The pass itself over tokenised examples (also what benchmarks/bench_embed.py times)."""
     hidden = int(model.config.hidden_size)
@@ -137,7 +146,15 @@ def embed_encoded(
     if width < hidden:
         projection = torch.from_numpy(random_projection(hidden, width, config.sketch_seed))
         projection = projection.to(device)
-    manifest = {"examples": len(encoded), "hidden_size": hidden, "config": config.model_dump()}
+    manifest = {
+        "examples": len(encoded),
+        "hidden_size": hidden,
+        "config": config.model_dump(),
+        # chunks made by other code, on another device or in another precision differ
+        "code": code_fingerprint(__name__),
+        "device": device,
+        "precision": precision,
+    }
     _start_folder(out_dir, manifest)
     lengths = [len(e.input_ids) for e in encoded]
     padded = computed = 0
@@ -149,13 +166,16 @@ def embed_encoded(
             path = out_dir / f"chunk-{number:05d}.npz"
             if not path.exists():
                 chunk = [encoded[i] for i in rows]
-                stats = _chunk_statistics(model, chunk, pad_id, config, projection, device)
+                stats = _chunk_statistics(
+                    model, chunk, pad_id, config, projection, device, precision
+                )
                 _save_atomic(path, stats)
                 padded += int(stats["padded"])
                 computed += sum(lengths[i] for i in rows)
             bar.update(sum(lengths[i] for i in rows))
     seconds = time.perf_counter() - started
-    return _consolidate(out_dir, len(starts), hidden, computed / seconds if computed else 0.0)
+    speed = computed / seconds if computed else 0.0
+    return _consolidate(out_dir, len(starts), hidden, speed, precision)
 
 
 def _start_folder(out_dir: Path, manifest: dict) -> None:
@@ -175,6 +195,7 @@ def _chunk_statistics(
     config: EmbedConfig,
     projection: torch.Tensor | None,
     device: str,
+    precision: str,
 ) -> dict[str, np.ndarray]:
     lengths = [len(e.input_ids) for e in chunk]
     factors: list[np.ndarray] = [np.empty(0)] * len(chunk)
@@ -185,7 +206,8 @@ def _chunk_statistics(
     padded = 0
     for rows in length_sorted_batches(lengths, config.batch_tokens):
         batch = {k: v.to(device) for k, v in pad_batch([chunk[i] for i in rows], pad_id).items()}
-        states, losses, mask = _batch_states(model, batch, device == "cuda")
+        with autocast(device, precision):  # the forward only: the statistics stay fp32/fp64
+            states, losses, mask = _batch_states(model, batch)
         if projection is not None:
             states = states @ projection
         batch_factors, batch_pooled, counts, batch_loss = _batch_factors(
@@ -209,14 +231,13 @@ def _chunk_statistics(
     }
 
 
-def _batch_states(model: PreTrainedModel, batch: dict[str, torch.Tensor], autocast: bool):
+def _batch_states(model: PreTrainedModel, batch: dict[str, torch.Tensor]):
     """Loss-token states (float32), per-token losses and the loss mask of one padded batch."""
-    with torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=autocast):
-        out = model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            output_hidden_states=True,
-        )
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        output_hidden_states=True,
+    )
     states = out.hidden_states[-1][:, :-1].float()  # position t predicts token t+1
     targets = batch["labels"][:, 1:]
     losses = torch.nn.functional.cross_entropy(
@@ -268,7 +289,9 @@ def _save_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
     os.replace(partial, path)
 
 
-def _consolidate(out_dir: Path, chunks: int, hidden: int, tokens_per_second: float) -> FeaturesRef:
+def _consolidate(
+    out_dir: Path, chunks: int, hidden: int, tokens_per_second: float, precision: str
+) -> FeaturesRef:
     """Chunks → one memory-mappable .npy per array, copied chunk by chunk (bounded memory)."""
     paths = [out_dir / f"chunk-{n:05d}.npz" for n in range(chunks)]
     sizes = []
@@ -312,6 +335,7 @@ def _consolidate(out_dir: Path, chunks: int, hidden: int, tokens_per_second: flo
         padding_fraction=padded / max(padded + tokens, 1),
         hidden_size=hidden,
         tokens_per_second=tokens_per_second,
+        precision=precision,
     )
     (out_dir / "meta.json").write_text(json.dumps(asdict(ref), indent=2))
     return ref

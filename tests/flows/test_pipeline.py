@@ -9,6 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from flows.config import load_config, resolve_paths
 from tests.conftest import MODEL_DIR
+from tests.flows.pipeline_driver import task_states
 
 pytestmark = pytest.mark.slow
 EXPENSIVE = {"ingest", "embed", "select", "finetune", "evaluate"}
@@ -35,25 +36,11 @@ def _config(project: Path, *extra: str):
     )
 
 
-def _task_states(flow_run_id) -> dict[str, set[str]]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
-        )
-    states: dict[str, set[str]] = {}
-    for run in runs:
-        states.setdefault(run.name.rsplit("-", 1)[0], set()).add(run.state.name)
-    return states
-
-
 def _run(config, project: Path):
     from flows.pipeline import pipeline
 
     state = pipeline(config, project, return_state=True)
-    return state.result(), _task_states(state.state_details.flow_run_id)
+    return state.result(), task_states(state.state_details.flow_run_id)
 
 
 def _selection(client: MlflowClient, run_id: str, out_dir: Path) -> dict:

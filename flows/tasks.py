@@ -1,0 +1,210 @@
+"""The Prefect tasks both flows run: one thin wrapper per step, with its caching and retries.
+
+Every task takes keyword arguments and a RunContext; a cached task derives its work folder
+from its own inputs (`work_dir`), so a folder never holds results of other inputs, other
+code, another device or another precision.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from flows.caching import cached, key
+from steps import tracking
+from steps.data.ingest import IngestConfig, IngestResult, TableRef, ingest
+from steps.data.version import DataVersion, VersionConfig, data_at_rev, version_data
+from steps.evaluation.evaluate import EvalConfig, EvalReport, evaluate
+from steps.hashing import code_fingerprint
+from steps.modeling import ModelConfig, ModelSource, resolve_hardware
+from steps.registry.register import ModelVersionRef, RegisterConfig, champion_run, register_model
+from steps.selection.embed import EmbedConfig, FeaturesRef, embed_pool
+from steps.selection.select import (
+    PriorRef,
+    SelectConfig,
+    SelectionRef,
+    load_prior,
+    select_subset,
+    selected_ids,
+)
+from steps.study.synthetic import SyntheticConfig, run_synthetic
+from steps.training.finetune import FinetuneConfig, ModelRef, NonFiniteLossError, finetune
+
+# The step module each cached task runs; its code fingerprint keys the cache and the folder.
+INGEST = "steps.data.ingest"
+EMBED = "steps.selection.embed"
+SELECT = "steps.selection.select"
+FINETUNE = "steps.training.launch"  # the worker entry point: it imports finetune and all it runs
+EVALUATE = "steps.evaluation.evaluate"
+SYNTHETIC = "steps.study.synthetic"
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What every task of one flow run shares: where state lives, the resolved hardware,
+    and the MLflow run its work is logged to."""
+
+    project_dir: Path
+    state_dir: Path
+    device: str  # resolved: cpu | cuda
+    precision: str  # resolved: fp32 | bf16 | fp16
+    run_id: str  # per run (or per study trial): never part of a cache key
+
+    def cache_key(self) -> str:
+        return key(str(self.state_dir), self.device, self.precision)
+
+
+def run_context(project_dir: Path, state_dir: Path, model: ModelConfig, run_id: str) -> RunContext:
+    device, precision = resolve_hardware(model)
+    return RunContext(project_dir, state_dir, device, precision, run_id)
+
+
+def work_dir(context: RunContext, kind: str, module: str, *inputs: object) -> Path:
+    """state_dir/kind/<key>: the key covers the inputs, the code that runs, device, precision."""
+    parts = (*inputs, code_fingerprint(module), context.device, context.precision)
+    return context.state_dir / kind / key(*parts)
+
+
+def retry_unless(*final: type[BaseException]):
+    """A task's retry condition: retry any failure except these (a retry cannot fix them)."""
+
+    def condition(task, task_run, state) -> bool:
+        try:
+            state.result()
+        except final:
+            return False
+        except BaseException:
+            return True
+        return True
+
+    return condition
+
+
+@task(name="ingest", cache_policy=cached(INGEST), persist_result=True)
+def ingest_task(*, config: IngestConfig, source_md5: str, context: RunContext) -> IngestResult:
+    """source_md5 (ingest.sources_fingerprint) keys the cache on the sources' content."""
+    staging = work_dir(context, "staging", INGEST, source_md5, config)
+    return ingest(config, context.project_dir, staging)
+
+
+@task(name="embed", cache_policy=cached(EMBED), persist_result=True)
+def embed_task(
+    *, table: TableRef, model: ModelSource, config: EmbedConfig, context: RunContext
+) -> FeaturesRef:
+    out_dir = work_dir(context, "features", EMBED, table.md5, model, config)
+    return embed_pool(table.path, model.config, config, out_dir, context.device, context.precision)
+
+
+@dataclass(frozen=True)
+class TimedSelection:
+    selection: SelectionRef
+    seconds: float  # of the selection itself, kept with the cached result
+
+
+@task(name="select", cache_policy=cached(SELECT), persist_result=True)
+def select_task(
+    *,
+    features: FeaturesRef,
+    table: TableRef,
+    config: SelectConfig,
+    space: str,
+    prior: PriorRef | None,
+    context: RunContext,
+) -> TimedSelection:
+    # prior carries its design's md5: another champion is another cache key
+    out_dir = work_dir(context, "selections", SELECT, features, table.md5, config, space, prior)
+    started = time.perf_counter()
+    selection = select_subset(features, table.path, config, out_dir, space=space, prior=prior)
+    return TimedSelection(selection, time.perf_counter() - started)
+
+
+@task(
+    name="finetune",
+    cache_policy=cached(FINETUNE),
+    persist_result=True,
+    retries=1,
+    retry_condition_fn=retry_unless(NonFiniteLossError),  # resumes; a divergence won't
+)
+def finetune_task(
+    *,
+    table: TableRef,
+    selection: SelectionRef,
+    model: ModelSource,
+    config: FinetuneConfig,
+    context: RunContext,
+) -> ModelRef:
+    """A retry resumes from the checkpoints in the same folder (its inputs are the same)."""
+    out_dir = work_dir(context, "models", FINETUNE, table.md5, selection, model, config)
+    return finetune(
+        train_path=table.path,
+        selected_ids=selected_ids(selection),
+        model_config=model.config,
+        config=config,
+        out_dir=out_dir,
+        device=context.device,
+        precision=context.precision,
+        run_id=context.run_id,
+    )
+
+
+@task(name="evaluate", cache_policy=cached(EVALUATE), persist_result=True)
+def evaluate_task(
+    *, model: ModelSource, table: TableRef, config: EvalConfig, context: RunContext
+) -> EvalReport:
+    return evaluate(model, table.path, config, context.device, context.precision)
+
+
+@task(name="synthetic", cache_policy=cached(SYNTHETIC), persist_result=True)
+def synthetic_task(*, config: SyntheticConfig) -> pd.DataFrame:
+    return run_synthetic(config)
+
+
+# I/O against remotes (DVC push, the MLflow registry) can fail transiently: retry those.
+@task(name="version", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def version_task(*, config: VersionConfig, context: RunContext) -> DataVersion:
+    return version_data(context.project_dir / "data", context.project_dir, config)
+
+
+@task(name="data-at-rev", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def data_at_rev_task(*, rev: str, context: RunContext) -> tuple[IngestResult, DataVersion]:
+    return data_at_rev(context.project_dir, rev, context.state_dir / "data-revs" / rev)
+
+
+@task(name="register", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def register_task(
+    *, model_dir: str, config: RegisterConfig, tags: dict[str, str], context: RunContext
+) -> ModelVersionRef:
+    return register_model(model_dir, context.run_id, config, tags)
+
+
+NO_CHAMPION = "none (no champion yet)"
+
+
+@task(
+    name="prior",
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=retry_unless(ValueError),  # a bad select.prior: no retry
+    cache_policy=NO_CACHE,
+)
+def prior_task(*, named: str, model_name: str, context: RunContext) -> tuple[PriorRef | None, str]:
+    """select.prior → the earlier run's selection to warm-start from (downloaded under
+    state_dir/priors), and the select.prior_run tag: its run id, "none", or NO_CHAMPION when
+    select.prior=champion finds no champion yet (the first run of a schedule): a cold start."""
+    if not named:
+        return None, "none"
+    source = champion_run(model_name) if named == "champion" else named
+    if source is None:
+        print(
+            f"select.prior=champion: registry model {model_name!r} has no "
+            "champion yet, so this run selects without a prior"
+        )
+        return None, NO_CHAMPION
+    destination = context.state_dir / "priors" / source
+    selection_path = tracking.download_selection(source, destination, "select.prior")
+    return load_prior(selection_path, source, "select.prior"), source
