@@ -195,7 +195,12 @@ def validate_command(
     resolved, root = _load(config, [*(set_ or []), *sources], project_dir)
     from flows.runtime import state_dir
     from steps.data.ingest import IngestError
-    from steps.data.validate import DataValidationError, ingest_and_validate, raise_on_failure
+    from steps.data.validate import (
+        DataValidationError,
+        ingest_and_validate,
+        quarantine_lines,
+        raise_on_failure,
+    )
 
     try:
         report = ingest_and_validate(
@@ -211,6 +216,8 @@ def validate_command(
         markup=False,
         highlight=False,
     )
+    for line in quarantine_lines(report):
+        console.print(f"  quarantined {line}", markup=False, highlight=False)
 
 
 @app.command()

@@ -32,7 +32,7 @@ from flows.tasks import (
 )
 from steps import tracking
 from steps.data.ingest import IngestResult, sources_fingerprint
-from steps.data.validate import raise_on_failure, validate
+from steps.data.validate import quarantine_lines, raise_on_failure, validate
 from steps.data.version import DataVersion
 from steps.evaluation.evaluate import EvalReport, evaluate_registered
 from steps.modeling import model_source, trained_source
@@ -154,6 +154,8 @@ def _data(
         description=f"Validation of this run's data: {'passed' if report.success else 'FAILED'}",
     )
     data = raise_on_failure(report)  # gate: nothing below runs on invalid data
+    for line in quarantine_lines(report):
+        print(f"quarantined {line}")
     version = version_task(config=config.version, context=context)
     return data, version, report.quarantined
 

@@ -60,6 +60,14 @@ class ValidationReport:
     quarantined_rows: tuple[str, ...] = ()
 
 
+def quarantine_lines(report: ValidationReport, shown: int = 20) -> list[str]:
+    """What to print about the quarantined rows: the first `shown`, then how many more."""
+    lines = list(report.quarantined_rows[:shown])
+    if len(report.quarantined_rows) > shown:
+        lines.append(f"... and {len(report.quarantined_rows) - shown} more (quarantine.parquet)")
+    return lines
+
+
 class DataValidationError(ValueError):
     """The data failed the suite; nothing downstream may run."""
 

@@ -54,3 +54,16 @@ def test_ingest_errors_exit_non_zero_with_the_line(project: Path):
 def test_a_bad_setting_is_a_usage_error(project: Path):
     result = _validate(project, "raw/train.jsonl", "--set", "validation.on_invalid=maybe")
     assert result.exit_code == 2 and "validation.on_invalid" in result.output
+
+
+def test_quarantined_rows_are_printed_with_their_file_line(project: Path, gsm8k_train):
+    rows = [dict(r) for r in gsm8k_train]
+    rows[6]["answer"] = "   \n\t"  # whitespace only: as empty as ""
+    write_jsonl(project / "raw" / "train.jsonl", rows)
+    result = _validate(
+        project, "raw/train.jsonl", "--set", "validation.max_quarantine_fraction=0.05"
+    )
+    assert result.exit_code == 0, result.output
+    out = " ".join(result.output.split())
+    assert "valid: 79 pool and 16 eval rows (1 quarantined)" in out
+    assert "quarantined [train] raw/train.jsonl line 7" in out, out
