@@ -78,14 +78,17 @@ def library_versions() -> dict[str, str]:
     return {f"version.{name}": version(name) for name in LIBRARIES}
 
 
-def start_run(
+@contextmanager
+def tracked_run(
     project_dir: Path,
     config: TrackingConfig,
     run_name: str,
     tags: dict[str, str],
     params: dict[str, object],
-) -> str:
-    """Opens the parent run of one pipeline run and records config, code and libraries."""
+) -> Iterator[str]:
+    """An MLflow run recording config, code and libraries, open for the body: it ends FAILED
+    with an `error` tag when the body raises (KeyboardInterrupt and Prefect's cancellations
+    included), FINISHED otherwise."""
     use_tracking(resolve_tracking_uri(config, project_dir))
     client = MlflowClient()
     run = client.create_run(
@@ -96,29 +99,15 @@ def start_run(
     run_id = run.info.run_id
     for key, value in params.items():
         client.log_param(run_id, key, str(value)[:6000])
-    return run_id
-
-
-@contextmanager
-def tracked_run(
-    project_dir: Path,
-    config: TrackingConfig,
-    run_name: str,
-    tags: dict[str, str],
-    params: dict[str, object],
-) -> Iterator[str]:
-    """start_run ... end_run: the run ends FAILED with an `error` tag when the body raises
-    (KeyboardInterrupt and Prefect's cancellations included), FINISHED otherwise."""
-    run_id = start_run(project_dir, config, run_name, tags, params)
     try:
         yield run_id
     except BaseException as error:
-        end_run(run_id, error)
+        _end_run(run_id, error)
         raise
-    end_run(run_id)
+    _end_run(run_id)
 
 
-def end_run(run_id: str, error: BaseException | None = None) -> None:
+def _end_run(run_id: str, error: BaseException | None = None) -> None:
     client = MlflowClient()
     if error is not None:
         client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:5000])

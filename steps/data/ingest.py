@@ -293,23 +293,10 @@ def stream_table(
     limit: int | None,
     path: Path,
     places_path: Path | None = None,
-) -> int:
-    """Normalises batches into one Parquet file, a row group per batch; returns rows written.
-
-    With `places_path`, each row's source place and content hash go to that file alongside."""
-    return _stream_table(batches, config, label, split, limit, path, places_path)[0]
-
-
-def _stream_table(
-    batches: Iterator[Batch],
-    config: IngestConfig,
-    label: str,
-    split: str,
-    limit: int | None,
-    path: Path,
-    places_path: Path | None,
 ) -> tuple[int, str | None]:
-    """stream_table, also returning the table's empty prompt (see StagedRows)."""
+    """Normalises batches into one Parquet file, a row group per batch; returns the rows
+    written and the table's empty prompt (see StagedRows). With `places_path`, each row's
+    source place and content hash go to that file alongside."""
     rows, plain = 0, False
     render = chat_renderer(config.chat_template)
     targets = [path] if places_path is None else [path, places_path]
@@ -374,7 +361,7 @@ def ingest(config: IngestConfig, project_dir: Path, staging_dir: Path) -> Ingest
         batches = _batches(source, setting, split, config, project_dir)
         label = source_label(source, project_dir)
         path, places = staging_dir / f"{name}.parquet", staging_dir / f"{name}.places.parquet"
-        rows, empty = _stream_table(batches, config, label, name, limit, path, places)
+        rows, empty = stream_table(batches, config, label, name, limit, path, places)
         staged = StagedRows(places_path=str(places), empty_prompt=empty)
         refs[name] = TableRef(path=str(path), rows=rows, md5=file_md5(path), staged=staged)
     return IngestResult(train=refs["train"], eval=refs["eval"])
