@@ -18,10 +18,10 @@ import numpy as np
 import pandas as pd
 import torch
 from numpy.typing import NDArray
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from steps.selection.pool import pool_from_tokens
-from steps.selection.selectors import DEFAULT_RIDGE, select
+from steps.selection.selectors import DEFAULT_RIDGE, SELECTORS, select
 
 
 class SyntheticConfig(BaseModel):
@@ -50,6 +50,14 @@ class SyntheticConfig(BaseModel):
     ridge: float = Field(default=DEFAULT_RIDGE, gt=0)  # λ of the selection objective
     fit_ridge: float = Field(default=1e-2, gt=0)  # L2 penalty of the refit, on sum-loss scale
     fit_steps: int = Field(default=200, gt=0)  # LBFGS iterations of the refit
+
+    @field_validator("selectors")
+    @classmethod
+    def _known_selectors(cls, selectors: list[str]) -> list[str]:
+        unknown = [name for name in selectors if name not in SELECTORS]
+        if unknown:
+            raise ValueError(f"unknown selector(s) {unknown}; choose from {sorted(SELECTORS)}")
+        return selectors
     seed: int = 0
 
 

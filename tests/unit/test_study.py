@@ -98,6 +98,8 @@ def test_config_errors_name_the_key(tmp_path: Path):
         load_study_config(None, [("study.seeds", "many")])
     with pytest.raises(StudyConfigError, match="names no selector"):
         load_study_config(None, [("study.arms", ["fisher", "nope"])])
+    with pytest.raises(StudyConfigError, match=r"synthetic.selectors.*'fishr'"):
+        load_study_config(None, [("synthetic.selectors", ["fisher", "fishr"])])
     path = tmp_path / "study.yaml"
     path.write_text("study:\n  budgets: [0.5]\nfinetune:\n  epochs: 2\n")
     config = load_study_config(path, [("study.seeds", [7])])
