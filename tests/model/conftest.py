@@ -6,6 +6,8 @@ import pandas as pd
 import pytest
 import torch
 
+from steps.training.job import FinetuneConfig
+
 
 @pytest.fixture
 def one_torch_thread():
@@ -28,3 +30,14 @@ def write_train_table(rows: list[dict], path: Path) -> tuple[str, list[str]]:
     )
     frame.to_parquet(path)
     return str(path), list(frame.id)
+
+
+# An absurd learning rate, unclipped: the loss is inf or NaN within the first steps.
+DIVERGING = FinetuneConfig(
+    epochs=1,
+    batch_size=4,
+    learning_rate=1e30,
+    max_grad_norm=1e6,
+    logging_steps=1,
+    checkpoint_steps=0,
+)

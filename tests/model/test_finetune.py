@@ -18,7 +18,7 @@ from steps.modeling import ModelConfig, ModelSource, trained_source
 from steps.training.finetune import FinetuneConfig, NonFiniteLossError, finetune, last_checkpoint
 from steps.training.job import NON_FINITE_LOSS_EXIT, TrainJob, WorkerFailure, read_result
 from tests.conftest import MODEL_DIR, REPO, new_run_id
-from tests.model.conftest import write_train_table
+from tests.model.conftest import DIVERGING, write_train_table
 
 MODEL = ModelConfig(name=str(MODEL_DIR))
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
@@ -126,17 +126,6 @@ def test_lora_saves_a_merged_model_that_evaluates_like_a_full_one(train_table, t
         trained_source(MODEL, ref.model_dir, fingerprint="lora"), path, EvalConfig(), "cpu", "fp32"
     ).loss
     assert tuned_loss < evaluate(ModelSource(MODEL, "base"), path, EvalConfig(), "cpu", "fp32").loss
-
-
-# An absurd learning rate, unclipped: the loss is inf or NaN within the first steps.
-DIVERGING = FinetuneConfig(
-    epochs=1,
-    batch_size=4,
-    learning_rate=1e30,
-    max_grad_norm=1e6,
-    logging_steps=1,
-    checkpoint_steps=0,
-)
 
 
 def test_a_diverging_run_stops_with_a_clear_error_and_saves_nothing(train_table, tmp_path):

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from steps.modeling import ModelConfig
 from steps.training.finetune import FinetuneConfig, NonFiniteLossError, finetune
 from tests.conftest import MODEL_DIR, new_run_id
-from tests.model.conftest import write_train_table
+from tests.model.conftest import DIVERGING, write_train_table
 
 MODEL = ModelConfig(name=str(MODEL_DIR))
 pytestmark = pytest.mark.slow
@@ -51,15 +51,7 @@ def test_a_diverging_worker_raises_non_finite_loss_in_the_parent(gsm8k_train, tm
     """The parent learns of the divergence from the workers' result file, not their log."""
     train_path, ids = write_train_table(gsm8k_train[:24], tmp_path / "train.parquet")
     # 6 steps: the loss is still finite at step 2 (grad norm NaN), NaN a few steps later.
-    config = FinetuneConfig(
-        epochs=2,
-        batch_size=4,
-        learning_rate=1e30,
-        max_grad_norm=1e6,
-        logging_steps=1,
-        checkpoint_steps=0,
-        num_processes=2,
-    )
+    config = DIVERGING.model_copy(update={"epochs": 2, "num_processes": 2})
     out_dir = tmp_path / "nan"
     with pytest.raises(NonFiniteLossError, match="finetune.learning_rate"):
         finetune(train_path, ids, MODEL, config, out_dir, "cpu", "fp32")
