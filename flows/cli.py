@@ -7,10 +7,19 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from flows.config import ConfigError, PipelineConfig, load_config, resolve_paths
+from flows import cli_lineage, cli_models, cli_serve
+from flows.cli_common import (
+    ConfigOption,
+    ProjectOption,
+    SetOption,
+    console,
+    fail,
+    load_project,
+    resolve_config,
+)
+from flows.config import ConfigError, PipelineConfig, load_config
 from flows.runtime import configure_environment
 
 app = typer.Typer(
@@ -18,46 +27,6 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-console = Console()
-
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option("--config", "-c", help="YAML file overriding the defaults (see configs/)."),
-]
-SetOption = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--set", "-s", help="Override one key, e.g. --set select.budget=0.05 (repeatable)."
-    ),
-]
-ProjectOption = Annotated[
-    Path,
-    typer.Option("--project-dir", help="Project root: holds data/, data.dvc, mlflow/ and .sift/."),
-]
-
-
-def _fail(message: object, code: int) -> typer.Exit:
-    """Print one red message, unwrapped (it names the key or file: keep it on one line) and
-    not read as markup (messages quote values such as ['a', 'b']); the exit to raise."""
-    console.print(str(message), style="red", markup=False, highlight=False, soft_wrap=True)
-    return typer.Exit(code)
-
-
-def _resolve(
-    config_path: Path | None, overrides: list[str] | None, project_dir: Path
-) -> PipelineConfig:
-    """The config with project-relative paths made absolute; a bad one exits 2 naming it."""
-    try:
-        return resolve_paths(load_config(config_path, overrides), project_dir)
-    except ConfigError as error:
-        raise _fail(error, 2) from None
-
-
-def _load(config_path: Path | None, overrides: list[str] | None, project_dir: Path):
-    project_dir = project_dir.resolve()
-    config = _resolve(config_path, overrides, project_dir)
-    configure_environment(project_dir)
-    return config, project_dir
 
 
 @app.command()
@@ -75,7 +44,7 @@ def run(
 ) -> None:
     """Run the whole pipeline once: ingest → validate → version → embed → select → fine-tune
     → evaluate → register → promote."""
-    resolved, root = _load(config, set_, project_dir)
+    resolved, root = load_project(config, set_, project_dir)
     from flows.pipeline import pipeline, summary_rows  # imports Prefect: after the env is set
     from steps.data.ingest import IngestError
 
@@ -84,7 +53,7 @@ def run(
     except (ValueError, IngestError) as error:
         # A setting or the data at fault: the message names it (Prefect's log above has the
         # traceback); the run stopped before anything downstream of the failure changed.
-        raise _fail(f"sift run stopped: {error}", 1) from None
+        raise fail(f"sift run stopped: {error}", 1) from None
     table = Table(title="Sift pipeline run", show_header=False)
     for name, value in summary_rows(result):
         table.add_row(name, value)
@@ -100,7 +69,7 @@ def serve(
     name: Annotated[str, typer.Option(help="Deployment name.")] = "sift-scheduled",
 ) -> None:
     """Serve the pipeline on a cron schedule (needs a Prefect server: PREFECT_API_URL)."""
-    resolved, root = _load(config, set_, project_dir)
+    resolved, root = load_project(config, set_, project_dir)
     from flows.pipeline import pipeline
 
     pipeline.serve(
@@ -140,11 +109,11 @@ def select_command(
     from steps.selection.select import load_prior, select_from_file
 
     root = Path.cwd()
-    resolved = _resolve(config, [*(set_ or []), f"data.source={json.dumps(str(data))}"], root)
+    resolved = resolve_config(config, [*(set_ or []), f"data.source={json.dumps(str(data))}"], root)
     if resolved.select.prior:
         # select.prior names an MLflow run, which this command never reads: say so rather
         # than select cold while the config asks for a warm start.
-        raise _fail(
+        raise fail(
             f"select.prior={resolved.select.prior!r} names an MLflow run; `sift select` "
             "warm-starts from a file: --prior FILE (and --set select.prior='')",
             2,
@@ -169,7 +138,7 @@ def select_command(
             # design.npy is what a later --prior reads beside the selection JSON
             shutil.copyfile(ref.design_path, out.parent / "design.npy")
     except (ValueError, IngestError) as error:
-        raise _fail(error, 2) from None
+        raise fail(error, 2) from None
     console.print(
         f"{ref.examples} examples ({ref.loss_tokens} loss tokens) selected by "
         f"{ref.selector}; final objective {ref.objective:.4f} → {out}"
@@ -192,7 +161,7 @@ def validate_command(
     sources = [f"data.source={json.dumps(data)}"]
     if eval_data is not None:
         sources.append(f"data.eval_source={json.dumps(eval_data)}")
-    resolved, root = _load(config, [*(set_ or []), *sources], project_dir)
+    resolved, root = load_project(config, [*(set_ or []), *sources], project_dir)
     from flows.runtime import state_dir
     from steps.data.ingest import IngestError
     from steps.data.validate import (
@@ -208,7 +177,7 @@ def validate_command(
         )
         accepted = raise_on_failure(report)
     except (IngestError, DataValidationError) as error:
-        raise _fail(error, 1) from None
+        raise fail(error, 1) from None
     console.print(
         f"valid: {accepted.train.rows} pool and {accepted.eval.rows} eval rows "
         f"({report.quarantined} quarantined); accepted tables in "
@@ -235,7 +204,7 @@ def study(
     try:
         resolved = load_study_config(config, [parse_override(item) for item in set_ or []])
     except (ConfigError, StudyConfigError) as error:
-        raise _fail(error, 2) from None
+        raise fail(error, 2) from None
     model = Path(resolved.model.name)
     if not model.is_absolute() and (root / model).exists():  # project-relative, as `run`
         resolved = resolved.model_copy(
@@ -260,5 +229,9 @@ def show_config(config: ConfigOption = None, set_: SetOption = None) -> None:
     try:
         loaded: PipelineConfig = load_config(config, set_)
     except ConfigError as error:
-        raise _fail(error, 2) from None
+        raise fail(error, 2) from None
     console.print(yaml.safe_dump(loaded.model_dump(), sort_keys=False))
+
+
+for module in (cli_lineage, cli_models, cli_serve):  # the registry's verbs
+    module.add_commands(app)

@@ -1,0 +1,53 @@
+"""What every `sift` command shares: the console, the config options, one-line failures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from flows.config import ConfigError, PipelineConfig, load_config, resolve_paths
+from flows.runtime import configure_environment
+
+console = Console()
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="YAML file overriding the defaults (see configs/)."),
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set", "-s", help="Override one key, e.g. --set select.budget=0.05 (repeatable)."
+    ),
+]
+ProjectOption = Annotated[
+    Path,
+    typer.Option("--project-dir", help="Project root: holds data/, data.dvc, mlflow/ and .sift/."),
+]
+
+
+def fail(message: object, code: int) -> typer.Exit:
+    """Print one red message, unwrapped (it names the key or file: keep it on one line) and
+    not read as markup (messages quote values such as ['a', 'b']); the exit to raise."""
+    console.print(str(message), style="red", markup=False, highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def resolve_config(
+    config_path: Path | None, overrides: list[str] | None, project_dir: Path
+) -> PipelineConfig:
+    """The config with project-relative paths made absolute; a bad one exits 2 naming it."""
+    try:
+        return resolve_paths(load_config(config_path, overrides), project_dir)
+    except ConfigError as error:
+        raise fail(error, 2) from None
+
+
+def load_project(config_path: Path | None, overrides: list[str] | None, project_dir: Path):
+    project_dir = project_dir.resolve()
+    config = resolve_config(config_path, overrides, project_dir)
+    configure_environment(project_dir)
+    return config, project_dir
