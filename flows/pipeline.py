@@ -13,6 +13,7 @@ from pathlib import Path
 from prefect import flow
 from prefect.artifacts import create_link_artifact
 from prefect.runtime import flow_run
+from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
 
 from flows.config import PipelineConfig, flat_params
 from flows.runtime import state_dir
@@ -25,6 +26,7 @@ from flows.tasks import (
     finetune_task,
     ingest_task,
     prior_task,
+    promote_task,
     register_task,
     run_context,
     select_task,
@@ -34,10 +36,12 @@ from steps import tracking
 from steps.data.ingest import IngestResult, sources_fingerprint
 from steps.data.validate import quarantine_lines, raise_on_failure, validate
 from steps.data.version import DataVersion
-from steps.evaluation.evaluate import EvalReport, evaluate_registered
-from steps.modeling import model_source, trained_source
-from steps.registry.register import ModelVersionRef, Promotion, promote
+from steps.evaluation.evaluate import EvalReport
+from steps.modeling import ModelSource, model_source, trained_source
+from steps.registry.lineage import lineage_tags
+from steps.registry.register import ModelVersionRef, Promotion
 from steps.selection.embed import feature_space
+from steps.selection.select import SelectionRef
 from steps.training.finetune import ModelRef
 
 
@@ -116,17 +120,20 @@ def _steps(config: PipelineConfig, context: RunContext, data_rev: str | None) ->
     version_ref = register_task(
         model_dir=tuned.model_dir,
         config=config.registry,
-        tags=_lineage_tags(config, context, version, selection.examples, prior_run),
+        tags=_lineage_tags(
+            config, context, version, model, selection, prior_run, (base_eval, tuned_eval)
+        ),
         context=context,
     )
-    promotion = promote(
-        version_ref,
-        tuned_eval.loss,
-        version.eval_md5,
-        lambda uri: evaluate_registered(
-            uri, data.eval.path, config.model, config.eval, context.device, context.precision
-        ),
+    promotion = promote_task(  # under the registered model's lock: one gate at a time
+        version=version_ref,
+        loss=tuned_eval.loss,
+        eval_md5=version.eval_md5,
+        eval_table=data.eval,
+        model=config.model,
+        config=config.eval,
         enabled=config.registry.promote,
+        context=context,
     )
     return _result(run_id, data, version, quarantined, timed, prior_run, base_eval, tuned_eval,
                    version_ref, promotion)  # fmt: skip
@@ -212,19 +219,27 @@ def _lineage_tags(
     config: PipelineConfig,
     context: RunContext,
     version: DataVersion,
-    examples: int,
+    model: ModelSource,
+    selection: SelectionRef,
     prior_run: str,
+    evals: tuple[EvalReport, EvalReport],
 ) -> dict[str, str]:
-    """What the registered version carries back to its code, data and run."""
-    return {
-        "git.sha": tracking.git_sha(context.project_dir),
-        "dvc.md5": version.dir_md5,
-        "dvc.train_md5": version.train_md5,
-        "mlflow.source_run": context.run_id,
-        "select.selector": config.select.selector,
-        "select.examples": str(examples),
-        "select.prior_run": prior_run,
-    }
+    """What the registered version carries back to its code, data, config and run."""
+    # Without a Prefect server (the ephemeral API) there is no UI to link to.
+    served = PREFECT_API_URL.value() and PREFECT_UI_URL.value()
+    return lineage_tags(
+        run_id=context.run_id,
+        config=config,
+        base_model_md5=model.fingerprint,
+        data=version,
+        git=tracking.git_state(context.project_dir),
+        flow_run_id=str(flow_run.get_id()),
+        flow_run_url=flow_run.ui_url if served else None,
+        examples=selection.examples,
+        prior_run=prior_run,
+        evaluation=evals[1],
+        base_evaluation=evals[0],
+    )
 
 
 def _result(

@@ -16,13 +16,21 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from flows.caching import cached, key
+from flows.registry_lock import RegistryLockError, registry_lock
 from steps import tracking
 from steps.data.ingest import IngestConfig, IngestResult, TableRef, ingest
 from steps.data.version import DataVersion, VersionConfig, data_at_rev, version_data
-from steps.evaluation.evaluate import EvalConfig, EvalReport, evaluate
+from steps.evaluation.evaluate import EvalConfig, EvalReport, evaluate, evaluate_registered
 from steps.hashing import code_fingerprint
 from steps.modeling import ModelConfig, ModelSource, resolve_hardware
-from steps.registry.register import ModelVersionRef, RegisterConfig, champion_run, register_model
+from steps.registry.register import (
+    ModelVersionRef,
+    Promotion,
+    RegisterConfig,
+    champion_run,
+    promote,
+    register_model,
+)
 from steps.selection.embed import EmbedConfig, FeaturesRef, embed_pool
 from steps.selection.select import (
     PriorRef,
@@ -180,6 +188,37 @@ def register_task(
     *, model_dir: str, config: RegisterConfig, tags: dict[str, str], context: RunContext
 ) -> ModelVersionRef:
     return register_model(model_dir, context.run_id, config, tags)
+
+
+@task(
+    name="promote",
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=retry_unless(RegistryLockError),
+    cache_policy=NO_CACHE,
+)
+def promote_task(
+    *,
+    version: ModelVersionRef,
+    loss: float,
+    eval_md5: str,
+    eval_table: TableRef,
+    model: ModelConfig,
+    config: EvalConfig,
+    enabled: bool,
+    context: RunContext,
+) -> Promotion:
+    """The champion gate (register.promote) under the registered model's lock; a champion
+    evaluated on other eval data is re-scored on eval_table inside it. A retry is safe: the
+    gate re-reads the champion, and a version that is champion already stays."""
+
+    def score_champion(model_uri: str) -> float:
+        return evaluate_registered(
+            model_uri, eval_table.path, model, config, context.device, context.precision
+        )
+
+    with registry_lock(version.name):
+        return promote(version, loss, eval_md5, score_champion, enabled=enabled)
 
 
 NO_CHAMPION = "none (no champion yet)"

@@ -6,18 +6,21 @@ runs tasks in worker threads), so nothing here relies on a global "current run".
 
 from __future__ import annotations
 
+import getpass
 import os
 import subprocess
+import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 from mlflow.data.pandas_dataset import from_pandas
-from mlflow.entities import RunStatus
+from mlflow.entities import DatasetInput, LoggedModelInput, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel, ConfigDict
@@ -57,21 +60,67 @@ def experiment_id(name: str, project_dir: Path) -> str:
     artifacts = None
     if mlflow.get_tracking_uri().startswith("sqlite:"):
         artifacts = (project_dir / "mlflow" / "artifacts").resolve().as_uri()
-    return client.create_experiment(name, artifact_location=artifacts)
+    try:
+        return client.create_experiment(name, artifact_location=artifacts)
+    except MlflowException as error:
+        # Another run created it between the lookup and the create (two first runs at once).
+        created = client.get_experiment_by_name(name)
+        if error.error_code != "RESOURCE_ALREADY_EXISTS" or created is None:
+            raise
+        return created.experiment_id
 
 
-def git_sha(project_dir: Path) -> str:
-    """The commit the code ran from, with '-dirty' when the work tree has changes."""
+@dataclass(frozen=True)
+class GitState:
+    """The commit the code ran from and whether tracked files differed from it."""
 
+    sha: str  # "unknown" outside a git repo or before the first commit
+    dirty: bool
+
+
+def git_state(project_dir: Path) -> GitState:
+    # Untracked files do not count: .sift/, mlflow/ and raw inputs sit untracked in most
+    # projects, and a tree that is "dirty" on every run says nothing.
     def git(*args: str) -> str:
         return subprocess.run(
             ["git", *args], cwd=project_dir, capture_output=True, text=True, check=False
         ).stdout.strip()
 
-    sha = git("rev-parse", "HEAD")
+    sha = git("rev-parse", "--verify", "-q", "HEAD")
     if not sha:
-        return "unknown"
-    return f"{sha}-dirty" if git("status", "--porcelain", "--untracked-files=no") else sha
+        return GitState("unknown", False)
+    return GitState(sha, bool(git("status", "--porcelain", "--untracked-files=no")))
+
+
+def git_sha(project_dir: Path) -> str:
+    """The commit the code ran from, with '-dirty' when the work tree has changes."""
+    state = git_state(project_dir)
+    return f"{state.sha}-dirty" if state.dirty else state.sha
+
+
+def _os_user() -> str:
+    try:
+        return getpass.getuser()
+    except OSError:  # a container uid with no passwd entry and no $USER: not worth a failed run
+        return f"uid {os.getuid()}"
+
+
+def source_tags(git: GitState) -> dict[str, str]:
+    """MLflow's standard run tags, which its UI shows as Source and Created by
+    (mlflow.utils.mlflow_tags; the fluent start_run sets them, client.create_run does not)."""
+    # A Prefect worker or `flow.serve` runs a deployment's flow run in a process it starts
+    # with PREFECT__FLOW_RUN_ID set: that is a scheduled job, anything else a local command.
+    job = bool(os.environ.get("PREFECT__FLOW_RUN_ID"))
+    command = " ".join([Path(sys.argv[0]).name, *sys.argv[1:2]]) if sys.argv[0] else "python"
+    tags = {
+        "mlflow.source.name": "sift serve (Prefect deployment)" if job else command,
+        "mlflow.source.type": "JOB" if job else "LOCAL",
+        "mlflow.user": _os_user(),
+        "git.dirty": str(git.dirty).lower(),
+    }
+    if git.sha != "unknown":
+        tags["mlflow.source.git.commit"] = git.sha
+    return tags
 
 
 def library_versions() -> dict[str, str]:
@@ -91,10 +140,16 @@ def tracked_run(
     included), FINISHED otherwise."""
     use_tracking(resolve_tracking_uri(config, project_dir))
     client = MlflowClient()
+    git = git_state(project_dir)
     run = client.create_run(
         experiment_id(config.experiment, project_dir),
         run_name=run_name,
-        tags={"git.sha": git_sha(project_dir), **library_versions(), **tags},
+        tags={
+            "git.sha": f"{git.sha}-dirty" if git.dirty else git.sha,
+            **source_tags(git),
+            **library_versions(),
+            **tags,
+        },
     )
     run_id = run.info.run_id
     for key, value in params.items():
@@ -166,3 +221,41 @@ def log_dataset(run_id: str, table_path: str, name: str, digest: str, context: s
         dataset = from_pandas(frame, source=table_path, name=name, digest=digest[:36])
     with mlflow.start_run(run_id=run_id):
         mlflow.log_input(dataset, context=context, tags={"dvc.md5": digest})
+
+
+def link_logged_model(run_id: str, model_id: str, metric_keys: Sequence[str]) -> None:
+    """MLflow 3's linked entities for a model logged in run_id: the run's datasets (the
+    training pool and eval split from log_dataset) are logged again together with the model
+    as inputs, and metric_keys are logged again linked to the model and the eval dataset, so
+    the logged model's page lists them with the dataset they were measured on.
+
+    The client form of `mlflow.log_input(dataset, context, model=LoggedModelInput(id))` and
+    `mlflow.log_metric(key, value, model_id=..., dataset=...)`; MLflow keeps one input per
+    dataset digest, so the datasets are not duplicated on the run.
+    """
+    client = MlflowClient()
+    run = client.get_run(run_id)
+    inputs = run.inputs.dataset_inputs if run.inputs else []
+    client.log_inputs(
+        run_id,
+        datasets=[DatasetInput(i.dataset, i.tags) for i in inputs] or None,
+        models=[LoggedModelInput(model_id)],
+    )
+    evaluation = next(
+        (
+            i.dataset
+            for i in inputs
+            if any(t.key == "mlflow.data.context" and t.value == "evaluation" for t in i.tags)
+        ),
+        None,
+    )
+    for key in metric_keys:
+        if key in run.data.metrics:
+            client.log_metric(
+                run_id,
+                key,
+                run.data.metrics[key],
+                model_id=model_id,
+                dataset_name=evaluation.name if evaluation else None,
+                dataset_digest=evaluation.digest if evaluation else None,
+            )

@@ -15,7 +15,9 @@ from mlflow.tracking import MlflowClient
 from pydantic import BaseModel, ConfigDict
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from steps import tracking
 from steps.hashing import file_md5
+from steps.registry.aliases import move_alias, record_kept
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 # Identifies a model's weights, so a cached re-run finds its version instead of adding one.
@@ -72,16 +74,23 @@ def register_model(
                 transformers_model={"model": model, "tokenizer": tokenizer},
                 name="model",
                 task="text-generation",
-                registered_model_name=config.model_name,
                 # Pinned explicitly: inference would otherwise look for torchvision.
                 pip_requirements=[
                     f"torch=={_version('torch')}",
                     f"transformers=={_version('transformers')}",
                 ],
             )
-        existing = str(info.registered_model_version)
-        for key, value in {**tags, WEIGHTS_TAG: weights}.items():
-            client.set_model_version_tag(config.model_name, existing, key, value)
+        # Registered with every tag in the one request that creates the version: an outage
+        # can leave a logged model without a version, never a version without its tags
+        # (a retry finds it by WEIGHTS_TAG instead of registering a duplicate).
+        registered = mlflow.register_model(
+            info.model_uri, config.model_name, tags={**tags, WEIGHTS_TAG: weights}
+        )
+        existing = str(registered.version)
+        # The pool and eval split as inputs beside the logged model, and its eval metrics
+        # linked to it and the eval split (MLflow 3's LoggedModel entities). After the tags:
+        # the weights tag is what a retry finds the version by.
+        tracking.link_logged_model(run_id, info.model_id, ("eval.loss", "eval.perplexity"))
         newly = True
     else:
         newly = False
@@ -136,21 +145,24 @@ def promote(
         current = str(champion.version) if champion else "none"
         return Promotion(current, False, "promotion disabled (registry.promote=false)")
     if champion is None:
-        client.set_registered_model_alias(name, CHAMPION, version.version)
-        return Promotion(version.version, True, "first version: no champion yet")
+        reason = "first version: no champion yet"
+        numbers = {"eval_loss": challenger_loss}
+        move_alias(
+            client, name, CHAMPION, version.version, kind="auto", reason=reason, numbers=numbers
+        )
+        return Promotion(version.version, True, reason)
     if champion.tags.get("sift.eval_md5") == eval_md5:
         champion_loss = float(champion.tags["sift.eval_loss"])
     else:
         champion_loss = score_champion(f"models:/{name}@{CHAMPION}")
+    # Both losses on this eval data: what the audit history shows the decision was made on.
+    numbers = {"eval_loss": challenger_loss, "previous_eval_loss": champion_loss}
     if challenger_loss < champion_loss:
-        client.set_registered_model_alias(name, CHAMPION, version.version)
-        return Promotion(
-            version.version,
-            True,
-            f"eval loss {challenger_loss:.4f} < champion's {champion_loss:.4f}",
+        reason = f"eval loss {challenger_loss:.4f} < champion's {champion_loss:.4f}"
+        move_alias(
+            client, name, CHAMPION, version.version, kind="auto", reason=reason, numbers=numbers
         )
-    return Promotion(
-        str(champion.version),
-        False,
-        f"eval loss {challenger_loss:.4f} >= champion's {champion_loss:.4f}",
-    )
+        return Promotion(version.version, True, reason)
+    reason = f"eval loss {challenger_loss:.4f} >= champion's {champion_loss:.4f}"
+    record_kept(client, name, CHAMPION, version.version, reason=reason, numbers=numbers)
+    return Promotion(str(champion.version), False, reason)

@@ -58,6 +58,7 @@ class SyntheticConfig(BaseModel):
         if unknown:
             raise ValueError(f"unknown selector(s) {unknown}; choose from {sorted(SELECTORS)}")
         return selectors
+
     seed: int = 0
 
 
