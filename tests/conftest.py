@@ -94,3 +94,35 @@ def new_run_id(experiment_name: str) -> str:
         experiment.experiment_id if experiment else client.create_experiment(experiment_name)
     )
     return client.create_run(experiment_id).info.run_id
+
+
+def small_run_overrides(
+    project: Path, *, remote: Path, model_name: str, tracking_uri: str, budget: str = "0.25"
+) -> list[str]:
+    """--set items of a small real pipeline run on the `project` fixture's GSM8K slice and the
+    bundled model: one epoch, so a flow test takes seconds of training."""
+    return [
+        f"data.source={project / 'raw' / 'train.jsonl'}",
+        f"data.eval_source={project / 'raw' / 'test.jsonl'}",
+        f"model.name={MODEL_DIR}",
+        f"select.budget={budget}",
+        "finetune.epochs=1",
+        "finetune.batch_size=8",
+        f"version.remote_url={remote}",
+        f"registry.model_name={model_name}",
+        f"tracking.tracking_uri={tracking_uri}",
+    ]
+
+
+def shifted_model_copy(path: Path, shift: float) -> str:
+    """The bundled model saved to `path` with its output layer shifted by `shift`: distinct
+    weights (so a distinct registry version) of a real model, in seconds."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR)
+    with torch.no_grad():
+        model.lm_head.weight.add_(shift)
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(MODEL_DIR).save_pretrained(path)
+    return str(path)

@@ -22,7 +22,7 @@ from flows.tasks import RunContext, embed_task
 from steps.data.ingest import IngestConfig, ingest
 from steps.modeling import ModelConfig, model_source
 from steps.selection.embed import EmbedConfig, feature_space, load_pool
-from tests.conftest import MODEL_DIR, REPO
+from tests.conftest import MODEL_DIR, REPO, small_run_overrides
 
 pytestmark = pytest.mark.slow
 DRIVER = REPO / "tests" / "flows" / "pipeline_driver.py"
@@ -49,17 +49,13 @@ def _run(root: Path) -> dict:
     project = root / "project"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env.update(PYTHONPATH=str(root / "code"), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    overrides = [
-        f"data.source={project / 'raw' / 'train.jsonl'}",
-        f"data.eval_source={project / 'raw' / 'test.jsonl'}",
-        f"model.name={MODEL_DIR}",
-        "select.budget=8",
-        "finetune.epochs=1",
-        "finetune.batch_size=8",
-        f"version.remote_url={root / 'remote'}",
-        "registry.model_name=sift-cache-test",
-        f"tracking.tracking_uri=sqlite:///{root / 'mlflow.db'}",
-    ]
+    overrides = small_run_overrides(
+        project,
+        remote=root / "remote",
+        model_name="sift-cache-test",
+        tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
+        budget="8",
+    )
     done = subprocess.run(
         [sys.executable, str(DRIVER), str(project), *overrides],
         env=env,

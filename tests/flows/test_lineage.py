@@ -18,7 +18,7 @@ from flows.cli import app
 from flows.config import PipelineConfig, load_config, resolve_paths
 from steps.modeling import model_fingerprint
 from steps.registry.lineage import as_overrides, config_from_run, config_md5
-from tests.conftest import MODEL_DIR
+from tests.conftest import MODEL_DIR, small_run_overrides
 
 DVC = str(Path(sys.executable).parent / "dvc")  # the venv's, activated or not
 GIT = ["git", "-c", "user.name=sift-test", "-c", "user.email=sift@example.invalid"]
@@ -30,17 +30,12 @@ def _config(project: Path):
     return resolve_paths(
         load_config(
             None,
-            [
-                f"data.source={project / 'raw' / 'train.jsonl'}",
-                f"data.eval_source={project / 'raw' / 'test.jsonl'}",
-                f"model.name={MODEL_DIR}",
-                "select.budget=0.25",
-                "finetune.epochs=1",
-                "finetune.batch_size=8",
-                f"version.remote_url={project.parent / 'remote'}",
-                f"registry.model_name={MODEL_NAME}",
-                f"tracking.tracking_uri=sqlite:///{project.parent / 'mlflow.db'}",
-            ],
+            small_run_overrides(
+                project,
+                remote=project.parent / "remote",
+                model_name=MODEL_NAME,
+                tracking_uri=f"sqlite:///{project.parent / 'mlflow.db'}",
+            ),
         ),
         project,
     )

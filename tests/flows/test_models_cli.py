@@ -17,28 +17,17 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 from flows.cli import app
 from steps.registry.aliases import history
 from steps.registry.register import RegisterConfig, promote, register_model
-from tests.conftest import MODEL_DIR, REPO
+from tests.conftest import REPO, shifted_model_copy
 
 pytestmark = pytest.mark.slow
 runner = CliRunner()
 NAME = "sift-cli"
-
-
-def _model_copy(path: Path, shift: float) -> str:
-    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR)
-    with torch.no_grad():
-        model.lm_head.weight.add_(shift)  # distinct weights, so a distinct version
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(MODEL_DIR).save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +46,10 @@ def built_store(tmp_path_factory) -> Path:
         never = lambda uri: pytest.fail("the champion should not be re-scored")  # noqa: E731
         refs = [
             register_model(
-                _model_copy(root / f"m{i}", 0.01 * i), run_id, config, {"dvc.md5": f"data-{i}"}
+                shifted_model_copy(root / f"m{i}", 0.01 * i),
+                run_id,
+                config,
+                {"dvc.md5": f"data-{i}"},
             )
             for i in (1, 2, 3)
         ]

@@ -8,7 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flows.config import load_config, resolve_paths
-from tests.conftest import MODEL_DIR
+from tests.conftest import small_run_overrides
 from tests.flows.pipeline_driver import task_states
 
 pytestmark = pytest.mark.slow
@@ -20,15 +20,12 @@ def _config(project: Path, *extra: str):
         load_config(
             None,
             [
-                f"data.source={project / 'raw' / 'train.jsonl'}",
-                f"data.eval_source={project / 'raw' / 'test.jsonl'}",
-                f"model.name={MODEL_DIR}",
-                "select.budget=0.25",
-                "finetune.epochs=1",
-                "finetune.batch_size=8",
-                f"version.remote_url={project.parent / 'remote'}",
-                "registry.model_name=sift-test",
-                f"tracking.tracking_uri=sqlite:///{project.parent / 'mlflow.db'}",
+                *small_run_overrides(
+                    project,
+                    remote=project.parent / "remote",
+                    model_name="sift-test",
+                    tracking_uri=f"sqlite:///{project.parent / 'mlflow.db'}",
+                ),
                 *extra,
             ],
         ),

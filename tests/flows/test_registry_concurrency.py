@@ -23,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from flows.registry_lock import registry_lock, registry_lock_name
 from steps.registry.aliases import history
 from steps.registry.register import CHALLENGER, CHAMPION, WEIGHTS_TAG
-from tests.conftest import MODEL_DIR, REPO, write_jsonl
+from tests.conftest import REPO, small_run_overrides, write_jsonl
 from tests.flows.registry_servers import (
     NO_HTTP_RETRIES,
     OutageProxy,
@@ -58,15 +58,13 @@ class Run:
 
 def _start(project: Path, tracking_uri: str, env: dict[str, str], *extra: str) -> Run:
     overrides = [
-        f"data.source={project / 'raw' / 'train.jsonl'}",
-        f"data.eval_source={project / 'raw' / 'test.jsonl'}",
-        f"model.name={MODEL_DIR}",
-        "select.budget=8",
-        "finetune.epochs=1",
-        "finetune.batch_size=8",
-        f"version.remote_url={project / 'dvc-remote'}",
-        f"registry.model_name={MODEL}",
-        f"tracking.tracking_uri={tracking_uri}",
+        *small_run_overrides(
+            project,
+            remote=project / "dvc-remote",
+            model_name=MODEL,
+            tracking_uri=tracking_uri,
+            budget="8",
+        ),
         *extra,
     ]
     log_path = project / f"driver-{len(list(project.glob('driver-*.log')))}.log"

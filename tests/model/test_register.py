@@ -4,23 +4,12 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from steps.registry.register import RegisterConfig, promote, register_model
-from tests.conftest import MODEL_DIR
+from tests.conftest import shifted_model_copy
 
 pytestmark = pytest.mark.slow
-
-
-def _model_copy(path: Path, shift: float) -> str:
-    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR)
-    with torch.no_grad():
-        model.lm_head.weight.add_(shift)  # distinct weights, so a distinct version
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(MODEL_DIR).save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture
@@ -39,7 +28,10 @@ def test_versions_aliases_and_promotion(own_registry, tmp_path: Path):
     experiment = client.create_experiment("t", artifact_location=(tmp_path / "a").as_uri())
     run_id = client.create_run(experiment).info.run_id
     config = RegisterConfig(model_name="sift-unit")
-    first_dir, second_dir = _model_copy(tmp_path / "m1", 0.0), _model_copy(tmp_path / "m2", 0.01)
+    first_dir, second_dir = (
+        shifted_model_copy(tmp_path / "m1", 0.0),
+        shifted_model_copy(tmp_path / "m2", 0.01),
+    )
 
     first = register_model(first_dir, run_id, config, {"git.sha": "abc"})
     assert first.newly_registered and first.version == "1"
