@@ -28,7 +28,6 @@ from flows.tasks import (
     prior_task,
     promote_task,
     register_task,
-    run_context,
     select_task,
     version_task,
 )
@@ -37,7 +36,7 @@ from steps.data.ingest import IngestResult, sources_fingerprint
 from steps.data.validate import quarantine_lines, raise_on_failure, validate
 from steps.data.version import DataVersion
 from steps.evaluation.evaluate import EvalReport
-from steps.modeling import ModelSource, model_source, trained_source
+from steps.modeling import ModelSource, model_source, resolve_hardware, trained_source
 from steps.registry.lineage import lineage_tags
 from steps.registry.register import ModelVersionRef, Promotion
 from steps.selection.embed import feature_space
@@ -71,14 +70,17 @@ def pipeline(
 ) -> PipelineResult:
     """data_rev: a git revision whose data.dvc names the data to use (read through dvc.api,
     already validated when it was versioned) instead of ingesting data.source."""
+    device, precision = resolve_hardware(config.model)
     with tracking.tracked_run(
         project_dir,
         config.tracking,
         run_name=f"pipeline-{flow_run.get_name()}",
-        tags={"prefect.flow_run_id": str(flow_run.get_id())},
+        # what model.device/precision=auto resolved to: every cache key and result depends on it
+        tags={"prefect.flow_run_id": str(flow_run.get_id()), "sift.device": device,
+              "sift.precision": precision},
         params=flat_params(config),
-    ) as run_id:
-        context = run_context(project_dir, state_dir(project_dir), config.model, run_id)
+    ) as run_id:  # fmt: skip
+        context = RunContext(project_dir, state_dir(project_dir), device, precision, run_id)
         return _steps(config, context, data_rev)
 
 
@@ -103,7 +105,7 @@ def _steps(config: PipelineConfig, context: RunContext, data_rev: str | None) ->
         context=context,
     )
     selection = timed.selection
-    _log_selection(run_id, timed, data)
+    _log_selection(run_id, timed)
 
     tuned = finetune_task(
         table=data.train,
@@ -112,7 +114,7 @@ def _steps(config: PipelineConfig, context: RunContext, data_rev: str | None) ->
         config=config.finetune,
         context=context,
     )
-    trained = trained_source(config.model, tuned.model_dir, Path(tuned.model_dir).name)
+    trained = trained_source(config.model, tuned.model_dir)
     base_eval = evaluate_task(model=model, table=data.eval, config=config.eval, context=context)
     tuned_eval = evaluate_task(model=trained, table=data.eval, config=config.eval, context=context)
     _log_training(run_id, tuned, base_eval, tuned_eval)
@@ -183,7 +185,7 @@ def _log_data(run_id: str, data: IngestResult, version: DataVersion, quarantined
     tracking.log_dataset(run_id, data.eval.path, "eval", version.eval_md5, "evaluation")
 
 
-def _log_selection(run_id: str, timed: TimedSelection, data: IngestResult) -> None:
+def _log_selection(run_id: str, timed: TimedSelection) -> None:
     selection = timed.selection
     for path in (selection.selection_path, selection.design_path, selection.plot_path):
         tracking.log_artifact(run_id, path, "selection")  # design.npy: a later run's prior

@@ -12,7 +12,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pandas as pd
-import pyarrow.parquet as pq
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
@@ -26,14 +25,12 @@ from flows.tasks import (
     evaluate_task,
     finetune_task,
     ingest_task,
-    run_context,
     select_task,
     synthetic_task,
 )
 from steps import tracking
-from steps.data.ingest import TableRef, sources_fingerprint
-from steps.hashing import file_md5
-from steps.modeling import ModelSource, model_source, trained_source
+from steps.data.ingest import TableRef, sources_fingerprint, table_ref
+from steps.modeling import ModelSource, model_source, resolve_hardware, trained_source
 from steps.selection.embed import FeaturesRef, feature_space, load_pool
 from steps.selection.select import SelectConfig
 from steps.study import study as lib
@@ -83,8 +80,7 @@ class StudyResult:
 
 @flow(name="sift-study", log_prints=True)
 def study(config: lib.StudyConfig, project_dir: Path) -> StudyResult:
-    state = state_dir(project_dir)
-    hardware = run_context(project_dir, state, config.model, run_id="")
+    device, precision = resolve_hardware(config.model)
     with tracking.tracked_run(
         project_dir,
         config.tracking,
@@ -92,11 +88,12 @@ def study(config: lib.StudyConfig, project_dir: Path) -> StudyResult:
         tags={"prefect.flow_run_id": str(flow_run.get_id()), "sift.kind": "study"},
         params={
             **flat_params(config),
-            "device": hardware.device,
-            "precision": hardware.precision,
+            "device": device,
+            "precision": precision,
         },
     ) as run_id:
-        return _study(config, replace(hardware, run_id=run_id))
+        context = RunContext(project_dir, state_dir(project_dir), device, precision, run_id)
+        return _study(config, context)
 
 
 def _study(config: lib.StudyConfig, context: RunContext) -> StudyResult:
@@ -129,10 +126,6 @@ def _study(config: lib.StudyConfig, context: RunContext) -> StudyResult:
     )
 
 
-def _table(path: str) -> TableRef:
-    return TableRef(path, pq.ParquetFile(path).metadata.num_rows, file_md5(Path(path)))
-
-
 def _real_data(config: lib.StudyConfig, context: RunContext) -> tuple[float, list[dict]]:
     source_md5 = sources_fingerprint(config.data, context.project_dir)
     staged = ingest_task(config=config.data, source_md5=source_md5, context=context)
@@ -143,7 +136,7 @@ def _real_data(config: lib.StudyConfig, context: RunContext) -> tuple[float, lis
             config.study.holdout,
             context.state_dir / "holdout" / key(staged, config.study.holdout),
         )
-        train, heldout_table = _table(train_path), _table(eval_path)
+        train, heldout_table = table_ref(Path(train_path)), table_ref(Path(eval_path))
     parent_id = context.run_id
     tracking.log_tags(parent_id, {"data.train_md5": train.md5, "data.eval_md5": heldout_table.md5})
     model = model_source(config.model)
@@ -202,7 +195,7 @@ def _trial(
             config=config.finetune.model_copy(update={"seed": seed}),
             context=context,
         )
-        trained = trained_source(config.model, tuned.model_dir, Path(tuned.model_dir).name)
+        trained = trained_source(config.model, tuned.model_dir)
         report = evaluate_task(
             model=trained, table=shared.eval, config=config.eval, context=context
         )

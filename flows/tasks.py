@@ -22,7 +22,7 @@ from steps.data.ingest import IngestConfig, IngestResult, TableRef, ingest
 from steps.data.version import DataVersion, VersionConfig, data_at_rev, version_data
 from steps.evaluation.evaluate import EvalConfig, EvalReport, evaluate, evaluate_registered
 from steps.hashing import code_fingerprint
-from steps.modeling import ModelConfig, ModelSource, resolve_hardware
+from steps.modeling import ModelConfig, ModelSource
 from steps.registry.register import (
     ModelVersionRef,
     Promotion,
@@ -65,11 +65,6 @@ class RunContext:
 
     def cache_key(self) -> str:
         return key(str(self.state_dir), self.device, self.precision)
-
-
-def run_context(project_dir: Path, state_dir: Path, model: ModelConfig, run_id: str) -> RunContext:
-    device, precision = resolve_hardware(model)
-    return RunContext(project_dir, state_dir, device, precision, run_id)
 
 
 def work_dir(context: RunContext, kind: str, module: str, *inputs: object) -> Path:

@@ -202,7 +202,9 @@ def model_source(config: ModelConfig) -> ModelSource:
     return ModelSource(config, model_fingerprint(config))
 
 
-def trained_source(base: ModelConfig, model_dir: str, fingerprint: str) -> ModelSource:
+def trained_source(base: ModelConfig, model_dir: str) -> ModelSource:
     """A fine-tuned folder shown to the model the way `base` is (template, max_length); the
-    hub revision no longer applies. fingerprint: what made it (its work-folder key)."""
-    return ModelSource(base.model_copy(update={"name": model_dir, "revision": None}), fingerprint)
+    hub revision no longer applies. Its fingerprint is the folder's name: the work-folder
+    key of everything that made it (flows/tasks.py work_dir)."""
+    update = {"name": model_dir, "revision": None}
+    return ModelSource(base.model_copy(update=update), Path(model_dir).name)

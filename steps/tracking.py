@@ -92,16 +92,12 @@ def git_state(project_dir: Path) -> GitState:
     return GitState(sha, bool(git("status", "--porcelain", "--untracked-files=no")))
 
 
-def git_sha(project_dir: Path) -> str:
-    """The commit the code ran from, with '-dirty' when the work tree has changes."""
-    state = git_state(project_dir)
-    return f"{state.sha}-dirty" if state.dirty else state.sha
-
-
-def _os_user() -> str:
+def os_user() -> str:
+    """The OS user; a container uid with no passwd entry records the uid (getpass raises
+    OSError or, before Python 3.13, KeyError there): not worth a failed run."""
     try:
         return getpass.getuser()
-    except OSError:  # a container uid with no passwd entry and no $USER: not worth a failed run
+    except (OSError, KeyError):
         return f"uid {os.getuid()}"
 
 
@@ -115,7 +111,7 @@ def source_tags(git: GitState) -> dict[str, str]:
     tags = {
         "mlflow.source.name": "sift serve (Prefect deployment)" if job else command,
         "mlflow.source.type": "JOB" if job else "LOCAL",
-        "mlflow.user": _os_user(),
+        "mlflow.user": os_user(),
         "git.dirty": str(git.dirty).lower(),
     }
     if git.sha != "unknown":
@@ -145,7 +141,7 @@ def tracked_run(
         experiment_id(config.experiment, project_dir),
         run_name=run_name,
         tags={
-            "git.sha": f"{git.sha}-dirty" if git.dirty else git.sha,
+            "git.sha": git.sha,
             **source_tags(git),
             **library_versions(),
             **tags,

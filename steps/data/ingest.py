@@ -110,6 +110,11 @@ class TableRef:
     staged: StagedRows | None = None  # staged tables only: read by validation, never published
 
 
+def table_ref(path: Path) -> TableRef:
+    """A Parquet table on disk as a TableRef: rows from its footer, md5 of its bytes."""
+    return TableRef(str(path), pq.ParquetFile(path).metadata.num_rows, file_md5(path))
+
+
 @dataclass(frozen=True)
 class IngestResult:
     train: TableRef
@@ -279,7 +284,14 @@ def write_table(table: pd.DataFrame, path: Path) -> None:
 
 
 def _batches(source: str, setting: str, split: str, config: IngestConfig, project_dir: Path):
-    path = _local_source(source, setting, config, project_dir)
+    return open_batches(_local_source(source, setting, config, project_dir), source, split, config)
+
+
+def open_batches(
+    path: Path | None, source: str, split: str, config: IngestConfig
+) -> Iterator[Batch]:
+    """A source's batches: Sift's streaming readers for a local path (data.loader=auto),
+    `datasets` for anything else (or for a local path with data.loader=hub)."""
     if path is not None and config.loader == "auto":
         return iter_local(path)
     return iter_hub(str(path) if path is not None else source, split, config.revision)

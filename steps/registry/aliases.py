@@ -10,9 +10,7 @@ sorted by key (the key starts with the time, fixed width, so key order is time o
 
 from __future__ import annotations
 
-import getpass
 import json
-import os
 import secrets
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -20,6 +18,8 @@ from datetime import UTC, datetime
 import mlflow
 from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from mlflow.tracking import MlflowClient
+
+from steps.tracking import os_user
 
 AUDIT_PREFIX = "sift.audit."
 KINDS = ("auto", "manual", "rollback")
@@ -247,7 +247,7 @@ def _event(
 ) -> AliasEvent:
     return AliasEvent(
         at=datetime.now(UTC).isoformat(timespec="microseconds"),
-        who=_user(),
+        who=os_user(),
         kind=kind,
         alias=alias,
         from_version=previous,
@@ -256,11 +256,3 @@ def _event(
         numbers=numbers,
         moved=moved,
     )
-
-
-def _user() -> str:
-    """The OS user; a container without a passwd entry for its uid records the uid instead."""
-    try:
-        return getpass.getuser()
-    except (OSError, KeyError):
-        return f"uid {os.getuid()}"

@@ -11,13 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel, ConfigDict
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from steps import tracking
 from steps.hashing import file_md5
-from steps.registry.aliases import move_alias, record_kept
+from steps.registry.aliases import EVAL_LOSS, EVAL_MD5, move_alias, record_kept
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 # Identifies a model's weights, so a cached re-run finds its version instead of adding one.
@@ -104,17 +105,22 @@ def _version(package: str) -> str:
     return version(package).split("+")[0]
 
 
-def champion_run(model_name: str) -> str | None:
-    """The MLflow run that trained model_name's current @champion; None while there is none
-    (no such registered model yet, or no version promoted)."""
-    client = MlflowClient()
+def _champion(client: MlflowClient, model_name: str) -> ModelVersion | None:
+    """model_name's @champion; None while there is none (no such registered model yet, or no
+    version promoted). Any other registry error raises: it must never read as "no champion"."""
     try:
-        champion = client.get_model_version_by_alias(model_name, CHAMPION)
+        return client.get_model_version_by_alias(model_name, CHAMPION)
     except mlflow.exceptions.MlflowException as error:
-        # A missing model or a missing alias means no champion yet; anything else is an error.
         missing_alias = error.error_code == "INVALID_PARAMETER_VALUE" and "not found" in str(error)
         if error.error_code != "RESOURCE_DOES_NOT_EXIST" and not missing_alias:
             raise
+        return None
+
+
+def champion_run(model_name: str) -> str | None:
+    """The MLflow run that trained model_name's current @champion; None while there is none."""
+    champion = _champion(MlflowClient(), model_name)
+    if champion is None:
         return None
     return champion.tags.get("mlflow.source_run") or champion.run_id
 
@@ -133,12 +139,9 @@ def promote(
     """
     client = MlflowClient()
     name = version.name
-    client.set_model_version_tag(name, version.version, "sift.eval_loss", repr(challenger_loss))
-    client.set_model_version_tag(name, version.version, "sift.eval_md5", eval_md5)
-    try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
-    except mlflow.exceptions.MlflowException:
-        champion = None
+    client.set_model_version_tag(name, version.version, EVAL_LOSS, repr(challenger_loss))
+    client.set_model_version_tag(name, version.version, EVAL_MD5, eval_md5)
+    champion = _champion(client, name)
     if champion is not None and str(champion.version) == version.version:
         return Promotion(version.version, False, "already champion")
     if not enabled:
@@ -151,8 +154,8 @@ def promote(
             client, name, CHAMPION, version.version, kind="auto", reason=reason, numbers=numbers
         )
         return Promotion(version.version, True, reason)
-    if champion.tags.get("sift.eval_md5") == eval_md5:
-        champion_loss = float(champion.tags["sift.eval_loss"])
+    if champion.tags.get(EVAL_MD5) == eval_md5:
+        champion_loss = float(champion.tags[EVAL_LOSS])
     else:
         champion_loss = score_champion(f"models:/{name}@{CHAMPION}")
     # Both losses on this eval data: what the audit history shows the decision was made on.

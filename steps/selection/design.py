@@ -58,10 +58,10 @@ class GreedySettings:
     def __post_init__(self) -> None:
         for field in fields(self):
             value = getattr(self, field.name)
-            number, kind = (
-                (int, "an integer") if field.type == "int" else ((int, float), "a number")
-            )
-            least = 0 if field.type == "float" or field.name.endswith("_bytes") else 1
+            # field.type is the annotation's text under `from __future__ import annotations`
+            whole = field.type in ("int", int)
+            number, kind = (int, "an integer") if whole else ((int, float), "a number")
+            least = 0 if not whole or field.name.endswith("_bytes") else 1
             if isinstance(value, bool) or not isinstance(value, number) or not value >= least:
                 raise ValueError(
                     f"GreedySettings.{field.name} must be {kind} >= {least}, got {value!r}"

@@ -7,6 +7,7 @@ joins the objective, log det(λI + V0 + V_S), so the new picks add what it lacks
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +17,8 @@ from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global sta
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from steps.data.ingest import IngestConfig, resolve_local, stream_table
-from steps.data.readers import iter_hub, iter_local
+from steps.data.ingest import IngestConfig, open_batches, resolve_local, stream_table
+from steps.data.readers import Batch
 from steps.hashing import file_md5
 from steps.modeling import ModelConfig, model_fingerprint
 from steps.selection.embed import EmbedConfig, FeaturesRef, embed_pool, feature_space, load_pool
@@ -301,10 +302,8 @@ def select_from_file(
     return select_subset(features, str(table_path), config, work_dir, space=space, prior=prior)
 
 
-def _source_batches(data: IngestConfig, project_dir: Path):
+def _source_batches(data: IngestConfig, project_dir: Path) -> Iterator[Batch]:
     """data.source read as ingest reads it, but without data.allowed_roots: that guards the
     paths a config names, and `sift select` reads the one file its user named (--data)."""
     path = resolve_local(data.source, project_dir)
-    if path is not None and data.loader == "auto":
-        return iter_local(path)
-    return iter_hub(str(path) if path is not None else data.source, data.split, data.revision)
+    return open_batches(path, data.source, data.split, data)

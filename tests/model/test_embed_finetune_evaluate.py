@@ -75,7 +75,7 @@ def test_finetuning_reproduces_golden_first_losses_and_lowers_held_out_loss(tabl
     tuned_ref = finetune(
         tables.train.path, ids, MODEL, config, tmp_path / "m", "cpu", "fp32", run_id
     )
-    tuned_source = trained_source(MODEL, tuned_ref.model_dir, "golden-test")
+    tuned_source = trained_source(MODEL, tuned_ref.model_dir)
     tuned = evaluate(tuned_source, tables.eval.path, EvalConfig(), "cpu", "fp32")
     losses = [m.value for m in MlflowClient().get_metric_history(run_id, "train/loss")]
     assert tuned_ref.steps == 12 and len(losses) == 12

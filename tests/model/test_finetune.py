@@ -123,7 +123,7 @@ def test_lora_saves_a_merged_model_that_evaluates_like_a_full_one(train_table, t
     tuned = merged.state_dict()
     assert any(bool((tuned[k] != v).any()) for k, v in base.state_dict().items())
     tuned_loss = evaluate(
-        trained_source(MODEL, ref.model_dir, fingerprint="lora"), path, EvalConfig(), "cpu", "fp32"
+        trained_source(MODEL, ref.model_dir), path, EvalConfig(), "cpu", "fp32"
     ).loss
     assert tuned_loss < evaluate(ModelSource(MODEL, "base"), path, EvalConfig(), "cpu", "fp32").loss
 
