@@ -30,9 +30,10 @@ def lineage_command(
     root = project_dir.resolve()
     resolved = resolve_config(config, set_, root)
     uri = tracking.resolve_tracking_uri(resolved.tracking, root)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        # MLflow would create an empty store there; a lineage lookup must change nothing.
-        raise fail(f"no MLflow store at {uri} (tracking.tracking_uri)", 1)
+    try:
+        tracking.require_store(uri)  # a lineage lookup must change nothing
+    except ValueError as error:
+        raise fail(error, 1) from None
     tracking.use_tracking(uri)
     try:
         report = lineage(name, ref, root, PipelineConfig)

@@ -25,7 +25,7 @@ from steps.registry.aliases import (
     rollback,
 )
 from steps.registry.register import CHALLENGER, CHAMPION
-from steps.tracking import resolve_tracking_uri, use_tracking
+from steps.tracking import require_store, resolve_tracking_uri, use_tracking
 
 DATA_MD5 = "dvc.md5"  # the DVC md5 of data/ the version was trained on (flows/pipeline.py)
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON (for scripts).")]
@@ -144,10 +144,10 @@ def _client(config: Path | None, overrides: list[str] | None, project_dir: Path)
     (opening it would create an empty one, and there is nothing in it to show or move)."""
     resolved, root = load_project(config, overrides, project_dir)
     uri = resolve_tracking_uri(resolved.tracking, root)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
-        raise fail(
-            f"tracking.tracking_uri={uri}: no MLflow store there yet (sift run makes one)", 1
-        )
+    try:
+        require_store(uri)
+    except ValueError as error:
+        raise fail(error, 1) from None
     use_tracking(uri)
     return MlflowClient()
 

@@ -11,7 +11,7 @@ import typer
 from flows.cli_common import ConfigOption, ProjectOption, SetOption, console, fail, resolve_config
 from flows.runtime import configure_environment
 from steps.registry import serve
-from steps.tracking import resolve_tracking_uri, use_tracking
+from steps.tracking import require_store, resolve_tracking_uri, use_tracking
 
 # What the curl example asks; a GSM8K-style question shown in the model's prompt template.
 EXAMPLE_QUESTION = "Tom has 3 apples and buys 5 more. How many apples does he have?"
@@ -49,11 +49,11 @@ def serve_model(
     resolved = resolve_config(config, set_, root)
     tracking_uri = resolve_tracking_uri(resolved.tracking, root)
     try:
-        serve.check_store_exists(tracking_uri)
+        require_store(tracking_uri)
         use_tracking(tracking_uri)
         served = serve.resolve_model(model)
         serve.check_port_free(host, port)
-    except serve.ServeError as error:
+    except ValueError as error:  # a ServeError, or require_store's
         raise fail(error, 2) from None
 
     configure_environment(root)  # only now: a refused model leaves the project untouched

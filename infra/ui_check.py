@@ -26,13 +26,12 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 
 from steps.registry.serve import (
-    ServeError,
-    check_store_exists,
     server_env,
     start_server,
     stop_server,
     wait_until_ready,
 )
+from steps.tracking import require_store
 
 # The SPA renders after its API calls; 15 s of virtual time was enough on a loaded 2-core
 # machine (5 s left the version page at its spinner).
@@ -129,8 +128,8 @@ def main() -> int:
         print(f"--chromium {args.chromium!r}: not found (apt-get install chromium)")
         return 2
     try:
-        check_store_exists(args.tracking_uri)
-    except ServeError as error:
+        require_store(args.tracking_uri)
+    except ValueError as error:
         print(error)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)

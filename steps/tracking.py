@@ -46,6 +46,17 @@ def resolve_tracking_uri(config: TrackingConfig, project_dir: Path) -> str:
     return f"sqlite:///{(project_dir / 'mlflow' / 'mlflow.db').resolve()}"
 
 
+def require_store(tracking_uri: str) -> None:
+    """ValueError when a SQLite store's file is missing: opening it would create an empty one
+    (a typo would leave a stray mlflow.db), and a read-only command must change nothing."""
+    if tracking_uri.startswith("sqlite:///"):
+        path = Path(tracking_uri.removeprefix("sqlite:///").split("?")[0])
+        if not path.is_file():
+            raise ValueError(
+                f"no MLflow store at {tracking_uri} (tracking.tracking_uri): `sift run` creates it"
+            )
+
+
 def use_tracking(tracking_uri: str) -> None:
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)

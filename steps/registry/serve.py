@@ -108,18 +108,6 @@ def resolve_model(text: str, client: MlflowClient | None = None) -> ServedModel:
     return ServedModel(name, str(found.version), alias, found.run_id)
 
 
-def check_store_exists(tracking_uri: str) -> None:
-    """ServeError naming tracking.tracking_uri when a SQLite store's file is missing: asking
-    MLflow would create an empty one (a typo would leave a stray mlflow.db behind)."""
-    if tracking_uri.startswith("sqlite:///"):
-        path = Path(tracking_uri.removeprefix("sqlite:///").split("?")[0])
-        if not path.is_file():
-            raise ServeError(
-                f"tracking.tracking_uri={tracking_uri!r}: no MLflow store at {path} "
-                "(`sift run` creates it)"
-            )
-
-
 def check_port_free(host: str, port: int) -> None:
     """ServeError naming --port when something already listens there (found before loading)."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
