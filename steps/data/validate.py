@@ -10,6 +10,7 @@ row by its source file and 1-based line or record, read from ingest's places tab
 from __future__ import annotations
 
 import logging
+from bisect import bisect_left
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,11 +158,12 @@ def _read_places(tables: dict[str, TableRef], wanted: dict[str, set[int]]) -> Pl
         places[split] = {}
         if table.staged is None or not rows:
             continue
-        offset = 0
+        ordered, offset = sorted(rows), 0  # each batch takes its slice: no rescan per batch
         batches = pq.ParquetFile(table.staged.places_path).iter_batches(columns=["place"])
         for batch in batches:
             column = batch.column(0)
-            for row in (r for r in rows if offset <= r < offset + len(column)):
+            start, end = bisect_left(ordered, offset), bisect_left(ordered, offset + len(column))
+            for row in ordered[start:end]:
                 places[split][row] = column[row - offset].as_py()
             offset += len(column)
     return places
