@@ -24,6 +24,13 @@ from steps.tracking import TrackingConfig
 from steps.training.finetune import FinetuneConfig
 
 
+class ScheduleConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # Stop after validation when the data is the champion's (on in deployments: prefect.yaml).
+    skip_unchanged: bool = False
+
+
 class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -37,6 +44,7 @@ class PipelineConfig(BaseModel):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     registry: RegisterConfig = Field(default_factory=RegisterConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
 
 
 class ConfigError(ValueError):

@@ -11,34 +11,41 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import flow
-from prefect.artifacts import create_link_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
 
 from flows.config import PipelineConfig, flat_params
 from flows.runtime import state_dir
 from flows.tasks import (
+    ChampionRef,
     RunContext,
     TimedSelection,
+    champion_task,
     data_at_rev_task,
     embed_task,
-    evaluate_task,
     finetune_task,
     ingest_task,
     prior_task,
     promote_task,
     register_task,
+    score_champion_task,
+    score_task,
     select_task,
     version_task,
 )
 from steps import tracking
-from steps.data.ingest import IngestResult, sources_fingerprint
+from steps.data.ingest import IngestResult, TableRef, sources_fingerprint
 from steps.data.validate import quarantine_lines, raise_on_failure, validate
 from steps.data.version import DataVersion
 from steps.evaluation.evaluate import EvalReport
+from steps.evaluation.publish import log_scoring, write_run_report
+from steps.evaluation.score import Scoring, scored
+from steps.evaluation.suites import BenchmarkPlan, metric_keys, plan_benchmarks
 from steps.modeling import ModelSource, model_source, resolve_hardware, trained_source
+from steps.registry.gate import check_gate_metric
 from steps.registry.lineage import lineage_tags
-from steps.registry.register import ModelVersionRef, Promotion
+from steps.registry.register import ModelVersionRef, Promotion, champion_data_md5
 from steps.selection.embed import feature_space
 from steps.selection.select import SelectionRef
 from steps.training.finetune import ModelRef
@@ -62,6 +69,8 @@ class PipelineResult:
     champion_version: str
     promoted: bool
     promotion_reason: str
+    report: str = ""  # the evaluation report (HTML) of base, challenger and champion
+    stopped: str = ""  # why the run stopped early (schedule.skip_unchanged: "no new data")
 
 
 @flow(name="sift-pipeline", log_prints=True)
@@ -86,12 +95,19 @@ def pipeline(
 
 def _steps(config: PipelineConfig, context: RunContext, data_rev: str | None) -> PipelineResult:
     run_id = context.run_id
+    # Every benchmark task, its YAML and data checked before anything is computed or loaded.
+    plan = plan_benchmarks(config.eval, context.project_dir)
+    check_gate_metric(config.registry.gate, metric_keys(plan))
     prior, prior_run = prior_task(
         named=config.select.prior, model_name=config.registry.model_name, context=context
     )
     tracking.log_tags(run_id, {"select.prior_run": prior_run})
     data, version, quarantined = _data(config, context, data_rev)
     _log_data(run_id, data, version, quarantined)
+    if config.schedule.skip_unchanged:
+        unchanged = _unchanged(config, run_id, data, version, quarantined)
+        if unchanged is not None:
+            return unchanged
 
     model = model_source(config.model)
     features = embed_task(table=data.train, model=model, config=config.embed, context=context)
@@ -115,9 +131,14 @@ def _steps(config: PipelineConfig, context: RunContext, data_rev: str | None) ->
         context=context,
     )
     trained = trained_source(config.model, tuned.model_dir)
-    base_eval = evaluate_task(model=model, table=data.eval, config=config.eval, context=context)
-    tuned_eval = evaluate_task(model=trained, table=data.eval, config=config.eval, context=context)
+    base, challenger = (
+        score_task(model=source, role=role, label=role, table=data.eval, plan=plan,
+                   config=config.eval, context=context)
+        for source, role in ((model, "base"), (trained, "challenger"))
+    )  # fmt: skip
+    base_eval, tuned_eval = _loss(base), _loss(challenger)
     _log_training(run_id, tuned, base_eval, tuned_eval)
+    bench_keys = log_scoring(run_id, base, challenger)
 
     version_ref = register_task(
         model_dir=tuned.model_dir,
@@ -125,20 +146,86 @@ def _steps(config: PipelineConfig, context: RunContext, data_rev: str | None) ->
         tags=_lineage_tags(
             config, context, version, model, selection, prior_run, (base_eval, tuned_eval)
         ),
+        linked_metrics=bench_keys,
         context=context,
     )
+    champion = _champion(config, context, version_ref, data.eval, plan)
     promotion = promote_task(  # under the registered model's lock: one gate at a time
         version=version_ref,
-        loss=tuned_eval.loss,
-        eval_md5=version.eval_md5,
+        scores=scored(challenger, version.eval_md5),
+        champion=champion,
         eval_table=data.eval,
+        plan=plan,
         model=config.model,
         config=config.eval,
-        enabled=config.registry.promote,
+        registry=config.registry,
         context=context,
     )
-    return _result(run_id, data, version, quarantined, timed, prior_run, base_eval, tuned_eval,
-                   version_ref, promotion)  # fmt: skip
+    report = write_run_report(
+        run_id, context.state_dir / "reports" / run_id, config.registry.model_name,
+        version_ref.version, (base, challenger, champion[1] if champion else None),
+    )  # fmt: skip
+    create_markdown_artifact(key="sift-evaluation", markdown=report.markdown,
+                             description="benchmarks of base, challenger and champion")  # fmt: skip
+    result = _result(run_id, data, version, quarantined, timed, prior_run, base_eval, tuned_eval,
+                     version_ref, promotion, str(report.html_path))  # fmt: skip
+    _publish_summary(result)
+    return result
+
+
+def _loss(scoring: Scoring) -> EvalReport:
+    if scoring.evaluation is None:
+        raise RuntimeError("the eval split was not scored")
+    return scoring.evaluation
+
+
+def _champion(
+    config: PipelineConfig,
+    context: RunContext,
+    challenger: ModelVersionRef,
+    table: TableRef,
+    plan: BenchmarkPlan,
+) -> tuple[ChampionRef, Scoring] | None:
+    """The current champion scored beside the challenger (on the same data and plan)."""
+    name = config.registry.model_name
+    champion = champion_task(model_name=name)
+    if champion is None or champion.version == challenger.version:
+        return None
+    scoring = score_champion_task(
+        uri=champion.uri(name),
+        weights_md5=champion.weights_md5,
+        label=f"champion v{champion.version}",
+        table=table,
+        plan=plan,
+        model=config.model,
+        config=config.eval,
+        context=context,
+    )
+    return champion, scoring
+
+
+def _unchanged(
+    config: PipelineConfig, run_id: str, data: IngestResult, version: DataVersion, quarantined: int
+) -> PipelineResult | None:
+    """schedule.skip_unchanged: the champion was trained on exactly this data → stop here."""
+    name = config.registry.model_name
+    champion = champion_task(model_name=name)
+    if champion is None or champion_data_md5(name, champion.version) != version.dir_md5:
+        return None
+    reason = f"no new data: the validated data (DVC md5 {version.dir_md5}) is champion " \
+             f"v{champion.version}'s; nothing to train (schedule.skip_unchanged=true)"  # fmt: skip
+    print(reason)
+    tracking.log_tags(run_id, {"sift.stopped": "no new data"})
+    create_markdown_artifact(key="sift-run-summary", markdown=f"## No new data\n\n{reason}\n",
+                             description="Sift pipeline run: stopped after validation")  # fmt: skip
+    return PipelineResult(
+        run_id=run_id, data_md5=version.dir_md5, pool_examples=data.train.rows,
+        quarantined=quarantined,
+        selected_examples=0, selected_tokens=0, train_examples=0, prior_run="none",
+        eval_loss_base=float("nan"), eval_loss_finetuned=float("nan"), model_name=name,
+        model_version="", aliases="", champion_version=champion.version, promoted=False,
+        promotion_reason="not gated: no new data", stopped=reason,
+    )  # fmt: skip
 
 
 def _data(
@@ -255,6 +342,7 @@ def _result(
     tuned_eval: EvalReport,
     version_ref: ModelVersionRef,
     promotion: Promotion,
+    report: str,
 ) -> PipelineResult:
     selection = timed.selection
     champion = promotion.champion_version == version_ref.version
@@ -275,6 +363,17 @@ def _result(
         champion_version=promotion.champion_version,
         promoted=promotion.promoted,
         promotion_reason=promotion.reason,
+        report=report,
+    )
+
+
+def _publish_summary(result: PipelineResult) -> None:
+    """The end-of-run summary as the flow run's markdown artifact: readable in the UI."""
+    rows = "\n".join(f"| {name} | {value} |" for name, value in summary_rows(result))
+    create_markdown_artifact(
+        key="sift-run-summary",
+        markdown=f"## Sift pipeline run\n\n| field | value |\n|---|---|\n{rows}\n",
+        description="data md5, picks, eval before/after, version, aliases, promotion",
     )
 
 

@@ -20,14 +20,18 @@ from flows.registry_lock import RegistryLockError, registry_lock
 from steps import tracking
 from steps.data.ingest import IngestConfig, IngestResult, TableRef, ingest
 from steps.data.version import DataVersion, VersionConfig, data_at_rev, version_data
-from steps.evaluation.evaluate import EvalConfig, EvalReport, evaluate, evaluate_registered
+from steps.evaluation.evaluate import EvalConfig, EvalReport, evaluate
+from steps.evaluation.score import Scoring, score_registered, score_source, scored
+from steps.evaluation.suites import BenchmarkPlan
 from steps.hashing import code_fingerprint
 from steps.modeling import ModelConfig, ModelSource
 from steps.registry.register import (
     ModelVersionRef,
     Promotion,
     RegisterConfig,
+    Scored,
     champion_run,
+    champion_version,
     promote,
     register_model,
 )
@@ -49,6 +53,7 @@ EMBED = "steps.selection.embed"
 SELECT = "steps.selection.select"
 FINETUNE = "steps.training.launch"  # the worker entry point: it imports finetune and all it runs
 EVALUATE = "steps.evaluation.evaluate"
+SCORE = "steps.evaluation.score"
 SYNTHETIC = "steps.study.synthetic"
 
 
@@ -180,9 +185,67 @@ def data_at_rev_task(*, rev: str, context: RunContext) -> tuple[IngestResult, Da
 
 @task(name="register", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
 def register_task(
-    *, model_dir: str, config: RegisterConfig, tags: dict[str, str], context: RunContext
+    *,
+    model_dir: str,
+    config: RegisterConfig,
+    tags: dict[str, str],
+    linked_metrics: tuple[str, ...],
+    context: RunContext,
 ) -> ModelVersionRef:
-    return register_model(model_dir, context.run_id, config, tags)
+    return register_model(model_dir, context.run_id, config, tags, linked_metrics)
+
+
+@task(name="evaluate", cache_policy=cached(SCORE), persist_result=True)
+def score_task(
+    *,
+    model: ModelSource,
+    role: str,
+    label: str,
+    table: TableRef,
+    plan: BenchmarkPlan,
+    config: EvalConfig,
+    context: RunContext,
+) -> Scoring:
+    """Held-out loss, benchmarks and sample generations of a base or fine-tuned model."""
+    out_dir = work_dir(context, "benchmarks", SCORE, model, table.md5, plan, config)
+    return score_source(model, role=role, label=label, eval_path=table.path, config=config,
+                        plan=plan, out_dir=out_dir, device=context.device,
+                        precision=context.precision)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ChampionRef:
+    version: str
+    weights_md5: str
+
+    def uri(self, name: str) -> str:
+        return f"models:/{name}/{self.version}"
+
+
+@task(name="champion", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def champion_task(*, model_name: str) -> ChampionRef | None:
+    found = champion_version(model_name)
+    return ChampionRef(*found) if found else None
+
+
+@task(name="score-champion", cache_policy=cached(SCORE), persist_result=True)
+def score_champion_task(
+    *,
+    uri: str,
+    weights_md5: str,
+    label: str,
+    table: TableRef,
+    plan: BenchmarkPlan,
+    model: ModelConfig,
+    config: EvalConfig,
+    context: RunContext,
+) -> Scoring:
+    """The current champion scored on this run's data and plan; cached on its weights, so a
+    champion that stays is scored once."""
+    out_dir = work_dir(context, "benchmarks", SCORE, weights_md5, table.md5, plan, model, config)
+    return score_registered(uri, model, role="champion", label=label, eval_path=table.path,
+                            config=config, plan=plan, out_dir=out_dir, device=context.device,
+                            precision=context.precision)  # fmt: skip
 
 
 @task(
@@ -195,25 +258,32 @@ def register_task(
 def promote_task(
     *,
     version: ModelVersionRef,
-    loss: float,
-    eval_md5: str,
+    scores: Scored,
+    champion: tuple[ChampionRef, Scoring] | None,
     eval_table: TableRef,
+    plan: BenchmarkPlan,
     model: ModelConfig,
     config: EvalConfig,
-    enabled: bool,
+    registry: RegisterConfig,
     context: RunContext,
 ) -> Promotion:
-    """The champion gate (register.promote) under the registered model's lock; a champion
-    evaluated on other eval data is re-scored on eval_table inside it. A retry is safe: the
+    """The champion gate (register.promote) under the registered model's lock. A champion
+    scored on other eval data or another benchmark plan is re-scored inside it: from this
+    run's scoring of it when it is still the same version, else afresh. A retry is safe: the
     gate re-reads the champion, and a version that is champion already stays."""
 
-    def score_champion(model_uri: str) -> float:
-        return evaluate_registered(
-            model_uri, eval_table.path, model, config, context.device, context.precision
-        )
+    def score_champion(model_uri: str) -> Scored:
+        current = champion_version(version.name)
+        if champion is not None and current is not None and current[0] == champion[0].version:
+            return scored(champion[1], scores.eval_md5)
+        fresh = score_registered(model_uri, model, role="champion", label=model_uri,
+                                 eval_path=eval_table.path, config=config, plan=plan,
+                                 out_dir=context.state_dir / "benchmarks" / "rescored",
+                                 device=context.device, precision=context.precision)  # fmt: skip
+        return scored(fresh, scores.eval_md5)
 
     with registry_lock(version.name):
-        return promote(version, loss, eval_md5, score_champion, enabled=enabled)
+        return promote(version, scores, score_champion, registry.gate, enabled=registry.promote)
 
 
 NO_CHAMPION = "none (no champion yet)"

@@ -22,6 +22,10 @@ def file_md5(path: Path) -> str:
     return digest.hexdigest()
 
 
+def text_md5(text: str) -> str:
+    return hashlib.md5(text.encode()).hexdigest()
+
+
 def code_fingerprint(*modules: str) -> str:
     """md5 over the source of `modules` and of every `steps` module they import.
 

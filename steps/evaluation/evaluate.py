@@ -24,9 +24,23 @@ from steps.modeling import (
 
 
 class EvalConfig(BaseModel):
+    """Held-out loss (always) and lm-eval benchmarks (eval.suite; steps/evaluation/suites.py)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     batch_tokens: int = Field(default=16384, gt=0)
+    # none | quick | standard | a path to an lm-eval group YAML listing tasks
+    suite: str = "quick"
+    # Where the suite's data_files are looked up: the bundled 40-row slices by default;
+    # a full conversion (assets/eval/README.md) gives numbers comparable with published ones.
+    data_dir: str = "assets/eval"
+    tasks: tuple[str, ...] = ()  # more tasks: in include_path, or built-in (hub data)
+    include_path: str | None = None  # a folder of the user's own lm-eval task YAMLs
+    limit: int | None = Field(default=None, gt=0)  # documents per task (None: all)
+    num_fewshot: int | None = Field(default=None, ge=0)  # None: each task's own default
+    batch_size: int = Field(default=16, gt=0)
+    generations: int = Field(default=3, ge=0)  # eval prompts answered by each model
+    max_new_tokens: int = Field(default=48, gt=0)  # per sample generation
 
 
 @dataclass(frozen=True)
@@ -88,21 +102,3 @@ def evaluate(
         device,
         precision,
     )
-
-
-def evaluate_registered(
-    model_uri: str,
-    eval_path: str,
-    model_config: ModelConfig,
-    config: EvalConfig,
-    device: str,
-    precision: str,
-) -> float:
-    """Scores a registry model (e.g. models:/name@champion) on the eval split; returns the loss."""
-    import mlflow
-
-    components = mlflow.transformers.load_model(model_uri, return_type="components")
-    model = components["model"].to(device)
-    return evaluation_loss(
-        model, components["tokenizer"], eval_path, model_config, config, device, precision
-    ).loss

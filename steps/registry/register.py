@@ -1,24 +1,40 @@
 """Registry: log the fine-tuned model to MLflow, register a version, move aliases.
 
-`challenger` always marks the newest version; `champion` moves only when the challenger's
-eval loss beats the champion's on the same eval data (same DVC md5).
+`challenger` always marks the newest version; `champion` moves only when the challenger
+beats the champion on registry.gate's metric (eval loss by default), scored on the same
+eval data (same DVC md5) and benchmark plan (same task versions and data).
 """
 
 from __future__ import annotations
 
+import json
+import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from steps import tracking
 from steps.hashing import file_md5
 from steps.registry.aliases import EVAL_LOSS, EVAL_MD5, move_alias, record_kept
+from steps.registry.gate import (
+    BENCH_FINGERPRINT,
+    BENCH_SCORES,
+    EVAL_LOSS_METRIC,
+    GATE_DECISION,
+    Decision,
+    GateConfig,
+    Measured,
+    decide,
+    lower_is_better,
+    parse_scores_tag,
+    scores_tag,
+)
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 # Identifies a model's weights, so a cached re-run finds its version instead of adding one.
@@ -32,6 +48,7 @@ class RegisterConfig(BaseModel):
     # False: register and tag challenger, but never move champion (e.g. for manual review).
     promote: bool = True
     max_new_tokens: int = 128  # generation default stored with the model (MLflow needs one)
+    gate: GateConfig = Field(default_factory=GateConfig)  # what moves champion
 
 
 @dataclass(frozen=True)
@@ -46,6 +63,7 @@ class Promotion:
     champion_version: str
     promoted: bool
     reason: str
+    compared_with: Scored | None = None  # the champion's scores the decision was made on
 
 
 def weights_md5(model_dir: str) -> str:
@@ -60,7 +78,11 @@ def _find_version(client: MlflowClient, name: str, weights: str) -> str | None:
 
 
 def register_model(
-    model_dir: str, run_id: str, config: RegisterConfig, tags: dict[str, str]
+    model_dir: str,
+    run_id: str,
+    config: RegisterConfig,
+    tags: dict[str, str],
+    linked_metrics: tuple[str, ...] = (),
 ) -> ModelVersionRef:
     """Logs the transformers model (safetensors) in run_id and registers it, once per weights."""
     client = MlflowClient()
@@ -91,7 +113,9 @@ def register_model(
         # The pool and eval split as inputs beside the logged model, and its eval metrics
         # linked to it and the eval split (MLflow 3's LoggedModel entities). After the tags:
         # the weights tag is what a retry finds the version by.
-        tracking.link_logged_model(run_id, info.model_id, ("eval.loss", "eval.perplexity"))
+        tracking.link_logged_model(
+            run_id, info.model_id, ("eval.loss", "eval.perplexity", *linked_metrics)
+        )
         newly = True
     else:
         newly = False
@@ -117,6 +141,19 @@ def _champion(client: MlflowClient, model_name: str) -> ModelVersion | None:
         return None
 
 
+def champion_version(model_name: str) -> tuple[str, str] | None:
+    """model_name's @champion as (version, weights md5); None while there is none."""
+    champion = _champion(MlflowClient(), model_name)
+    if champion is None:
+        return None
+    return str(champion.version), champion.tags.get(WEIGHTS_TAG, "")
+
+
+def champion_data_md5(model_name: str, version: str) -> str | None:
+    """The DVC md5 of the data a version was trained on (its lineage tag)."""
+    return MlflowClient().get_model_version(model_name, version).tags.get("dvc.md5")
+
+
 def champion_run(model_name: str) -> str | None:
     """The MLflow run that trained model_name's current @champion; None while there is none."""
     champion = _champion(MlflowClient(), model_name)
@@ -125,47 +162,102 @@ def champion_run(model_name: str) -> str | None:
     return champion.tags.get("mlflow.source_run") or champion.run_id
 
 
+@dataclass(frozen=True)
+class Scored:
+    """A model's scores on one eval split (by DVC md5) and one benchmark plan."""
+
+    loss: float
+    eval_md5: str
+    bench_fingerprint: str = ""  # "": no benchmarks
+    bench: dict[str, Measured] = field(default_factory=dict)  # task/metric[/filter] → score
+    higher_is_better: dict[str, bool] = field(default_factory=dict)
+
+    def measured(self, metric: str) -> Measured:
+        if metric == EVAL_LOSS_METRIC:
+            return Measured(self.loss)
+        if metric not in self.bench:
+            raise ValueError(
+                f"registry.gate.metric={metric!r}: not scored (scores: eval_loss, "
+                f"{', '.join(sorted(self.bench)) or 'no benchmarks'})"
+            )
+        return self.bench[metric]
+
+
+def _record(client: MlflowClient, name: str, version: str, scored: Scored) -> None:
+    tags = {
+        EVAL_LOSS: repr(scored.loss),
+        EVAL_MD5: scored.eval_md5,
+        BENCH_FINGERPRINT: scored.bench_fingerprint,
+        BENCH_SCORES: scores_tag(scored.bench),
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+
+
+def recorded_scores(champion: ModelVersion) -> Scored:
+    tags = champion.tags
+    return Scored(
+        loss=float(tags.get(EVAL_LOSS, "nan")),
+        eval_md5=tags.get(EVAL_MD5, ""),
+        bench_fingerprint=tags.get(BENCH_FINGERPRINT, ""),
+        bench=parse_scores_tag(tags.get(BENCH_SCORES)),
+    )
+
+
+def comparable(recorded: Scored, ours: Scored) -> bool:
+    """Same eval data and, when this run has benchmarks, the same tasks, versions and data."""
+    same_bench = not ours.bench_fingerprint or recorded.bench_fingerprint == ours.bench_fingerprint
+    return recorded.eval_md5 == ours.eval_md5 and same_bench and not math.isnan(recorded.loss)
+
+
 def promote(
     version: ModelVersionRef,
-    challenger_loss: float,
-    eval_md5: str,
-    score_champion: Callable[[str], float],
+    scored: Scored,
+    score_champion: Callable[[str], Scored],
+    gate: GateConfig | None = None,
     enabled: bool = True,
 ) -> Promotion:
-    """Moves `champion` to the challenger if it has a lower eval loss on the same eval data.
-
-    The champion's recorded loss is reused when it was measured on this eval md5; otherwise
-    score_champion(model_uri) re-scores it, so the comparison is always like for like.
-    """
+    """Moves `champion` to the challenger when it beats the champion on gate.metric (see
+    steps/registry/gate.py). The champion's recorded scores are reused when they were taken
+    on this eval md5 and benchmark plan; otherwise score_champion(model_uri) re-scores it,
+    so the comparison is always like for like. The decision is a tag on both versions."""
+    gate = gate or GateConfig()
     client = MlflowClient()
     name = version.name
-    client.set_model_version_tag(name, version.version, EVAL_LOSS, repr(challenger_loss))
-    client.set_model_version_tag(name, version.version, EVAL_MD5, eval_md5)
+    _record(client, name, version.version, scored)
     champion = _champion(client, name)
     if champion is not None and str(champion.version) == version.version:
         return Promotion(version.version, False, "already champion")
     if not enabled:
         current = str(champion.version) if champion else "none"
         return Promotion(current, False, "promotion disabled (registry.promote=false)")
+    ours = scored.measured(gate.metric)
     if champion is None:
         reason = "first version: no champion yet"
-        numbers = {"eval_loss": challenger_loss}
-        move_alias(
-            client, name, CHAMPION, version.version, kind="auto", reason=reason, numbers=numbers
-        )
+        move_alias(client, name, CHAMPION, version.version, kind="auto", reason=reason,
+                   numbers={gate.metric: ours.value})  # fmt: skip
         return Promotion(version.version, True, reason)
-    if champion.tags.get(EVAL_MD5) == eval_md5:
-        champion_loss = float(champion.tags[EVAL_LOSS])
-    else:
-        champion_loss = score_champion(f"models:/{name}@{CHAMPION}")
-    # Both losses on this eval data: what the audit history shows the decision was made on.
-    numbers = {"eval_loss": challenger_loss, "previous_eval_loss": champion_loss}
-    if challenger_loss < champion_loss:
-        reason = f"eval loss {challenger_loss:.4f} < champion's {champion_loss:.4f}"
-        move_alias(
-            client, name, CHAMPION, version.version, kind="auto", reason=reason, numbers=numbers
-        )
-        return Promotion(version.version, True, reason)
-    reason = f"eval loss {challenger_loss:.4f} >= champion's {champion_loss:.4f}"
-    record_kept(client, name, CHAMPION, version.version, reason=reason, numbers=numbers)
-    return Promotion(str(champion.version), False, reason)
+    theirs = recorded_scores(champion)
+    if not comparable(theirs, scored):
+        theirs = score_champion(f"models:/{name}@{CHAMPION}")
+    lower = lower_is_better(gate, scored.higher_is_better.get(gate.metric))
+    decision = decide(ours, theirs.measured(gate.metric), gate, lower)
+    _tag_decision(client, name, version.version, str(champion.version), decision)
+    if decision.promote:
+        move_alias(client, name, CHAMPION, version.version, kind="auto",
+                   reason=decision.reason, numbers=decision.numbers)  # fmt: skip
+        return Promotion(version.version, True, decision.reason, theirs)
+    record_kept(client, name, CHAMPION, version.version, reason=decision.reason,
+                numbers=decision.numbers)  # fmt: skip
+    return Promotion(str(champion.version), False, decision.reason, theirs)
+
+
+def _tag_decision(
+    client: MlflowClient, name: str, challenger: str, champion: str, decision: Decision
+) -> None:
+    """On the challenger: its gate decision; on the champion: the challenge it met."""
+    record = {"promoted": decision.promote, "reason": decision.reason, **decision.numbers}
+    client.set_model_version_tag(name, challenger, GATE_DECISION,
+                                 json.dumps({**record, "against": champion}))  # fmt: skip
+    client.set_model_version_tag(name, champion, f"{GATE_DECISION}.challenged_by.v{challenger}",
+                                 json.dumps(record))  # fmt: skip

@@ -1,0 +1,90 @@
+"""One model's whole evaluation: held-out loss, benchmarks and sample generations.
+
+The pipeline's evaluate step and `sift evaluate` both call `score_model`, for a base model,
+a fine-tuned folder or a registry version, so their numbers are the same code's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from steps.evaluation.benchmarks import ModelBenchmarks, run_benchmarks, sample_generations
+from steps.evaluation.evaluate import EvalConfig, EvalReport, evaluation_loss
+from steps.evaluation.suites import BenchmarkPlan
+from steps.modeling import ModelConfig, ModelSource, load_model, load_tokenizer
+from steps.registry.gate import Measured
+from steps.registry.register import Scored
+
+
+@dataclass(frozen=True)
+class Scoring:
+    evaluation: EvalReport | None  # None: no eval split given (sift evaluate --eval-data)
+    benchmarks: ModelBenchmarks
+
+
+def score_model(
+    model: Any,
+    tokenizer: Any,
+    *,
+    role: str,
+    label: str,
+    eval_path: str | None,
+    model_config: ModelConfig,
+    config: EvalConfig,
+    plan: BenchmarkPlan,
+    out_dir: Path,
+    device: str,
+    precision: str,
+) -> Scoring:
+    loss = None
+    if eval_path is not None:
+        loss = evaluation_loss(model, tokenizer, eval_path, model_config, config, device, precision)
+    report = None
+    if plan.tasks:
+        report = run_benchmarks(model, tokenizer, plan, out_dir, device, config.batch_size)
+    generations: tuple[tuple[str, str], ...] = ()
+    if eval_path is not None and config.generations:
+        prompts = list(pd.read_parquet(eval_path, columns=["prompt"]).prompt[: config.generations])
+        answers = sample_generations(model, tokenizer, prompts, model_config.prompt_template,
+                                     config.max_new_tokens, device)  # fmt: skip
+        generations = tuple(zip(prompts, answers, strict=True))
+    benchmarks = ModelBenchmarks(role, label, loss.loss if loss else None, report, generations)
+    return Scoring(loss, benchmarks)
+
+
+def score_source(source: ModelSource, **kwargs: Any) -> Scoring:
+    """A base model (hub id or folder) or a fine-tuned folder."""
+    device = kwargs["device"]
+    model = load_model(source.config, device)
+    return score_model(model, load_tokenizer(source.config), model_config=source.config, **kwargs)
+
+
+def score_registered(model_uri: str, model_config: ModelConfig, **kwargs: Any) -> Scoring:
+    """A registry version (models:/name@alias, models:/name/3), shown to the model the way
+    model_config shows examples (template, max_length)."""
+    import mlflow
+
+    components = mlflow.transformers.load_model(model_uri, return_type="components")
+    model = components["model"].to(kwargs["device"])
+    tokenizer = components["tokenizer"]
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return score_model(model, tokenizer, model_config=model_config, **kwargs)
+
+
+def scored(scoring: Scoring, eval_md5: str) -> Scored:
+    """What the promotion gate compares and records on the version."""
+    report = scoring.benchmarks.report
+    scores = report.scores if report else ()
+    return Scored(
+        loss=scoring.evaluation.loss if scoring.evaluation else math.nan,
+        eval_md5=eval_md5,
+        bench_fingerprint=report.plan_fingerprint if report else "",
+        bench={s.key: Measured(s.value, s.stderr) for s in scores},
+        higher_is_better={s.key: s.higher_is_better for s in scores},
+    )

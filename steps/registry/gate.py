@@ -1,0 +1,104 @@
+"""The promotion gate: which metric decides, in which direction, by what margin.
+
+`registry.gate.metric` is `eval_loss` (held-out loss, lower is better) or any benchmark
+score as `task/metric` (`task/metric/filter` where lm-eval applies a filter, e.g.
+`gsm8k/exact_match/flexible-extract`). The challenger is promoted only when it beats the
+champion by more than `min_margin` and, where both scores have a standard error, by more
+than their combined standard error: ties and noise never move `champion`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+EVAL_LOSS_METRIC = "eval_loss"
+# Version tags: what the version was scored on, and its benchmark scores.
+BENCH_FINGERPRINT, BENCH_SCORES = "sift.bench_fingerprint", "sift.bench_scores"
+GATE_DECISION = "sift.gate"
+
+
+class GateConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    metric: str = EVAL_LOSS_METRIC
+    # auto: lower for eval_loss and perplexity-like metrics, else lm-eval's higher_is_better
+    direction: Literal["auto", "lower", "higher"] = "auto"
+    min_margin: float = Field(default=0.0, ge=0.0)
+
+
+@dataclass(frozen=True)
+class Measured:
+    value: float
+    stderr: float | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    reason: str
+    numbers: dict[str, float]
+
+
+def check_gate_metric(config: GateConfig, benchmark_keys: set[str]) -> None:
+    """At load time: the gate's metric must be one the run will score."""
+    if config.metric != EVAL_LOSS_METRIC and config.metric not in benchmark_keys:
+        known = ", ".join(sorted(benchmark_keys)) or "no benchmarks (eval.suite=none)"
+        raise ValueError(
+            f"registry.gate.metric={config.metric!r}: not a score of this run; use eval_loss "
+            f"or one of: {known}"
+        )
+
+
+def lower_is_better(config: GateConfig, higher_is_better: bool | None) -> bool:
+    if config.direction != "auto":
+        return config.direction == "lower"
+    if config.metric == EVAL_LOSS_METRIC:
+        return True
+    return not higher_is_better if higher_is_better is not None else False
+
+
+def decide(
+    challenger: Measured, champion: Measured, config: GateConfig, lower: bool
+) -> Decision:
+    """Promote when the improvement exceeds both min_margin and the combined stderr."""
+    gain = (champion.value - challenger.value) if lower else (challenger.value - champion.value)
+    errors = (challenger.stderr, champion.stderr)
+    noise = math.hypot(*errors) if all(e is not None for e in errors) else 0.0  # type: ignore[arg-type]
+    numbers = {
+        config.metric: challenger.value,
+        f"previous_{config.metric}": champion.value,
+        "improvement": gain,
+        "min_margin": config.min_margin,
+        "combined_stderr": noise,
+    }
+    better = "lower" if lower else "higher"
+    name = config.metric
+    if gain > config.min_margin and gain > noise:
+        reason = (
+            f"{name} {challenger.value:.4f} vs champion's {champion.value:.4f} ({better} is "
+            f"better): improvement {gain:.4f} > margin {config.min_margin:g}"
+            + (f" and > combined stderr {noise:.4f}" if noise else "")
+        )
+        return Decision(True, reason, numbers)
+    short = "the margin" if gain <= config.min_margin else "the combined stderr"
+    reason = (
+        f"{name} {challenger.value:.4f} vs champion's {champion.value:.4f} ({better} is "
+        f"better): improvement {gain:.4f} does not exceed {short} "
+        f"(margin {config.min_margin:g}, stderr {noise:.4f})"
+    )
+    return Decision(False, reason, numbers)
+
+
+def scores_tag(scores: dict[str, Measured]) -> str:
+    return json.dumps({k: [m.value, m.stderr] for k, m in sorted(scores.items())})
+
+
+def parse_scores_tag(text: str | None) -> dict[str, Measured]:
+    if not text:
+        return {}
+    return {k: Measured(v[0], v[1]) for k, v in json.loads(text).items()}
