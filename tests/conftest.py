@@ -111,6 +111,7 @@ def small_run_overrides(
         f"version.remote_url={remote}",
         f"registry.model_name={model_name}",
         f"tracking.tracking_uri={tracking_uri}",
+        "eval.limit=5",  # the quick benchmark suite runs, on 5 documents per task
     ]
 
 
