@@ -123,7 +123,8 @@ def run_benchmarks(
     truncated = {name: _truncated(lm, rows) for name, rows in samples.items()}
     results_path, samples_path = _write(results, samples, out_dir)
     scores = tuple(_scores(results, truncated))
-    documents = sum(len(rows) for rows in samples.values())
+    # lm-eval logs a document once per filter (gsm8k: twice): count documents, not rows
+    documents = sum(len({row["doc_id"] for row in rows}) for rows in samples.values())
     return BenchmarkReport(plan.fingerprint, scores, str(results_path), str(samples_path),
                            lm.max_length, documents, seconds)  # fmt: skip
 
@@ -155,9 +156,12 @@ def _scores(results: dict[str, Any], truncated: dict[str, int]) -> Iterator[Benc
 def _truncated(lm: Any, rows: list[dict[str, Any]]) -> int:
     """Documents with a request the harness cut from the left to fit lm.max_length (it does
     so silently): loglikelihood keeps the last max_length + 1 tokens of context +
-    continuation, generation the last max_length - max_gen_toks tokens of the context."""
-    count = 0
+    continuation, generation the last max_length - max_gen_toks tokens of the context.
+    A document logged once per filter (gsm8k) counts once."""
+    cut_documents: set[Any] = set()
     for row in rows:
+        if row["doc_id"] in cut_documents:
+            continue
         for request in _requests(row):
             args = request
             context = args[0] if args else ""
@@ -167,9 +171,9 @@ def _truncated(lm: Any, rows: list[dict[str, Any]]) -> int:
             else:
                 cut = len(lm.tok_encode(context)) > lm.max_length - lm.max_gen_toks
             if cut:
-                count += 1
+                cut_documents.add(row["doc_id"])
                 break
-    return count
+    return len(cut_documents)
 
 
 def _requests(row: dict[str, Any]) -> list[list[Any]]:

@@ -186,7 +186,9 @@ def plan_benchmarks(config: Any, project_dir: Path) -> BenchmarkPlan:
     user = _user_tasks(include) if include is not None else {}
     specs: list[TaskSpec] = []
     suite = suite_file(config.suite, project_dir)
-    for member in _suite_members(suite) if suite is not None else []:
+    members = _suite_members(suite) if suite is not None else []
+    for member in members:
+        assert suite is not None
         name, overrides = member["task"], {k: v for k, v in member.items() if k != "task"}
         source = user.get(name) or builtin_task_path(name)
         if source is None:
@@ -240,8 +242,9 @@ def task_configs(plan: BenchmarkPlan) -> list[dict[str, Any]]:
     configs = []
     for spec in plan.tasks:
         merged = {**load_yaml(spec.source, resolve_func=True), **json.loads(spec.overrides)}
-        metadata = merged.get("metadata") if isinstance(merged.get("metadata"), dict) else {}
-        merged["metadata"] = {**metadata, "sift_task_yaml": spec.source}
+        metadata = merged.get("metadata")
+        merged["metadata"] = {**(metadata if isinstance(metadata, dict) else {}),
+                              "sift_task_yaml": spec.source}  # fmt: skip
         configs.append(merged)
     return configs
 
