@@ -77,6 +77,8 @@ def evaluate_command(
     files = write_report([scoring.benchmarks], destination, f"{model}: benchmarks")
     rows = score_table_rows([scoring.benchmarks])
     table = Table(*rows[0], title=f"sift evaluate {model}")
+    for column in table.columns:
+        column.overflow = "fold"  # full task names and scores, wrapped rather than cut
     for row in rows[1:]:
         table.add_row(*row)
     console.print(table)
