@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from steps.evaluation.suites import BenchmarkPlan, load_tasks, quiet_harness, task_manager
+from steps.evaluation.suites import BenchmarkPlan, quiet_harness, task_manager, tasks_to_run
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def run_benchmarks(
     from lm_eval.models.huggingface import HFLM
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    tasks = load_tasks(plan)
+    tasks = tasks_to_run(plan)
     was_training = model.training
     started = time.perf_counter()
     try:

@@ -213,7 +213,9 @@ def plan_benchmarks(config: Any, project_dir: Path) -> BenchmarkPlan:
         fingerprint=_fingerprint(specs, config.limit, config.num_fewshot, include),
     )
     if specs:
-        load_tasks(plan)  # builds every task (reads its data): a broken one fails here
+        # Builds every task (reads its data): a broken one fails here. The tasks built are
+        # kept for this process's first run of the plan instead of being built twice.
+        _unused_tasks[plan] = load_tasks(plan)
     return plan
 
 
@@ -267,6 +269,16 @@ def task_manager(plan: BenchmarkPlan) -> Any:
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=plan.include_path, include_defaults=False)
+
+
+_unused_tasks: dict[BenchmarkPlan, dict[str, Any]] = {}
+
+
+def tasks_to_run(plan: BenchmarkPlan) -> dict[str, Any]:
+    """Fresh tasks for one evaluation: those plan_benchmarks built to check the plan, if this
+    process has not used them yet (lm-eval sets few-shot seeds on a task as it runs), else
+    built again."""
+    return _unused_tasks.pop(plan, None) or load_tasks(plan)
 
 
 def load_tasks(plan: BenchmarkPlan) -> dict[str, Any]:
