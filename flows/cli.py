@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from flows import cli_lineage, cli_models, cli_serve
+from flows import cli_evaluate, cli_lineage, cli_models, cli_serve, cli_server
 from flows.cli_common import (
     ConfigOption,
     ProjectOption,
@@ -60,6 +60,11 @@ def run(
     console.print(table)
 
 
+# A scheduled run does only new work: it stops after validation on the champion's data and
+# otherwise warm-starts selection from the champion. `--set` overrides either.
+SCHEDULED_DEFAULTS = ["schedule.skip_unchanged=true", "select.prior=champion"]
+
+
 @app.command()
 def serve(
     cron: Annotated[str, typer.Option(help="Cron schedule, e.g. '0 3 * * 1' (Mondays 03:00).")],
@@ -68,8 +73,10 @@ def serve(
     project_dir: ProjectOption = Path("."),
     name: Annotated[str, typer.Option(help="Deployment name.")] = "sift-scheduled",
 ) -> None:
-    """Serve the pipeline on a cron schedule (needs a Prefect server: PREFECT_API_URL)."""
-    resolved, root = load_project(config, set_, project_dir)
+    """Serve the pipeline on a cron schedule (needs a Prefect server: PREFECT_API_URL, or
+    `sift server up`). Scheduled runs skip unchanged data and warm-start from the champion
+    (schedule.skip_unchanged=true, select.prior=champion) unless --set says otherwise."""
+    resolved, root = load_project(config, [*SCHEDULED_DEFAULTS, *(set_ or [])], project_dir)
     from flows.pipeline import pipeline
 
     pipeline.serve(
@@ -233,5 +240,5 @@ def show_config(config: ConfigOption = None, set_: SetOption = None) -> None:
     console.print(yaml.safe_dump(loaded.model_dump(), sort_keys=False))
 
 
-for module in (cli_lineage, cli_models, cli_serve):  # the registry's verbs
+for module in (cli_evaluate, cli_lineage, cli_models, cli_serve, cli_server):
     module.add_commands(app)

@@ -2,18 +2,36 @@
 
 Prefect reads PREFECT_HOME and its result path once, at import; setting them later is
 silently ignored (docs/stack-notes.md). Values already in the environment win, so pointing
-PREFECT_API_URL / MLFLOW_TRACKING_URI at servers needs no code change.
+PREFECT_API_URL / MLFLOW_TRACKING_URI at servers needs no code change; without them, the
+servers `sift server up` started for this project (`.sift/servers/state.json`) are used while
+their processes run.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import os
+import sys
 from pathlib import Path
+from typing import Any
+
+# Which variable points a client at each server `sift server up` records.
+CLIENT_ENV = {"prefect": "PREFECT_API_URL", "mlflow": "MLFLOW_TRACKING_URI"}
 
 
 def state_dir(project_dir: Path) -> Path:
     """Everything Sift writes that is not versioned: caches, staged data, trained models."""
     return project_dir / ".sift"
+
+
+def servers_dir(project_dir: Path) -> Path:
+    """Pid files, logs and state.json of the servers `sift server up` started."""
+    return state_dir(project_dir) / "servers"
+
+
+def servers_state_path(project_dir: Path) -> Path:
+    return servers_dir(project_dir) / "state.json"
 
 
 def configure_environment(project_dir: Path) -> None:
@@ -26,7 +44,10 @@ def configure_environment(project_dir: Path) -> None:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         # The ephemeral API's 20 s start-up limit was missed on a loaded 2-core machine.
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-        "PREFECT_LOGGING_LEVEL": "WARNING",
+        # A quiet console without PREFECT_LOGGING_LEVEL=WARNING, which also kept INFO records
+        # (log_prints lines) from the API: "This run didn't generate logs". Handler levels are
+        # overridable as PREFECT_LOGGING_[PATH]_[KEY] (prefect/logging/logging.yml).
+        "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",
         "DVC_NO_ANALYTICS": "1",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "DO_NOT_TRACK": "true",
@@ -36,3 +57,76 @@ def configure_environment(project_dir: Path) -> None:
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
+    for key, value in recorded_server_env(project_dir).items():
+        os.environ.setdefault(key, value)
+
+
+def recorded_server_env(project_dir: Path) -> dict[str, str]:
+    """PREFECT_API_URL / MLFLOW_TRACKING_URI of the servers `sift server up` recorded, when
+    every recorded process still runs; {} otherwise. A stale record (a crash, a reboot) must
+    not point runs at dead servers: it is ignored, with one note on stderr."""
+    path = servers_state_path(project_dir)
+    if not path.is_file():
+        return {}
+    state = read_servers_state(path)
+    servers = state.get("servers", {}) if state else {}
+    problem = stale_reason(servers) if state and state.get("ready") else "servers not ready"
+    if problem:
+        _note_once(f"sift: ignoring {path}: {problem}; `sift server down` clears the record")
+        return {}
+    return {CLIENT_ENV[name]: entry["client_url"] for name, entry in servers.items()}
+
+
+def read_servers_state(path: Path) -> dict[str, Any] | None:
+    """state.json's content; None when it is not a JSON object (a torn or edited file)."""
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def stale_reason(servers: dict[str, Any]) -> str | None:
+    """Why the recorded servers cannot be used (which one is not running); None if all run."""
+    if set(servers) != set(CLIENT_ENV):
+        return f"expected servers {sorted(CLIENT_ENV)}, found {sorted(servers)}"
+    for name, entry in servers.items():
+        if not process_matches(entry):
+            return f"the {name} server recorded there (pid {entry.get('pid')}) is not running"
+    return None
+
+
+def process_matches(entry: dict[str, Any]) -> bool:
+    """True while the recorded process runs: same pid, same start time (a reused pid has
+    another), and its command line still names the recorded program."""
+    try:
+        pid, start_ticks, program = int(entry["pid"]), int(entry["start_ticks"]), entry["program"]
+    except (KeyError, TypeError, ValueError):
+        return False
+    status = process_status(pid)
+    if status is None or status[1] != start_ticks:
+        return False
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(Path(arg.decode(errors="replace")).name == program for arg in argv)
+
+
+def process_status(pid: int) -> tuple[str, int] | None:
+    """(state letter, start time in clock ticks since boot) of a live process, from
+    /proc/<pid>/stat (proc(5): fields 3 and 22); None when there is none or it is a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 2, the command name in parentheses, may itself hold spaces and ')'.
+    fields = stat.rpartition(")")[2].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return fields[0], int(fields[19])
+
+
+@functools.cache
+def _note_once(message: str) -> None:
+    print(message, file=sys.stderr)

@@ -1,4 +1,5 @@
-"""`sift serve` on a real Prefect server: the cron schedule creates runs and a run completes.
+"""`sift serve` on a real Prefect server: the cron schedule is registered and fills with
+runs; a first run trains, a second on the same data stops as "no new data" in seconds.
 
 This is what broke with SQLAlchemy 2.1 / new fastapi (docs/stack-notes.md): deployments were
 saved but the scheduler never created runs. Runs in subprocesses so the server's settings
@@ -24,6 +25,9 @@ from tests.conftest import MODEL_DIR
 pytestmark = pytest.mark.slow
 
 
+CRON = "0 3 * * 1"  # Mondays 03:00: the scheduler books future runs; the test triggers its own
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -44,7 +48,7 @@ def _post(api: str, path: str, body: dict) -> list | dict:
     return httpx.post(f"{api}{path}", json=body, timeout=10).json()
 
 
-def test_served_cron_schedule_creates_and_runs_flows(project: Path, tmp_path: Path):
+def test_served_schedule_trains_once_then_stops_on_unchanged_data(project: Path, tmp_path: Path):
     port = _free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {
@@ -77,7 +81,7 @@ def test_served_cron_schedule_creates_and_runs_flows(project: Path, tmp_path: Pa
                 sift,
                 "serve",
                 "--cron",
-                "* * * * *",
+                CRON,
                 "--name",
                 "sift-cron-test",
                 "--project-dir",
@@ -103,25 +107,24 @@ def test_served_cron_schedule_creates_and_runs_flows(project: Path, tmp_path: Pa
         )
         deployment = _wait(lambda: _post(api, "/deployments/filter", {}), 60, "the deployment")[0]
         assert deployment["name"] == "sift-cron-test"
-        assert deployment["schedules"][0]["schedule"]["cron"] == "* * * * *"
+        assert deployment["schedules"][0]["schedule"]["cron"] == CRON
         # The scheduler service fills the schedule with future runs.
         _wait(
             lambda: [r for r in _post(api, "/flow_runs/filter", {}) if r["auto_scheduled"]],
             60,
             "the scheduler to create scheduled runs",
         )
-        # Whichever run comes first (the cron tick or this manual one), one must complete.
-        _post(api, f"/deployments/{deployment['id']}/create_flow_run", {})
-        done = _wait(
-            lambda: [
-                r
-                for r in _post(api, "/flow_runs/filter", {})
-                if r["state_type"] in ("COMPLETED", "FAILED", "CRASHED")
-            ],
-            240,
-            "a served run to finish",
-        )
-        assert done[0]["state_type"] == "COMPLETED", (tmp_path / "serve.log").read_text()[-3000:]
+        first = _run_now(api, deployment["id"], 300)
+        assert first["state_type"] == "COMPLETED", (tmp_path / "serve.log").read_text()[-3000:]
+        assert "No new data" not in _summary(api, first["id"])
+        second = _run_now(api, deployment["id"], 120)
+        assert second["state_type"] == "COMPLETED", (tmp_path / "serve.log").read_text()[-3000:]
+        assert "No new data" in _summary(api, second["id"])
+        assert second["total_run_time"] < first["total_run_time"] / 2, (first, second)
+        tasks = {r["name"].rsplit("-", 1)[0] for r in _post(
+            api, "/task_runs/filter", {"flow_runs": {"id": {"any_": [second["id"]]}}}
+        )}  # fmt: skip
+        assert not {"embed", "finetune", "register"} & tasks, tasks
     finally:
         for process in (served, server):
             if process is not None:
@@ -130,6 +133,30 @@ def test_served_cron_schedule_creates_and_runs_flows(project: Path, tmp_path: Pa
                     process.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     os.killpg(process.pid, signal.SIGKILL)
+
+
+def _run_now(api: str, deployment_id: str, timeout: float) -> dict:
+    """Triggers a run of the deployment and waits for it to end."""
+    run = _post(api, f"/deployments/{deployment_id}/create_flow_run", {})
+    query = {"flow_runs": {"id": {"any_": [run["id"]]}}}
+    ended = ("COMPLETED", "FAILED", "CRASHED")
+
+    def finished() -> dict | None:
+        runs = _post(api, "/flow_runs/filter", query)
+        return next((r for r in runs if r["state_type"] in ended), None)
+
+    return _wait(
+        finished,
+        timeout,
+        f"flow run {run['id']} to finish",
+    )  # fmt: skip
+
+
+def _summary(api: str, flow_run_id: str) -> str:
+    """The run's end-of-run markdown artifact (what a person reads in the UI)."""
+    query = {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}
+    artifacts = _post(api, "/artifacts/filter", query)
+    return next((str(a["data"]) for a in artifacts if a["key"] == "sift-run-summary"), "")
 
 
 def _health(api: str) -> bool:
