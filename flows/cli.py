@@ -54,6 +54,12 @@ def run(
         # A setting or the data at fault: the message names it (Prefect's log above has the
         # traceback); the run stopped before anything downstream of the failure changed.
         raise fail(f"sift run stopped: {error}", 1) from None
+    except Exception as error:
+        server = unreachable_server(error)
+        if server is None:
+            raise
+        raise fail(f"sift run stopped: {server} did not answer after the task retries: "
+                   f"{type(error).__name__}: {error}", 1) from None  # fmt: skip
     table = Table(title="Sift pipeline run", show_header=False)
     for name, value in summary_rows(result):
         table.add_row(name, value)
@@ -63,6 +69,21 @@ def run(
 # A scheduled run does only new work: it stops after validation on the champion's data and
 # otherwise warm-starts selection from the champion. `--set` overrides either.
 SCHEDULED_DEFAULTS = ["schedule.skip_unchanged=true", "select.prior=champion"]
+
+
+def unreachable_server(error: BaseException) -> str | None:
+    """The server a failed run could not reach (MLflow or Prefect), named with its URL; None
+    for any other failure."""
+    import httpx
+    import mlflow
+    import requests
+    from prefect.settings import PREFECT_API_URL
+
+    if isinstance(error, mlflow.exceptions.MlflowException | requests.RequestException):
+        return f"the MLflow tracking server {mlflow.get_tracking_uri()}"
+    if isinstance(error, httpx.HTTPError):
+        return f"the Prefect API {PREFECT_API_URL.value() or '(ephemeral)'}"
+    return None
 
 
 @app.command()

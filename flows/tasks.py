@@ -78,6 +78,11 @@ def work_dir(context: RunContext, kind: str, module: str, *inputs: object) -> Pa
     return context.state_dir / kind / key(*parts)
 
 
+# A remote (MLflow, DVC remote, Prefect API) down for a few seconds up to ~a minute is
+# survived by these retries; one that stays down fails the task with its error.
+REMOTE_RETRIES: dict = {"retries": 3, "retry_delay_seconds": [5, 15, 30]}
+
+
 def retry_unless(*final: type[BaseException]):
     """A task's retry condition: retry any failure except these (a retry cannot fix them)."""
 
@@ -173,17 +178,17 @@ def synthetic_task(*, config: SyntheticConfig) -> pd.DataFrame:
 
 
 # I/O against remotes (DVC push, the MLflow registry) can fail transiently: retry those.
-@task(name="version", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="version", **REMOTE_RETRIES, cache_policy=NO_CACHE)
 def version_task(*, config: VersionConfig, context: RunContext) -> DataVersion:
     return version_data(context.project_dir / "data", context.project_dir, config)
 
 
-@task(name="data-at-rev", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="data-at-rev", **REMOTE_RETRIES, cache_policy=NO_CACHE)
 def data_at_rev_task(*, rev: str, context: RunContext) -> tuple[IngestResult, DataVersion]:
     return data_at_rev(context.project_dir, rev, context.state_dir / "data-revs" / rev)
 
 
-@task(name="register", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="register", **REMOTE_RETRIES, cache_policy=NO_CACHE)
 def register_task(
     *,
     model_dir: str,
@@ -222,7 +227,7 @@ class ChampionRef:
         return f"models:/{name}/{self.version}"
 
 
-@task(name="champion", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="champion", **REMOTE_RETRIES, cache_policy=NO_CACHE)
 def champion_task(*, model_name: str) -> ChampionRef | None:
     found = champion_version(model_name)
     return ChampionRef(*found) if found else None
@@ -250,8 +255,7 @@ def score_champion_task(
 
 @task(
     name="promote",
-    retries=2,
-    retry_delay_seconds=5,
+    **REMOTE_RETRIES,
     retry_condition_fn=retry_unless(RegistryLockError),
     cache_policy=NO_CACHE,
 )
@@ -291,8 +295,7 @@ NO_CHAMPION = "none (no champion yet)"
 
 @task(
     name="prior",
-    retries=2,
-    retry_delay_seconds=5,
+    **REMOTE_RETRIES,
     retry_condition_fn=retry_unless(ValueError),  # a bad select.prior: no retry
     cache_policy=NO_CACHE,
 )

@@ -166,3 +166,16 @@ def test_select_no_longer_takes_flags_that_repeat_config_fields(project: Path, t
     args = _select_args(project / "raw" / "train.jsonl", tmp_path / "o.json", 8)
     result = runner.invoke(app, [*args, "--budget", "8"])
     assert result.exit_code == 2 and "--budget" in result.output
+
+
+def test_a_run_failing_on_an_unreachable_server_names_it():
+    import httpx
+    import mlflow
+
+    from flows.cli import unreachable_server
+
+    mlflow.set_tracking_uri("http://127.0.0.1:9")
+    named = unreachable_server(mlflow.exceptions.MlflowException("API request failed"))
+    assert named == "the MLflow tracking server http://127.0.0.1:9"
+    assert "Prefect API" in str(unreachable_server(httpx.ConnectError("refused")))
+    assert unreachable_server(RuntimeError("a bug")) is None

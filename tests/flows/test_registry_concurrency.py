@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -241,3 +242,32 @@ def test_an_outage_right_after_a_version_is_created_leaves_no_half_version_and_a
         assert all(tag in versions[0].tags for tag in LINEAGE_TAGS)
         assert _aliases(client) == {CHALLENGER: "1", CHAMPION: "1"}
         assert client.get_run(rerun["run_id"]).info.status == "FINISHED"
+
+
+def test_a_registry_outage_of_a_few_seconds_is_survived_by_the_task_retries(
+    tmp_path: Path, gsm8k_train, gsm8k_test
+):
+    project = _project(tmp_path / "run", gsm8k_train[:40], gsm8k_test[:8])
+    env = clean_env() | NO_HTTP_RETRIES  # no client-side retries: the task's own must do it
+    with mlflow_server(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "mlflow") as server:
+
+        def restart() -> None:  # down at once, back on a new port a few seconds later
+            server.stop()
+            time.sleep(3)
+            server.start()
+            proxy.target = server.url
+
+        proxy = OutageProxy(
+            server.url,
+            trip=lambda method, path: method == "POST" and "/model-versions/create" in path,
+            on_trip=lambda: threading.Thread(target=restart, daemon=True).start(),
+        )
+        with proxy.running():
+            result = _finish(_start(project, proxy.url, env))
+            assert proxy.tripped.is_set() and server.starts == 2
+            client = _client(server.url)
+            versions = client.search_model_versions(f"name='{MODEL}'")
+            assert [str(v.version) for v in versions] == ["1"], "the retry registered a duplicate"
+            assert all(tag in versions[0].tags for tag in LINEAGE_TAGS)
+            assert _aliases(client) == {CHALLENGER: "1", CHAMPION: "1"}
+            assert client.get_run(result["run_id"]).info.status == "FINISHED"
