@@ -174,8 +174,12 @@ def test_a_run_failing_on_an_unreachable_server_names_it():
 
     from flows.cli import unreachable_server
 
+    before = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri("http://127.0.0.1:9")
-    named = unreachable_server(mlflow.exceptions.MlflowException("API request failed"))
+    try:
+        named = unreachable_server(mlflow.exceptions.MlflowException("API request failed"))
+    finally:
+        mlflow.set_tracking_uri(before)
     assert named == "the MLflow tracking server http://127.0.0.1:9"
     assert "Prefect API" in str(unreachable_server(httpx.ConnectError("refused")))
     assert unreachable_server(RuntimeError("a bug")) is None
