@@ -79,6 +79,7 @@ def pipeline(
 ) -> PipelineResult:
     """data_rev: a git revision whose data.dvc names the data to use (read through dvc.api,
     already validated when it was versioned) instead of ingesting data.source."""
+    project_dir = Path(project_dir).resolve()  # a worker's run gets "." (prefect.yaml)
     device, precision = resolve_hardware(config.model)
     with tracking.tracked_run(
         project_dir,
@@ -90,7 +91,17 @@ def pipeline(
         params=flat_params(config),
     ) as run_id:  # fmt: skip
         context = RunContext(project_dir, state_dir(project_dir), device, precision, run_id)
-        return _steps(config, context, data_rev)
+        try:
+            return _steps(config, context, data_rev)
+        except Exception as error:
+            # What a person reading the UI (or a notification) sees first, beside the state.
+            create_markdown_artifact(
+                key="sift-run-failed",
+                markdown=f"## Sift pipeline run failed\n\nMLflow run `{run_id}`\n\n"
+                f"```\n{type(error).__name__}: {error}\n```\n",
+                description="why this run stopped",
+            )
+            raise
 
 
 def _steps(config: PipelineConfig, context: RunContext, data_rev: str | None) -> PipelineResult:

@@ -103,3 +103,12 @@ def test_benchmarks_gate_and_no_new_data(prefect_harness, project: Path):
     assert "no new data" in skipped.stopped and skipped.champion_version == "1"
     assert "embed" not in states and "finetune" not in states, states
     assert len(client.search_model_versions(f"name='{NAME}'")) == 2
+
+    # A failed run says why in an artifact beside its Failed state (what a notification or a
+    # person in the UI reads); a gate metric the run cannot score stops it before any work.
+    bad = pipeline(_config(project, "registry.gate.metric=arc_easy/f1"), project,
+                   return_state=True)  # fmt: skip
+    assert bad.is_failed()
+    failed = _markdown_artifacts(bad.state_details.flow_run_id)["sift-run-failed"]
+    assert "registry.gate.metric='arc_easy/f1'" in failed
+    assert len(client.search_model_versions(f"name='{NAME}'")) == 2
