@@ -81,15 +81,15 @@ def decide(
     if gain > config.min_margin and gain > noise:
         reason = (
             f"{name} {challenger.value:.4f} vs champion's {champion.value:.4f} ({better} is "
-            f"better): improvement {gain:.4f} > margin {config.min_margin:g}"
-            + (f" and > combined stderr {noise:.4f}" if noise else "")
+            f"better): improvement {gain:.3g} > margin {config.min_margin:g}"
+            + (f" and > combined stderr {noise:.3g}" if noise else "")
         )
         return Decision(True, reason, numbers)
     short = "the margin" if gain <= config.min_margin else "the combined stderr"
     reason = (
         f"{name} {challenger.value:.4f} vs champion's {champion.value:.4f} ({better} is "
-        f"better): improvement {gain:.4f} does not exceed {short} "
-        f"(margin {config.min_margin:g}, stderr {noise:.4f})"
+        f"better): improvement {gain:.3g} does not exceed {short} "
+        f"(margin {config.min_margin:g}, stderr {noise:.3g})"
     )
     return Decision(False, reason, numbers)
 
