@@ -108,6 +108,49 @@ def serve(
     )
 
 
+@app.command()
+def deploy(
+    name: Annotated[
+        str, typer.Option(help="A deployment of prefect.yaml: sift-nightly | sift-nightly-k8s.")
+    ] = "sift-nightly",
+    cron: Annotated[str | None, typer.Option(help="Replace prefect.yaml's schedule.")] = None,
+    pool: Annotated[str | None, typer.Option(help="Replace the deployment's work pool.")] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    project_dir: ProjectOption = Path("."),
+) -> None:
+    """Create or update a deployment of prefect.yaml with this config as its parameters (a
+    worker of its pool runs it): `prefect deploy`, with the checked config. Scheduled runs skip
+    unchanged data and warm-start from the champion unless --set says otherwise."""
+    import os
+    import subprocess
+    import sys
+
+    overrides = [*SCHEDULED_DEFAULTS, *(set_ or [])]
+    root = project_dir.resolve()
+    if not (root / "prefect.yaml").is_file():
+        raise fail(f"sift deploy: no prefect.yaml in {root} (run it in a Sift checkout)", 2)
+    try:  # paths stay relative: the worker runs in its own checkout (prefect.yaml's pull)
+        parameters = {"config": load_config(config, overrides).model_dump(mode="json"),
+                      "project_dir": "."}  # fmt: skip
+    except ConfigError as error:
+        raise fail(error, 2) from None
+    configure_environment(root)  # the servers of `sift server up`, when running
+    if not os.environ.get("PREFECT_API_URL"):
+        raise fail("sift deploy: no Prefect server (PREFECT_API_URL, or `sift server up`)", 2)
+    command = [str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy",
+               "--name", name, "--params", json.dumps(parameters)]  # fmt: skip
+    command += ["--cron", cron] if cron else []
+    command += ["--pool", pool] if pool else []
+    env = {"SIFT_PROJECT_DIR": str(root), **os.environ}
+    done = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        output = done.stdout[-2000:] + done.stderr[-2000:]
+        raise fail(f"sift deploy: prefect deploy failed:\n{output}", 1)
+    console.print(f"deployment sift-pipeline/{name} on {os.environ['PREFECT_API_URL']}; start a "
+                  f"worker of its pool to run it", markup=False, highlight=False)  # fmt: skip
+
+
 @app.command("select")
 def select_command(
     data: Annotated[

@@ -367,3 +367,31 @@ def test_up_on_postgresql_keeps_both_stores_there(tmp_path):
             prefect_tables = _rows(names[0], "SELECT 1 FROM pg_tables WHERE tablename='flow_run'")
     assert ("kept-in-postgres",) in experiments
     assert prefect_tables == [(1,)]
+
+
+@pytest.mark.slow
+def test_sift_deploy_puts_the_checked_config_on_a_prefect_yaml_deployment(running):
+    project, _ = running
+    api = recorded(project)["prefect"]["client_url"]
+    env = clean_env() | {"PREFECT_API_URL": api, "PREFECT_HOME": str(project / ".sift" / "prefect")}
+    subprocess.run([str(SIFT.parent / "prefect"), "work-pool", "create", "sift-process",
+                    "--type", "process", "--overwrite"], env=env, check=True, capture_output=True,
+                   timeout=120)  # fmt: skip
+    bad = subprocess.run(
+        [str(SIFT), "deploy", "--project-dir", str(REPO), "--set", "select.budgt=1"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "select.budgt" in bad.stdout + bad.stderr
+    done = subprocess.run(
+        [str(SIFT), "deploy", "--project-dir", str(REPO), "--name", "sift-nightly",
+         "--cron", "0 4 * * *", "--set", "select.budget=0.2"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    found = httpx.post(f"{api}/deployments/filter", json={}, timeout=10).json()
+    deployment = next(d for d in found if d["name"] == "sift-nightly")
+    assert deployment["schedules"][0]["schedule"]["cron"] == "0 4 * * *"
+    config = deployment["parameters"]["config"]
+    assert config["select"]["budget"] == 0.2 and config["select"]["prior"] == "champion"
+    assert config["schedule"]["skip_unchanged"] is True
+    assert config["model"]["name"] == "assets/models/stories260K"  # relative: the worker's checkout
