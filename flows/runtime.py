@@ -54,6 +54,10 @@ def configure_environment(project_dir: Path) -> None:
         "GX_ANALYTICS_ENABLED": "false",
         "TOKENIZERS_PARALLELISM": "false",
         "TRANSFORMERS_VERBOSITY": "error",
+        # lm-eval reads benchmark data through `datasets` (its Arrow cache) and keeps its own
+        # request cache (unused by Sift) in site-packages unless told otherwise: both here.
+        "HF_DATASETS_CACHE": str(state / "hf-datasets"),
+        "LM_HARNESS_CACHE_PATH": str(state / "lm-eval-cache"),
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
