@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from steps.data.validate import ValidateConfig, raise_on_failure, validate
 from steps.data.version import DataRevisionError, VersionConfig, data_at_rev, version_data
 from steps.modeling import ModelConfig
 from tests.conftest import MODEL_DIR, write_jsonl
+from tests.s3 import moto_s3, object_keys
 
 DVC = str(Path(sys.executable).parent / "dvc")  # the venv's, activated or not
 GIT = ["git", "-c", "user.name=sift-test", "-c", "user.email=sift@example.invalid"]
@@ -80,43 +80,26 @@ def test_a_past_version_is_read_back_by_git_revision(project: Path, tmp_path: Pa
         data_at_rev(project, "no-such-tag", tmp_path / "none")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture
 def s3_endpoint(monkeypatch):
     """An in-process S3-compatible server (moto) on 127.0.0.1, with one empty bucket."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
     for name, value in {
         "AWS_ACCESS_KEY_ID": "sift-test",
         "AWS_SECRET_ACCESS_KEY": "sift-test",
         "AWS_DEFAULT_REGION": "us-east-1",
     }.items():
         monkeypatch.setenv(name, value)
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    endpoint = f"http://127.0.0.1:{port}"
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="sift-data")
-    yield endpoint
-    server.stop()
+    with moto_s3("sift-data") as endpoint:
+        yield endpoint
 
 
 @pytest.mark.slow
 def test_push_to_an_s3_remote(project: Path, tmp_path: Path, s3_endpoint: str):
-    import boto3
-
     _validated(project, tmp_path, "s3")
     config = VersionConfig(remote_url="s3://sift-data/datasets", endpoint_url=s3_endpoint)
     version = version_data(project / "data", project, config)
     assert version.remote_url == "s3://sift-data/datasets"
-    listed = boto3.client("s3", endpoint_url=s3_endpoint).list_objects_v2(Bucket="sift-data")
-    keys = {item["Key"] for item in listed["Contents"]}
+    keys = set(object_keys(s3_endpoint, "sift-data"))
     digest = version.train_md5
     assert f"datasets/files/md5/{digest[:2]}/{digest[2:]}" in keys
     assert any(key.endswith(".dir") for key in keys)
