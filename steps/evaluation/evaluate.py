@@ -49,6 +49,9 @@ class EvalReport:
     perplexity: float
     tokens: int
     examples: int
+    # stderr of the mean over response tokens (tokens taken as independent: a lower bound),
+    # what lets the gate tell an improvement from noise; None where it was not measured
+    loss_stderr: float | None = None
 
 
 def evaluation_loss(
@@ -64,7 +67,7 @@ def evaluation_loss(
     frame = pd.read_parquet(eval_path)
     encoded = encode_examples(tokenizer, list(frame.prompt), list(frame.response), model_config)
     batches = length_sorted_batches([len(e.input_ids) for e in encoded], config.batch_tokens)
-    total, tokens = 0.0, 0
+    total, squares, tokens = 0.0, 0.0, 0
     model.eval()
     with torch.inference_mode(), autocast(device, precision):
         for rows in tqdm(batches, desc="evaluate", unit="batch"):
@@ -76,17 +79,21 @@ def evaluation_loss(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
             ).logits
             targets = batch["labels"][:, 1:]
-            total += torch.nn.functional.cross_entropy(
+            per_token = torch.nn.functional.cross_entropy(
                 logits[:, :-1].float().transpose(1, 2),
                 targets,
                 ignore_index=IGNORE_INDEX,
-                reduction="sum",
-            ).item()
+                reduction="none",
+            )  # 0 at ignored positions
+            total += per_token.sum().item()
+            squares += per_token.double().square().sum().item()
             tokens += int((targets != IGNORE_INDEX).sum())
     if tokens == 0:
         raise ValueError(f"{eval_path}: the eval split has no response tokens to score")
     loss = total / tokens
-    return EvalReport(loss=loss, perplexity=math.exp(loss), tokens=tokens, examples=len(frame))
+    variance = max(squares / tokens - loss * loss, 0.0) * tokens / max(tokens - 1, 1)
+    return EvalReport(loss=loss, perplexity=math.exp(loss), tokens=tokens, examples=len(frame),
+                      loss_stderr=math.sqrt(variance / tokens))  # fmt: skip
 
 
 def evaluate(

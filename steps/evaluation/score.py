@@ -83,6 +83,7 @@ def scored(scoring: Scoring, eval_md5: str) -> Scored:
     scores = report.scores if report else ()
     return Scored(
         loss=scoring.evaluation.loss if scoring.evaluation else math.nan,
+        loss_stderr=scoring.evaluation.loss_stderr if scoring.evaluation else None,
         eval_md5=eval_md5,
         bench_fingerprint=report.plan_fingerprint if report else "",
         bench={s.key: Measured(s.value, s.stderr) for s in scores},

@@ -4,7 +4,8 @@
 score as `task/metric` (`task/metric/filter` where lm-eval applies a filter, e.g.
 `gsm8k/exact_match/flexible-extract`). The challenger is promoted only when it beats the
 champion by more than `min_margin` and, where both scores have a standard error, by more
-than their combined standard error: ties and noise never move `champion`.
+than their combined standard error: ties and noise never move `champion`. The held-out
+loss has one as well (over response tokens, steps/evaluation/evaluate.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 EVAL_LOSS_METRIC = "eval_loss"
 # Version tags: what the version was scored on, and its benchmark scores.
 BENCH_FINGERPRINT, BENCH_SCORES = "sift.bench_fingerprint", "sift.bench_scores"
+EVAL_LOSS_STDERR = "sift.eval_loss_stderr"
 GATE_DECISION = "sift.gate"
 
 

@@ -26,6 +26,7 @@ from steps.registry.gate import (
     BENCH_FINGERPRINT,
     BENCH_SCORES,
     EVAL_LOSS_METRIC,
+    EVAL_LOSS_STDERR,
     GATE_DECISION,
     Decision,
     GateConfig,
@@ -169,12 +170,13 @@ class Scored:
     loss: float
     eval_md5: str
     bench_fingerprint: str = ""  # "": no benchmarks
+    loss_stderr: float | None = None
     bench: dict[str, Measured] = field(default_factory=dict)  # task/metric[/filter] → score
     higher_is_better: dict[str, bool] = field(default_factory=dict)
 
     def measured(self, metric: str) -> Measured:
         if metric == EVAL_LOSS_METRIC:
-            return Measured(self.loss)
+            return Measured(self.loss, self.loss_stderr)
         if metric not in self.bench:
             raise ValueError(
                 f"registry.gate.metric={metric!r}: not scored (scores: eval_loss, "
@@ -186,6 +188,7 @@ class Scored:
 def _record(client: MlflowClient, name: str, version: str, scored: Scored) -> None:
     tags = {
         EVAL_LOSS: repr(scored.loss),
+        EVAL_LOSS_STDERR: repr(scored.loss_stderr) if scored.loss_stderr is not None else "",
         EVAL_MD5: scored.eval_md5,
         BENCH_FINGERPRINT: scored.bench_fingerprint,
         BENCH_SCORES: scores_tag(scored.bench),
@@ -198,6 +201,7 @@ def recorded_scores(champion: ModelVersion) -> Scored:
     tags = champion.tags
     return Scored(
         loss=float(tags.get(EVAL_LOSS, "nan")),
+        loss_stderr=float(tags[EVAL_LOSS_STDERR]) if tags.get(EVAL_LOSS_STDERR) else None,
         eval_md5=tags.get(EVAL_MD5, ""),
         bench_fingerprint=tags.get(BENCH_FINGERPRINT, ""),
         bench=parse_scores_tag(tags.get(BENCH_SCORES)),

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from steps.registry.aliases import history
-from steps.registry.register import RegisterConfig, promote, register_model
+from steps.registry.register import RegisterConfig, Scored, promote, register_model
 from tests.conftest import REPO, shifted_model_copy
 
 pytestmark = pytest.mark.slow
@@ -54,10 +54,11 @@ def built_store(tmp_path_factory) -> Path:
             for i in (1, 2, 3)
         ]
         assert [ref.version for ref in refs] == ["1", "2", "3"]
-        assert promote(refs[0], 2.5, "eval-a", never).promoted
-        assert promote(refs[1], 2.4, "eval-a", never).promoted
+        assert promote(refs[0], Scored(2.5, "eval-a"), never).promoted
+        assert promote(refs[1], Scored(2.4, "eval-a"), never).promoted
         # other eval data: the champion is re-scored (2.45) and v3's 2.6 loses
-        assert not promote(refs[2], 2.6, "eval-b", lambda uri: 2.45).promoted
+        rescored = Scored(2.45, "eval-b")
+        assert not promote(refs[2], Scored(2.6, "eval-b"), lambda uri: rescored).promoted
     finally:
         mlflow.set_tracking_uri(before[0])
         mlflow.set_registry_uri(before[1])
@@ -186,8 +187,12 @@ def test_history_lists_every_decision_in_order_with_the_automatic_ones(store):
         ("manual", "2", "1", True),
         ("rollback", "1", "2", True),
     ]
-    assert events[1]["numbers"] == {"eval_loss": 2.4, "previous_eval_loss": 2.5}
-    assert events[2]["numbers"] == {"eval_loss": 2.6, "previous_eval_loss": 2.45}
+    # the gate's numbers: both losses, the improvement, the margin and the combined stderr
+    assert events[1]["numbers"] == {"eval_loss": 2.4, "previous_eval_loss": 2.5,
+                                    "improvement": pytest.approx(0.1), "min_margin": 0.0,
+                                    "combined_stderr": 0.0}  # fmt: skip
+    assert events[2]["numbers"]["previous_eval_loss"] == 2.45
+    assert events[2]["numbers"]["improvement"] == pytest.approx(-0.15)
     assert events[3]["reason"] == "manual pick" and events[3]["who"] == getpass.getuser()
     code, table = _sift("models", NAME, "--history", *store)
     assert code == 0 and "rollback" in table and "manual" in table

@@ -6,7 +6,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from steps.registry.register import RegisterConfig, promote, register_model
+from steps.registry.register import RegisterConfig, Scored, promote, register_model
 from tests.conftest import shifted_model_copy
 
 pytestmark = pytest.mark.slow
@@ -39,16 +39,18 @@ def test_versions_aliases_and_promotion(own_registry, tmp_path: Path):
     assert client.get_model_version("sift-unit", "1").tags["git.sha"] == "abc"
 
     never_called = lambda uri: pytest.fail("champion should not be re-scored")  # noqa: E731
-    assert promote(first, 2.5, "eval-a", never_called).promoted  # no champion yet
+    assert promote(first, Scored(2.5, "eval-a"), never_called).promoted  # no champion yet
 
     second = register_model(second_dir, run_id, config, {})
     assert second.version == "2"
     assert str(client.get_model_version_by_alias("sift-unit", "challenger").version) == "2"
-    worse = promote(second, 2.6, "eval-a", never_called)  # same eval data: recorded loss used
+    worse = promote(second, Scored(2.6, "eval-a"), never_called)  # same eval data: recorded loss
     assert not worse.promoted and worse.champion_version == "1"
 
     scored: list[str] = []
-    better = promote(second, 2.6, "eval-b", lambda uri: scored.append(uri) or 2.7)
+    better = promote(
+        second, Scored(2.6, "eval-b"), lambda uri: scored.append(uri) or Scored(2.7, "eval-b")
+    )
     assert scored == ["models:/sift-unit@champion"]  # new eval data: the champion is re-scored
     assert better.promoted
     assert str(client.get_model_version_by_alias("sift-unit", "champion").version) == "2"
