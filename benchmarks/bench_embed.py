@@ -1,7 +1,8 @@
 """Throughput of the embedding pass against a plain `model(**batch)` loop, side by side.
 
     python benchmarks/bench_embed.py                      # stories260K, 2,000 GSM8K examples
-    python benchmarks/bench_embed.py --model <id|path> --examples 5000 --device cuda
+    python benchmarks/bench_embed.py --model <id|path> --examples 5000 --device cuda  # bf16
+    python benchmarks/bench_embed.py --processes 2 --chunk-examples 250  # + embed_pool, 2 procs
 
 Both loops see the same tokenised examples and count real (unpadded) tokens per second:
 - plain loop: batches of --batch-size examples in file order, padded to the longest, under
@@ -9,18 +10,27 @@ Both loops see the same tokenised examples and count real (unpadded) tokens per 
 - plain loop on the pass's own length-sorted batches (same padding as the pass, no
   statistics): isolates the cost of forming the statistics;
 - the pass itself (steps.selection.embed.embed_encoded): length-sorted batches, loss-token states,
-  factors and per-token losses, written to disk in chunks.
+  factors and per-token losses, written to disk in chunks;
+- with --processes N: embed_pool with embed.num_processes=N (steps/selection/embed_multiprocess.py),
+  timed from the call (worker start-up and model loading included) and by the workers' own
+  loops (FeaturesRef.tokens_per_second); needs at least N chunks (--chunk-examples).
 Each is run twice and the faster run kept (the first warms caches and allocators).
+MFU = real tokens/s × forward FLOPs per token ÷ --peak-tflops (default on CUDA: 989, dense
+bf16 of an H100/H200 SXM; on CPU only when given), with forward FLOPs ≈ 2 × the parameters
+that multiply (all but the input-embedding lookup; a tied output head counts): attention's
+own 4·L·T·d per token is left out, as the brief estimate 2N does.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import tempfile
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from steps.modeling import (
@@ -34,7 +44,7 @@ from steps.modeling import (
     pad_batch,
     resolve_precision,
 )
-from steps.selection.embed import EmbedConfig, embed_encoded
+from steps.selection.embed import EmbedConfig, embed_encoded, embed_pool
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,6 +76,24 @@ def plain_loop(
     return time.perf_counter() - start, padded
 
 
+def forward_flops_per_token(model: torch.nn.Module) -> float:
+    """2 × the parameters that multiply: all but the input-embedding lookup (a tied output head,
+    which shares that matrix, still multiplies once per token)."""
+    embedding = model.get_input_embeddings().weight  # type: ignore[operator]
+    head = model.get_output_embeddings()  # type: ignore[operator]
+    matmul = sum(p.numel() for p in model.parameters() if p is not embedding)
+    if head is not None and head.weight is embedding:
+        matmul += embedding.numel()
+    return 2.0 * matmul
+
+
+def write_table(prompts: list[str], responses: list[str], path: Path) -> str:
+    """The pool as the embed step reads it (the validated table's id, prompt, response)."""
+    ids = [f"gsm8k-{i}" for i in range(len(prompts))]
+    pd.DataFrame({"id": ids, "prompt": prompts, "response": responses}).to_parquet(path)
+    return str(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=str(REPO / "assets/models/stories260K"))
@@ -73,18 +101,27 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=32, help="plain loop, examples")
     parser.add_argument("--batch-tokens", type=int, default=EmbedConfig().batch_tokens)
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--chunk-examples", type=int, default=EmbedConfig().chunk_examples)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    parser.add_argument("--processes", type=int, default=1, help="> 1: also embed_pool in N")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="for MFU (CUDA: 989)")
     args = parser.parse_args()
     precision = resolve_precision(args.precision, args.device)
+    peak = args.peak_tflops or (989.0 if args.device == "cuda" else None)
 
     model_config = ModelConfig(name=args.model)
     tokenizer = load_tokenizer(model_config)
     model = load_model(model_config, args.device).eval()
-    encoded = encode_examples(tokenizer, *read_pool(Path(args.data), args.examples), model_config)
+    prompts, responses = read_pool(Path(args.data), args.examples)
+    encoded = encode_examples(tokenizer, prompts, responses, model_config)
+    # embed_pool refuses examples whose prompt fills max_length (no response token left)
+    kept = [i for i, e in enumerate(encoded) if e.n_loss_tokens > 0]
+    prompts, responses = [prompts[i] for i in kept], [responses[i] for i in kept]
+    encoded = [encoded[i] for i in kept]
     tokens = sum(len(e.input_ids) for e in encoded)
     pad_id = tokenizer.pad_token_id
-    config = EmbedConfig(batch_tokens=args.batch_tokens)
+    config = EmbedConfig(batch_tokens=args.batch_tokens, chunk_examples=args.chunk_examples)
 
     file_order = [encoded[a : a + args.batch_size] for a in range(0, len(encoded), args.batch_size)]
     lengths = [len(e.input_ids) for e in encoded]
@@ -92,38 +129,70 @@ def main() -> None:
         [encoded[i] for i in rows] for rows in length_sorted_batches(lengths, args.batch_tokens)
     ]
     results: dict[str, tuple[float, float]] = {}
+
+    def keep(name: str, seconds: float, padding: float) -> None:
+        if name not in results or seconds < results[name][0]:
+            results[name] = (seconds, padding)
+
     for _ in range(2):
         for name, batches in [
             ("plain loop, file order", file_order),
             ("plain loop, length-sorted", sorted_batches),
         ]:
             seconds, padded = plain_loop(model, batches, pad_id, args.device, precision)
-            if name not in results or seconds < results[name][0]:
-                results[name] = (seconds, padded / (padded + tokens))
+            keep(name, seconds, padded / (padded + tokens))
         with tempfile.TemporaryDirectory() as out:
             start = time.perf_counter()
             ref = embed_encoded(model, encoded, pad_id, config, Path(out), args.device, precision)
-            seconds = time.perf_counter() - start
-        name = "embed pass (statistics to disk)"
-        if name not in results or seconds < results[name][0]:
-            results[name] = (seconds, ref.padding_fraction)
+            keep(
+                "embed pass (statistics to disk)", time.perf_counter() - start, ref.padding_fraction
+            )
+    if args.processes > 1:
+        chunks = math.ceil(len(encoded) / args.chunk_examples)
+        if chunks < args.processes:
+            print(
+                f"warning: {chunks} chunk(s) for {args.processes} processes: lower --chunk-examples"
+            )
+        many = config.model_copy(update={"num_processes": args.processes})
+        with tempfile.TemporaryDirectory() as out:
+            table = write_table(prompts, responses, Path(out) / "pool.parquet")
+            for attempt in range(2):
+                start = time.perf_counter()
+                ref = embed_pool(
+                    table, model_config, many, Path(out) / f"f{attempt}", args.device, precision
+                )
+                name = f"embed_pool, {args.processes} processes"
+                keep(
+                    f"{name}: wall, launch included",
+                    time.perf_counter() - start,
+                    ref.padding_fraction,
+                )
+                keep(
+                    f"{name}: workers' loops", tokens / ref.tokens_per_second, ref.padding_fraction
+                )
 
     device = (
         torch.cuda.get_device_name()
         if args.device == "cuda"
         else f"cpu, {torch.get_num_threads()} threads"
     )
+    per_token = forward_flops_per_token(model)
     print(
         f"# bench_embed: {args.model}, {len(encoded)} examples, {tokens} tokens, {device}, "
-        f"{precision}\n"
+        f"{precision}, {per_token / 2e6:.2f}M multiplying parameters"
+        + (f", MFU against {peak:g} TFLOP/s" if peak else "")
+        + "\n"
     )
-    print("| loop | seconds | tokens/s | padding | vs plain, file order |")
-    print("|---|---:|---:|---:|---:|")
+    mfu_header = " MFU |" if peak else ""
+    print(f"| loop | seconds | tokens/s | padding | vs plain, file order |{mfu_header}")
+    print("|---|---:|---:|---:|---:|" + ("---:|" if peak else ""))
     baseline = results["plain loop, file order"][0]
     for name, (seconds, padding) in results.items():
+        rate = tokens / seconds
+        mfu = f" {rate * per_token / (peak * 1e12):.2%} |" if peak else ""
         print(
-            f"| {name} | {seconds:.2f} | {tokens / seconds:,.0f} | {padding:.1%} "
-            f"| {baseline / seconds:.2f}x |"
+            f"| {name} | {seconds:.2f} | {rate:,.0f} | {padding:.1%} "
+            f"| {baseline / seconds:.2f}x |{mfu}"
         )
 
 

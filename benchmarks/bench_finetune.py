@@ -17,15 +17,36 @@ tokens/s counts real (non-padding) tokens over the wall time of trainer.train(),
 stories260K's tokenizer). On CUDA the script also reports model FLOPs utilisation
 (6N + 12·L·d·T FLOPs per token, PaLM appendix B) against --peak-tflops (H100 SXM dense
 bf16: 989).
+
+    python benchmarks/bench_finetune.py --compare-packing --examples 400 --epochs 2
+
+--compare-packing instead trains the same model on the same examples two ways, one after the
+other, with the same optimizer, schedule, seed and epochs, and prints tokens/s, the ratio, held-out
+loss and the training losses at matching steps (PNG: docs/results/packing_vs_sampler_<model>.png):
+  - sampler: the step (length-grouped EpochSampler, padded batches of --batch-size examples);
+  - packing: TRL's SFTTrainer with packing=True, packing_strategy="bfd" (rows of at most
+    --packed-length tokens, each example whole; padding-free, so no attention_mask: the model
+    masks each example off from the others by its position_ids). The dataset is our encoded
+    examples with their labels (-100 on the prompt), which SFTTrainer uses as they are, so the
+    loss stays on response tokens only (the collator also masks each row's first token). Rows
+    per batch are chosen so that both runs take the same number of optimizer steps, and so see
+    about the same tokens per step. Note SFTTrainer also patches in its fused LM head (the
+    output projection on loss-bearing positions only).
+Padding-free collation flattens the whole batch into one sequence; only a varlen kernel
+(flash-attention 2/3, not in the lock) computes attention per example. sdpa and eager, on CPU
+or GPU, compute the whole row's T² scores under a block-diagonal mask (transformers builds it
+from position_ids), so a batch of B examples costs about B× the attention of its padded form.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -158,6 +179,240 @@ def flops_per_token(model_dir: Path, seq_len: float) -> float:
     return 6 * n + 12 * layers * d * seq_len
 
 
+@dataclass(frozen=True)
+class Trained:
+    """One run of --compare-packing: throughput, the loss curve and the held-out loss."""
+
+    name: str
+    tokens_per_second: float
+    seconds: float
+    steps: int
+    tokens: int
+    curve: list[tuple[int, int, float]]  # (step, non-padding tokens seen, training loss)
+    heldout_loss: float
+
+
+def encoded_split(model_dir: Path, max_length: int, split: str, rows: int):
+    from steps.modeling import ModelConfig, encode_examples, load_tokenizer
+
+    config = ModelConfig(name=str(model_dir), max_length=max_length)
+    with (REPO / "assets" / "data" / "gsm8k" / f"{split}.jsonl").open() as handle:
+        records = [json.loads(next(handle)) for _ in range(rows)]
+    questions, answers = [r["question"] for r in records], [r["answer"] for r in records]
+    return encode_examples(load_tokenizer(config), questions, answers, config)
+
+
+def heldout_loss(model, examples, pad_id: int, device: str) -> float:
+    """Mean loss per response token over `examples` (GSM8K test rows), batches of 16."""
+    from steps.modeling import pad_batch
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(examples), 16):
+            batch = {
+                k: v.to(device) for k, v in pad_batch(examples[start : start + 16], pad_id).items()
+            }
+            logits = model(
+                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+            ).logits
+            targets = batch["labels"][:, 1:]
+            losses = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().transpose(1, 2), targets, ignore_index=-100, reduction="sum"
+            )
+            total, count = total + float(losses), count + int((targets != -100).sum())
+    return total / count
+
+
+def train_sampler(args, model_dir: Path, table: Path, ids: list[str], out_dir: Path, heldout):
+    from mlflow.tracking import MlflowClient
+    from transformers import AutoModelForCausalLM
+
+    from steps.modeling import ModelConfig
+    from steps.training.finetune import FinetuneConfig, finetune
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("bench-finetune")
+    assert experiment is not None
+    run_id = client.create_run(experiment.experiment_id).info.run_id
+    config = FinetuneConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        checkpoint_steps=0,
+        logging_steps=1,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
+    model = ModelConfig(name=str(model_dir), max_length=args.max_length)
+    ref = finetune(str(table), ids, model, config, out_dir, args.device, args.precision, run_id)
+    losses = client.get_metric_history(run_id, "train/loss")
+    seen = {
+        m.step: int(m.value)
+        for m in client.get_metric_history(run_id, "train/num_input_tokens_seen")
+    }
+    curve = [(m.step, seen.get(m.step, 0), m.value) for m in sorted(losses, key=lambda m: m.step)]
+    tuned = AutoModelForCausalLM.from_pretrained(ref.model_dir).to(args.device)
+    return Trained(
+        "sampler (the step)",
+        ref.tokens / ref.seconds,
+        ref.seconds,
+        ref.steps,
+        ref.tokens,
+        curve,
+        heldout_loss(tuned, heldout[0], heldout[1], args.device),
+    )
+
+
+def packed_rows(examples, packed_length: int) -> int:
+    """How many rows TRL's best-fit-decreasing packing makes of the examples."""
+    from datasets import Dataset
+    from trl.data_utils import pack_dataset
+
+    data = Dataset.from_dict({"input_ids": [e.input_ids for e in examples]})
+    return len(pack_dataset(data, packed_length, "bfd"))
+
+
+def train_packed(args, model_dir: Path, examples, out_dir: Path, rows_per_batch: int, heldout):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from steps.modeling import ModelConfig, load_tokenizer
+
+    tokenizer = load_tokenizer(ModelConfig(name=str(model_dir), max_length=args.max_length))
+    if tokenizer.unk_token is not None:
+        # Padding-free rows hold no padding; Trainer counts non-padding tokens as input_ids !=
+        # pad_token_id, which with our pad (EOS) would skip every example's last token.
+        tokenizer.pad_token = tokenizer.unk_token
+    data = {"input_ids": [e.input_ids for e in examples], "labels": [e.labels for e in examples]}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(args.device)
+    config = SFTConfig(
+        output_dir=str(out_dir),
+        num_train_epochs=args.epochs,
+        per_device_train_batch_size=rows_per_batch,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="cosine",
+        max_grad_norm=1.0,
+        # SFTConfig's own defaults differ from TrainingArguments': checkpointing and bf16 on
+        gradient_checkpointing=args.gradient_checkpointing,
+        bf16=args.precision == "bf16",
+        fp16=args.precision == "fp16",
+        logging_steps=1,
+        logging_nan_inf_filter=False,
+        save_strategy="no",
+        report_to=[],
+        seed=0,
+        data_seed=0,
+        use_cpu=args.device == "cpu",
+        dataloader_num_workers=0,
+        include_num_input_tokens_seen="non_padding",
+        packing=True,
+        packing_strategy="bfd",
+        max_length=args.packed_length,
+    )
+    trainer = SFTTrainer(
+        model=model, args=config, train_dataset=Dataset.from_dict(data), processing_class=tokenizer
+    )
+    started = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - started
+    curve = [
+        (int(entry["step"]), int(entry.get("num_input_tokens_seen", 0)), float(entry["loss"]))
+        for entry in trainer.state.log_history
+        if "loss" in entry
+    ]
+    tokens = int(trainer.state.num_input_tokens_seen)
+    return Trained(
+        f"packing (TRL SFTTrainer, bfd, {rows_per_batch} rows of <= {args.packed_length})",
+        tokens / seconds,
+        seconds,
+        int(result.global_step),
+        tokens,
+        curve,
+        heldout_loss(trainer.model, heldout[0], heldout[1], args.device),
+    )
+
+
+def compare_packing(args, model_dir: Path, table: Path, ids: list[str], work_dir: Path) -> None:
+    from steps.modeling import ModelConfig, load_tokenizer
+
+    try:
+        import trl  # noqa: F401
+    except ImportError as error:
+        raise SystemExit("--compare-packing needs TRL: pip install trl==1.16.0") from error
+
+    examples = encoded_split(model_dir, args.max_length, "train", args.examples)
+    pad_id = load_tokenizer(ModelConfig(name=str(model_dir))).pad_token_id
+    heldout = (encoded_split(model_dir, args.max_length, "test", args.heldout), pad_id)
+    rows = packed_rows(examples, args.packed_length)
+    # as many optimizer steps per epoch as the sampler's ceil(examples / batch_size)
+    rows_per_batch = max(1, round(rows / math.ceil(len(examples) / args.batch_size)))
+    runs: dict[str, Trained] = {}
+    for repeat in range(args.repeats):
+        for trained in (
+            train_sampler(args, model_dir, table, ids, work_dir / f"s{repeat}", heldout),
+            train_packed(
+                args, model_dir, examples, work_dir / f"p{repeat}", rows_per_batch, heldout
+            ),
+        ):
+            best = runs.get(trained.name)
+            if best is None or trained.tokens_per_second > best.tokens_per_second:
+                runs[trained.name] = trained
+    sampler, packed = runs.values()
+    print(
+        f"\n{args.model}, {len(examples)} GSM8K examples "
+        f"({sum(len(e.input_ids) for e in examples):,} tokens, "
+        f"{rows} packed rows), {args.epochs} epoch(s), {args.device} {args.precision}, "
+        f"best of {args.repeats}; held-out loss on {args.heldout} GSM8K test examples\n"
+    )
+    print("| batching | steps | tokens | train seconds | tokens/s | vs sampler | held-out loss |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for trained in (sampler, packed):
+        print(
+            f"| {trained.name} | {trained.steps} | {trained.tokens:,} | {trained.seconds:.1f} | "
+            f"{trained.tokens_per_second:,.0f} | "
+            f"{trained.tokens_per_second / sampler.tokens_per_second:.2f}x | "
+            f"{trained.heldout_loss:.4f} |"
+        )
+    steps = min(len(sampler.curve), len(packed.curve))
+    every = max(1, steps // 10)
+    print("\n| step | sampler: tokens seen | loss | packing: tokens seen | loss |")
+    print("|---:|---:|---:|---:|---:|")
+    for i in [*range(0, steps - 1, every), steps - 1]:
+        (step, seen_s, loss_s), (_, seen_p, loss_p) = sampler.curve[i], packed.curve[i]
+        print(f"| {step} | {seen_s:,} | {loss_s:.4f} | {seen_p:,} | {loss_p:.4f} |")
+    gap = sum(abs(a[2] - b[2]) for a, b in zip(sampler.curve, packed.curve, strict=False)) / steps
+    print(f"\nmean |loss difference| at matching steps: {gap:.4f}")
+    plot_curves(
+        sampler, packed, REPO / "docs" / "results" / f"packing_vs_sampler_{args.model}.png", args
+    )
+
+
+def plot_curves(sampler: Trained, packed: Trained, path: Path, args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for trained in (sampler, packed):
+        label = (
+            f"{trained.name}: {trained.tokens_per_second:,.0f} tok/s, "
+            f"held-out {trained.heldout_loss:.3f}"
+        )
+        axis.plot([c[1] for c in trained.curve], [c[2] for c in trained.curve], label=label)
+    axis.set_xlabel("non-padding tokens seen")
+    axis.set_ylabel("training loss (response tokens)")
+    axis.set_title(
+        f"{args.model}, {args.examples} GSM8K examples, {args.epochs} epoch(s), {args.device}"
+    )
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    print(f"loss curves: {path.relative_to(REPO)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["stories260K", *LLAMA_SIZES], default="stories260K")
@@ -172,6 +427,9 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--peak-tflops", type=float, default=989.0)
+    parser.add_argument("--compare-packing", action="store_true", help="sampler vs TRL packing")
+    parser.add_argument("--packed-length", type=int, default=512, help="packing: row length")
+    parser.add_argument("--heldout", type=int, default=100, help="packing: test examples")
     args = parser.parse_args()
 
     work_dir = Path(tempfile.mkdtemp(prefix="bench-finetune-"))
@@ -183,6 +441,9 @@ def main() -> None:
     model_dir = build_model(args.model, work_dir)
     table = work_dir / "train.parquet"
     ids = gsm8k_table(args.examples, table)
+    if args.compare_packing:
+        compare_packing(args, model_dir, table, ids, work_dir)
+        return
     variants = {
         "step": lambda i: run_step(args, model_dir, table, ids, work_dir / f"step{i}", run_id),
         "plain": lambda i: run_plain(args, model_dir, table, ids, work_dir / f"p{i}", False),

@@ -2,7 +2,8 @@
 
 For example i with loss-bearing states x_i1..x_iT (after the final norm; the state at position
 t predicts token t+1), FisherSFT needs only Σ_j x_ij x_ijᵀ. We store a factor F_i with
-F_iᵀF_i equal to it (at most d rows), never all N·T·d token states.
+F_iᵀF_i equal to it (at most d rows), never all N·T·d token states; the forward pass and
+that math are steps/selection/embed_stats.py, this module runs them over the pool.
 
 Large hidden sizes get a documented sketch (EmbedConfig): states wider than `sketch_dim` are
 projected by a seeded Gaussian matrix P (x → Pᵀx, Johnson–Lindenstrauss; the same P as
@@ -12,38 +13,44 @@ tests/model/test_embed_stats.py measures what both cost on the exact objective.
 The pass streams: every `chunk_examples` examples are written to disk as one chunk-*.npz,
 so memory stays bounded and an interrupted pass resumes at the first missing chunk. The
 finished folder holds FILES as .npy (memory-mappable) plus meta.json.
+
+The chunk is also the unit of parallelism: with `num_processes > 1` workers started by
+`accelerate launch` (steps/selection/embed_multiprocess.py) each compute every N-th missing
+chunk, exactly as one process would, and this process merges them in pool order.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel
+from transformers import AutoConfig, PreTrainedModel
 
 from steps.hashing import code_fingerprint
 from steps.modeling import (
     IGNORE_INDEX,
     Encoded,
     ModelConfig,
-    autocast,
     encode_examples,
-    length_sorted_batches,
     load_model,
     load_tokenizer,
-    pad_batch,
 )
+from steps.selection.embed_multiprocess import run_workers
+from steps.selection.embed_stats import chunk_statistics
 from steps.selection.pool import FeaturePool, random_projection
 
 FILES = ("factors", "offsets", "pooled", "n_tokens", "base_loss")
+log = logging.getLogger(__name__)
 
 
 class EmbedConfig(BaseModel):
@@ -61,6 +68,26 @@ class EmbedConfig(BaseModel):
     sketch_seed: int = 0
     # Examples per chunk on disk: the unit of streaming and of resuming.
     chunk_examples: int = Field(default=4096, gt=0)
+    # > 1: that many processes via `accelerate launch` (GPUs: one each, NCCL; CPU: gloo), each
+    # computing every N-th missing chunk; the pool is the one a single process makes. Workers
+    # beyond the number of chunks idle: a pool of P examples keeps P / chunk_examples busy.
+    num_processes: int = Field(default=1, gt=0)
+
+
+class EmbedJob(BaseModel):
+    """One multi-process pass: the chunks still missing of the pool at table_path, computed
+    by the workers (steps/selection/embed_launch.py reads this from JSON and validates it)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    table_path: str
+    model: ModelConfig
+    embed: EmbedConfig
+    out_dir: Path
+    device: str  # resolved: 'cpu' or 'cuda' (each worker takes its own GPU)
+    precision: Literal["fp32", "bf16", "fp16"]
+    hidden_size: int  # recorded in the manifest by the parent; each worker checks its model's
+    chunks: list[int]  # chunk numbers to compute; worker r of N takes chunks[r::N]
 
 
 @dataclass(frozen=True)
@@ -111,13 +138,95 @@ def embed_pool(
     device: str,
     precision: str,
 ) -> FeaturesRef:
-    """One inference pass over the pool in length-sorted batches; writes FILES to out_dir."""
+    """One inference pass over the pool in length-sorted batches; writes FILES to out_dir.
+
+    With config.num_processes > 1 the chunks are computed by that many worker processes and
+    merged here: the same FILES, byte for byte on CPU, as one process writes.
+    """
     frame = pd.read_parquet(table_path)
     tokenizer = load_tokenizer(model_config)
-    model = load_model(model_config, device).eval()
     encoded = encode_examples(tokenizer, list(frame.prompt), list(frame.response), model_config)
     _require_loss_tokens(encoded, list(frame.id), model_config)
-    return embed_encoded(model, encoded, tokenizer.pad_token_id, config, out_dir, device, precision)
+    if config.num_processes == 1:
+        model = load_model(model_config, device).eval()
+        pad_id = tokenizer.pad_token_id
+        return embed_encoded(model, encoded, pad_id, config, out_dir, device, precision)
+    return _embed_in_workers(
+        table_path, model_config, config, len(encoded), out_dir, device, precision
+    )
+
+
+def _embed_in_workers(
+    table_path: str,
+    model_config: ModelConfig,
+    config: EmbedConfig,
+    examples: int,
+    out_dir: Path,
+    device: str,
+    precision: str,
+) -> FeaturesRef:
+    """embed_pool's multi-process path: the manifest here, the missing chunks in the workers,
+    the merge here (the pool's tokenisation was already checked by the caller)."""
+    settings = AutoConfig.from_pretrained(
+        model_config.name,
+        revision=model_config.revision,
+        trust_remote_code=model_config.trust_remote_code,
+    )
+    hidden = int(settings.hidden_size)
+    _start_folder(out_dir, _manifest(examples, hidden, config, device, precision))
+    count = len(_chunk_rows(examples, config))
+    missing = [n for n in range(count) if not _chunk_path(out_dir, n).exists()]
+    if 0 < len(missing) < config.num_processes:
+        log.warning(
+            "embed: %d chunk(s) to compute in embed.num_processes=%d; lower "
+            "embed.chunk_examples to keep every process busy",
+            len(missing),
+            config.num_processes,
+        )
+    speed = 0.0
+    if missing:  # else every chunk is on disk already: nothing to launch
+        job = EmbedJob.model_validate(
+            {
+                "table_path": table_path,
+                "model": model_config,
+                "embed": config,
+                "out_dir": out_dir,
+                "device": device,
+                "precision": precision,
+                "hidden_size": hidden,
+                "chunks": missing,
+            }
+        )
+        reports = run_workers(job.model_dump_json(), config.num_processes, device, out_dir)
+        # all workers' tokens over the slowest one's loop: model loading is left out, as it is
+        # from a one-process pass's rate
+        speed = sum(r.tokens for r in reports) / max(max(r.seconds for r in reports), 1e-9)
+    return _consolidate(out_dir, count, hidden, speed, precision)
+
+
+def embed_shard(job: EmbedJob, chunks: list[int], device: str) -> tuple[int, float]:
+    """A worker's share of a multi-process pass: these chunks of the job's pool, on `device`
+    (this worker's GPU, or 'cpu'). Returns embed_chunks' (tokens computed, seconds)."""
+    frame = pd.read_parquet(job.table_path)
+    tokenizer = load_tokenizer(job.model)
+    model = load_model(job.model, device).eval()
+    if int(model.config.hidden_size) != job.hidden_size:
+        raise ValueError(
+            f"model {job.model.name!r} loads with hidden_size={model.config.hidden_size}, "
+            f"but its config (recorded in the manifest) says {job.hidden_size}"
+        )
+    rows = _chunk_rows(len(frame), job.embed)
+    encoded = {
+        n: encode_examples(
+            tokenizer,
+            list(frame.prompt.iloc[rows[n].start : rows[n].stop]),
+            list(frame.response.iloc[rows[n].start : rows[n].stop]),
+            job.model,
+        )
+        for n in chunks
+    }
+    pad_id = tokenizer.pad_token_id
+    return embed_chunks(model, encoded, pad_id, job.embed, job.out_dir, device, job.precision)
 
 
 def _require_loss_tokens(encoded: list[Encoded], ids: list[str], model: ModelConfig) -> None:
@@ -141,41 +250,73 @@ def embed_encoded(
 ) -> FeaturesRef:
     """The pass itself over tokenised examples (also what benchmarks/bench_embed.py times)."""
     hidden = int(model.config.hidden_size)
+    _start_folder(out_dir, _manifest(len(encoded), hidden, config, device, precision))
+    rows = _chunk_rows(len(encoded), config)
+    chunks = {number: [encoded[i] for i in chunk] for number, chunk in enumerate(rows)}
+    computed, seconds = embed_chunks(model, chunks, pad_id, config, out_dir, device, precision)
+    speed = computed / seconds if computed else 0.0
+    return _consolidate(out_dir, len(rows), hidden, speed, precision)
+
+
+def embed_chunks(
+    model: PreTrainedModel,
+    chunks: dict[int, list[Encoded]],
+    pad_id: int,
+    config: EmbedConfig,
+    out_dir: Path,
+    device: str,
+    precision: str,
+) -> tuple[int, float]:
+    """Writes chunk-<number>.npz for each chunk not on disk yet: (tokens computed, seconds)."""
+    hidden = int(model.config.hidden_size)
     width = config.sketch_dim if 0 < config.sketch_dim < hidden else hidden
     projection = None
     if width < hidden:
         projection = torch.from_numpy(random_projection(hidden, width, config.sketch_seed))
         projection = projection.to(device)
-    manifest = {
-        "examples": len(encoded),
+    sizes = {number: sum(len(e.input_ids) for e in chunk) for number, chunk in chunks.items()}
+    computed = 0
+    started = time.perf_counter()
+    with torch.inference_mode(), tqdm(total=sum(sizes.values()), desc="embed", unit="tok") as bar:
+        for number, chunk in chunks.items():
+            path = _chunk_path(out_dir, number)
+            if not path.exists():
+                stats = chunk_statistics(
+                    model,
+                    chunk,
+                    pad_id,
+                    config.batch_tokens,
+                    config.max_rank,
+                    projection,
+                    device,
+                    precision,
+                )
+                _save_atomic(path, stats)
+                computed += sizes[number]
+            bar.update(sizes[number])
+    return computed, time.perf_counter() - started
+
+
+def _manifest(examples: int, hidden: int, config: EmbedConfig, device: str, precision: str):
+    return {
+        "examples": examples,
         "hidden_size": hidden,
-        "config": config.model_dump(),
+        # who computes a chunk does not change it: N processes resume one's chunks and back
+        "config": config.model_dump(exclude={"num_processes"}),
         # chunks made by other code, on another device or in another precision differ
         "code": code_fingerprint(__name__),
         "device": device,
         "precision": precision,
     }
-    _start_folder(out_dir, manifest)
-    lengths = [len(e.input_ids) for e in encoded]
-    padded = computed = 0
-    started = time.perf_counter()
-    starts = range(0, len(encoded), config.chunk_examples)
-    with torch.inference_mode(), tqdm(total=sum(lengths), desc="embed", unit="tok") as bar:
-        for number, start in enumerate(starts):
-            rows = range(start, min(start + config.chunk_examples, len(encoded)))
-            path = out_dir / f"chunk-{number:05d}.npz"
-            if not path.exists():
-                chunk = [encoded[i] for i in rows]
-                stats = _chunk_statistics(
-                    model, chunk, pad_id, config, projection, device, precision
-                )
-                _save_atomic(path, stats)
-                padded += int(stats["padded"])
-                computed += sum(lengths[i] for i in rows)
-            bar.update(sum(lengths[i] for i in rows))
-    seconds = time.perf_counter() - started
-    speed = computed / seconds if computed else 0.0
-    return _consolidate(out_dir, len(starts), hidden, speed, precision)
+
+
+def _chunk_rows(examples: int, config: EmbedConfig) -> list[range]:
+    step = config.chunk_examples
+    return [range(start, min(start + step, examples)) for start in range(0, examples, step)]
+
+
+def _chunk_path(out_dir: Path, number: int) -> Path:
+    return out_dir / f"chunk-{number:05d}.npz"
 
 
 def _start_folder(out_dir: Path, manifest: dict) -> None:
@@ -186,100 +327,6 @@ def _start_folder(out_dir: Path, manifest: dict) -> None:
         for stale in out_dir.glob("chunk-*.npz"):
             stale.unlink()
     path.write_text(json.dumps(manifest, indent=2))
-
-
-def _chunk_statistics(
-    model: PreTrainedModel,
-    chunk: list[Encoded],
-    pad_id: int,
-    config: EmbedConfig,
-    projection: torch.Tensor | None,
-    device: str,
-    precision: str,
-) -> dict[str, np.ndarray]:
-    lengths = [len(e.input_ids) for e in chunk]
-    factors: list[np.ndarray] = [np.empty(0)] * len(chunk)
-    width = int(model.config.hidden_size) if projection is None else projection.shape[1]
-    pooled = np.zeros((len(chunk), width), np.float32)
-    base_loss = np.zeros(len(chunk), np.float32)
-    n_tokens = np.zeros(len(chunk), np.int64)
-    padded = 0
-    for rows in length_sorted_batches(lengths, config.batch_tokens):
-        batch = {k: v.to(device) for k, v in pad_batch([chunk[i] for i in rows], pad_id).items()}
-        with autocast(device, precision):  # the forward only: the statistics stay fp32/fp64
-            states, losses, mask = _batch_states(model, batch)
-        if projection is not None:
-            states = states @ projection
-        batch_factors, batch_pooled, counts, batch_loss = _batch_factors(
-            states, losses, mask, config.max_rank
-        )
-        for slot, i in enumerate(rows):
-            factors[i] = batch_factors[slot]
-        pooled[rows] = batch_pooled
-        n_tokens[rows] = counts
-        base_loss[rows] = batch_loss
-        padded += batch["input_ids"].numel() - sum(lengths[i] for i in rows)
-    offsets = np.concatenate([[0], np.cumsum([len(f) for f in factors])]).astype(np.int64)
-    return {
-        "factors": np.concatenate(factors).astype(np.float32),
-        "offsets": offsets,
-        "pooled": pooled,
-        "n_tokens": n_tokens,
-        "base_loss": base_loss,
-        "padded": np.array(padded),
-        "tokens": np.array(sum(lengths)),  # real (unpadded) tokens, for the padding fraction
-    }
-
-
-def _batch_states(model: PreTrainedModel, batch: dict[str, torch.Tensor]):
-    """Loss-token states (float32), per-token losses and the loss mask of one padded batch."""
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        output_hidden_states=True,
-    )
-    states = out.hidden_states[-1][:, :-1].float()  # position t predicts token t+1
-    targets = batch["labels"][:, 1:]
-    losses = torch.nn.functional.cross_entropy(
-        out.logits[:, :-1].float().transpose(1, 2),
-        targets,
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    )
-    return states, losses, targets != IGNORE_INDEX
-
-
-def _batch_factors(
-    states: torch.Tensor, losses: torch.Tensor, mask: torch.Tensor, max_rank: int
-) -> tuple[list[np.ndarray], np.ndarray, np.ndarray, np.ndarray]:
-    """Per example: a factor F (FᵀF = Σ x xᵀ), the mean state, the token count, the mean loss.
-
-    A factor is the raw loss-token states when there are few enough of them; otherwise the
-    top eigen-directions of the Gram, sqrt(w) uᵀ, largest first (computed in float64, in
-    torch: numpy's BLAS threads next to torch's oversubscribed 2 cores and ran 5x slower).
-    """
-    weights = mask.to(states.dtype)
-    counts = weights.sum(dim=1)
-    masked = states * weights[..., None]
-    pooled = masked.sum(dim=1) / counts.clamp_min(1)[:, None]
-    mean_loss = (losses * weights).sum(dim=1) / counts.clamp_min(1)
-    width = states.shape[-1]
-    keep = min(width, max_rank) if max_rank else width
-    by_eigen = (counts > keep).nonzero().flatten().tolist()
-    eigen_factors: dict[int, np.ndarray] = {}
-    if by_eigen:
-        x = masked[by_eigen].double()
-        values, vectors = torch.linalg.eigh(x.transpose(1, 2) @ x)  # ascending
-        values, vectors = values[:, -keep:].flip(1), vectors[:, :, -keep:].flip(2)
-        top = values.clamp_min(0).sqrt()[:, :, None] * vectors.transpose(1, 2)
-        eigen_factors = dict(zip(by_eigen, top.float().cpu().numpy(), strict=True))
-    tokens = states[mask].cpu().numpy()
-    bounds = np.concatenate([[0], np.cumsum(counts.long().cpu().numpy())])
-    factors = [
-        eigen_factors[slot] if slot in eigen_factors else tokens[bounds[slot] : bounds[slot + 1]]
-        for slot in range(len(states))
-    ]
-    return factors, pooled.cpu().numpy(), counts.long().cpu().numpy(), mean_loss.cpu().numpy()
 
 
 def _save_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -293,7 +340,7 @@ def _consolidate(
     out_dir: Path, chunks: int, hidden: int, tokens_per_second: float, precision: str
 ) -> FeaturesRef:
     """Chunks → one memory-mappable .npy per array, copied chunk by chunk (bounded memory)."""
-    paths = [out_dir / f"chunk-{n:05d}.npz" for n in range(chunks)]
+    paths = [_chunk_path(out_dir, n) for n in range(chunks)]
     sizes = []
     padded = tokens = 0
     for path in paths:
