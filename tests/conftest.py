@@ -112,6 +112,7 @@ def small_run_overrides(
         f"registry.model_name={model_name}",
         f"tracking.tracking_uri={tracking_uri}",
         "eval.limit=5",  # the quick benchmark suite runs, on 5 documents per task
+        f"eval.data_dir={REPO / 'assets' / 'eval'}",  # also for copies of the code elsewhere
     ]
 
 

@@ -17,8 +17,7 @@ from steps.evaluation.benchmarks import ModelBenchmarks, run_benchmarks, sample_
 from steps.evaluation.evaluate import EvalConfig, EvalReport, evaluation_loss
 from steps.evaluation.suites import BenchmarkPlan
 from steps.modeling import ModelConfig, ModelSource, load_model, load_tokenizer
-from steps.registry.gate import Measured
-from steps.registry.register import Scored
+from steps.registry.gate import Measured, Scored  # not register.py: its edits keep this cached
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -44,6 +44,28 @@ class Decision:
     promote: bool
     reason: str
     numbers: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A model's scores on one eval split (by DVC md5) and one benchmark plan."""
+
+    loss: float
+    eval_md5: str
+    bench_fingerprint: str = ""  # "": no benchmarks
+    loss_stderr: float | None = None
+    bench: dict[str, Measured] = field(default_factory=dict)  # task/metric[/filter] → score
+    higher_is_better: dict[str, bool] = field(default_factory=dict)
+
+    def measured(self, metric: str) -> Measured:
+        if metric == EVAL_LOSS_METRIC:
+            return Measured(self.loss, self.loss_stderr)
+        if metric not in self.bench:
+            raise ValueError(
+                f"registry.gate.metric={metric!r}: not scored (scores: eval_loss, "
+                f"{', '.join(sorted(self.bench)) or 'no benchmarks'})"
+            )
+        return self.bench[metric]
 
 
 def check_gate_metric(config: GateConfig, benchmark_keys: set[str]) -> None:

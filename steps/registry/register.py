@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -25,12 +25,11 @@ from steps.registry.aliases import EVAL_LOSS, EVAL_MD5, move_alias, record_kept
 from steps.registry.gate import (
     BENCH_FINGERPRINT,
     BENCH_SCORES,
-    EVAL_LOSS_METRIC,
     EVAL_LOSS_STDERR,
     GATE_DECISION,
     Decision,
     GateConfig,
-    Measured,
+    Scored,
     decide,
     lower_is_better,
     parse_scores_tag,
@@ -161,28 +160,6 @@ def champion_run(model_name: str) -> str | None:
     if champion is None:
         return None
     return champion.tags.get("mlflow.source_run") or champion.run_id
-
-
-@dataclass(frozen=True)
-class Scored:
-    """A model's scores on one eval split (by DVC md5) and one benchmark plan."""
-
-    loss: float
-    eval_md5: str
-    bench_fingerprint: str = ""  # "": no benchmarks
-    loss_stderr: float | None = None
-    bench: dict[str, Measured] = field(default_factory=dict)  # task/metric[/filter] → score
-    higher_is_better: dict[str, bool] = field(default_factory=dict)
-
-    def measured(self, metric: str) -> Measured:
-        if metric == EVAL_LOSS_METRIC:
-            return Measured(self.loss, self.loss_stderr)
-        if metric not in self.bench:
-            raise ValueError(
-                f"registry.gate.metric={metric!r}: not scored (scores: eval_loss, "
-                f"{', '.join(sorted(self.bench)) or 'no benchmarks'})"
-            )
-        return self.bench[metric]
 
 
 def _record(client: MlflowClient, name: str, version: str, scored: Scored) -> None:
