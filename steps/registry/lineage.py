@@ -131,9 +131,11 @@ def _typed_value(schema: type[BaseModel], dotted: str, raw: str) -> Any:
         attempts.append((ast.literal_eval(raw), False))
     for candidate, strict in attempts:
         try:
-            return adapter.validate_python(candidate, strict=strict)
+            value = adapter.validate_python(candidate, strict=strict)
         except ValidationError:
             continue
+        # a nested section (registry.gate) as plain data, as model_dump() gives the defaults
+        return value.model_dump() if isinstance(value, BaseModel) else value
     raise LineageError(f"run param {dotted}={raw!r} does not fit today's config field")
 
 
