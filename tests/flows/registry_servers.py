@@ -38,6 +38,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def mlflow_client(uri: str):
+    """A client of exactly this store: its registry too. Without registry_uri it follows the
+    process-wide registry URI, which an earlier test may have set to its own store."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
 def clean_env() -> dict[str, str]:
     """This process's environment without its Prefect/MLflow settings (the harness's)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}

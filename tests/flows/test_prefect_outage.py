@@ -11,10 +11,16 @@ from pathlib import Path
 
 import httpx
 import pytest
-from mlflow.tracking import MlflowClient
 
 from tests.conftest import REPO, small_run_overrides, write_jsonl
-from tests.flows.registry_servers import BIN, _stop, _wait_until_up, clean_env, free_port
+from tests.flows.registry_servers import (
+    BIN,
+    _stop,
+    _wait_until_up,
+    clean_env,
+    free_port,
+    mlflow_client,
+)
 
 pytestmark = pytest.mark.slow
 DRIVER = REPO / "tests" / "flows" / "pipeline_driver.py"
@@ -55,7 +61,7 @@ def test_a_prefect_server_restart_mid_run_is_survived(tmp_path: Path, gsm8k_trai
     home.mkdir()
     api = f"http://127.0.0.1:{port}/api"
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    MlflowClient(store).search_experiments()  # the store's tables exist before the run
+    mlflow_client(store).search_experiments()  # the store's tables exist before the run
     overrides = small_run_overrides(project, remote=tmp_path / "remote", model_name="sift-outage",
                                     tracking_uri=store, budget="8")  # fmt: skip
     server = _start_server(home, port, 1)
@@ -86,7 +92,7 @@ def test_a_prefect_server_restart_mid_run_is_survived(tmp_path: Path, gsm8k_trai
         result = json.loads(stdout.strip().splitlines()[-1])
         runs = httpx.post(f"{api}/flow_runs/filter", json={}, timeout=10).json()
         assert [r["state_type"] for r in runs] == ["COMPLETED"], runs
-        client = MlflowClient(store)
+        client = mlflow_client(store)
         assert client.get_run(result["run_id"]).info.status == "FINISHED"
         versions = client.search_model_versions("name='sift-outage'")
         assert [str(v.version) for v in versions] == ["1"]

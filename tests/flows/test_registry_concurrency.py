@@ -29,6 +29,7 @@ from tests.flows.registry_servers import (
     NO_HTTP_RETRIES,
     OutageProxy,
     clean_env,
+    mlflow_client,
     mlflow_server,
     postgres_database,
     prefect_server,
@@ -102,10 +103,6 @@ def _finish(run: Run) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def _client(tracking_uri: str) -> MlflowClient:
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-
-
 def _two_runs_at_once(tmp_path: Path, tracking_uri: str, env: dict[str, str], data) -> None:
     train, test = data
     projects = [_project(tmp_path / f"run-{i}", train, test) for i in range(2)]
@@ -120,7 +117,7 @@ def _two_runs_at_once(tmp_path: Path, tracking_uri: str, env: dict[str, str], da
             _kill(run)
     assert results[0]["eval_loss"] != results[1]["eval_loss"]
 
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     registered = client.search_model_versions(f"name='{MODEL}'")
     versions = {v.tags["mlflow.source_run"]: v for v in registered}
     assert set(versions) == {r["run_id"] for r in results}, "a run's version is missing"
@@ -179,7 +176,7 @@ def test_a_run_registers_but_moves_no_alias_to_champion_while_another_holds_the_
     env = clean_env() | {"PREFECT_API_URL": str(PREFECT_API_URL.value())}  # the harness's API
     project = _project(tmp_path / "run", gsm8k_train[:40], gsm8k_test[:8])
     with mlflow_server(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "mlflow") as server:
-        client = _client(server.url)
+        client = mlflow_client(server.url)
         with registry_lock(MODEL, wait_seconds=30):
             run = _start(project, server.url, env)
             try:
@@ -230,7 +227,7 @@ def test_an_outage_right_after_a_version_is_created_leaves_no_half_version_and_a
 
             server.start()
             proxy.target = server.url
-            client = _client(server.url)
+            client = mlflow_client(server.url)
             for version in client.search_model_versions(f"name='{MODEL}'"):
                 missing = [tag for tag in LINEAGE_TAGS if tag not in version.tags]
                 assert not missing, f"version {version.version} is half-registered: {missing}"
@@ -265,7 +262,7 @@ def test_a_registry_outage_of_a_few_seconds_is_survived_by_the_task_retries(
         with proxy.running():
             result = _finish(_start(project, proxy.url, env))
             assert proxy.tripped.is_set() and server.starts == 2
-            client = _client(server.url)
+            client = mlflow_client(server.url)
             versions = client.search_model_versions(f"name='{MODEL}'")
             assert [str(v.version) for v in versions] == ["1"], "the retry registered a duplicate"
             assert all(tag in versions[0].tags for tag in LINEAGE_TAGS)

@@ -26,7 +26,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from flows.runtime import servers_state_path, state_dir
 from tests.conftest import small_run_overrides, write_jsonl
-from tests.flows.registry_servers import POSTGRES, clean_env
+from tests.flows.registry_servers import POSTGRES, clean_env, mlflow_client
 from tests.s3 import REGION, moto_s3, object_keys, s3_client
 
 SIFT = Path(sys.executable).parent / "sift"
@@ -106,11 +106,10 @@ def _sift(args: list[str], project: Path, env: dict[str, str], timeout: int) -> 
 def _api_texts(found: StackRun, servers: dict) -> None:
     """The run, registered model, versions and logged models from the MLflow API, and the
     flow run's parameters and logs from the Prefect API, into found."""
-    from mlflow.tracking import MlflowClient
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-    client = MlflowClient(servers["mlflow"]["client_url"])
+    client = mlflow_client(servers["mlflow"]["client_url"])
     experiment = client.get_experiment_by_name("sift")
     assert experiment is not None, "no MLflow experiment 'sift' on the server"
     (run,) = client.search_runs([experiment.experiment_id])
