@@ -3,7 +3,18 @@
     python benchmarks/bench_select.py --quick          # about a minute
     python benchmarks/bench_select.py                  # d=64, N=5000, k=500 (+ 2N) and d=768
     python benchmarks/bench_select.py --straightforward  # + the slogdet-loop reference (slow)
+    python benchmarks/bench_select.py --backends-only  # numpy vs torch (cpu) side by side
+    python benchmarks/bench_select.py --exact 10000 --k-exact 1000  # exact d=768, own process
+On a GPU machine (`--backend torch --device cuda`; the picks are asserted equal to numpy's in
+the side-by-side runs, tests/model/test_gpu.py checks them on CUDA):
+    python benchmarks/bench_select.py --backends-only --device cuda
+    python benchmarks/bench_select.py --large-only --n-large 1000000 --k-large 10000 \
+        --backend torch --device cuda --device-memory-mb 16000  # sketched: 4 GB of statistics
+    python benchmarks/bench_select.py --exact 100000 --k-exact 10000 --backend torch \
+        --device cuda --device-memory-mb 100000 --pool-dir /tmp  # 49 GB of exact factors
 
+0. Backends: `fisher` on the numpy design and on the torch design (`--device`), same pool,
+   same picks asserted, the time ratio printed (N=--n at d=--d, and exact d=768 at --n-768).
 1. `fisher` (lazy greedy) against `plain_greedy_fisher` in the same process, asserting they
    pick the same examples, on a synthetic pool and on the real GSM8K pool embedded by
    stories260K (`--gsm8k N` rows, 5,000 by default, k = N/10). 2. `fisher` as N doubles with
@@ -28,16 +39,18 @@ import sys
 import tempfile
 import time
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from steps.selection.baselines import first_best
 from steps.selection.design import Design
-from steps.selection.pool import FeaturePool, pool_from_tokens, project, random_projection
+from steps.selection.pool import FeaturePool, factor_from_tokens, project, random_projection
 from steps.selection.selectors import (
     DEFAULT_RIDGE,
     Selection,
@@ -46,22 +59,39 @@ from steps.selection.selectors import (
     plain_greedy_fisher,
     select,
 )
+from steps.selection.settings import GreedySettings
+from steps.selection.torch_design import TorchDesign
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def synthetic_pool(n: int, d: int, seed: int, topics: int = 16) -> FeaturePool:
+def synthetic_pool(
+    n: int, d: int, seed: int, topics: int = 16, path: Path | None = None
+) -> FeaturePool:
     """n examples of T ~ U[64, 256] d-dim token states, each example drawn from one of
     `topics` random rotations of a power-law spectrum, so no single direction set covers all.
+
+    The factors are written as they are drawn (the pool_from_tokens of the states), into a
+    memory-mapped .npy at `path` when given: an exact d=768 pool is 0.5 GB per 1,000 examples.
     """
     rng = np.random.default_rng(seed)
     scale = (1.0 + np.arange(d)) ** -0.75
     bases = [np.linalg.qr(rng.standard_normal((d, d)))[0] * scale for _ in range(topics)]
-    states = []
-    for t, topic in zip(rng.integers(64, 257, size=n), rng.integers(topics, size=n), strict=True):
+    lengths, topic = rng.integers(64, 257, size=n), rng.integers(topics, size=n)
+    offsets = np.concatenate([[0], np.cumsum(np.minimum(lengths, d))]).astype(np.int64)
+    shape = (int(offsets[-1]), d)
+    factors = (
+        np.lib.format.open_memmap(path, "w+", np.float32, shape)
+        if path is not None
+        else np.empty(shape, np.float32)
+    )
+    pooled = np.empty((n, d), np.float32)
+    for i, (t, base) in enumerate(zip(lengths, topic, strict=True)):
         x = rng.standard_normal(d) + rng.standard_normal((t, d))  # example mean + token noise
-        states.append((x @ bases[topic]).astype(np.float32))
-    return pool_from_tokens(states)
+        states = (x @ bases[base]).astype(np.float32)
+        factors[offsets[i] : offsets[i + 1]] = factor_from_tokens(states)
+        pooled[i] = states.astype(np.float64).mean(axis=0)
+    return FeaturePool(factors, offsets, pooled, lengths.astype(np.int64))
 
 
 def sketched_pool(n: int, d: int, dim: int, rank: int, seed: int, topics: int = 16) -> FeaturePool:
@@ -120,35 +150,53 @@ class Run:
     selection: Selection
     seconds: float
     peak_mb: float
-    gain_evaluations: int
+    gain_evaluations: int  # float64 gains and float32 screens, the first pass included
+    float64_gains: int = 0
+
+
+DESIGN_CLASSES = (Design, TorchDesign)
+
+
+@contextmanager
+def counting() -> Iterator[dict[str, int]]:
+    """Counts of float64 gains and float32 screens evaluated inside the block, by wrapping
+    the designs' methods (benchmark only; restored on exit)."""
+    counts = {"gains": 0, "screen": 0}
+    originals = [(cls, name, getattr(cls, name)) for cls in DESIGN_CLASSES for name in counts]
+
+    def counted(name: str, method: Callable) -> Callable:
+        def wrapper(self: object, examples: np.ndarray) -> object:
+            counts[name] += len(examples)
+            return method(self, examples)
+
+        return wrapper
+
+    for cls, name, method in originals:
+        setattr(cls, name, counted(name, method))
+    try:
+        yield counts
+    finally:
+        for cls, name, method in originals:
+            setattr(cls, name, method)
 
 
 def measure(run: Callable[[], Selection], memory_run: Callable[[], Selection] | None = None) -> Run:
     """Wall time and gain evaluations of one untraced call, then tracemalloc's peak over a
     second call (`memory_run`, default `run` again): tracing slows numpy-heavy loops up to
-    3x, so it never overlaps the timed call.
+    3x, so it never overlaps the timed call. tracemalloc sees numpy's buffers, not torch's.
     """
-    counter = [0]
-    original = Design.gains  # counted by wrapping the method: benchmark only, restored below
-
-    def counted(self: Design, examples: np.ndarray) -> np.ndarray:
-        counter[0] += len(examples)
-        return original(self, examples)
-
-    Design.gains = counted  # type: ignore[method-assign]
-    start = time.perf_counter()
-    try:
+    with counting() as counts:
+        start = time.perf_counter()
         selection = run()
-    finally:
         seconds = time.perf_counter() - start
-        Design.gains = original  # type: ignore[method-assign]
     tracemalloc.start()
     try:
         (memory_run or run)()
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    return Run(selection, seconds, peak / 2**20, counter[0])
+    evaluations = counts["gains"] + counts["screen"]
+    return Run(selection, seconds, peak / 2**20, evaluations, counts["gains"])
 
 
 def compare_lazy_with_plain(
@@ -268,19 +316,75 @@ def compare_sketches(n: int, d: int, k: int, dims: list[int]) -> None:
         print(f"| {name} | {row(other, gain(other.selection.order) / best)} |")
 
 
-def large_pool(n: int, d: int, dim: int, rank: int) -> None:
+def compare_backends(pool: FeaturePool, k: int, device: str, title: str) -> None:
+    """`fisher` on the numpy design and on the torch design (`device`), same process and
+    pool: the picks must be equal; torch / numpy is the time ratio."""
+    print(f"\n## backends, {title}: N={pool.N}, d={pool.d}, k={k}\n")
+    print(
+        "| backend | device | seconds | peak MB (numpy buffers) | evals / pick | float64 / pick |"
+    )
+    print("|---|---|---:|---:|---:|---:|")
+    runs = {}
+    for backend, on in (("numpy", "cpu"), ("torch", device)):
+        runs[backend] = r = measure(partial(select, pool, k, "fisher", backend=backend, device=on))
+        evals, checks = r.gain_evaluations / k, r.float64_gains / k
+        row = f"{r.seconds:.2f} | {r.peak_mb:.0f} | {evals:.0f} | {checks:.1f}"
+        print(f"| {backend} | {on} | {row} |")
+    numpy_run, torch_run = runs["numpy"], runs["torch"]
+    assert np.array_equal(numpy_run.selection.order, torch_run.selection.order), "picks differ"
+    ratio = torch_run.seconds / numpy_run.seconds
+    print(f"\nsame picks; torch / numpy time: {ratio:.2f}")
+
+
+def exact_wide(args: argparse.Namespace) -> None:
+    """Exact (unsketched) d=768 selection of args.exact examples; run in a child process so
+    that its max RSS is this case's peak alone."""
+    n, k = args.exact, args.k_exact or args.exact // 10
+    path = None if args.pool_dir is None else Path(args.pool_dir) / f"factors-{n}.npy"
+    start = time.perf_counter()
+    pool = synthetic_pool(n, 768, seed=4, path=path)
+    made = time.perf_counter() - start
+    settings = GreedySettings(device_memory_mb=args.device_memory_mb)
+    with counting() as counts:
+        start = time.perf_counter()
+        chosen = select(
+            pool, k, "fisher", progress=True, settings=settings, backend=args.backend,
+            device=args.device,
+        )  # fmt: skip
+        seconds = time.perf_counter() - start
+    pool_mb = (pool.factors.nbytes + pool.pooled.nbytes) / 2**20
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    cuda = torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else 0
+    print(f"\n## exact fisher: N={n}, d=768, k={k}, {args.backend} on {args.device}\n")
+    print(f"(pool drawn in {made:.0f} s{'' if path is None else f', memory-mapped at {path}'})\n")
+    print("| seconds (select) | re-evals / pick | float64 / pick | peak RSS MB | CUDA peak MB |")
+    print("|---:|---:|---:|---:|---:|")
+    evals = (counts["gains"] + counts["screen"] - n) / k  # after the first pass over N
+    row = f"{seconds:.1f} | {evals:.1f} | {counts['gains'] / k:.2f} | {peak_mb:.0f} | {cuda:.0f}"
+    print(f"| {row} |")
+    print(f"\nstatistics {pool_mb:.0f} MB; f(S_k) = {chosen.objective[-1]:.3f}")
+
+
+def large_pool(n: int, k: int, d: int, dim: int, rank: int, args: argparse.Namespace) -> None:
     """Selection from precomputed sketched statistics; run in a child process so that its
     max RSS is this case's peak alone."""
     pool = sketched_pool(n, d, dim, rank, seed=3)
+    backend, device = args.backend, args.device
+    settings = GreedySettings(device_memory_mb=args.device_memory_mb)
     start = time.perf_counter()
-    chosen = select(pool, n // 10, "fisher", progress=True)
+    chosen = select(
+        pool, k, "fisher", progress=True, settings=settings, backend=backend, device=device
+    )
     seconds = time.perf_counter() - start
     pool_mb = (pool.factors.nbytes + pool.pooled.nbytes) / 2**20
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"\n## fisher at scale: N={n}, d={d} sketched to {dim}, rank <= {rank}, k={n // 10}\n")
-    print("| seconds (select) | process peak RSS MB | statistics MB | f(S_k) |")
-    print("|---:|---:|---:|---:|")
-    print(f"| {seconds:.1f} | {peak_mb:.0f} | {pool_mb:.0f} | {chosen.objective[-1]:.1f} |")
+    print(f"\n## fisher at scale: N={n}, d={d} sketched to {dim}, rank <= {rank}, k={k}")
+    print(f"({backend} on {device})\n")
+    cuda = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else 0
+    print("| seconds (select) | process peak RSS MB | CUDA peak MB | statistics MB | f(S_k) |")
+    print("|---:|---:|---:|---:|---:|")
+    row = f"{seconds:.1f} | {peak_mb:.0f} | {cuda:.0f} | {pool_mb:.0f}"
+    print(f"| {row} | {chosen.objective[-1]:.1f} |")
 
 
 def main() -> None:
@@ -294,18 +398,39 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="small sizes, about a minute")
     parser.add_argument("--n-large", type=int, default=100_000, help="pool of the at-scale run")
-    parser.add_argument("--large-only", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--k-large", type=int, default=0, help="its budget (0: N/10)")
+    parser.add_argument("--large-only", action="store_true", help="only the at-scale run")
     parser.add_argument(
         "--straightforward", action="store_true", help="also time the slogdet-loop reference"
     )
+    parser.add_argument(
+        "--backend", choices=["numpy", "torch"], default="numpy", help="of --exact, at scale"
+    )
+    parser.add_argument("--device", default="cpu", help="of the torch backend (cpu, cuda)")
+    parser.add_argument("--device-memory-mb", type=int, default=4096, help="torch's budget")
+    parser.add_argument(
+        "--backends-only", action="store_true", help="only numpy vs torch, side by side"
+    )
+    parser.add_argument("--exact", type=int, default=0, help="only: exact d=768 of N examples")
+    parser.add_argument("--k-exact", type=int, default=0, help="its budget (0: N/10)")
+    parser.add_argument("--pool-dir", default=None, help="memory-map --exact's factors here")
     args = parser.parse_args()
-    if args.large_only:
-        large_pool(args.n_large, 768, 64, 16)
-        return
     if args.quick:
         args.n, args.k, args.n_768, args.gsm8k = 1000, 100, 300, 300
+    if args.large_only:
+        k = args.k_large or args.n_large // 10
+        large_pool(args.n_large, k, 768, 64, 16, args)
+        return
+    if args.exact:
+        exact_wide(args)
+        return
     threads = os.environ.get("OPENBLAS_NUM_THREADS", "unset")
     print(f"# bench_select ({os.cpu_count()} CPUs, OPENBLAS_NUM_THREADS={threads})")
+    compare_backends(synthetic_pool(args.n, args.d, seed=0), args.k, args.device, "synthetic")
+    wide = synthetic_pool(args.n_768, 768, seed=2)
+    compare_backends(wide, args.n_768 // 10, args.device, "synthetic, exact")
+    if args.backends_only:
+        return
     compare_lazy_with_plain(synthetic_pool(args.n, args.d, seed=0), args.k, args.straightforward)
     if args.gsm8k:
         pool = gsm8k_pool(args.gsm8k)
@@ -318,6 +443,7 @@ def main() -> None:
     print(f"\nprocess max RSS: {max_rss_mb:.0f} MB")
     large = 10_000 if args.quick else args.n_large
     command = [sys.executable, __file__, "--large-only", "--n-large", str(large)]
+    command += ["--backend", args.backend, "--device", args.device]
     subprocess.run(command, check=True)
 
 

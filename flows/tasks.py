@@ -132,7 +132,9 @@ def select_task(
     # prior carries its design's md5: another champion is another cache key
     out_dir = work_dir(context, "selections", SELECT, features, table.md5, config, space, prior)
     started = time.perf_counter()
-    selection = select_subset(features, table.path, config, out_dir, space=space, prior=prior)
+    selection = select_subset(
+        features, table.path, config, out_dir, space=space, prior=prior, device=context.device
+    )
     return TimedSelection(selection, time.perf_counter() - started)
 
 

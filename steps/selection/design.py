@@ -1,73 +1,27 @@
-"""The design matrix V of a greedy FisherSFT selection, and the settings that tune its speed.
+"""The design matrix V of a greedy FisherSFT selection: its gains, bounds and updates.
 
 Pure numpy, no I/O. `Design` keeps V = ridge*I + prior + sum of the picked F_i^T F_i (the
 matrix whose log det is the objective of docs/fishersft.md) with V^{-1} current, and
-evaluates, batched, each candidate's gain and upper bounds on it. `GreedySettings` holds
-the constants that trade memory and batching against speed: under any of them lazy greedy
-picks what plain greedy picks (tests/unit/test_selectors.py sets each to its extreme).
+evaluates, batched, each candidate's gain and upper bounds on it, tuned by a
+`GreedySettings` (steps/selection/settings.py).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
 from functools import cache
 
 import numpy as np
 from numpy.typing import NDArray
+from scipy.linalg import lapack, solve_triangular
 from threadpoolctl import ThreadpoolController
 
 from steps.selection.pool import FeaturePool
+from steps.selection.screen import Float32Screen
+from steps.selection.settings import GreedySettings
 
 Array = NDArray[np.float64]
-
-
-@dataclass(frozen=True)
-class GreedySettings:
-    """How the fisher selectors batch, cache and bound their work, not what they pick.
-
-    Lazy greedy under any settings picks what plain greedy picks (tests/unit/test_selectors.py
-    sets every knob to its extreme); gram_min_rank alone changes how a gain is computed, and
-    so its last bits. The defaults are measured trade-offs, noted beside each field.
-    """
-
-    # Factor rows per batched gain evaluation: ~100 MB of temporaries at d=768.
-    chunk_rows: int = 8192
-    # Stale heap entries re-evaluated at once: 8-32 measured equal, 1 is 1.6x slower.
-    lazy_batch: int = 16
-    # Stale entries whose trace bound is computed at once (d^2 flops each).
-    bound_batch: int = 32
-    # Examples with r >= this * d get their gain from a d x d Cholesky.
-    gram_min_rank: float = 0.5
-    # Packed float64 Grams of high-rank examples are kept if they fit in this.
-    gram_cache_bytes: int = 2 * 2**30
-    # Relative (and absolute) inflation of the cheap bound on a gain.
-    bound_slack: float = 1e-6
-    # Largest factor rows per example in the exact (Fischer) head of a bound.
-    head_rows: int = 8
-    # Widest d whose lazy batches grow within a step (see greedy._best_score).
-    grow_max_d: int = 128
-    # Highest bounds a lazy step scans; the rest only at a rebuild.
-    top_segment: int = 2048
-    # Examples per call from which gains and bounds are split across threads.
-    parallel_min: int = 256
-    # Float64 head rows kept; fewer rows per example when N d is large.
-    head_cache_bytes: int = 2**30
-
-    def __post_init__(self) -> None:
-        for field in fields(self):
-            value = getattr(self, field.name)
-            # field.type is the annotation's text under `from __future__ import annotations`
-            whole = field.type in ("int", int)
-            number, kind = (int, "an integer") if whole else ((int, float), "a number")
-            least = 0 if not whole or field.name.endswith("_bytes") else 1
-            if isinstance(value, bool) or not isinstance(value, number) or not value >= least:
-                raise ValueError(
-                    f"GreedySettings.{field.name} must be {kind} >= {least}, got {value!r}"
-                )
-            if not np.isfinite(value):
-                raise ValueError(f"GreedySettings.{field.name} must be finite, got {value!r}")
 
 
 class Design:
@@ -91,6 +45,8 @@ class Design:
       (d^3 / 3 flops). G comes from a cache of the pool's high-rank Grams (upper triangles)
       built once when it fits in gram_cache_bytes, else is formed on the fly (2 r d^2 more
       flops). Only cached examples get cheap bounds (see bounds).
+    For d >= screen_min_d, `screen` first scores low-rank examples in float32, with a bound
+    on the error (steps/selection/screen.py); lazy greedy asks `gains` only near the top.
     """
 
     def __init__(
@@ -112,8 +68,12 @@ class Design:
         self.gram = ridge * np.eye(pool.d) + prior
         self.start = design_logdet(self.gram)  # f(empty set)
         self.logdet = self.start
-        self.inverse = np.linalg.inv(self.gram)
+        self.inverse, _ = _inverse_and_logdet(self.gram)
         self._rank_since_inverse = 0
+        screens = pool.d >= self.settings.screen_min_d
+        safety, rows = self.settings.screen_safety, self.settings.chunk_rows
+        self._screen = Float32Screen(pool, rows, safety) if screens else None
+        self._screen_current = False  # refreshed from V^{-1} at the first screen after a pick
         self._by_gram = pool.ranks >= self.settings.gram_min_rank * pool.d
         self._gram_slot = np.full(pool.N, -1, dtype=np.int64)
         # The cached Grams' upper triangles (row-major), float64: half the bytes of full
@@ -125,7 +85,7 @@ class Design:
         position[upper] = np.arange(len(self._upper))
         self._unpack = np.maximum(position, position.T).ravel()  # flat d x d -> packed
         self._off_diagonal = ~np.eye(pool.d, dtype=bool)[upper]
-        self._weights = self._packed_weights()
+        self._weights: Array | None = None  # packed V^{-1} for traces, made when first needed
         self._head: Array | None = None  # (cached, m, d) largest rows by slot, zero-padded
         self._head_rows = np.zeros(pool.N, dtype=np.int64)  # m_i = min(m, r_i) real rows
         self._cache_built = False  # built on the first gain or bound: add() never needs it
@@ -199,7 +159,9 @@ class Design:
         so the split changes no result beyond rounding. Small batches stay on this thread."""
         if not self._cache_built:
             self._build_cache()  # here, not in a worker: the threads share it
-        if self.threads < 2 or len(examples) < self.settings.parallel_min:
+        flops = int(self.pool.ranks[examples].sum()) * self.pool.d**2
+        small = flops < self.settings.parallel_min_flops or len(examples) < 2
+        if self.threads < 2 or (len(examples) < self.settings.parallel_min and small):
             return compute(examples, *per_example)
         parts = np.array_split(np.arange(len(examples)), min(self.threads, len(examples)))
         # One BLAS thread per worker: OpenBLAS's own threads on top oversubscribe the cores
@@ -215,6 +177,32 @@ class Design:
     def gains(self, examples: NDArray[np.int64]) -> Array:
         """The log det increase of V + F_i^T F_i over V for each example, batched."""
         return self._split(self._gains, examples)
+
+    @property
+    def screens(self) -> bool:
+        """Whether `screen` computes in float32 (d >= screen_min_d); otherwise it is `gains`."""
+        return self._screen is not None
+
+    def screen(self, examples: NDArray[np.int64]) -> tuple[Array, Array]:
+        """Each example's gain, screened in float32, and a bound on its error (0 where it is
+        the float64 gain: high-rank examples, and every example when not `screens`)."""
+        if self._screen is None:
+            return self.gains(examples), np.zeros(len(examples))
+        if not self._screen_current:
+            self._screen.refresh(self.inverse)
+            self._screen_current = True
+        out = self._split(self._screened, examples)
+        return out[:, 0], out[:, 1]
+
+    def _screened(self, examples: NDArray[np.int64]) -> Array:
+        assert self._screen is not None
+        out = np.zeros((len(examples), 2))
+        high = self._by_gram[examples]
+        if high.any():
+            out[high, 0] = self._gains(examples[high])
+        if not high.all():
+            out[~high] = self._screen.screen(examples[~high])
+        return out
 
     def _gains(self, examples: NDArray[np.int64]) -> Array:
         out = np.empty(len(examples))
@@ -267,6 +255,8 @@ class Design:
 
     def traces(self, examples: NDArray[np.int64]) -> Array:
         """tr(V^{-1} F_i^T F_i): d^2 flops from a cached Gram, else 2 r d^2 from F_i."""
+        if self._weights is None:
+            self._weights = self._packed_weights()  # here, not in a worker thread
         return self._split(self._traces, examples)
 
     def _traces(self, examples: NDArray[np.int64]) -> Array:
@@ -274,6 +264,7 @@ class Design:
         cached = self._gram_slot[examples] >= 0
         if cached.any():
             assert self._packed is not None
+            assert self._weights is not None
             trace[cached] = self._packed[self._gram_slot[examples[cached]]] @ self._weights
         if not cached.all():
             rest = examples[~cached]
@@ -331,23 +322,42 @@ class Design:
         return self._inflate(head_bound + tail_bound)
 
     def add(self, example: int) -> float:
-        """Add example's F^T F to V; return the gain (the log det increase)."""
+        """Add example's F^T F to V; return the gain (the log det increase).
+
+        V^{-1} -= W^T W with W = L^{-1} F V^{-1}, L L^T = I + F V^{-1} F^T (Woodbury; W^T W and
+        F^T F run as symmetric rank-r updates, so V and V^{-1} stay exactly symmetric).
+        """
         a, b = self.pool.offsets[example], self.pool.offsets[example + 1]
         f = self.pool.factors[a:b].astype(np.float64)
         fv = f @ self.inverse
-        capacitance = np.eye(len(f)) + fv @ f.T
-        gain = 2.0 * float(np.log(np.diagonal(np.linalg.cholesky(capacitance))).sum())
+        lower = np.linalg.cholesky(np.eye(len(f)) + fv @ f.T)
+        gain = 2.0 * float(np.log(np.diagonal(lower)).sum())
         self.gram += f.T @ f
-        self.logdet = design_logdet(self.gram)
+        self.logdet += gain  # afresh with each fresh inverse: a log det per pick was 13 ms
         self._rank_since_inverse += len(f)
+        self._screen_current = False
+        self._weights = None
         if self._rank_since_inverse >= self.pool.d:
-            self.inverse = np.linalg.inv(self.gram)
+            self.inverse, self.logdet = _inverse_and_logdet(self.gram)
             self._rank_since_inverse = 0
         else:
-            self.inverse -= fv.T @ np.linalg.solve(capacitance, fv)
-        self.inverse = (self.inverse + self.inverse.T) / 2
-        self._weights = self._packed_weights()  # d^2 / 2: cheaper than tracking staleness
+            w = solve_triangular(lower, fv, lower=True, check_finite=False)
+            self.inverse -= w.T @ w
         return gain
+
+
+def _inverse_and_logdet(matrix: Array) -> tuple[Array, float]:
+    """A fresh inverse and log det from one Cholesky (potri: 22 ms at d=768, inv alone 55)."""
+    try:
+        lower = np.linalg.cholesky(matrix)
+    except np.linalg.LinAlgError as error:
+        raise ValueError("design matrix ridge*I + prior + V is not positive definite") from error
+    inverse, info = lapack.dpotri(lower, lower=1)
+    if info != 0:
+        raise ValueError(f"inverting the design matrix failed (LAPACK dpotri info={info})")
+    inverse = np.tril(inverse)
+    inverse += np.tril(inverse, -1).T
+    return inverse, 2.0 * float(np.log(np.diagonal(lower)).sum())
 
 
 def design_logdet(matrix: Array) -> float:

@@ -18,9 +18,19 @@ reaches tie_floor(best), so every candidate that plain greedy would count as tie
 fresh, exact score, and the pick is the lowest index among those. Both compute each gain
 with the same Design route (chosen by the example's rank alone), so the scores compared are
 bit-identical and so are the picks.
+
+A design that `screens` (d >= GreedySettings.screen_min_d, or the torch design) first scores
+stale candidates in float32 with an error margin (steps/selection/screen.py): a screened
+score is an interval, its top a bound like any other and its bottom a score the step's best
+is known to reach, which prunes the stale bounds below it. Only candidates whose interval
+still reaches the tie floor get the float64 gain, so the pick and every score that could tie
+it are still the float64 gains plain greedy compares.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -28,27 +38,101 @@ from tqdm import tqdm
 
 from steps.selection.baselines import first_best, tie_floor
 from steps.selection.design import Array, Design
+from steps.selection.pool import FeaturePool
+from steps.selection.settings import GreedySettings
+
+
+class GreedyDesign(Protocol):
+    """What lazy and plain greedy need of a design: `Design` (numpy) or `TorchDesign`."""
+
+    pool: FeaturePool
+    settings: GreedySettings
+    start: float  # f(empty set)
+
+    @property
+    def cheap_bounds(self) -> NDArray[np.bool_]: ...
+
+    @property
+    def screens(self) -> bool: ...
+
+    def gains(self, examples: NDArray[np.int64]) -> Array: ...
+
+    def screen(self, examples: NDArray[np.int64]) -> tuple[Array, Array]: ...
+
+    def add(self, example: int) -> float: ...
+
+
+@dataclass
+class _Scores:
+    """Per candidate: an upper bound on its score (gain / cost) and when it was exact or
+    screened. A screened score lies in (value +- margin) / cost, at that step only."""
+
+    bound: Array
+    costs: Array
+    exact_at: NDArray[np.int64]
+    screened_at: NDArray[np.int64]
+    value: Array
+    margin: Array
+
+    def record_screen(self, examples: NDArray[np.int64], step: int, design: GreedyDesign) -> None:
+        value, margin = design.screen(examples)
+        self.value[examples], self.margin[examples] = value, margin
+        upper = (value + margin) / self.costs[examples]  # the older bound may be tighter
+        self.bound[examples] = np.minimum(self.bound[examples], upper)
+        self.screened_at[examples] = step
+        self.exact_at[examples[margin == 0]] = step  # no error to bound: the float64 gain
+
+    def record_exact(self, examples: NDArray[np.int64], step: int, design: GreedyDesign) -> None:
+        gains = design.gains(examples)
+        checked = examples[self.screened_at[examples] == step]
+        error = np.abs(gains[self.screened_at[examples] == step] - self.value[checked])
+        off = error > self.margin[checked] + 1e-9 * np.abs(self.value[checked])
+        if off.any():  # the margin is ~2,800x the largest error measured: never bad luck
+            i = int(np.flatnonzero(off)[0])
+            raise RuntimeError(
+                f"float32 screen of example {checked[i]} is off by {error[i]:.3g}, beyond its "
+                f"error margin {self.margin[checked[i]]:.3g}; a larger "
+                "GreedySettings.screen_safety widens it, screen_min_d above d turns it off"
+            )
+        self.bound[examples] = gains / self.costs[examples]
+        self.exact_at[examples] = step
+
+    def reached(self, examples: NDArray[np.int64], step: int) -> float:
+        """A score this step's best reaches: the highest screened lower bound among examples
+        (each candidate's screen is valid for the step it was made at)."""
+        alive = (self.screened_at[examples] == step) & (self.bound[examples] > -np.inf)
+        screened = examples[alive]
+        if not len(screened):
+            return -np.inf
+        return float(((self.value[screened] - self.margin[screened]) / self.costs[screened]).max())
 
 
 def lazy_greedy(
-    design: Design, costs: Array, budget: float, progress: bool
+    design: GreedyDesign, costs: Array, budget: float, progress: bool
 ) -> tuple[list[int], list[float]]:
     """Greedy on gain / cost under sum(cost) <= budget, re-evaluating only candidates whose
     upper bound can still tie the best score.
 
     bound[i] always bounds i's current score from above (see the module docstring). Each
     step takes the highest stale bounds bound_batch at a time, tightens them (where that is
-    cheaper than the gain), evaluates exactly the lazy_batch highest still able to tie the
-    best fresh score, and stops once no stale bound can: the same pick as plain greedy under
-    the same tie rule.
+    cheaper than the gain), evaluates the lazy_batch highest still able to tie the best fresh
+    score (screened in float32 first when the design screens: a float64 gain only where the
+    screened interval still reaches the tie floor), and stops once no stale bound can: the
+    same pick as plain greedy under the same tie rule.
 
     Work per step is O(top_segment), not O(N): steps look only at the `top` indices with
     the highest bounds; every other bound is <= `cutoff` and only shrinks, so the segment is
     rebuilt (one O(N) partition) only when cutoff could tie the step's best score.
     """
     n = design.pool.N
-    bound = design.gains(np.arange(n, dtype=np.int64)) / costs
-    exact_at = np.zeros(n, dtype=np.int64)  # the step at which bound[i] was exact
+    everything = np.arange(n, dtype=np.int64)
+    never = np.full(n, -1, np.int64)
+    scores = _Scores(np.full(n, np.inf), costs, never, never.copy(), np.zeros(n), np.zeros(n))
+    if design.screens:
+        scores.record_screen(everything, 0, design)
+    else:
+        scores.record_exact(everything, 0, design)
+    bound = scores.bound
     order: list[int] = []
     gains: list[float] = []
     remaining = budget
@@ -56,12 +140,10 @@ def lazy_greedy(
     top, cutoff = _top_segment(bound, costs, remaining, np.inf, segment)
     with tqdm(total=budget, disable=not progress, desc="fisher picks") as bar:
         for step in range(n):
-            best, top, cutoff = _best_score(
-                design, bound, costs, exact_at, step, top, cutoff, remaining
-            )
+            best, top, cutoff = _best_score(design, scores, step, top, cutoff, remaining)
             if best == -np.inf:
                 break
-            tied = top[(exact_at[top] == step) & (bound[top] >= tie_floor(best))]
+            tied = top[(scores.exact_at[top] == step) & (bound[top] >= tie_floor(best))]
             pick = int(tied.min())  # the tie rule of plain greedy: the lowest index
             bound[pick] = -np.inf
             order.append(pick)
@@ -88,35 +170,45 @@ def _top_segment(
     return part[:size].astype(np.int64), float(bound[part[size]])
 
 
+def _floor(best: float) -> float:
+    return tie_floor(best) if best > -np.inf else -np.finfo(np.float64).max
+
+
 def _best_score(
-    design: Design,
-    bound: Array,
-    costs: Array,
-    exact_at: NDArray[np.int64],
+    design: GreedyDesign,
+    scores: _Scores,
     step: int,
     top: NDArray[np.int64],
     cutoff: float,
     remaining: float,
 ) -> tuple[float, NDArray[np.int64], float]:
     """Make exact every score that could tie this step's best; return that best (-inf when
-    nothing fits) and the top segment, rebuilt if the best fell to the cutoff."""
-    settings = design.settings
+    nothing fits) and the top segment, rebuilt if the best fell to the cutoff.
+
+    Screened scores prune too: the best reaches every screened lower bound, so a bound below
+    the tie floor of `reached` cannot tie. The screened example that holds `reached` is never
+    pruned by it (its bound is above it), so it is made exact before the step ends, and the
+    step's best is then at least `reached`.
+    """
+    settings, bound, exact_at = design.settings, scores.bound, scores.exact_at
     while True:
         fresh = top[exact_at[top] == step]
         best = float(bound[fresh].max()) if len(fresh) else -np.inf
+        reached = scores.reached(top, step) if design.screens else -np.inf  # O(top)
         candidates = top
         bound_batch, lazy_batch = settings.bound_batch, settings.lazy_batch
         while True:
-            floor = tie_floor(best) if best > -np.inf else -np.finfo(np.float64).max
+            floor = _floor(max(best, reached))
             stale = candidates[(exact_at[candidates] != step) & (bound[candidates] >= floor)]
             candidates = stale
             if not len(stale):
                 break
             if len(stale) > bound_batch:
                 stale = stale[np.argpartition(-bound[stale], bound_batch - 1)[:bound_batch]]
-            cheap = stale[design.cheap_bounds[stale]]
-            if len(cheap) and best > -np.inf:  # with no floor yet, bounds prune nothing
-                _tighten(design, bound, costs, cheap, floor)
+            cheap = stale[design.cheap_bounds[stale] & (scores.screened_at[stale] != step)]
+            if len(cheap) and max(best, reached) > -np.inf:  # no floor yet: nothing to prune
+                assert isinstance(design, Design), "only numpy designs have cheap bounds"
+                _tighten(design, bound, scores.costs, cheap, floor)
                 stale = stale[bound[stale] >= floor]
             if len(stale) > lazy_batch:  # the rest keep their tightened bounds
                 stale = stale[np.argpartition(-bound[stale], lazy_batch - 1)[:lazy_batch]]
@@ -126,14 +218,19 @@ def _best_score(
             # far above the overhead: there, doubling only wasted evaluations.
             if design.pool.d <= settings.grow_max_d:
                 bound_batch, lazy_batch = min(2 * bound_batch, 4096), min(2 * lazy_batch, 4096)
-            if len(stale):
-                bound[stale] = design.gains(stale) / costs[stale]
-                exact_at[stale] = step
-                best = max(best, float(bound[stale].max()))
+            unscreened = stale[scores.screened_at[stale] != step]
+            if design.screens and len(unscreened):  # float64 only once all are screened
+                scores.record_screen(unscreened, step, design)
+                reached = max(reached, scores.reached(unscreened, step))
+            elif len(stale):
+                scores.record_exact(stale, step, design)
+            just_exact = stale[exact_at[stale] == step]
+            if len(just_exact):
+                best = max(best, float(bound[just_exact].max()))
         if cutoff == -np.inf or (best > -np.inf and cutoff < tie_floor(best)):
             return best, top, cutoff
-        floor = tie_floor(best) if best > -np.inf else -np.finfo(np.float64).max
-        top, cutoff = _top_segment(bound, costs, remaining, floor, settings.top_segment)
+        floor = _floor(best)
+        top, cutoff = _top_segment(bound, scores.costs, remaining, floor, settings.top_segment)
 
 
 def _tighten(
@@ -153,7 +250,7 @@ def _tighten(
 
 
 def plain_greedy(
-    design: Design, costs: Array, budget: float, progress: bool
+    design: GreedyDesign, costs: Array, budget: float, progress: bool
 ) -> tuple[list[int], list[float]]:
     """Greedy on gain / cost under sum(cost) <= budget, recomputing every gain every step."""
     available = np.ones(design.pool.N, dtype=bool)

@@ -10,9 +10,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
+import torch
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
@@ -30,6 +32,7 @@ from steps.selection.record import (
     write_selection,
 )
 from steps.selection.selectors import DEFAULT_RIDGE, SELECTORS, design_of, select
+from steps.selection.settings import GreedySettings
 
 
 class SelectConfig(BaseModel):
@@ -55,6 +58,13 @@ class SelectConfig(BaseModel):
     # run id of an earlier pipeline run. Its statistics must come from the same model,
     # width and sketch seed (selection.json's feature_space).
     prior: str = ""
+    # Where the fisher selectors compute: "numpy" (CPU), "torch" (on the run's device: cuda,
+    # or cpu) or "auto" (torch on CUDA, numpy otherwise). The picks are the same on each
+    # (steps/selection/torch_design.py); only the time differs.
+    backend: Literal["auto", "numpy", "torch"] = "auto"
+    # Device memory the torch backend may use, in MiB: the factors stay on the device when
+    # they fit in half of it (else they stream from the memory-mapped pool per batch).
+    device_memory_mb: int = Field(default=4096, gt=0)
 
     @field_validator("selector")
     @classmethod
@@ -108,6 +118,13 @@ def resolve_budget(budget: float, total: int, field: str = "select.budget") -> i
     return count
 
 
+def resolve_backend(backend: str, device: str) -> str:
+    """select.backend against the run's resolved device: auto is torch on CUDA, else numpy."""
+    if backend == "auto":
+        return "torch" if torch.device(device).type == "cuda" else "numpy"
+    return backend
+
+
 def select_subset(
     features: FeaturesRef,
     train_path: str,
@@ -116,14 +133,16 @@ def select_subset(
     *,
     space: str = "",
     prior: PriorRef | None = None,
+    device: str = "cpu",
 ) -> SelectionRef:
     """Pick config.budget new examples, warm-started from `prior` when one is given.
 
     space: steps.selection.embed.feature_space of `features`, recorded in selection.json; a
     prior must have been selected in the same space. The prior's examples found in this pool
     (by id) are not candidates; train_ids lists them, in the prior's order, then the new
-    picks. Writes out_dir/selection.json, design.npy (prior + Σ FᵀF of the new picks) and
-    the curve plot.
+    picks. device: the run's resolved device (model.device), where select.backend=torch (or
+    auto, on CUDA) computes. Writes out_dir/selection.json, design.npy (prior + Σ FᵀF of the
+    new picks) and the curve plot.
     """
     pool = load_pool(features)
     ids = pd.read_parquet(train_path, columns=["id"]).id.to_numpy()
@@ -143,6 +162,9 @@ def select_subset(
         seed=config.seed,
         prior=start.design if prior is not None else None,
         progress=True,
+        settings=GreedySettings(device_memory_mb=config.device_memory_mb),
+        backend=resolve_backend(config.backend, device),
+        device=device,
     )
     order = keep[chosen.order]  # candidate positions → pool rows
     new_ids = [str(ids[i]) for i in order]
@@ -299,7 +321,9 @@ def select_from_file(
     )
     features = embed_pool(str(table_path), model, embed, work_dir / "features", device, precision)
     space = feature_space(features, model_fingerprint(model), embed)
-    return select_subset(features, str(table_path), config, work_dir, space=space, prior=prior)
+    return select_subset(
+        features, str(table_path), config, work_dir, space=space, prior=prior, device=device
+    )
 
 
 def _source_batches(data: IngestConfig, project_dir: Path) -> Iterator[Batch]:

@@ -26,7 +26,8 @@ Conventions shared by every selector:
   baselines.TIE_RTOL for why a tolerance).
 - `ridge` is absolute, in squared hidden-state units: 1e-3 is small next to the per-token
   energy of un-normalised final-norm states (order 1 per coordinate).
-- `threads` and `settings` change how fast the fisher selectors run, never what they pick.
+- `threads`, `settings`, `backend` and `device` change how fast the fisher selectors run,
+  never what they pick.
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ from tqdm import tqdm
 
 from steps.selection.baselines import PICK_ORDERS, PickOrder
 from steps.selection.design import Array, Design, GreedySettings, design_logdet
-from steps.selection.greedy import lazy_greedy, plain_greedy
+from steps.selection.greedy import GreedyDesign, lazy_greedy, plain_greedy
 from steps.selection.pool import FeaturePool, fail_at
+from steps.selection.torch_design import TorchDesign
 
 DEFAULT_RIDGE = 1e-3
 
@@ -126,7 +128,20 @@ def design_of(pool: FeaturePool, indices: Sequence[int] | NDArray[np.integer]) -
     return f.T @ f
 
 
-def _selection(order: Sequence[int], gains: Sequence[float], design: Design) -> Selection:
+MakeDesign = Callable[[FeaturePool, float, Array, int, GreedySettings | None, str], GreedyDesign]
+
+# select(backend=) -> the design the fisher selectors run on (same picks; see torch_design.py)
+DESIGNS: dict[str, MakeDesign] = {
+    "numpy": lambda pool, ridge, prior, threads, settings, device: Design(
+        pool, ridge, prior, threads, settings
+    ),
+    "torch": lambda pool, ridge, prior, threads, settings, device: TorchDesign(
+        pool, ridge, prior, device, settings
+    ),
+}
+
+
+def _selection(order: Sequence[int], gains: Sequence[float], design: GreedyDesign) -> Selection:
     gains_array = np.asarray(gains, dtype=np.float64)
     objective = design.start + np.cumsum(gains_array)
     return Selection(np.asarray(order, dtype=np.int64), gains_array, objective)
@@ -143,13 +158,18 @@ def _fisher(
     lazy: bool,
     threads: int | None,
     settings: GreedySettings | None,
+    backend: str,
+    device: str,
 ) -> Selection:
     _check_ridge(ridge)
     costs = pool.n_tokens.astype(np.float64) if per_token else np.ones(pool.N)
     _check_budget(budget, int(costs.sum()), "tokens" if per_token else "examples")
     if budget < costs.min():
         raise ValueError(f"budget of {budget} tokens fits no example (shortest: {costs.min():.0f})")
-    design = Design(pool, ridge, _check_prior(prior, pool.d), _threads(threads), settings)
+    if backend not in DESIGNS:
+        raise ValueError(f"unknown backend {backend!r}; known: {', '.join(DESIGNS)}")
+    prior_design = _check_prior(prior, pool.d)
+    design = DESIGNS[backend](pool, ridge, prior_design, _threads(threads), settings, device)
     greedy = lazy_greedy if lazy else plain_greedy
     return _selection(*greedy(design, costs, float(budget), progress), design)
 
@@ -164,6 +184,8 @@ def plain_greedy_fisher(
     progress: bool = False,
     threads: int | None = None,
     settings: GreedySettings | None = None,
+    backend: str = "numpy",
+    device: str = "cpu",
 ) -> Selection:
     """Reference greedy that recomputes the gain of every remaining example at every step.
 
@@ -180,6 +202,8 @@ def plain_greedy_fisher(
         lazy=False,
         threads=threads,
         settings=settings,
+        backend=backend,
+        device=device,
     )
 
 
@@ -193,6 +217,8 @@ def select_fisher(
     progress: bool = False,
     threads: int | None = None,
     settings: GreedySettings | None = None,
+    backend: str = "numpy",
+    device: str = "cpu",
 ) -> Selection:
     """`fisher`: lazy greedy on the token-level objective, `budget` examples (seed unused)."""
     return _fisher(
@@ -205,6 +231,8 @@ def select_fisher(
         lazy=True,
         threads=threads,
         settings=settings,
+        backend=backend,
+        device=device,
     )
 
 
@@ -218,6 +246,8 @@ def select_fisher_per_token(
     progress: bool = False,
     threads: int | None = None,
     settings: GreedySettings | None = None,
+    backend: str = "numpy",
+    device: str = "cpu",
 ) -> Selection:
     """`fisher-per-token`: `budget` counts loss tokens, not examples (seed unused).
 
@@ -235,6 +265,8 @@ def select_fisher_per_token(
         lazy=True,
         threads=threads,
         settings=settings,
+        backend=backend,
+        device=device,
     )
 
 
@@ -251,6 +283,8 @@ def _scored_selector(order_of: PickOrder) -> Selector:
         progress: bool = False,
         threads: int | None = None,  # unused: scoring a given order is k serial updates
         settings: GreedySettings | None = None,  # unused: add() is not batched or bounded
+        backend: str = "numpy",  # unused: k serial updates of a numpy Design
+        device: str = "cpu",
     ) -> Selection:
         _check_ridge(ridge)
         _check_budget(budget, pool.N, "examples")
@@ -282,12 +316,15 @@ def select(
     progress: bool = False,
     threads: int | None = None,
     settings: GreedySettings | None = None,
+    backend: str = "numpy",
+    device: str = "cpu",
 ) -> Selection:
     """Choose `budget` examples (tokens, for fisher-per-token) from the pool with `selector`.
 
     threads: CPU threads for the fisher selectors' batched gains and bounds (None: up to 4
     of the CPUs this process may use); settings: their batching, caching and bounding
-    constants (None: GreedySettings()). The picks depend on neither.
+    constants (None: GreedySettings()); backend: the DESIGNS entry they run on ("torch" on
+    `device`). The picks depend on none of these.
     """
     if selector not in SELECTORS:
         raise ValueError(f"unknown selector {selector!r}; known: {', '.join(SELECTORS)}")
@@ -301,4 +338,6 @@ def select(
         progress=progress,
         threads=threads,
         settings=settings,
+        backend=backend,
+        device=device,
     )

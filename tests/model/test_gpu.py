@@ -60,3 +60,50 @@ def test_a_bf16_embed_pass_on_cuda_is_close_to_fp32_and_names_its_precision(gsm8
     a, b = load_pool(fp32).pooled, load_pool(bf16).pooled  # mean states: no sign ambiguity
     assert np.isfinite(b).all() and not np.array_equal(a, b)
     assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs: one per embed process")
+def test_a_bf16_embed_pass_in_two_gpu_processes_equals_one_process(gsm8k_train, tmp_path):
+    path, _ = write_train_table(gsm8k_train[:24], tmp_path / "train.parquet")
+    config = EmbedConfig(chunk_examples=8)  # 3 chunks: GPU 0 computes two, GPU 1 one
+    one = embed_pool(path, MODEL, config, tmp_path / "one", "cuda", "bf16")
+    two_processes = config.model_copy(update={"num_processes": 2})
+    two = embed_pool(path, MODEL, two_processes, tmp_path / "two", "cuda", "bf16")
+    log = (tmp_path / "two" / "launch" / "workers.log").read_text()
+    assert "(nccl, cuda:0)" in log and "(nccl, cuda:1)" in log
+    a, b = load_pool(one), load_pool(two)
+    np.testing.assert_array_equal(a.offsets, b.offsets)
+    np.testing.assert_array_equal(a.n_tokens, b.n_tokens)
+    for name in ("factors", "pooled", "base_loss"):  # the same kernels on the same GPU model
+        np.testing.assert_allclose(getattr(b, name), getattr(a, name), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("d", [48, 320])  # 320: the numpy design screens in float32 too
+def test_the_torch_backend_on_cuda_picks_what_numpy_picks(d: int) -> None:
+    from steps.selection.pool import pool_from_tokens
+    from steps.selection.selectors import plain_greedy_fisher, select
+    from steps.selection.settings import GreedySettings
+
+    rng = np.random.default_rng(d)
+    scale = (1.0 + np.arange(d)) ** -0.75
+    states = [
+        (rng.standard_normal(d) + rng.standard_normal((t, d))) * scale
+        for t in rng.integers(1, 2 * d, size=120)
+    ]
+    pool = pool_from_tokens([*states, states[3], states[3]])  # an exact tie
+    a = rng.standard_normal((3 * d, d)) * 0.1
+    prior = a.T @ a
+    plain = plain_greedy_fisher(pool, 30, prior=prior)
+    resident = select(pool, 30, "fisher", prior=prior, backend="torch", device="cuda")
+    streamed = GreedySettings(device_memory_mb=1)  # factors gathered per batch, tiny batches
+    small = select(
+        pool, 30, "fisher", prior=prior, backend="torch", device="cuda", settings=streamed
+    )
+    numpy = select(pool, 30, "fisher", prior=prior)
+    for run in (resident, small, numpy):
+        np.testing.assert_array_equal(run.order, plain.order)
+        np.testing.assert_allclose(run.objective, plain.objective, rtol=1e-10)
+    per_token = select(pool, 2000, "fisher-per-token", prior=prior, backend="torch", device="cuda")
+    np.testing.assert_array_equal(
+        per_token.order, select(pool, 2000, "fisher-per-token", prior=prior).order
+    )

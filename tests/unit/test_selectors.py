@@ -134,7 +134,8 @@ def test_bad_settings_raise_value_errors_naming_the_field() -> None:
 
 
 def test_pool_and_baselines_import_without_the_selectors_above_them() -> None:
-    # The layering has no cycle: pool <- baselines, design <- greedy <- selectors.
+    # The layering has no cycle: pool <- baselines, settings/screen <- design <- greedy <-
+    # selectors (torch_design, above greedy's protocol, loads only with selectors).
     code = (
         "import sys; import steps.selection.baselines, steps.selection.greedy; "
         "print(sorted(m for m in sys.modules if m.startswith('steps.selection.')))"
@@ -148,6 +149,8 @@ def test_pool_and_baselines_import_without_the_selectors_above_them() -> None:
         "steps.selection.design",
         "steps.selection.greedy",
         "steps.selection.pool",
+        "steps.selection.screen",
+        "steps.selection.settings",
     ]
 
 
