@@ -10,6 +10,7 @@ import typer
 
 from flows.cli_common import ConfigOption, ProjectOption, SetOption, console, fail, resolve_config
 from flows.config import PipelineConfig
+from flows.runtime import use_recorded_servers
 from steps import tracking
 from steps.registry.lineage import LineageError, lineage
 
@@ -29,6 +30,7 @@ def lineage_command(
     Reads the MLflow store of the config (tracking.tracking_uri) like `sift run`."""
     root = project_dir.resolve()
     resolved = resolve_config(config, set_, root)
+    use_recorded_servers(root)  # the MLflow server of `sift server up`, when running
     uri = tracking.resolve_tracking_uri(resolved.tracking, root)
     try:
         tracking.require_store(uri)  # a lineage lookup must change nothing
@@ -62,11 +64,17 @@ def report_lines(report: dict[str, Any]) -> list[str]:
         f"code       git {code['git_sha']}{dirty}",
         f"flow run   {flow_run['id']}  {flow_run['url'] or '(no Prefect server: no UI link)'}",
         f"base model {base['id']}  md5 {base['md5']}",
-        f"selection  {selection['selector']}, budget {selection['budget']}, "
+        f"selection  {selection['selector']}, budget {_budget(selection)}, "
         f"{selection['examples']} examples, prior run {selection['prior_run']}",
         "metrics    " + ", ".join(f"{k} {v:.4f}" for k, v in report["metrics"].items()),
     ]
     return lines + _change_lines(report["champion"], model["version"])
+
+
+def _budget(selection: dict[str, Any]) -> str:
+    if selection.get("budget_tokens") is not None:
+        return f"{selection['budget_tokens']} loss tokens"
+    return str(selection["budget"])
 
 
 def _change_lines(changes: dict[str, Any] | None, version: str) -> list[str]:

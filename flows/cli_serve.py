@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from flows.cli_common import ConfigOption, ProjectOption, SetOption, console, fail, resolve_config
-from flows.runtime import configure_environment
+from flows.runtime import configure_environment, use_recorded_servers
 from steps.registry import serve
 from steps.tracking import require_store, resolve_tracking_uri, use_tracking
 
@@ -47,6 +47,7 @@ def serve_model(
     configured registry (tracking.tracking_uri) until Ctrl-C; POST prompts to /invocations."""
     root = project_dir.resolve()
     resolved = resolve_config(config, set_, root)
+    use_recorded_servers(root)  # the MLflow server of `sift server up`, when running
     tracking_uri = resolve_tracking_uri(resolved.tracking, root)
     try:
         require_store(tracking_uri)

@@ -61,6 +61,12 @@ def configure_environment(project_dir: Path) -> None:
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
+    use_recorded_servers(project_dir)
+
+
+def use_recorded_servers(project_dir: Path) -> None:
+    """Points clients at the servers `sift server up` recorded, while they run; writes
+    nothing, so read-only commands (lineage, serve-model) call it before anything else."""
     for key, value in recorded_server_env(project_dir).items():
         os.environ.setdefault(key, value)
 

@@ -9,7 +9,6 @@ that moves while the model loads cannot swap what this server says it serves.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import shlex
@@ -26,6 +25,8 @@ from typing import IO
 
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+
+from steps.processes import die_with_parent
 
 DEFAULT_PORT = 5001  # 5000 is `make ui`'s MLflow UI: both can run side by side
 # Hosts that mean "every interface": a readiness probe has to go to one address instead.
@@ -156,12 +157,6 @@ def curl_example(url: str, prompt: str) -> str:
     return f"curl -s {url}/invocations -H 'Content-Type: application/json' -d {shlex.quote(body)}"
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when its parent dies, so a `kill -9` of sift does
-    not orphan a server that holds the port (prctl PR_SET_PDEATHSIG = 1; Linux only)."""
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)
-
-
 def start_server(
     command: list[str], env: dict[str, str], log: IO[bytes] | None = None
 ) -> subprocess.Popen:
@@ -172,7 +167,7 @@ def start_server(
         command,
         env=env,
         start_new_session=True,
-        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+        preexec_fn=die_with_parent,
         stdout=log,
         stderr=subprocess.STDOUT if log else None,
     )

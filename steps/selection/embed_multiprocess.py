@@ -4,23 +4,22 @@ embed_pool (steps/selection/embed.py) writes the chunk folder's manifest and an 
 the chunks still missing, then calls run_workers; each worker (steps/selection/embed_launch.py)
 computes every N-th of them and reports its tokens and seconds in RANK_REPORT; embed_pool then
 merges all chunks in pool order, as after a one-process pass. The launcher is fine-tuning's
-(steps/training/multiprocess.py: torch.distributed under accelerate, NCCL on GPUs, gloo on
-CPU), rebuilt here rather than imported so that the embedding cache key (the code of embed.py
-and of what it imports, steps.hashing.code_fingerprint) does not follow the training code.
+(steps/processes.py: torch.distributed under accelerate, NCCL on GPUs, gloo on CPU), shared
+outside both stages so that the embedding cache key (the code of embed.py and of what it
+imports, steps.hashing.code_fingerprint) does not follow the training code.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import signal
 import subprocess
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+from steps.processes import accelerate_launch, die_with_parent
 
 REPO_DIR = Path(__file__).resolve().parents[2]
 WORKER_MODULE = "steps.selection.embed_launch"
@@ -44,34 +43,9 @@ def write_report(launch_dir: Path, rank: int, report: WorkerReport) -> None:
 
 
 def launch_command(spec_path: Path, launch_dir: Path, num_processes: int) -> list[str]:
-    """`accelerate launch` of the workers on this machine (training's flags; see the module)."""
-    return [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        # torch.distributed's launcher; with no GPU visible the workers use gloo
-        "--multi_gpu",
-        "--num_processes",
-        str(num_processes),
-        "--num_machines",
-        "1",
-        # the pass runs its own autocast (steps.modeling.autocast), not accelerate's
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        WORKER_MODULE,
-        str(spec_path),
-        str(launch_dir),
-    ]
-
-
-def _die_with_parent() -> None:
-    """If the parent is killed (even SIGKILL), the launcher gets SIGTERM and stops its workers,
-    so a re-run never writes chunks next to orphans (Linux prctl)."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    """`accelerate launch` of the workers on this machine: the pass runs its own autocast
+    (steps.modeling.autocast), not accelerate's."""
+    return accelerate_launch(num_processes, "no", WORKER_MODULE, [spec_path, launch_dir])
 
 
 def run_workers(
@@ -105,7 +79,7 @@ def run_workers(
     command = launch_command(spec_path, launch_dir, num_processes)
     with log_path.open("w") as log_file:
         code = subprocess.call(
-            command, env=env, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+            command, env=env, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
         )
     paths = [launch_dir / RANK_REPORT.format(rank=rank) for rank in range(num_processes)]
     if code != 0 or not all(path.is_file() for path in paths):

@@ -9,15 +9,13 @@ steps/training/launch.py; Trainer handles DDP/FSDP from the environment the laun
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
 
+from steps.processes import accelerate_launch, die_with_parent
 from steps.training.callbacks import NonFiniteLossError
 from steps.training.job import (
     NON_FINITE_LOSS_EXIT,
@@ -40,31 +38,13 @@ def launch_command(
     accelerate_config: str | None,
 ) -> list[str]:
     """The `accelerate launch` command line for this machine (or a cluster's config file)."""
-    command = [sys.executable, "-m", "accelerate.commands.launch"]
-    if accelerate_config:
-        command += ["--config_file", accelerate_config, "--num_processes", str(num_processes)]
-    else:
-        # --multi_gpu selects accelerate's torch.distributed launcher; on a CPU-only machine
-        # the workers fall back to gloo (accelerate's --cpu flag would start one process).
-        command += [
-            "--multi_gpu",
-            "--num_processes",
-            str(num_processes),
-            "--num_machines",
-            "1",
-            "--mixed_precision",
-            ACCELERATE_PRECISION[precision],
-            "--dynamo_backend",
-            "no",
-        ]
-    return [*command, "-m", WORKER_MODULE, str(spec_path), str(result_path)]
-
-
-def _die_with_parent() -> None:
-    """If the parent is killed (even SIGKILL), the launcher gets SIGTERM and stops its workers,
-    so a re-run never shares the checkpoint folder with orphans (Linux prctl)."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    return accelerate_launch(
+        num_processes,
+        ACCELERATE_PRECISION[precision],
+        WORKER_MODULE,
+        [spec_path, result_path],
+        accelerate_config,
+    )
 
 
 def run_workers(job: TrainJob, work_dir: Path) -> ModelRef:
@@ -96,7 +76,7 @@ def run_workers(job: TrainJob, work_dir: Path) -> ModelRef:
     )
     with log_path.open("w") as log_file:
         code = subprocess.call(
-            command, env=env, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+            command, env=env, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=die_with_parent
         )
     result = read_result(result_path)
     if isinstance(result, WorkerFailure) or code == NON_FINITE_LOSS_EXIT:

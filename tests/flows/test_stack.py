@@ -51,6 +51,7 @@ class StackRun:
     up_output: str = ""
     run_output: str = ""
     down_output: str = ""
+    lineage_output: str = ""  # `sift lineage`, which must also find the server in state.json
     rows: dict[str, list[tuple]] = field(default_factory=dict)  # query name → rows
     bucket_keys: list[str] = field(default_factory=list)
     dvc_dir_md5: str = ""
@@ -209,6 +210,8 @@ def stack(tmp_path_factory, gsm8k_train, gsm8k_test) -> Iterator[StackRun]:
             )
             assert code == 0, f"sift run failed:\n{found.run_output[-6000:]}"
             found.texts["sift run output"] = found.run_output
+            code, found.lineage_output = _sift(["lineage", MODEL_NAME], project, env, 300)
+            assert code == 0, f"sift lineage failed:\n{found.lineage_output}"
             _api_texts(found, servers)
             found.down_output = (
                 CliRunner().invoke(app, ["server", "down", "--project-dir", str(project)]).output
@@ -254,6 +257,8 @@ def test_one_run_keeps_its_runs_models_and_flow_run_in_postgresql_and_its_files_
 
     for name, entry in json.loads(stack.texts["state.json"])["servers"].items():
         assert f"{name} server (pid {entry['pid']}) stopped" in stack.down_output
+    # Read-only commands find the MLflow server too: the champion's run on PostgreSQL.
+    assert stack.run_id in stack.lineage_output, stack.lineage_output
 
 
 @pytest.mark.slow
