@@ -5,6 +5,7 @@
     python benchmarks/bench_select.py --straightforward  # + the slogdet-loop reference (slow)
     python benchmarks/bench_select.py --backends-only  # numpy vs torch (cpu) side by side
     python benchmarks/bench_select.py --exact 10000 --k-exact 1000  # exact d=768, own process
+    python benchmarks/bench_select.py --exact 1000 --versus-unscreened  # the screen's ratio
 On a GPU machine (`--backend torch --device cuda`; the picks are asserted equal to numpy's in
 the side-by-side runs, tests/model/test_gpu.py checks them on CUDA):
     python benchmarks/bench_select.py --backends-only --device cuda
@@ -41,7 +42,7 @@ import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -363,6 +364,20 @@ def exact_wide(args: argparse.Namespace) -> None:
     row = f"{seconds:.1f} | {evals:.1f} | {counts['gains'] / k:.2f} | {peak_mb:.0f} | {cuda:.0f}"
     print(f"| {row} |")
     print(f"\nstatistics {pool_mb:.0f} MB; f(S_k) = {chosen.objective[-1]:.3f}")
+    if args.versus_unscreened:
+        # The same call with the float32 screen off (screen_min_d above d): the code path
+        # before screening, side by side, same picks asserted.
+        start = time.perf_counter()
+        plain = select(
+            pool, k, "fisher", settings=replace(settings, screen_min_d=10**9),
+            backend=args.backend, device=args.device,
+        )  # fmt: skip
+        unscreened = time.perf_counter() - start
+        assert np.array_equal(plain.order, chosen.order), "screening changed the picks"
+        print(
+            f"unscreened (screen_min_d > d): {unscreened:.1f} s, identical picks; "
+            f"screened {unscreened / seconds:.2f}x faster"
+        )
 
 
 def large_pool(n: int, k: int, d: int, dim: int, rank: int, args: argparse.Namespace) -> None:
@@ -414,6 +429,9 @@ def main() -> None:
     parser.add_argument("--exact", type=int, default=0, help="only: exact d=768 of N examples")
     parser.add_argument("--k-exact", type=int, default=0, help="its budget (0: N/10)")
     parser.add_argument("--pool-dir", default=None, help="memory-map --exact's factors here")
+    parser.add_argument(
+        "--versus-unscreened", action="store_true", help="--exact also without float32 screening"
+    )
     args = parser.parse_args()
     if args.quick:
         args.n, args.k, args.n_768, args.gsm8k = 1000, 100, 300, 300

@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from steps import config_files
 from steps.data.ingest import IngestConfig
@@ -19,7 +20,7 @@ from steps.evaluation.evaluate import EvalConfig
 from steps.modeling import ModelConfig
 from steps.registry.register import RegisterConfig
 from steps.selection.embed import EmbedConfig
-from steps.selection.select import SelectConfig
+from steps.selection.select import SelectConfig, check_embed_for
 from steps.tracking import TrackingConfig
 from steps.training.finetune import FinetuneConfig
 
@@ -45,6 +46,15 @@ class PipelineConfig(BaseModel):
     registry: RegisterConfig = Field(default_factory=RegisterConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+
+    @model_validator(mode="after")
+    def _embed_serves_select(self) -> PipelineConfig:
+        # At load time, so `sift run` stops before ingest and the embed pass, not at select.
+        try:
+            check_embed_for(self.select, self.embed)
+        except ValueError as error:
+            raise PydanticCustomError("embed_for_select", str(error)) from None
+        return self
 
 
 class ConfigError(ValueError):

@@ -60,7 +60,9 @@ def load_model(
         return model.model_validate(tree)
     except ValidationError as invalid:
         problems = "\n  ".join(
-            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in invalid.errors()
+            # a check across sections (a model validator) has no key to lead with
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" if e["loc"] else e["msg"]
+            for e in invalid.errors()
         )
         source = f" in {path}" if path else ""
         raise error(f"invalid {what}{source}:\n  {problems}") from None

@@ -83,7 +83,8 @@ def lineage_tags(
         "git.dirty": str(git.dirty).lower(),
         "config.md5": config_md5(config),
         "select.selector": config.select.selector,
-        "select.budget": str(config.select.budget),
+        # the key in use: select.budget, or select.budget_tokens (a budget of loss tokens)
+        config.select.budget_setting[0]: f"{config.select.budget_setting[1]:g}",
         "select.examples": str(examples),
         "select.prior_run": prior_run,
         "prefect.flow_run_id": flow_run_id,
@@ -339,6 +340,7 @@ def lineage(name: str, ref: str | None, project_dir: Path, schema: type[BaseMode
         "selection": {
             "selector": tag("select.selector"),
             "budget": tags.get("select.budget"),
+            "budget_tokens": tags.get("select.budget_tokens"),
             "examples": tags.get("select.examples"),
             "prior_run": tag("select.prior_run"),
         },

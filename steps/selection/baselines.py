@@ -2,6 +2,7 @@
 
 Each function returns pool indices in pick order; `steps.selection.selectors` wraps them into a
 `Selection` and scores every order with the same token-level objective, so curves compare.
+Under a token budget `fill_tokens` keeps the examples of an order that fit.
 `pooled_fisher_order` is the sentence-level design of the DataFlex reimplementation
 (docs/fishersft.md, "Known variants"): one L2-normalised mean vector per example.
 """
@@ -102,6 +103,33 @@ def _highest_loss(pool: FeaturePool, k: int, seed: int, ridge: float) -> NDArray
     if pool.base_loss is None:
         raise ValueError("highest-loss needs pool.base_loss (the base model's loss per example)")
     return highest_loss_order(pool.base_loss, k)
+
+
+def fill_tokens(
+    order_of: Callable[[int], NDArray[np.int64]], n_tokens: NDArray[np.int64], budget: int
+) -> NDArray[np.int64]:
+    """The examples of a pick order that fit in `budget` loss tokens, in order: each one
+    that fits is kept, one that does not is skipped (the fill goes on), and the fill ends
+    once no unpicked example fits.
+
+    order_of(k) gives the first k of the order. The whole order costs O(N^2 d) for k-center
+    and fisher-pooled, so k starts at the most examples any fill can hold and doubles until
+    the fill is maximal; every order here is deterministic for its (k, seed).
+    """
+    n = len(n_tokens)
+    k = max(1, int(np.searchsorted(np.cumsum(np.sort(n_tokens)), budget, side="right")))
+    while True:
+        order = order_of(min(k, n))
+        fits = np.zeros(len(order), dtype=bool)
+        left = budget
+        for position, example in enumerate(order):
+            if n_tokens[example] <= left:
+                fits[position] = True
+                left -= int(n_tokens[example])
+        unvisited = np.setdiff1d(np.arange(n), order)
+        if k >= n or not len(unvisited) or n_tokens[unvisited].min() > left:
+            return order[fits]
+        k *= 2
 
 
 PickOrder = Callable[[FeaturePool, int, int, float], NDArray[np.int64]]  # (pool, k, seed, ridge)

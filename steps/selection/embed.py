@@ -50,6 +50,7 @@ from steps.selection.embed_stats import chunk_statistics
 from steps.selection.pool import FeaturePool, random_projection
 
 FILES = ("factors", "offsets", "pooled", "n_tokens", "base_loss")
+LABEL_FILES = ("label_factors",)  # with embed.token_weight=label, row for row beside factors
 log = logging.getLogger(__name__)
 
 
@@ -60,7 +61,11 @@ class EmbedConfig(BaseModel):
     batch_tokens: int = Field(default=16384, gt=0)
     # Hidden states wider than this are projected to this many dimensions before their
     # statistics are formed (a d x d Gram per example is too big at d >= 1k); 0 never does.
-    sketch_dim: int = Field(default=256, ge=0)
+    # Measured at d=768, N=1,000 (benchmarks/bench_sketch.py): picks made on a 32 / 64 / 128 /
+    # 256-dim sketch reach 0.994 / 0.997 / 0.998 / 1.000 of the exact picks' information gain
+    # at k=100 (the worst of GSM8K through a random llama and a synthetic pool), >= 0.999 at
+    # k=300; 64 is the smallest within 0.5%, with statistics up to 16x smaller than 256's.
+    sketch_dim: int = Field(default=64, ge=0)
     # Keep at most this many factor rows per example (its top eigen-directions); 0 keeps
     # all (<= the state width). Bounds the statistics at N x max_rank x width floats.
     max_rank: int = Field(default=0, ge=0)
@@ -72,6 +77,10 @@ class EmbedConfig(BaseModel):
     # computing every N-th missing chunk; the pool is the one a single process makes. Workers
     # beyond the number of chunks idle: a pool of P examples keeps P / chunk_examples busy.
     num_processes: int = Field(default=1, gt=0)
+    # "label": also store each example's factor of Σ_j w_j x_j x_jᵀ, w = ‖p − e_y‖² (see
+    # embed_stats.py), for fisher-label; the plain statistics stay as they are. Costs a
+    # vocabulary softmax per loss token and a second factor per example (time and disk).
+    token_weight: Literal["none", "label"] = "none"
 
 
 class EmbedJob(BaseModel):
@@ -102,6 +111,7 @@ class FeaturesRef:
     hidden_size: int = 0  # the model's d, before any sketch
     tokens_per_second: float = 0.0  # of this pass (0 when every chunk came from disk)
     precision: str = "fp32"  # what the forward passes computed in (see modeling.autocast)
+    token_weight: str = "none"  # "label": LABEL_FILES are there too (EmbedConfig.token_weight)
 
 
 def feature_space(features: FeaturesRef, model_md5: str, config: EmbedConfig) -> str:
@@ -118,15 +128,11 @@ def feature_space(features: FeaturesRef, model_md5: str, config: EmbedConfig) ->
 
 
 def load_pool(ref: FeaturesRef) -> FeaturePool:
-    arrays = {
-        name: np.load(Path(ref.features_dir) / f"{name}.npy", mmap_mode="r") for name in FILES
-    }
+    names = FILES + (LABEL_FILES if ref.token_weight == "label" else ())
+    folder = Path(ref.features_dir)
+    # each file is named for the FeaturePool field it holds
     return FeaturePool(
-        factors=np.asarray(arrays["factors"]),
-        offsets=np.asarray(arrays["offsets"]),
-        pooled=np.asarray(arrays["pooled"]),
-        n_tokens=np.asarray(arrays["n_tokens"]),
-        base_loss=np.asarray(arrays["base_loss"]),
+        **{name: np.asarray(np.load(folder / f"{name}.npy", mmap_mode="r")) for name in names}
     )
 
 
@@ -290,6 +296,7 @@ def embed_chunks(
                     projection,
                     device,
                     precision,
+                    label_weighted=config.token_weight == "label",
                 )
                 _save_atomic(path, stats)
                 computed += sizes[number]
@@ -341,6 +348,8 @@ def _consolidate(
 ) -> FeaturesRef:
     """Chunks → one memory-mappable .npy per array, copied chunk by chunk (bounded memory)."""
     paths = [_chunk_path(out_dir, n) for n in range(chunks)]
+    with np.load(paths[0]) as first:  # the manifest made every chunk alike
+        token_weight = "label" if "label_factors" in first.files else "none"
     sizes = []
     padded = tokens = 0
     for path in paths:
@@ -357,6 +366,8 @@ def _consolidate(
         "n_tokens": ((n,), np.int64),
         "base_loss": ((n,), np.float32),
     }
+    if token_weight == "label":
+        shapes["label_factors"] = shapes["factors"]
     out = {
         name: np.lib.format.open_memmap(out_dir / f"{name}.npy", "w+", dtype, shape)
         for name, (shape, dtype) in shapes.items()
@@ -366,6 +377,8 @@ def _consolidate(
     for path, (count, chunk_rows, _) in zip(paths, sizes, strict=True):
         with np.load(path) as chunk:
             out["factors"][row : row + chunk_rows] = chunk["factors"]
+            if "label_factors" in out:
+                out["label_factors"][row : row + chunk_rows] = chunk["label_factors"]
             out["offsets"][example + 1 : example + count + 1] = chunk["offsets"][1:] + row
             for name in ("pooled", "n_tokens", "base_loss"):
                 out[name][example : example + count] = chunk[name]
@@ -383,6 +396,7 @@ def _consolidate(
         hidden_size=hidden,
         tokens_per_second=tokens_per_second,
         precision=precision,
+        token_weight=token_weight,
     )
     (out_dir / "meta.json").write_text(json.dumps(asdict(ref), indent=2))
     return ref

@@ -5,6 +5,11 @@ t predicts token t+1), FisherSFT needs only Σ_j x_ij x_ijᵀ: `chunk_statistics
 F_i with F_iᵀF_i equal to it (at most d rows, fewer with max_rank), the mean state, the token
 count and the mean base-model loss of each example. steps/selection/embed.py runs it chunk by
 chunk, writes the results and merges them.
+
+With label_weighted it also returns each example's factor of Σ_j w_j x_j x_jᵀ, where
+w = ‖p − e_y‖² is the token's share of the last layer's empirical Fisher
+(p − e_y)(p − e_y)ᵀ ⊗ x xᵀ (p: the model's softmax at that position, y: the true next token;
+see `label_weights`): each state is scaled by sqrt(w) and factored like the plain ones.
 """
 
 from __future__ import annotations
@@ -25,11 +30,14 @@ def chunk_statistics(
     projection: torch.Tensor | None,
     device: str,
     precision: str,
+    label_weighted: bool = False,
 ) -> dict[str, np.ndarray]:
     """One chunk's arrays as a chunk file holds them (embed.FILES, plus padded and real token
-    counts), from forward passes over length-sorted batches of at most batch_tokens."""
+    counts, plus embed.LABEL_FILES when label_weighted), from forward passes over
+    length-sorted batches of at most batch_tokens."""
     lengths = [len(e.input_ids) for e in chunk]
     factors: list[np.ndarray] = [np.empty(0)] * len(chunk)
+    label_factors: list[np.ndarray] = [np.empty(0)] * len(chunk)
     width = int(model.config.hidden_size) if projection is None else projection.shape[1]
     pooled = np.zeros((len(chunk), width), np.float32)
     base_loss = np.zeros(len(chunk), np.float32)
@@ -38,7 +46,7 @@ def chunk_statistics(
     for rows in length_sorted_batches(lengths, batch_tokens):
         batch = {k: v.to(device) for k, v in pad_batch([chunk[i] for i in rows], pad_id).items()}
         with autocast(device, precision):  # the forward only: the statistics stay fp32/fp64
-            states, losses, mask = _batch_states(model, batch)
+            states, losses, mask, weights = _batch_states(model, batch, label_weighted)
         if projection is not None:
             states = states @ projection
         batch_factors, batch_pooled, counts, batch_loss = _batch_factors(
@@ -46,12 +54,18 @@ def chunk_statistics(
         )
         for slot, i in enumerate(rows):
             factors[i] = batch_factors[slot]
+        if weights is not None:  # x → sqrt(w) x commutes with the projection
+            scaled = states * weights.sqrt()[..., None]
+            for slot, factor in enumerate(_batch_factors(scaled, losses, mask, max_rank)[0]):
+                label_factors[rows[slot]] = factor
         pooled[rows] = batch_pooled
         n_tokens[rows] = counts
         base_loss[rows] = batch_loss
         padded += batch["input_ids"].numel() - sum(lengths[i] for i in rows)
     offsets = np.concatenate([[0], np.cumsum([len(f) for f in factors])]).astype(np.int64)
+    label = {"label_factors": np.concatenate(label_factors).astype(np.float32)}
     return {
+        **(label if label_weighted else {}),
         "factors": np.concatenate(factors).astype(np.float32),
         "offsets": offsets,
         "pooled": pooled,
@@ -62,8 +76,9 @@ def chunk_statistics(
     }
 
 
-def _batch_states(model: PreTrainedModel, batch: dict[str, torch.Tensor]):
-    """Loss-token states (float32), per-token losses and the loss mask of one padded batch."""
+def _batch_states(model: PreTrainedModel, batch: dict[str, torch.Tensor], label_weighted: bool):
+    """Loss-token states (float32), per-token losses, the loss mask of one padded batch and,
+    when label_weighted, each loss token's label weight (0 elsewhere; else None)."""
     out = model(
         input_ids=batch["input_ids"],
         attention_mask=batch["attention_mask"],
@@ -71,13 +86,29 @@ def _batch_states(model: PreTrainedModel, batch: dict[str, torch.Tensor]):
     )
     states = out.hidden_states[-1][:, :-1].float()  # position t predicts token t+1
     targets = batch["labels"][:, 1:]
+    logits = out.logits[:, :-1].float()
     losses = torch.nn.functional.cross_entropy(
-        out.logits[:, :-1].float().transpose(1, 2),
-        targets,
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
+        logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
     )
-    return states, losses, targets != IGNORE_INDEX
+    mask = targets != IGNORE_INDEX
+    weights = None
+    if label_weighted:  # only at loss tokens: a (tokens, vocabulary) softmax, not (B, T, V)
+        weights = torch.zeros_like(losses)
+        weights[mask] = label_weights(logits[mask], targets[mask])
+    return states, losses, mask, weights
+
+
+def label_weights(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """w = ‖p − e_y‖² = 1 − 2 p_y + Σ_c p_c² per row of (n, V) logits, p = softmax(logits).
+
+    Summed as (1 − p_y)² + Σ_{c≠y} p_c², the same number without the cancellation of
+    1 − 2 p_y + p_y² when p_y ≈ 1: a token the model predicts gets w ≈ 0, not float32 noise.
+    """
+    log_p = torch.log_softmax(logits.float(), dim=-1)
+    rows = torch.arange(len(targets), device=logits.device)
+    miss = -torch.expm1(log_p[rows, targets])  # 1 − p_y, exact near p_y = 1
+    others = log_p.exp().index_put((rows, targets), torch.zeros((), device=logits.device))
+    return miss**2 + (others**2).sum(dim=-1)
 
 
 def _batch_factors(

@@ -1,7 +1,9 @@
 """Greedy maximisation of the FisherSFT objective over a `Design`: lazy, and plain for reference.
 
-Both maximise gain / cost under sum(cost) <= budget (cost 1 per example for `fisher`, its
-loss tokens for `fisher-per-token`) and return the picks in order with each pick's gain.
+Both pick by a score under sum(cost) <= budget and return the picks in order with each
+pick's gain. The cost is 1 per example under an example budget and the loss tokens under a
+token budget; the score is the gain (`fisher`, `fisher-label`: under a token budget the best
+gain among the examples that still fit) or gain / cost (per_cost, `fisher-per-token`).
 
 Lazy greedy (Minoux 1978, "Accelerated greedy algorithms for maximizing submodular set
 functions"; the paper's "greedy with cached gains", docs/fishersft.md) keeps, for every
@@ -64,11 +66,13 @@ class GreedyDesign(Protocol):
 
 @dataclass
 class _Scores:
-    """Per candidate: an upper bound on its score (gain / cost) and when it was exact or
-    screened. A screened score lies in (value +- margin) / cost, at that step only."""
+    """Per candidate: an upper bound on its score (gain / divisor) and when it was exact or
+    screened. A screened score lies in (value +- margin) / divisor, at that step only.
+    divisor is the cost (per_cost) or 1; costs is what a pick spends of the budget."""
 
     bound: Array
     costs: Array
+    divisor: Array
     exact_at: NDArray[np.int64]
     screened_at: NDArray[np.int64]
     value: Array
@@ -77,7 +81,7 @@ class _Scores:
     def record_screen(self, examples: NDArray[np.int64], step: int, design: GreedyDesign) -> None:
         value, margin = design.screen(examples)
         self.value[examples], self.margin[examples] = value, margin
-        upper = (value + margin) / self.costs[examples]  # the older bound may be tighter
+        upper = (value + margin) / self.divisor[examples]  # the older bound may be tighter
         self.bound[examples] = np.minimum(self.bound[examples], upper)
         self.screened_at[examples] = step
         self.exact_at[examples[margin == 0]] = step  # no error to bound: the float64 gain
@@ -94,7 +98,7 @@ class _Scores:
                 f"error margin {self.margin[checked[i]]:.3g}; a larger "
                 "GreedySettings.screen_safety widens it, screen_min_d above d turns it off"
             )
-        self.bound[examples] = gains / self.costs[examples]
+        self.bound[examples] = gains / self.divisor[examples]
         self.exact_at[examples] = step
 
     def reached(self, examples: NDArray[np.int64], step: int) -> float:
@@ -104,14 +108,15 @@ class _Scores:
         screened = examples[alive]
         if not len(screened):
             return -np.inf
-        return float(((self.value[screened] - self.margin[screened]) / self.costs[screened]).max())
+        lower = (self.value[screened] - self.margin[screened]) / self.divisor[screened]
+        return float(lower.max())
 
 
 def lazy_greedy(
-    design: GreedyDesign, costs: Array, budget: float, progress: bool
+    design: GreedyDesign, costs: Array, budget: float, progress: bool, per_cost: bool = False
 ) -> tuple[list[int], list[float]]:
-    """Greedy on gain / cost under sum(cost) <= budget, re-evaluating only candidates whose
-    upper bound can still tie the best score.
+    """Greedy on the gain (gain / cost when per_cost) under sum(cost) <= budget,
+    re-evaluating only candidates whose upper bound can still tie the best score.
 
     bound[i] always bounds i's current score from above (see the module docstring). Each
     step takes the highest stale bounds bound_batch at a time, tightens them (where that is
@@ -127,7 +132,10 @@ def lazy_greedy(
     n = design.pool.N
     everything = np.arange(n, dtype=np.int64)
     never = np.full(n, -1, np.int64)
-    scores = _Scores(np.full(n, np.inf), costs, never, never.copy(), np.zeros(n), np.zeros(n))
+    divisor = costs if per_cost else np.ones(n)
+    scores = _Scores(
+        np.full(n, np.inf), costs, divisor, never, never.copy(), np.zeros(n), np.zeros(n)
+    )
     if design.screens:
         scores.record_screen(everything, 0, design)
     else:
@@ -208,7 +216,7 @@ def _best_score(
             cheap = stale[design.cheap_bounds[stale] & (scores.screened_at[stale] != step)]
             if len(cheap) and max(best, reached) > -np.inf:  # no floor yet: nothing to prune
                 assert isinstance(design, Design), "only numpy designs have cheap bounds"
-                _tighten(design, bound, scores.costs, cheap, floor)
+                _tighten(design, bound, scores.divisor, cheap, floor)
                 stale = stale[bound[stale] >= floor]
             if len(stale) > lazy_batch:  # the rest keep their tightened bounds
                 stale = stale[np.argpartition(-bound[stale], lazy_batch - 1)[:lazy_batch]]
@@ -234,26 +242,28 @@ def _best_score(
 
 
 def _tighten(
-    design: Design, bound: Array, costs: Array, examples: NDArray[np.int64], floor: float
+    design: Design, bound: Array, divisor: Array, examples: NDArray[np.int64], floor: float
 ) -> None:
     """Lower examples' bounds in two tiers: the trace bound (d^2 / 2 flops from a cached
     Gram) for all, the tighter Fischer bound (+ 2 m d^2) only for those still >= floor."""
     trace = design.traces(examples)
     bound[examples] = np.minimum(
-        bound[examples], design.trace_bounds(examples, trace) / costs[examples]
+        bound[examples], design.trace_bounds(examples, trace) / divisor[examples]
     )
     alive = bound[examples] >= floor
     examples, trace = examples[alive], trace[alive]
     if len(examples):
-        tight = design.bounds(examples, trace) / costs[examples]
+        tight = design.bounds(examples, trace) / divisor[examples]
         bound[examples] = np.minimum(bound[examples], tight)
 
 
 def plain_greedy(
-    design: GreedyDesign, costs: Array, budget: float, progress: bool
+    design: GreedyDesign, costs: Array, budget: float, progress: bool, per_cost: bool = False
 ) -> tuple[list[int], list[float]]:
-    """Greedy on gain / cost under sum(cost) <= budget, recomputing every gain every step."""
+    """Greedy on the gain (gain / cost when per_cost) under sum(cost) <= budget, recomputing
+    every gain every step."""
     available = np.ones(design.pool.N, dtype=bool)
+    divisor = costs if per_cost else np.ones(design.pool.N)
     order: list[int] = []
     gains: list[float] = []
     remaining = budget
@@ -262,7 +272,7 @@ def plain_greedy(
             candidates = np.flatnonzero(available & (costs <= remaining))
             if not len(candidates):
                 break
-            pick = int(candidates[first_best(design.gains(candidates) / costs[candidates])])
+            pick = int(candidates[first_best(design.gains(candidates) / divisor[candidates])])
             available[pick] = False
             order.append(pick)
             gains.append(design.add(pick))

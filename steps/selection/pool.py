@@ -22,6 +22,9 @@ class FeaturePool:
 
     Example i's low-rank factor F_i = factors[offsets[i]:offsets[i+1]] satisfies
     F_i.T @ F_i == sum_j x_ij x_ij^T, exactly or as a sketch, with 1 <= r_i <= d rows.
+    label_factors, when the embed pass made them (embed.token_weight=label), are the same
+    for the label-weighted Gram sum_j w_ij x_ij x_ij^T, row for row beside factors (a factor
+    has min(T_i, d) rows either way, so offsets serve both); `fisher-label` reads them.
     """
 
     factors: NDArray[np.float32]  # (R, d)
@@ -29,6 +32,7 @@ class FeaturePool:
     pooled: NDArray[np.float32]  # (N, d) mean over loss tokens, for fisher-pooled and k-center
     n_tokens: NDArray[np.int64]  # (N,) loss-bearing tokens per example
     base_loss: NDArray[np.float32] | None = None  # (N,) mean base-model loss per token
+    label_factors: NDArray[np.float32] | None = None  # (R, d) label-weighted factors
 
     def __post_init__(self) -> None:
         _check_array("factors", self.factors, 2, np.float32)
@@ -47,16 +51,16 @@ class FeaturePool:
         fail_at(ranks == 0, "example {i} has an empty factor (zero rows in factors)")
         fail_at(ranks > d, f"example {{i}} has more factor rows than d={d}")
         fail_at(self.n_tokens <= 0, "example {i} has n_tokens <= 0: no loss-bearing tokens")
-        bad_rows = ~np.isfinite(self.factors).all(axis=1)
-        if bad_rows.any():
-            row = int(np.flatnonzero(bad_rows)[0])
-            example = int(np.searchsorted(self.offsets, row, side="right")) - 1
-            raise ValueError(f"factors of example {example} contain NaN or inf (row {row})")
+        _check_finite_rows("factors", self.factors, self.offsets)
         fail_at(~np.isfinite(self.pooled).all(axis=1), "pooled[{i}] contains NaN or inf")
         if self.base_loss is not None:
             _check_array("base_loss", self.base_loss, 1, np.float32)
             _check_shape("base_loss", self.base_loss, (n,))
             fail_at(~np.isfinite(self.base_loss), "base_loss[{i}] is NaN or inf")
+        if self.label_factors is not None:
+            _check_array("label_factors", self.label_factors, 2, np.float32)
+            _check_shape("label_factors", self.label_factors, self.factors.shape)
+            _check_finite_rows("label_factors", self.label_factors, self.offsets)
 
     @property
     def N(self) -> int:
@@ -80,12 +84,25 @@ class FeaturePool:
     def subset(self, examples: NDArray[np.int64]) -> FeaturePool:
         """The pool restricted to `examples`, in that order (their factors copied)."""
         ranks = self.ranks[examples]
+        rows = self.factor_rows(examples)
         return FeaturePool(
-            factors=self.factors[self.factor_rows(examples)],
+            factors=self.factors[rows],
             offsets=np.concatenate([[0], np.cumsum(ranks)]).astype(np.int64),
             pooled=self.pooled[examples],
             n_tokens=self.n_tokens[examples],
             base_loss=None if self.base_loss is None else self.base_loss[examples],
+            label_factors=None if self.label_factors is None else self.label_factors[rows],
+        )
+
+    def label_weighted(self) -> FeaturePool:
+        """The pool with the label-weighted factors in place of the plain ones."""
+        if self.label_factors is None:
+            raise ValueError(
+                "the pool has no label-weighted statistics (label_factors): embed it with "
+                "embed.token_weight=label"
+            )
+        return FeaturePool(
+            self.label_factors, self.offsets, self.pooled, self.n_tokens, self.base_loss
         )
 
 
@@ -102,6 +119,16 @@ def _check_array(field: str, value: object, ndim: int, dtype: type[np.generic]) 
 def _check_shape(field: str, value: NDArray[np.generic], shape: tuple[int, ...]) -> None:
     if value.shape != shape:
         raise ValueError(f"{field} has shape {value.shape}, expected {shape}")
+
+
+def _check_finite_rows(
+    field: str, factors: NDArray[np.float32], offsets: NDArray[np.int64]
+) -> None:
+    bad_rows = ~np.isfinite(factors).all(axis=1)
+    if bad_rows.any():
+        row = int(np.flatnonzero(bad_rows)[0])
+        example = int(np.searchsorted(offsets, row, side="right")) - 1
+        raise ValueError(f"{field} of example {example} contain NaN or inf (row {row})")
 
 
 def fail_at(bad: NDArray[np.bool_] | np.bool_, message: str) -> None:
@@ -126,13 +153,34 @@ def factor_from_tokens(x: NDArray[np.floating]) -> NDArray[np.floating]:
 
 
 def pool_from_tokens(
-    states: Sequence[NDArray[np.floating]], base_loss: NDArray[np.float32] | None = None
+    states: Sequence[NDArray[np.floating]],
+    base_loss: NDArray[np.float32] | None = None,
+    weights: Sequence[NDArray[np.floating]] | None = None,
 ) -> FeaturePool:
-    """Build a FeaturePool from each example's (T_i, d) loss-token hidden states."""
+    """Build a FeaturePool from each example's (T_i, d) loss-token hidden states.
+
+    weights: each example's (T_i,) token weights w >= 0; label_factors then factor
+    sum_j w_j x_j x_j^T (each state scaled by sqrt(w) first, as the embed pass does).
+    """
     factors = [factor_from_tokens(np.asarray(x, dtype=np.float32)) for x in states]
     pooled = np.stack([np.asarray(x, dtype=np.float64).mean(axis=0) for x in states])
     n_tokens = np.array([len(x) for x in states], dtype=np.int64)
-    return _pool_of(factors, pooled, n_tokens, base_loss)
+    label = None
+    if weights is not None:
+        if len(weights) != len(states):
+            raise ValueError(f"weights has {len(weights)} examples, states {len(states)}")
+        label = [
+            factor_from_tokens(np.asarray(x, np.float32) * _sqrt_weights(w, len(x), i))
+            for i, (x, w) in enumerate(zip(states, weights, strict=True))
+        ]
+    return _pool_of(factors, pooled, n_tokens, base_loss, label)
+
+
+def _sqrt_weights(w: NDArray[np.floating], tokens: int, example: int) -> NDArray[np.float32]:
+    w = np.asarray(w, dtype=np.float64)
+    if w.shape != (tokens,) or not (np.isfinite(w) & (w >= 0)).all():
+        raise ValueError(f"weights of example {example} must be {tokens} finite numbers >= 0")
+    return np.sqrt(w).astype(np.float32)[:, None]
 
 
 def _pool_of(
@@ -140,14 +188,20 @@ def _pool_of(
     pooled: NDArray[np.floating],
     n_tokens: NDArray[np.int64],
     base_loss: NDArray[np.float32] | None,
+    label_factors: Sequence[NDArray[np.floating]] | None = None,
 ) -> FeaturePool:
     return FeaturePool(
-        factors=np.concatenate(factors).astype(np.float32),
+        factors=_stacked(factors),
         offsets=np.concatenate([[0], np.cumsum([len(f) for f in factors])]).astype(np.int64),
         pooled=pooled.astype(np.float32),
         n_tokens=n_tokens,
         base_loss=base_loss,
+        label_factors=None if label_factors is None else _stacked(label_factors),
     )
+
+
+def _stacked(factors: Sequence[NDArray[np.floating]]) -> NDArray[np.float32]:
+    return np.concatenate(factors).astype(np.float32)
 
 
 def random_projection(d: int, dim: int, seed: int) -> NDArray[np.float32]:
@@ -172,9 +226,11 @@ def project(pool: FeaturePool, dim: int, seed: int) -> FeaturePool:
     if dim < 1:
         raise ValueError(f"projection dim must be >= 1, got {dim}")
     p = random_projection(pool.d, dim, seed)
-    factors = [
-        factor_from_tokens(pool.factors[a:b] @ p)
-        for a, b in zip(pool.offsets[:-1], pool.offsets[1:], strict=True)
-    ]
+    spans = list(zip(pool.offsets[:-1], pool.offsets[1:], strict=True))
+    factors = [factor_from_tokens(pool.factors[a:b] @ p) for a, b in spans]
+    label = pool.label_factors  # a sketch of sum w x x^T is that of the scaled states
+    label_factors = (
+        None if label is None else [factor_from_tokens(label[a:b] @ p) for a, b in spans]
+    )
     pooled = pool.pooled.astype(np.float64) @ p
-    return _pool_of(factors, pooled, pool.n_tokens, pool.base_loss)
+    return _pool_of(factors, pooled, pool.n_tokens, pool.base_loss, label_factors)

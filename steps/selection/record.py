@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 # Fields that selections gained with warm starts: a file without them is most likely one
 # written before then, and the message says so instead of listing every field it lacks.
@@ -34,7 +35,7 @@ class SelectionRecord(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     selector: str
-    budget: int  # the resolved count of new picks (of loss tokens for fisher-per-token)
+    budget: int  # the resolved count of new picks, or of their loss tokens (budget_kind)
     ridge: float
     feature_space: str  # steps.selection.embed.feature_space: where the design lives
     ids: list[str]  # the new picks, in pick order
@@ -46,6 +47,17 @@ class SelectionRecord(BaseModel):
     final_objective: float
     loss_tokens: int  # of the new picks
     design_md5: str  # of the design.npy beside this file (see load_prior)
+    budget_kind: Literal["examples", "tokens"] = "examples"  # what budget counted
+
+    @model_validator(mode="before")
+    @classmethod
+    def _budget_kind_of_older_files(cls, data: Any) -> Any:
+        # Files from before select.budget_tokens lack the kind: only fisher-per-token's
+        # budget counted tokens then.
+        if isinstance(data, dict) and "budget_kind" not in data:
+            kind = "tokens" if data.get("selector") == "fisher-per-token" else "examples"
+            return {**data, "budget_kind": kind}
+        return data
 
 
 def write_selection(path: Path, record: SelectionRecord) -> None:

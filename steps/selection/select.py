@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from steps.data.ingest import IngestConfig, open_batches, resolve_local, stream_table
@@ -34,17 +34,24 @@ from steps.selection.record import (
 from steps.selection.selectors import DEFAULT_RIDGE, SELECTORS, design_of, select
 from steps.selection.settings import GreedySettings
 
+DEFAULT_BUDGET = 0.1  # of the pool's examples, when neither budget key is set
+
 
 class SelectConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     # One of steps.selection.selectors.SELECTORS: fisher, fisher-pooled, fisher-per-token,
-    # uniform, ...
+    # fisher-label (needs embed.token_weight=label), uniform, ...
     selector: str = "fisher"
-    # A count of examples (>= 1), or a fraction of the pool (0 < budget < 1).
-    # For fisher-per-token the count/fraction is of loss tokens, not examples.
-    # With a prior it counts new picks only, and a fraction is of the candidates left.
-    budget: float = Field(default=0.1, gt=0)
+    # A count of examples (>= 1), or a fraction of the pool (0 < budget < 1); null (or
+    # unset) means 0.1 unless budget_tokens is set. For fisher-per-token the count/fraction
+    # is of loss tokens, not examples (as budget_tokens). With a prior it counts new picks
+    # only, and a fraction is of the candidates left.
+    budget: float | None = Field(default=None, gt=0)
+    # Instead of budget: a count of loss tokens (>= 1) or a fraction of the pool's (0 < x
+    # < 1), filled by every selector (steps/selection/selectors.py says how). Equal tokens
+    # compare selectors at equal training cost; equal examples favour long-example pickers.
+    budget_tokens: float | None = Field(default=None, gt=0)
     # Ridge λ in log det(λI + V_S): keeps the objective finite before d tokens are chosen;
     # small against hidden-state norms so it barely moves the picks once V_S is full rank.
     ridge: float = Field(default=DEFAULT_RIDGE, gt=0)
@@ -66,6 +73,34 @@ class SelectConfig(BaseModel):
     # they fit in half of it (else they stream from the memory-mapped pool per batch).
     device_memory_mb: int = Field(default=4096, gt=0)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _one_budget(cls, data: Any) -> Any:
+        # Before the fields: the default example budget applies only when neither is set.
+        if not isinstance(data, dict):
+            return data
+        budget, tokens = data.get("budget"), data.get("budget_tokens")
+        if budget is not None and tokens is not None:
+            raise PydanticCustomError(
+                "two_budgets",
+                "select.budget={budget} and select.budget_tokens={tokens} are exclusive: set "
+                "one, the other to null",
+                {"budget": budget, "tokens": tokens},
+            )
+        return {**data, "budget": DEFAULT_BUDGET} if budget is None and tokens is None else data
+
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether the budget is of loss tokens: budget_tokens, or fisher-per-token's budget."""
+        return self.budget_tokens is not None or self.selector == "fisher-per-token"
+
+    @property
+    def budget_setting(self) -> tuple[str, float]:
+        """The budget key in use and its value, for resolving and for errors."""
+        if self.budget_tokens is not None:
+            return "select.budget_tokens", self.budget_tokens
+        return "select.budget", self.budget or DEFAULT_BUDGET  # set by _one_budget
+
     @field_validator("selector")
     @classmethod
     def _known_selector(cls, selector: str) -> str:
@@ -78,6 +113,27 @@ class SelectConfig(BaseModel):
                 {"selector": selector, "choices": ", ".join(SELECTORS)},
             )
         return selector
+
+
+# Selectors that read statistics the embed pass makes only when asked: selector -> (the
+# EmbedConfig field, the value that makes them).
+EMBED_NEEDS: dict[str, tuple[str, str]] = {"fisher-label": ("token_weight", "label")}
+
+
+def check_embed_for(config: SelectConfig, embed: EmbedConfig) -> None:
+    """ValueError naming both keys when config.selector reads what `embed` does not compute.
+
+    Not a setting made for the user: embed's own section stays the one place that says what
+    the embed pass computes (and keys its cache); a selector never re-embeds behind it.
+    """
+    if config.selector not in EMBED_NEEDS:
+        return
+    field, value = EMBED_NEEDS[config.selector]
+    if getattr(embed, field) != value:
+        raise ValueError(
+            f"select.selector={config.selector} reads statistics that embed.{field}="
+            f"{getattr(embed, field)} does not compute: set embed.{field}={value}"
+        )
 
 
 @dataclass(frozen=True)
@@ -106,15 +162,20 @@ class SelectionRef:
     objective: float  # log det(λI + prior + V_S) after the last pick
     design_path: str  # prior + Σ FᵀF of the new picks (float64, no ridge)
     train_examples: int  # what fine-tuning trains on: the prior's examples in this pool + picks
+    budget_kind: str = "examples"  # what the budget counted: "examples" or "tokens"
 
 
-def resolve_budget(budget: float, total: int, field: str = "select.budget") -> int:
+def resolve_budget(
+    budget: float, total: int, field: str = "select.budget", unit: str = "examples"
+) -> int:
     """A fraction of the total (0 < b < 1) or a whole count (b >= 1, at most the total)."""
     count = round(budget * total) if budget < 1 else int(budget)
     if budget >= 1 and budget != int(budget):
-        raise ValueError(f"{field}={budget}: a count must be whole (or use a fraction below 1)")
+        raise ValueError(f"{field}={budget:g}: a count must be whole (or use a fraction below 1)")
     if not 1 <= count <= total:
-        raise ValueError(f"{field}={budget} gives {count} of a pool of {total}; need 1..{total}")
+        raise ValueError(
+            f"{field}={budget:g} gives {count} of the pool's {total} {unit}; need 1..{total}"
+        )
     return count
 
 
@@ -135,7 +196,8 @@ def select_subset(
     prior: PriorRef | None = None,
     device: str = "cpu",
 ) -> SelectionRef:
-    """Pick config.budget new examples, warm-started from `prior` when one is given.
+    """Pick config.budget new examples (or config.budget_tokens loss tokens of new
+    examples), warm-started from `prior` when one is given.
 
     space: steps.selection.embed.feature_space of `features`, recorded in selection.json; a
     prior must have been selected in the same space. The prior's examples found in this pool
@@ -150,9 +212,9 @@ def select_subset(
         raise ValueError(f"{train_path} has {len(ids)} rows but the features hold {pool.N}")
     start = _warm_start(prior, space, [str(i) for i in ids], pool, config.ridge)
     keep = np.setdiff1d(np.arange(pool.N), start.rows)  # the candidates, ascending
-    per_token = config.selector == "fisher-per-token"
-    total = int(pool.n_tokens[keep].sum()) if per_token else len(keep)
-    budget = _new_budget(config, total, "loss tokens" if per_token else "examples", prior, start)
+    tokens = config.counts_tokens
+    total = int(pool.n_tokens[keep].sum()) if tokens else len(keep)
+    budget = _new_budget(config, total, "loss tokens" if tokens else "examples", prior, start)
     candidates = pool if len(keep) == pool.N else pool.subset(keep)
     chosen = select(
         candidates,
@@ -165,6 +227,7 @@ def select_subset(
         settings=GreedySettings(device_memory_mb=config.device_memory_mb),
         backend=resolve_backend(config.backend, device),
         device=device,
+        token_budget=tokens,
     )
     order = keep[chosen.order]  # candidate positions → pool rows
     new_ids = [str(ids[i]) for i in order]
@@ -185,6 +248,7 @@ def select_subset(
         final_objective=float(chosen.objective[-1]),
         loss_tokens=int(pool.n_tokens[order].sum()),
         design_md5=file_md5(design_path),  # ties design.npy to this file (see load_prior)
+        budget_kind="tokens" if tokens else "examples",
     )
     selection_path = out_dir / "selection.json"
     write_selection(selection_path, record)
@@ -199,6 +263,7 @@ def select_subset(
         objective=record.final_objective,
         design_path=str(design_path),
         train_examples=len(record.train_ids),
+        budget_kind=record.budget_kind,
     )
 
 
@@ -272,13 +337,14 @@ def _new_budget(
     config: SelectConfig, total: int, unit: str, prior: PriorRef | None, start: _WarmStart
 ) -> int:
     """resolve_budget over the candidates; when the prior's exclusions leave too few, say so."""
-    if prior is not None and len(start.rows) and (total == 0 or config.budget > total):
+    field, value = config.budget_setting
+    if prior is not None and len(start.rows) and (total == 0 or value > total):
         raise ValueError(
-            f"select.budget={config.budget:g} asks for more new picks than the {total} "
+            f"{field}={value:g} asks for more new picks than the {total} "
             f"candidate {unit} left: {prior.setting}={prior.source!r} already trained on "
             f"{len(start.rows)} of this pool's examples, which are not picked again"
         )
-    return resolve_budget(config.budget, total)
+    return resolve_budget(value, total, field, unit)
 
 
 def _plot_objective(objective: np.ndarray, selector: str, path: Path) -> None:

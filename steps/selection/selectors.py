@@ -16,12 +16,26 @@ pool.py (the FeaturePool the selectors read), design.py (V, its gains and bounds
 GreedySettings that tune their speed), greedy.py (lazy and plain greedy) and baselines.py
 (the compared selectors' pick orders and the tie rule).
 
+Budgets count examples, or loss tokens (token_budget=True; `fisher-per-token`'s always do).
+Under a token budget every selector fills it: `fisher` and `fisher-label` take the best gain
+among the examples that still fit, `fisher-per-token` the best gain per token, and the
+baselines walk their pick order keeping each example that fits and skipping, not stopping
+at, one that does not (a knapsack fill). Each stops only once no unpicked example fits.
+
+`fisher-label` weights each loss token's x x^T by w = ||p - e_y||^2 = 1 - 2 p_y + sum_c p_c^2
+(p: the base model's prediction there, y: the true token), the token's share of the last
+layer's empirical Fisher (p - e_y)(p - e_y)^T (x) x x^T (steps/selection/embed_stats.py
+computes w). Tokens the model already predicts add nothing. It picks by lazy greedy on
+log det(ridge*I + sum_i sum_j w_ij x_ij x_ij^T) (pool.label_factors).
+
 Conventions shared by every selector:
-- Selection.objective[t] is the token-level f after t+1 picks, and Selection.gains[t] its
-  increase, so gains.cumsum() + f(empty) == objective for every selector (for `fisher`
-  and `fisher-per-token` that gain is also what made the pick).
+- Selection.objective[t] is the token-level, unweighted f after t+1 picks, and
+  Selection.gains[t] its increase, so gains.cumsum() + f(empty) == objective for every
+  selector and curves compare (for `fisher` and `fisher-per-token` that gain is also what
+  made the pick; `fisher-label` picked by its weighted gain and reports the plain one).
 - `prior` (a d x d PSD design, e.g. the Gram of what the current model was trained on)
-  enters the objective of every selector; only `fisher` and `fisher-per-token` select with it.
+  enters the objective of every selector; only `fisher` and `fisher-per-token` select with
+  it (a prior is a plain design: it has no label-weighted counterpart to select against).
 - Gains within 1e-9 relative of the best tie, broken by the lowest index (see
   baselines.TIE_RTOL for why a tolerance).
 - `ridge` is absolute, in squared hidden-state units: 1e-3 is small next to the per-token
@@ -40,7 +54,7 @@ import numpy as np
 from numpy.typing import NDArray
 from tqdm import tqdm
 
-from steps.selection.baselines import PICK_ORDERS, PickOrder
+from steps.selection.baselines import PICK_ORDERS, PickOrder, fill_tokens
 from steps.selection.design import Array, Design, GreedySettings, design_logdet
 from steps.selection.greedy import GreedyDesign, lazy_greedy, plain_greedy
 from steps.selection.pool import FeaturePool, fail_at
@@ -89,6 +103,18 @@ def _check_budget(budget: int, limit: int, unit: str) -> None:
         raise ValueError(f"budget must be positive, got {budget} {unit}")
     if budget > limit:
         raise ValueError(f"budget of {budget} {unit} exceeds the pool's {limit} {unit}")
+
+
+def _costs(pool: FeaturePool, budget: int, tokens: bool) -> Array:
+    """What each example spends of a checked budget: 1, or its loss tokens."""
+    if not tokens:
+        _check_budget(budget, pool.N, "examples")
+        return np.ones(pool.N)
+    _check_budget(budget, int(pool.n_tokens.sum()), "tokens")
+    if budget < pool.n_tokens.min():
+        shortest = int(pool.n_tokens.min())
+        raise ValueError(f"budget of {budget} tokens fits no example (shortest: {shortest})")
+    return pool.n_tokens.astype(np.float64)
 
 
 def _threads(threads: int | None) -> int:
@@ -155,6 +181,7 @@ def _fisher(
     progress: bool,
     *,
     per_token: bool,
+    token_budget: bool,
     lazy: bool,
     threads: int | None,
     settings: GreedySettings | None,
@@ -162,16 +189,14 @@ def _fisher(
     device: str,
 ) -> Selection:
     _check_ridge(ridge)
-    costs = pool.n_tokens.astype(np.float64) if per_token else np.ones(pool.N)
-    _check_budget(budget, int(costs.sum()), "tokens" if per_token else "examples")
-    if budget < costs.min():
-        raise ValueError(f"budget of {budget} tokens fits no example (shortest: {costs.min():.0f})")
+    costs = _costs(pool, budget, per_token or token_budget)
     if backend not in DESIGNS:
         raise ValueError(f"unknown backend {backend!r}; known: {', '.join(DESIGNS)}")
     prior_design = _check_prior(prior, pool.d)
     design = DESIGNS[backend](pool, ridge, prior_design, _threads(threads), settings, device)
     greedy = lazy_greedy if lazy else plain_greedy
-    return _selection(*greedy(design, costs, float(budget), progress), design)
+    picks = greedy(design, costs, float(budget), progress, per_cost=per_token)
+    return _selection(*picks, design)
 
 
 def plain_greedy_fisher(
@@ -181,6 +206,7 @@ def plain_greedy_fisher(
     prior: NDArray[np.floating] | None = None,
     *,
     per_token: bool = False,
+    token_budget: bool = False,
     progress: bool = False,
     threads: int | None = None,
     settings: GreedySettings | None = None,
@@ -190,7 +216,8 @@ def plain_greedy_fisher(
     """Reference greedy that recomputes the gain of every remaining example at every step.
 
     O(k N r d^2); for tests and benchmarks. per_token=True makes it the reference of
-    `fisher-per-token` (k is then a token budget).
+    `fisher-per-token` (k is then a token budget), token_budget=True that of `fisher` under
+    a token budget of k.
     """
     return _fisher(
         pool,
@@ -199,6 +226,7 @@ def plain_greedy_fisher(
         prior,
         progress,
         per_token=per_token,
+        token_budget=token_budget,
         lazy=False,
         threads=threads,
         settings=settings,
@@ -207,71 +235,76 @@ def plain_greedy_fisher(
     )
 
 
-def select_fisher(
-    pool: FeaturePool,
-    budget: int,
-    *,
-    ridge: float = DEFAULT_RIDGE,
-    seed: int = 0,
-    prior: NDArray[np.floating] | None = None,
-    progress: bool = False,
-    threads: int | None = None,
-    settings: GreedySettings | None = None,
-    backend: str = "numpy",
-    device: str = "cpu",
-) -> Selection:
-    """`fisher`: lazy greedy on the token-level objective, `budget` examples (seed unused)."""
-    return _fisher(
-        pool,
-        budget,
-        ridge,
-        prior,
-        progress,
-        per_token=False,
-        lazy=True,
-        threads=threads,
-        settings=settings,
-        backend=backend,
-        device=device,
-    )
+def _greedy_selector(*, per_token: bool = False, label: bool = False) -> Selector:
+    """A registry selector running lazy greedy (seed unused), one of:
 
-
-def select_fisher_per_token(
-    pool: FeaturePool,
-    budget: int,
-    *,
-    ridge: float = DEFAULT_RIDGE,
-    seed: int = 0,
-    prior: NDArray[np.floating] | None = None,
-    progress: bool = False,
-    threads: int | None = None,
-    settings: GreedySettings | None = None,
-    backend: str = "numpy",
-    device: str = "cpu",
-) -> Selection:
-    """`fisher-per-token`: `budget` counts loss tokens, not examples (seed unused).
-
-    Each step picks the largest gain / n_tokens among the examples that still fit in the
-    tokens left, and stops when none fits (cost-benefit greedy, lazy like `fisher`; on its
-    own it carries no (1 - 1/e) guarantee). Selection.gains holds the log det gains.
+    - `fisher`: the largest gain; under a token budget, among the examples that still fit.
+    - `fisher-per-token` (per_token): the largest gain / n_tokens among the examples that
+      fit in the tokens left, until none fits (cost-benefit greedy; on its own it carries no
+      (1 - 1/e) guarantee). Its budget always counts loss tokens.
+    - `fisher-label` (label): `fisher` on pool.label_factors, without the prior (see the
+      module docstring), its picks scored on the plain factors.
     """
-    return _fisher(
-        pool,
-        budget,
-        ridge,
-        prior,
-        progress,
-        per_token=True,
-        lazy=True,
-        threads=threads,
-        settings=settings,
-        backend=backend,
-        device=device,
-    )
+
+    def selector(
+        pool: FeaturePool,
+        budget: int,
+        *,
+        ridge: float = DEFAULT_RIDGE,
+        seed: int = 0,
+        prior: NDArray[np.floating] | None = None,
+        progress: bool = False,
+        threads: int | None = None,
+        settings: GreedySettings | None = None,
+        backend: str = "numpy",
+        device: str = "cpu",
+        token_budget: bool = False,
+    ) -> Selection:
+        if label and pool.label_factors is None:
+            raise ValueError(
+                "fisher-label needs label-weighted statistics (pool.label_factors): embed the "
+                "pool with embed.token_weight=label"
+            )
+        chosen = _fisher(
+            pool.label_weighted() if label else pool,
+            budget,
+            ridge,
+            None if label else prior,
+            progress,
+            per_token=per_token,
+            token_budget=token_budget,
+            lazy=True,
+            threads=threads,
+            settings=settings,
+            backend=backend,
+            device=device,
+        )
+        if not label:
+            return chosen
+        return _score_order(pool, chosen.order, ridge, prior, settings, progress)
+
+    return selector
+
+
+def _score_order(
+    pool: FeaturePool,
+    order: NDArray[np.int64],
+    ridge: float,
+    prior: NDArray[np.floating] | None,
+    settings: GreedySettings | None,
+    progress: bool,
+) -> Selection:
+    """`order` with the plain objective after each pick (k serial Design updates)."""
+    design = Design(pool, ridge, _check_prior(prior, pool.d), settings=settings)
+    gains = [design.add(int(i)) for i in tqdm(order, disable=not progress, desc="objective")]
+    return _selection(order.tolist(), gains, design)
 
 
 def _scored_selector(order_of: PickOrder) -> Selector:
-    """A registry selector that picks in `order_of`'s order and scores the objective."""
+    """A registry selector that picks in `order_of`'s order and scores the objective.
+
+    Under a token budget it keeps the examples of that order that fit (fill_tokens).
+    """
 
     def selector(
         pool: FeaturePool,
@@ -285,13 +318,15 @@ def _scored_selector(order_of: PickOrder) -> Selector:
         settings: GreedySettings | None = None,  # unused: add() is not batched or bounded
         backend: str = "numpy",  # unused: k serial updates of a numpy Design
         device: str = "cpu",
+        token_budget: bool = False,
     ) -> Selection:
         _check_ridge(ridge)
-        _check_budget(budget, pool.N, "examples")
-        design = Design(pool, ridge, _check_prior(prior, pool.d), settings=settings)
-        order = order_of(pool, budget, seed, ridge)
-        gains = [design.add(int(i)) for i in tqdm(order, disable=not progress, desc="objective")]
-        return _selection(order.tolist(), gains, design)
+        _costs(pool, budget, token_budget)
+        if token_budget:
+            order = fill_tokens(lambda k: order_of(pool, k, seed, ridge), pool.n_tokens, budget)
+        else:
+            order = order_of(pool, budget, seed, ridge)
+        return _score_order(pool, order, ridge, prior, settings, progress)
 
     return selector
 
@@ -299,8 +334,9 @@ def _scored_selector(order_of: PickOrder) -> Selector:
 Selector = Callable[..., Selection]
 
 SELECTORS: dict[str, Selector] = {
-    "fisher": select_fisher,
-    "fisher-per-token": select_fisher_per_token,
+    "fisher": _greedy_selector(),
+    "fisher-per-token": _greedy_selector(per_token=True),
+    "fisher-label": _greedy_selector(label=True),
     **{name: _scored_selector(order_of) for name, order_of in PICK_ORDERS.items()},
 }
 
@@ -318,13 +354,15 @@ def select(
     settings: GreedySettings | None = None,
     backend: str = "numpy",
     device: str = "cpu",
+    token_budget: bool = False,
 ) -> Selection:
     """Choose `budget` examples (tokens, for fisher-per-token) from the pool with `selector`.
 
-    threads: CPU threads for the fisher selectors' batched gains and bounds (None: up to 4
-    of the CPUs this process may use); settings: their batching, caching and bounding
-    constants (None: GreedySettings()); backend: the DESIGNS entry they run on ("torch" on
-    `device`). The picks depend on none of these.
+    token_budget: `budget` counts loss tokens for every selector, each filling it (see the
+    module docstring). threads: CPU threads for the fisher selectors' batched gains and
+    bounds (None: up to 4 of the CPUs this process may use); settings: their batching,
+    caching and bounding constants (None: GreedySettings()); backend: the DESIGNS entry they
+    run on ("torch" on `device`). The picks depend on none of these.
     """
     if selector not in SELECTORS:
         raise ValueError(f"unknown selector {selector!r}; known: {', '.join(SELECTORS)}")
@@ -340,4 +378,5 @@ def select(
         settings=settings,
         backend=backend,
         device=device,
+        token_budget=token_budget,
     )

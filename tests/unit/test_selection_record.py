@@ -44,6 +44,7 @@ def test_written_bytes_are_json_dumps_of_the_keys_in_their_historic_order(tmp_pa
         "final_objective": -4.75,
         "loss_tokens": 17,
         "design_md5": "0" * 32,
+        "budget_kind": "examples",  # added with select.budget_tokens, after the historic keys
     }
     assert path.read_text() == json.dumps(historic)
     assert read_selection(path, "s") == _record(prior)
@@ -80,3 +81,15 @@ def test_a_wrongly_typed_field_is_named(tmp_path: Path):
     with pytest.raises(ValueError, match=r"select\.prior='r': .* rows\.0: .*; extra: ") as error:
         read_selection(path, "select.prior='r'")
     assert "not a valid selection.json" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("selector", "kind"), [("fisher", "examples"), ("fisher-per-token", "tokens")]
+)
+def test_a_file_from_before_budget_kinds_reads_the_kind_its_selector_used(
+    tmp_path: Path, selector: str, kind: str
+):
+    path = tmp_path / "selection.json"
+    older = _record(None).model_dump(exclude={"budget_kind"}) | {"selector": selector}
+    path.write_text(json.dumps(older))
+    assert read_selection(path, "s").budget_kind == kind

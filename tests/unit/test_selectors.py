@@ -31,8 +31,12 @@ def token_states(n: int, d: int, seed: int, t_min: int = 2, t_max: int = 40) -> 
 
 
 def make_pool(n: int, d: int, seed: int, **lengths: int) -> FeaturePool:
+    """A random pool with base losses and label weights in [0, 2), so every selector runs."""
     loss = np.random.default_rng(seed + 1).random(n).astype(np.float32)
-    return pool_from_tokens(token_states(n, d, seed, **lengths), base_loss=loss)
+    states = token_states(n, d, seed, **lengths)
+    rng = np.random.default_rng(seed + 2)
+    weights = [2 * rng.random(len(x)) for x in states]
+    return pool_from_tokens(states, base_loss=loss, weights=weights)
 
 
 def info_gain(pool: FeaturePool, indices: Sequence[int] | np.ndarray) -> float:
