@@ -10,6 +10,7 @@ import getpass
 import os
 import subprocess
 import sys
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -227,7 +228,17 @@ def log_dataset(run_id: str, table_path: str, name: str, digest: str, context: s
         warnings.simplefilter("ignore", UserWarning)
         dataset = from_pandas(frame, source=table_path, name=name, digest=digest[:36])
     with mlflow.start_run(run_id=run_id):
-        mlflow.log_input(dataset, context=context, tags={"dvc.md5": digest})
+        for attempt in range(3):
+            try:
+                mlflow.log_input(dataset, context=context, tags={"dvc.md5": digest})
+                return
+            except MlflowException as error:
+                # Two runs logging the same dataset at once: MLflow's store looks the dataset
+                # up, then inserts it, and the slower insert breaks the unique key (name,
+                # digest) per experiment. Logged again, the lookup finds the other's row.
+                if "unique constraint" not in str(error).lower() or attempt == 2:
+                    raise
+                time.sleep(0.5 * (attempt + 1))
 
 
 def link_logged_model(run_id: str, model_id: str, metric_keys: Sequence[str]) -> None:

@@ -97,10 +97,22 @@ def new_run_id(experiment_name: str) -> str:
 
 
 def small_run_overrides(
-    project: Path, *, remote: Path, model_name: str, tracking_uri: str, budget: str = "0.25"
+    project: Path,
+    *,
+    remote: Path,
+    model_name: str,
+    tracking_uri: str,
+    budget: str = "0.25",
+    benchmarks: bool = False,
 ) -> list[str]:
     """--set items of a small real pipeline run on the `project` fixture's GSM8K slice and the
-    bundled model: one epoch, so a flow test takes seconds of training."""
+    bundled model: one epoch, so a flow test takes seconds of training. The held-out loss is
+    always evaluated; the benchmark suite only with `benchmarks` (quick, 5 documents per
+    task), for the tests about benchmarks: it is most of a small run's time otherwise."""
+    suite = [
+        "eval.limit=5",
+        f"eval.data_dir={REPO / 'assets' / 'eval'}",  # also for copies of the code elsewhere
+    ]
     return [
         f"data.source={project / 'raw' / 'train.jsonl'}",
         f"data.eval_source={project / 'raw' / 'test.jsonl'}",
@@ -111,8 +123,7 @@ def small_run_overrides(
         f"version.remote_url={remote}",
         f"registry.model_name={model_name}",
         f"tracking.tracking_uri={tracking_uri}",
-        "eval.limit=5",  # the quick benchmark suite runs, on 5 documents per task
-        f"eval.data_dir={REPO / 'assets' / 'eval'}",  # also for copies of the code elsewhere
+        *(suite if benchmarks else ["eval.suite=none"]),
     ]
 
 

@@ -59,12 +59,10 @@ class EmbedConfig(BaseModel):
 
     # Padded tokens per forward batch: larger is faster until memory runs out.
     batch_tokens: int = Field(default=16384, gt=0)
-    # Hidden states wider than this are projected to this many dimensions before their
-    # statistics are formed (a d x d Gram per example is too big at d >= 1k); 0 never does.
-    # Measured at d=768, N=1,000 (benchmarks/bench_sketch.py): picks made on a 32 / 64 / 128 /
-    # 256-dim sketch reach 0.994 / 0.997 / 0.998 / 1.000 of the exact picks' information gain
-    # at k=100 (the worst of GSM8K through a random llama and a synthetic pool), >= 0.999 at
-    # k=300; 64 is the smallest within 0.5%, with statistics up to 16x smaller than 256's.
+    # States wider than this are projected to this many dimensions before their statistics
+    # are formed (a d x d Gram per example is too big at d >= 1k); 0 never does. At d=768
+    # (benchmarks/bench_sketch.py) 32 / 64 / 128 / 256 dims kept 0.994 / 0.997 / 0.998 / 1.000
+    # of the exact picks' gain: 64 is the smallest within 0.5% (README, "Selection speed").
     sketch_dim: int = Field(default=64, ge=0)
     # Keep at most this many factor rows per example (its top eigen-directions); 0 keeps
     # all (<= the state width). Bounds the statistics at N x max_rank x width floats.

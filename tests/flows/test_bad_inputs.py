@@ -215,6 +215,7 @@ def pipeline_config(project: Path, train: str, evaluation: str, *extra: str):
                 f"version.remote_url={project.parent / 'remote'}",
                 "registry.model_name=sift-bad-inputs",
                 f"tracking.tracking_uri=sqlite:///{project.parent / 'mlflow.db'}",
+                "eval.suite=none",  # the held-out loss only: benchmarks have their own tests
                 *extra,
             ],
         ),

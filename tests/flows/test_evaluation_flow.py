@@ -23,6 +23,7 @@ def _config(project: Path, *extra: str):
         remote=project.parent / "remote",
         model_name=NAME,
         tracking_uri=f"sqlite:///{project.parent / 'mlflow.db'}",
+        benchmarks=True,
     )
     return resolve_paths(load_config(None, [*overrides, *extra]), project)
 
@@ -72,8 +73,9 @@ def test_benchmarks_gate_and_no_new_data(prefect_harness, project: Path):
     logged = {a.path for a in client.list_artifacts(second.run_id, "benchmarks/challenger")}
     assert {"benchmarks/challenger/results.json", "benchmarks/challenger/samples.jsonl"} <= logged
     results = json.loads(
-        Path(client.download_artifacts(second.run_id, "benchmarks/challenger/results.json"))
-        .read_text()
+        Path(
+            client.download_artifacts(second.run_id, "benchmarks/challenger/results.json")
+        ).read_text()
     )
     assert results["versions"]["arc_easy"] == 1.0 and results["n-samples"]["arc_easy"]
     generations = {a.path for a in client.list_artifacts(second.run_id, "generations")}

@@ -95,6 +95,8 @@ def test_served_schedule_trains_once_then_stops_on_unchanged_data(project: Path,
                 "--set",
                 "finetune.epochs=1",
                 "--set",
+                "eval.suite=none",  # the held-out loss only: benchmarks have their own tests
+                "--set",
                 f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
                 "--set",
                 f"version.remote_url={tmp_path / 'remote'}",

@@ -4,6 +4,7 @@ line when the registry has no such version, stopped with the command."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -143,7 +144,11 @@ def test_served_champion_completes_a_prompt_and_ctrl_c_stops_the_server(
         # Its own session, as a terminal's foreground job is: the SIGINT below reaches sift
         # alone, and stopping the server is sift's work.
         process = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "PYTHONFAULTHANDLER": "1"},  # SIGABRT dumps every thread
         )
     try:
         wait_until_ready(url, process, timeout_s=240)
@@ -164,7 +169,7 @@ def test_served_champion_completes_a_prompt_and_ctrl_c_stops_the_server(
         while "curl -s" not in log_path.read_text() and time.monotonic() < deadline:
             time.sleep(0.2)
         process.send_signal(signal.SIGINT)  # Ctrl-C
-        assert process.wait(timeout=60) == 0
+        assert _exit_code(process, log_path, timeout_s=120) == 0
         with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
             pass  # nothing listens any more: sift stopped the server it started
     finally:
@@ -172,6 +177,18 @@ def test_served_champion_completes_a_prompt_and_ctrl_c_stops_the_server(
         output = log_path.read_text()
     assert f"serving {NAME} @champion = version 1" in output
     assert f"curl -s {url}/invocations" in output and "stopped the server" in output
+
+
+def _exit_code(process: subprocess.Popen, log_path: Path, timeout_s: float) -> int:
+    """process's exit code; one still running after timeout_s is failed with its threads'
+    stacks (faulthandler, on SIGABRT) and the end of its log."""
+    try:
+        return process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGABRT)
+        process.wait(timeout=30)
+        tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-80:])
+        pytest.fail(f"sift did not exit {timeout_s:.0f} s after Ctrl-C; its log ends:\n{tail}")
 
 
 def test_a_port_in_use_is_refused_naming_the_port_option():
