@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from flows import cli_evaluate, cli_lineage, cli_models, cli_serve, cli_server
+from flows import cli_advise, cli_evaluate, cli_lineage, cli_models, cli_serve, cli_server
 from flows.cli_common import (
     ConfigOption,
     ProjectOption,
@@ -304,5 +304,5 @@ def show_config(config: ConfigOption = None, set_: SetOption = None) -> None:
     console.print(yaml.safe_dump(loaded.model_dump(), sort_keys=False))
 
 
-for module in (cli_evaluate, cli_lineage, cli_models, cli_serve, cli_server):
+for module in (cli_advise, cli_evaluate, cli_lineage, cli_models, cli_serve, cli_server):
     module.add_commands(app)

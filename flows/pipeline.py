@@ -48,6 +48,7 @@ from steps.registry.lineage import lineage_tags
 from steps.registry.register import ModelVersionRef, Promotion, champion_data_md5
 from steps.selection.embed import feature_space
 from steps.selection.select import SelectionRef
+from steps.selection.target_sample import reject_target_in_pipeline
 from steps.training.finetune import ModelRef
 
 
@@ -80,6 +81,7 @@ def pipeline(
     """data_rev: a git revision whose data.dvc names the data to use (read through dvc.api,
     already validated when it was versioned) instead of ingesting data.source."""
     project_dir = Path(project_dir).resolve()  # a worker's run gets "." (prefect.yaml)
+    reject_target_in_pipeline(config.select)  # before any run is tracked or data read
     device, precision = resolve_hardware(config.model)
     with tracking.tracked_run(
         project_dir,

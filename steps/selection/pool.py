@@ -3,7 +3,8 @@
 Pure numpy, no I/O. `FeaturePool` holds each example's low-rank factor of its loss-token
 Gram (docs/fishersft.md, "Algorithm": the pool streams sufficient statistics, never every
 token's state); `pool_from_tokens` builds one from raw states, and `project` /
-`random_projection` sketch it to fewer dimensions.
+`random_projection` sketch it to fewer dimensions. `check_prior`, `check_ridge` and
+`budget_costs` check the arguments every selector of selectors.py takes with a pool.
 """
 
 from __future__ import annotations
@@ -234,3 +235,50 @@ def project(pool: FeaturePool, dim: int, seed: int) -> FeaturePool:
     )
     pooled = pool.pooled.astype(np.float64) @ p
     return _pool_of(factors, pooled, pool.n_tokens, pool.base_loss, label_factors)
+
+
+def check_prior(prior: NDArray[np.floating] | None, d: int) -> NDArray[np.float64]:
+    """The prior as a symmetric float64 (d, d) array (zeros when None); ValueError if not PSD."""
+    if prior is None:
+        return np.zeros((d, d))
+    if not isinstance(prior, np.ndarray) or prior.shape != (d, d):
+        shape = getattr(prior, "shape", type(prior).__name__)
+        raise ValueError(f"prior must be a ({d}, {d}) array, got {shape}")
+    p = prior.astype(np.float64)
+    if not np.isfinite(p).all():
+        raise ValueError("prior contains NaN or inf")
+    scale = max(float(np.abs(p).max()), 1e-300)
+    if np.abs(p - p.T).max() > 1e-6 * scale:
+        raise ValueError("prior must be symmetric (a design matrix such as sum F_i^T F_i)")
+    p = (p + p.T) / 2
+    if np.linalg.eigvalsh(p)[0] < -1e-8 * scale:
+        raise ValueError("prior must be positive semidefinite")
+    return p
+
+
+def check_ridge(ridge: float) -> None:
+    """ValueError unless the selection ridge is a positive finite number."""
+    if not (np.isfinite(ridge) and ridge > 0):
+        raise ValueError(f"ridge must be a positive finite number, got {ridge}")
+
+
+def check_budget(budget: int, limit: int, unit: str) -> None:
+    """ValueError unless budget is a whole count in 1..limit of `unit`."""
+    if isinstance(budget, bool) or not isinstance(budget, int | np.integer):
+        raise ValueError(f"budget must be an integer number of {unit}, got {budget!r}")
+    if budget <= 0:
+        raise ValueError(f"budget must be positive, got {budget} {unit}")
+    if budget > limit:
+        raise ValueError(f"budget of {budget} {unit} exceeds the pool's {limit} {unit}")
+
+
+def budget_costs(pool: FeaturePool, budget: int, tokens: bool) -> NDArray[np.float64]:
+    """What each example spends of a checked budget: 1, or its loss tokens."""
+    if not tokens:
+        check_budget(budget, pool.N, "examples")
+        return np.ones(pool.N)
+    check_budget(budget, int(pool.n_tokens.sum()), "tokens")
+    if budget < pool.n_tokens.min():
+        shortest = int(pool.n_tokens.min())
+        raise ValueError(f"budget of {budget} tokens fits no example (shortest: {shortest})")
+    return pool.n_tokens.astype(np.float64)

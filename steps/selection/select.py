@@ -24,15 +24,22 @@ from steps.data.readers import Batch
 from steps.hashing import file_md5
 from steps.modeling import ModelConfig, model_fingerprint
 from steps.selection.embed import EmbedConfig, FeaturesRef, embed_pool, feature_space, load_pool
-from steps.selection.pool import FeaturePool
 from steps.selection.record import (
-    PriorSummary,
     SelectionRecord,
     read_selection,
     write_selection,
 )
 from steps.selection.selectors import DEFAULT_RIDGE, SELECTORS, design_of, select
 from steps.selection.settings import GreedySettings
+from steps.selection.target_sample import (
+    embed_targets,
+    read_target_prompts,
+    target_mismatch,
+    target_states_for,
+)
+from steps.selection.warm_start import PriorRef as PriorRef  # re-exported: callers import it here
+from steps.selection.warm_start import WarmStart, warm_start
+from steps.selection.warm_start import load_prior as load_prior
 
 DEFAULT_BUDGET = 0.1  # of the pool's examples, when neither budget key is set
 
@@ -41,7 +48,8 @@ class SelectConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     # One of steps.selection.selectors.SELECTORS: fisher, fisher-pooled, fisher-per-token,
-    # fisher-label (needs embed.token_weight=label), uniform, ...
+    # fisher-label (needs embed.token_weight=label), fisher-target (needs select.target),
+    # uniform, ...
     selector: str = "fisher"
     # A count of examples (>= 1), or a fraction of the pool (0 < budget < 1); null (or
     # unset) means 0.1 unless budget_tokens is set. For fisher-per-token the count/fraction
@@ -72,6 +80,18 @@ class SelectConfig(BaseModel):
     # Device memory the torch backend may use, in MiB: the factors stay on the device when
     # they fit in half of it (else they stream from the memory-mapped pool per batch).
     device_memory_mb: int = Field(default=4096, gt=0)
+    # fisher-target only (and required by it): a JSONL/JSON/CSV/Parquet file of prompts the
+    # fine-tuned model should serve, read with data.prompt_field (no responses needed), never
+    # the eval split. fisher-target picks the examples that most lower the mean leverage of
+    # these prompts' states; a few hundred prompts pin a 64-dim design (d states suffice).
+    target: str = ""
+
+    @model_validator(mode="after")
+    def _target_for_selector(self) -> SelectConfig:
+        # Both ways: a target that no selector reads would be ignored silently.
+        if message := target_mismatch(self.selector, self.target):
+            raise PydanticCustomError("target_for_selector", "{message}", {"message": message})
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -137,20 +157,6 @@ def check_embed_for(config: SelectConfig, embed: EmbedConfig) -> None:
 
 
 @dataclass(frozen=True)
-class PriorRef:
-    """An earlier selection to warm-start from: its selection.json and design.npy on disk.
-
-    design_md5 makes the prior's content part of any cache key built from this value.
-    """
-
-    source: str  # the MLflow run id it came from, or the file it was read from
-    setting: str  # what named it (select.prior, --prior): errors name it back
-    selection_path: str
-    design_path: str
-    design_md5: str
-
-
-@dataclass(frozen=True)
 class SelectionRef:
     """The chosen ids (in pick order) with gains and the objective curve, on disk."""
 
@@ -195,6 +201,7 @@ def select_subset(
     space: str = "",
     prior: PriorRef | None = None,
     device: str = "cpu",
+    target: FeaturesRef | None = None,
 ) -> SelectionRef:
     """Pick config.budget new examples (or config.budget_tokens loss tokens of new
     examples), warm-started from `prior` when one is given.
@@ -203,14 +210,16 @@ def select_subset(
     prior must have been selected in the same space. The prior's examples found in this pool
     (by id) are not candidates; train_ids lists them, in the prior's order, then the new
     picks. device: the run's resolved device (model.device), where select.backend=torch (or
-    auto, on CUDA) computes. Writes out_dir/selection.json, design.npy (prior + Σ FᵀF of the
-    new picks) and the curve plot.
+    auto, on CUDA) computes. target: select.target's states (embed_targets, same model and
+    embed settings as `features`), which fisher-target needs. Writes out_dir/selection.json,
+    design.npy (prior + Σ FᵀF of the new picks) and the curve plot.
     """
     pool = load_pool(features)
+    target_states = target_states_for(config.selector, config.target, target, pool)
     ids = pd.read_parquet(train_path, columns=["id"]).id.to_numpy()
     if len(ids) != pool.N:
         raise ValueError(f"{train_path} has {len(ids)} rows but the features hold {pool.N}")
-    start = _warm_start(prior, space, [str(i) for i in ids], pool, config.ridge)
+    start = warm_start(prior, space, [str(i) for i in ids], pool, config.ridge)
     keep = np.setdiff1d(np.arange(pool.N), start.rows)  # the candidates, ascending
     tokens = config.counts_tokens
     total = int(pool.n_tokens[keep].sum()) if tokens else len(keep)
@@ -228,6 +237,7 @@ def select_subset(
         backend=resolve_backend(config.backend, device),
         device=device,
         token_budget=tokens,
+        target=target_states,
     )
     order = keep[chosen.order]  # candidate positions → pool rows
     new_ids = [str(ids[i]) for i in order]
@@ -253,7 +263,7 @@ def select_subset(
     selection_path = out_dir / "selection.json"
     write_selection(selection_path, record)
     plot_path = out_dir / "objective_curve.png"
-    _plot_objective(chosen.objective, config.selector, plot_path)
+    _plot_objective(chosen.objective, config.selector, plot_path, chosen.leverage)
     return SelectionRef(
         selection_path=str(selection_path),
         plot_path=str(plot_path),
@@ -272,69 +282,8 @@ def selected_ids(selection: SelectionRef) -> list[str]:
     return read_selection(Path(selection.selection_path), "selection").train_ids
 
 
-def load_prior(selection_path: Path, source: str, setting: str) -> PriorRef:
-    """An earlier selection.json and the design.npy beside it, checked to belong together.
-
-    source: the run id or file it came from; setting: the knob that named it, for errors.
-    """
-    named = f"{setting}={source!r}"
-    record = read_selection(selection_path, named)
-    design_path = selection_path.parent / "design.npy"
-    if not design_path.is_file():
-        raise ValueError(f"{named}: no design.npy beside {selection_path}")
-    design_md5 = file_md5(design_path)
-    if design_md5 != record.design_md5:
-        raise ValueError(
-            f"{named}: {design_path} (md5 {design_md5}) is not the design this selection "
-            f"wrote (md5 {record.design_md5}); was it overwritten by another selection?"
-        )
-    return PriorRef(source, setting, str(selection_path), str(design_path), design_md5)
-
-
-@dataclass(frozen=True)
-class _WarmStart:
-    design: np.ndarray  # V0 (d, d) float64; zeros without a prior
-    train_ids: list[str]  # the prior's train ids found in this pool, in its order
-    rows: np.ndarray  # their positions in the pool
-    summary: PriorSummary | None  # selection.json's "prior"
-
-
-def _warm_start(
-    prior: PriorRef | None, space: str, ids: list[str], pool: FeaturePool, ridge: float
-) -> _WarmStart:
-    if prior is None:
-        return _WarmStart(np.zeros((pool.d, pool.d)), [], np.empty(0, np.int64), None)
-    named = f"{prior.setting}={prior.source!r}"
-    record = read_selection(Path(prior.selection_path), named)
-    if not space:
-        raise ValueError(f"{named}: a warm start needs this pool's feature space to check")
-    if record.feature_space != space:
-        raise ValueError(
-            f"{named} was selected in feature space {record.feature_space!r} but this pool's "
-            f"is {space!r} (another model, statistics width or sketch seed): its design "
-            "cannot be added to these statistics"
-        )
-    design = np.load(prior.design_path).astype(np.float64)
-    if design.shape != (pool.d, pool.d):
-        raise ValueError(
-            f"{named}: design.npy has shape {design.shape}; this pool's statistics are "
-            f"{pool.d} wide, so it must be ({pool.d}, {pool.d})"
-        )
-    row_of = {example_id: row for row, example_id in enumerate(ids)}
-    in_pool = [i for i in record.train_ids if i in row_of]
-    _, objective = np.linalg.slogdet(ridge * np.eye(pool.d) + design)
-    summary = PriorSummary(
-        source=prior.source,
-        examples=len(record.train_ids),
-        in_pool=len(in_pool),
-        objective=float(objective),
-    )
-    rows = np.array([row_of[i] for i in in_pool], dtype=np.int64)
-    return _WarmStart(design, in_pool, rows, summary)
-
-
 def _new_budget(
-    config: SelectConfig, total: int, unit: str, prior: PriorRef | None, start: _WarmStart
+    config: SelectConfig, total: int, unit: str, prior: PriorRef | None, start: WarmStart
 ) -> int:
     """resolve_budget over the candidates; when the prior's exclusions leave too few, say so."""
     field, value = config.budget_setting
@@ -347,14 +296,23 @@ def _new_budget(
     return resolve_budget(value, total, field, unit)
 
 
-def _plot_objective(objective: np.ndarray, selector: str, path: Path) -> None:
-    figure = Figure(figsize=(6, 3.5))
-    axis = figure.subplots()
-    axis.plot(np.arange(1, len(objective) + 1), objective)
-    axis.set_xlabel("examples selected")
-    axis.set_ylabel("log det(λI + V_S)")
-    axis.set_title(f"Selection objective ({selector})")
-    axis.grid(alpha=0.3)
+def _plot_objective(
+    objective: np.ndarray, selector: str, path: Path, leverage: np.ndarray | None = None
+) -> None:
+    """The log det curve; fisher-target's adds the target's mean leverage beside it."""
+    figure = Figure(figsize=(6 if leverage is None else 11, 3.5))
+    axes = figure.subplots(1, 1 if leverage is None else 2, squeeze=False)[0]
+    axes[0].plot(np.arange(1, len(objective) + 1), objective)
+    axes[0].set_xlabel("examples selected")
+    axes[0].set_ylabel("log det(λI + V_S)")
+    axes[0].set_title(f"Selection objective ({selector})")
+    if leverage is not None:
+        axes[1].semilogy(np.arange(len(leverage)), leverage)
+        axes[1].set_xlabel("examples selected")
+        axes[1].set_ylabel("mean target leverage")
+        axes[1].set_title("Target leverage (select.target)")
+    for axis in axes:
+        axis.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
 
@@ -387,8 +345,20 @@ def select_from_file(
     )
     features = embed_pool(str(table_path), model, embed, work_dir / "features", device, precision)
     space = feature_space(features, model_fingerprint(model), embed)
+    target = None
+    if config.target:
+        prompts = read_target_prompts(data, config.target, project_dir)
+        target_dir = work_dir / "target_features"
+        target = embed_targets(prompts, model, embed, target_dir, device, precision)
     return select_subset(
-        features, str(table_path), config, work_dir, space=space, prior=prior, device=device
+        features,
+        str(table_path),
+        config,
+        work_dir,
+        space=space,
+        prior=prior,
+        device=device,
+        target=target,
     )
 
 

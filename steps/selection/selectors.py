@@ -28,6 +28,11 @@ layer's empirical Fisher (p - e_y)(p - e_y)^T (x) x x^T (steps/selection/embed_s
 computes w). Tokens the model already predicts add nothing. It picks by lazy greedy on
 log det(ridge*I + sum_i sum_j w_ij x_ij x_ij^T) (pool.label_factors).
 
+`fisher-target` minimises instead the mean leverage of a target sample's states (target=, an
+(m, d) array), (1/m) sum_t z_t^T (ridge*I + prior + V_S)^{-1} z_t, by plain greedy
+(steps/selection/targeted.py; V-optimal design is not submodular); under a token budget it
+takes the best gain among the examples that fit. Selection.leverage holds that curve.
+
 Conventions shared by every selector:
 - Selection.objective[t] is the token-level, unweighted f after t+1 picks, and
   Selection.gains[t] its increase, so gains.cumsum() + f(empty) == objective for every
@@ -57,7 +62,8 @@ from tqdm import tqdm
 from steps.selection.baselines import PICK_ORDERS, PickOrder, fill_tokens
 from steps.selection.design import Array, Design, GreedySettings, design_logdet
 from steps.selection.greedy import GreedyDesign, lazy_greedy, plain_greedy
-from steps.selection.pool import FeaturePool, fail_at
+from steps.selection.pool import FeaturePool, budget_costs, check_prior, check_ridge, fail_at
+from steps.selection.targeted import target_greedy, target_moment
 from steps.selection.torch_design import TorchDesign
 
 DEFAULT_RIDGE = 1e-3
@@ -70,51 +76,8 @@ class Selection:
     order: NDArray[np.int64]  # (k,)
     gains: Array  # (k,) token-level log det increase of each pick
     objective: Array  # (k,) f(S_t) = log det(ridge*I + prior + V_{S_t}) after each pick
-
-
-def _check_prior(prior: NDArray[np.floating] | None, d: int) -> Array:
-    """The prior as a symmetric float64 (d, d) array (zeros when None); ValueError if not PSD."""
-    if prior is None:
-        return np.zeros((d, d))
-    if not isinstance(prior, np.ndarray) or prior.shape != (d, d):
-        shape = getattr(prior, "shape", type(prior).__name__)
-        raise ValueError(f"prior must be a ({d}, {d}) array, got {shape}")
-    p = prior.astype(np.float64)
-    if not np.isfinite(p).all():
-        raise ValueError("prior contains NaN or inf")
-    scale = max(float(np.abs(p).max()), 1e-300)
-    if np.abs(p - p.T).max() > 1e-6 * scale:
-        raise ValueError("prior must be symmetric (a design matrix such as sum F_i^T F_i)")
-    p = (p + p.T) / 2
-    if np.linalg.eigvalsh(p)[0] < -1e-8 * scale:
-        raise ValueError("prior must be positive semidefinite")
-    return p
-
-
-def _check_ridge(ridge: float) -> None:
-    if not (np.isfinite(ridge) and ridge > 0):
-        raise ValueError(f"ridge must be a positive finite number, got {ridge}")
-
-
-def _check_budget(budget: int, limit: int, unit: str) -> None:
-    if isinstance(budget, bool) or not isinstance(budget, int | np.integer):
-        raise ValueError(f"budget must be an integer number of {unit}, got {budget!r}")
-    if budget <= 0:
-        raise ValueError(f"budget must be positive, got {budget} {unit}")
-    if budget > limit:
-        raise ValueError(f"budget of {budget} {unit} exceeds the pool's {limit} {unit}")
-
-
-def _costs(pool: FeaturePool, budget: int, tokens: bool) -> Array:
-    """What each example spends of a checked budget: 1, or its loss tokens."""
-    if not tokens:
-        _check_budget(budget, pool.N, "examples")
-        return np.ones(pool.N)
-    _check_budget(budget, int(pool.n_tokens.sum()), "tokens")
-    if budget < pool.n_tokens.min():
-        shortest = int(pool.n_tokens.min())
-        raise ValueError(f"budget of {budget} tokens fits no example (shortest: {shortest})")
-    return pool.n_tokens.astype(np.float64)
+    # fisher-target only: (k + 1,) the target's mean leverage before any pick, then after each
+    leverage: Array | None = None
 
 
 def _threads(threads: int | None) -> int:
@@ -140,8 +103,8 @@ def fisher_objective(
 
     An index listed twice counts twice.
     """
-    _check_ridge(ridge)
-    design = ridge * np.eye(pool.d) + _check_prior(prior, pool.d) + design_of(pool, indices)
+    check_ridge(ridge)
+    design = ridge * np.eye(pool.d) + check_prior(prior, pool.d) + design_of(pool, indices)
     return design_logdet(design)
 
 
@@ -188,11 +151,11 @@ def _fisher(
     backend: str,
     device: str,
 ) -> Selection:
-    _check_ridge(ridge)
-    costs = _costs(pool, budget, per_token or token_budget)
+    check_ridge(ridge)
+    costs = budget_costs(pool, budget, per_token or token_budget)
     if backend not in DESIGNS:
         raise ValueError(f"unknown backend {backend!r}; known: {', '.join(DESIGNS)}")
-    prior_design = _check_prior(prior, pool.d)
+    prior_design = check_prior(prior, pool.d)
     design = DESIGNS[backend](pool, ridge, prior_design, _threads(threads), settings, device)
     greedy = lazy_greedy if lazy else plain_greedy
     picks = greedy(design, costs, float(budget), progress, per_cost=per_token)
@@ -259,6 +222,7 @@ def _greedy_selector(*, per_token: bool = False, label: bool = False) -> Selecto
         backend: str = "numpy",
         device: str = "cpu",
         token_budget: bool = False,
+        target: NDArray[np.floating] | None = None,  # unused: fisher-target's alone
     ) -> Selection:
         if label and pool.label_factors is None:
             raise ValueError(
@@ -295,7 +259,7 @@ def _score_order(
     progress: bool,
 ) -> Selection:
     """`order` with the plain objective after each pick (k serial Design updates)."""
-    design = Design(pool, ridge, _check_prior(prior, pool.d), settings=settings)
+    design = Design(pool, ridge, check_prior(prior, pool.d), settings=settings)
     gains = [design.add(int(i)) for i in tqdm(order, disable=not progress, desc="objective")]
     return _selection(order.tolist(), gains, design)
 
@@ -319,9 +283,10 @@ def _scored_selector(order_of: PickOrder) -> Selector:
         backend: str = "numpy",  # unused: k serial updates of a numpy Design
         device: str = "cpu",
         token_budget: bool = False,
+        target: NDArray[np.floating] | None = None,  # unused: fisher-target's alone
     ) -> Selection:
-        _check_ridge(ridge)
-        _costs(pool, budget, token_budget)
+        check_ridge(ridge)
+        budget_costs(pool, budget, token_budget)
         if token_budget:
             order = fill_tokens(lambda k: order_of(pool, k, seed, ridge), pool.n_tokens, budget)
         else:
@@ -331,12 +296,43 @@ def _scored_selector(order_of: PickOrder) -> Selector:
     return selector
 
 
+def _target_selector(
+    pool: FeaturePool,
+    budget: int,
+    *,
+    ridge: float = DEFAULT_RIDGE,
+    seed: int = 0,
+    prior: NDArray[np.floating] | None = None,
+    progress: bool = False,
+    threads: int | None = None,  # unused: numpy's own BLAS threads
+    settings: GreedySettings | None = None,  # unused: targeted.py prunes with its own bound
+    backend: str = "numpy",  # unused: numpy only
+    device: str = "cpu",
+    token_budget: bool = False,
+    target: NDArray[np.floating] | None = None,
+) -> Selection:
+    """`fisher-target`: plain greedy on the decrease of the target states' mean leverage
+    (steps/selection/targeted.py), with the prior; under a token budget, among the examples
+    that still fit. Selection.leverage holds that leverage before and after each pick."""
+    if target is None:
+        raise ValueError(
+            "fisher-target needs the target states (target=, an (m, d) array): set select.target"
+        )
+    check_ridge(ridge)
+    costs = budget_costs(pool, budget, token_budget)
+    prior_design = check_prior(prior, pool.d)
+    moment = target_moment(target, pool.d)
+    picks = target_greedy(pool, costs, float(budget), ridge, prior_design, moment, progress)
+    return Selection(picks.order, np.diff(picks.logdet), picks.logdet[1:], picks.leverage)
+
+
 Selector = Callable[..., Selection]
 
 SELECTORS: dict[str, Selector] = {
     "fisher": _greedy_selector(),
     "fisher-per-token": _greedy_selector(per_token=True),
     "fisher-label": _greedy_selector(label=True),
+    "fisher-target": _target_selector,
     **{name: _scored_selector(order_of) for name, order_of in PICK_ORDERS.items()},
 }
 
@@ -355,6 +351,7 @@ def select(
     backend: str = "numpy",
     device: str = "cpu",
     token_budget: bool = False,
+    target: NDArray[np.floating] | None = None,
 ) -> Selection:
     """Choose `budget` examples (tokens, for fisher-per-token) from the pool with `selector`.
 
@@ -362,10 +359,13 @@ def select(
     module docstring). threads: CPU threads for the fisher selectors' batched gains and
     bounds (None: up to 4 of the CPUs this process may use); settings: their batching,
     caching and bounding constants (None: GreedySettings()); backend: the DESIGNS entry they
-    run on ("torch" on `device`). The picks depend on none of these.
+    run on ("torch" on `device`). The picks depend on none of these. target: the (m, d)
+    target states `fisher-target` reads (and no other selector: passing it to one is an error).
     """
     if selector not in SELECTORS:
         raise ValueError(f"unknown selector {selector!r}; known: {', '.join(SELECTORS)}")
+    if target is not None and selector != "fisher-target":
+        raise ValueError(f"target states are read by fisher-target only, not by {selector}")
     run = SELECTORS[selector]
     return run(
         pool,
@@ -379,4 +379,5 @@ def select(
         backend=backend,
         device=device,
         token_budget=token_budget,
+        target=target,
     )
