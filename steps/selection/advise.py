@@ -34,12 +34,12 @@ from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global sta
 from numpy.typing import NDArray
 from tqdm import tqdm
 
-from steps.data.ingest import IngestConfig, open_batches, resolve_local, stream_table
+from steps.data.ingest import IngestConfig
 from steps.modeling import ModelConfig
 from steps.selection.design import Array
-from steps.selection.embed import EmbedConfig, embed_pool, load_pool
+from steps.selection.embed import EmbedConfig, load_pool
 from steps.selection.pool import FeaturePool
-from steps.selection.select import SelectConfig, check_embed_for, resolve_backend
+from steps.selection.select import SelectConfig, check_embed_for, embed_file, resolve_backend
 from steps.selection.selectors import DEFAULT_RIDGE, Selection, design_of, select
 from steps.selection.settings import GreedySettings
 
@@ -326,12 +326,9 @@ def advise_file(
     file maps and embeds as it would there; work_dir receives the table and statistics.
     """
     check_embed_for(config, embed)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    table_path = work_dir / "pool.parquet"
-    # as select_from_file: the one file the user named, without data.allowed_roots
-    batches = open_batches(resolve_local(data.source, project_dir), data.source, data.split, data)
-    stream_table(batches, data, data.source, "train", data.limit, table_path)
-    features = embed_pool(str(table_path), model, embed, work_dir / "features", device, precision)
+    _, features = embed_file(
+        data, model, embed, work_dir, device=device, precision=precision, project_dir=project_dir
+    )
     return advise(
         load_pool(features),
         config.selector,

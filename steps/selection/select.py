@@ -338,12 +338,9 @@ def select_from_file(
     chat_template and limit. Writes work_dir/selection.json (steps/selection/record.py) and
     design.npy beside it.
     """
-    work_dir.mkdir(parents=True, exist_ok=True)
-    table_path = work_dir / "pool.parquet"
-    stream_table(
-        _source_batches(data, project_dir), data, data.source, "train", data.limit, table_path
+    table_path, features = embed_file(
+        data, model, embed, work_dir, device=device, precision=precision, project_dir=project_dir
     )
-    features = embed_pool(str(table_path), model, embed, work_dir / "features", device, precision)
     space = feature_space(features, model_fingerprint(model), embed)
     target = None
     if config.target:
@@ -360,6 +357,27 @@ def select_from_file(
         device=device,
         target=target,
     )
+
+
+def embed_file(
+    data: IngestConfig,
+    model: ModelConfig,
+    embed: EmbedConfig,
+    work_dir: Path,
+    *,
+    device: str,
+    precision: str,
+    project_dir: Path,
+) -> tuple[Path, FeaturesRef]:
+    """data.source mapped as ingest maps it into work_dir/pool.parquet, and its statistics
+    (work_dir/features): the pool `sift select` and `sift advise` pick from."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    table_path = work_dir / "pool.parquet"
+    stream_table(
+        _source_batches(data, project_dir), data, data.source, "train", data.limit, table_path
+    )
+    features = embed_pool(str(table_path), model, embed, work_dir / "features", device, precision)
+    return table_path, features
 
 
 def _source_batches(data: IngestConfig, project_dir: Path) -> Iterator[Batch]:
