@@ -149,6 +149,10 @@ def test_served_champion_completes_a_prompt_and_ctrl_c_stops_the_server(
             stderr=subprocess.STDOUT,
             start_new_session=True,
             env={**os.environ, "PYTHONFAULTHANDLER": "1"},  # SIGABRT dumps every thread
+            # A terminal's job gets SIGINT's default action; one started under `cmd &` in a
+            # non-interactive shell (a CI runner) inherits it ignored, and Python then
+            # installs no KeyboardInterrupt: sift would sleep through this Ctrl-C.
+            preexec_fn=_default_sigint,
         )
     try:
         wait_until_ready(url, process, timeout_s=240)
@@ -177,6 +181,10 @@ def test_served_champion_completes_a_prompt_and_ctrl_c_stops_the_server(
         output = log_path.read_text()
     assert f"serving {NAME} @champion = version 1" in output
     assert f"curl -s {url}/invocations" in output and "stopped the server" in output
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _exit_code(process: subprocess.Popen, log_path: Path, timeout_s: float) -> int:
