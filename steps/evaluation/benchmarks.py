@@ -81,6 +81,24 @@ def _cpu_threads(device: str) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+@contextlib.contextmanager
+def _serial_bootstrap() -> Iterator[None]:
+    """lm-eval bootstraps some stderrs (perplexity, f1, bleu, ...) in a multiprocessing.Pool,
+    forked from this process, whose other threads (Prefect's, tqdm's, torch's) can hold
+    locks at the fork: a forked worker then waits forever, and so did the run (seen in CI:
+    the pipeline stuck in Pool.terminate). DISABLE_MULTIPROC makes it draw the same
+    resamples in this process."""
+    before = os.environ.get("DISABLE_MULTIPROC")
+    os.environ["DISABLE_MULTIPROC"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("DISABLE_MULTIPROC", None)
+        else:
+            os.environ["DISABLE_MULTIPROC"] = before
+
+
 def run_benchmarks(
     model: Any,
     tokenizer: Any,
@@ -99,7 +117,7 @@ def run_benchmarks(
     was_training = model.training
     started = time.perf_counter()
     try:
-        with _cpu_threads(device), quiet_harness():
+        with _cpu_threads(device), _serial_bootstrap(), quiet_harness():
             lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer),
                       batch_size=batch_size, device=device)  # fmt: skip
             results = simple_evaluate(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
 from pathlib import Path
 
 import datasets
@@ -64,8 +65,16 @@ def quick_run(tmp_path_factory):
     model, tokenizer = _load(str(MODEL_DIR))
     pad_before = tokenizer.pad_token
     model.train()
-    report = run_benchmarks(model, tokenizer, plan, tmp_path / "bench", "cpu", batch_size=16)
+    with pytest.MonkeyPatch.context() as patch:
+        # lm-eval's bootstrapped stderrs (lambada's perplexity) must not fork a Pool from a
+        # process with other threads: a forked worker hung a whole CI run.
+        patch.setattr(multiprocessing, "Pool", _no_pool)
+        report = run_benchmarks(model, tokenizer, plan, tmp_path / "bench", "cpu", batch_size=16)
     return plan, report, model, tokenizer, pad_before
+
+
+def _no_pool(*args, **kwargs):
+    raise AssertionError("multiprocessing.Pool started during a benchmark run")
 
 
 def _builtin_task(spec) -> object:
