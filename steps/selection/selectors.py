@@ -209,43 +209,31 @@ def _greedy_selector(*, per_token: bool = False, label: bool = False) -> Selecto
       module docstring), its picks scored on the plain factors.
     """
 
-    def selector(
-        pool: FeaturePool,
-        budget: int,
-        *,
-        ridge: float = DEFAULT_RIDGE,
-        seed: int = 0,
-        prior: NDArray[np.floating] | None = None,
-        progress: bool = False,
-        threads: int | None = None,
-        settings: GreedySettings | None = None,
-        backend: str = "numpy",
-        device: str = "cpu",
-        token_budget: bool = False,
-        target: NDArray[np.floating] | None = None,  # unused: fisher-target's alone
-    ) -> Selection:
+    def selector(pool: FeaturePool, budget: int, options: SelectOptions) -> Selection:
         if label and pool.label_factors is None:
             raise ValueError(
                 "fisher-label needs label-weighted statistics (pool.label_factors): embed the "
                 "pool with embed.token_weight=label"
             )
+        prior = options.prior
         chosen = _fisher(
             pool.label_weighted() if label else pool,
             budget,
-            ridge,
+            options.ridge,
             None if label else prior,
-            progress,
+            options.progress,
             per_token=per_token,
-            token_budget=token_budget,
+            token_budget=options.token_budget,
             lazy=True,
-            threads=threads,
-            settings=settings,
-            backend=backend,
-            device=device,
+            threads=options.threads,
+            settings=options.settings,
+            backend=options.backend,
+            device=options.device,
         )
         if not label:
             return chosen
-        return _score_order(pool, chosen.order, ridge, prior, settings, progress)
+        return _score_order(pool, chosen.order, options.ridge, prior, options.settings,
+                            options.progress)  # fmt: skip
 
     return selector
 
@@ -270,63 +258,57 @@ def _scored_selector(order_of: PickOrder) -> Selector:
     Under a token budget it keeps the examples of that order that fit (fill_tokens).
     """
 
-    def selector(
-        pool: FeaturePool,
-        budget: int,
-        *,
-        ridge: float = DEFAULT_RIDGE,
-        seed: int = 0,
-        prior: NDArray[np.floating] | None = None,
-        progress: bool = False,
-        threads: int | None = None,  # unused: scoring a given order is k serial updates
-        settings: GreedySettings | None = None,  # unused: add() is not batched or bounded
-        backend: str = "numpy",  # unused: k serial updates of a numpy Design
-        device: str = "cpu",
-        token_budget: bool = False,
-        target: NDArray[np.floating] | None = None,  # unused: fisher-target's alone
-    ) -> Selection:
-        check_ridge(ridge)
-        budget_costs(pool, budget, token_budget)
-        if token_budget:
+    def selector(pool: FeaturePool, budget: int, options: SelectOptions) -> Selection:
+        # threads, settings' batching, backend and device are unused: scoring a given order
+        # is k serial updates of a numpy Design
+        check_ridge(options.ridge)
+        budget_costs(pool, budget, options.token_budget)
+        seed, ridge = options.seed, options.ridge
+        if options.token_budget:
             order = fill_tokens(lambda k: order_of(pool, k, seed, ridge), pool.n_tokens, budget)
         else:
             order = order_of(pool, budget, seed, ridge)
-        return _score_order(pool, order, ridge, prior, settings, progress)
+        return _score_order(pool, order, ridge, options.prior, options.settings, options.progress)
 
     return selector
 
 
-def _target_selector(
-    pool: FeaturePool,
-    budget: int,
-    *,
-    ridge: float = DEFAULT_RIDGE,
-    seed: int = 0,
-    prior: NDArray[np.floating] | None = None,
-    progress: bool = False,
-    threads: int | None = None,  # unused: numpy's own BLAS threads
-    settings: GreedySettings | None = None,  # unused: targeted.py prunes with its own bound
-    backend: str = "numpy",  # unused: numpy only
-    device: str = "cpu",
-    token_budget: bool = False,
-    target: NDArray[np.floating] | None = None,
-) -> Selection:
+def _target_selector(pool: FeaturePool, budget: int, options: SelectOptions) -> Selection:
     """`fisher-target`: plain greedy on the decrease of the target states' mean leverage
     (steps/selection/targeted.py), with the prior; under a token budget, among the examples
     that still fit. Selection.leverage holds that leverage before and after each pick."""
-    if target is None:
+    # threads, settings, backend and device are unused: numpy only, pruned by its own bound
+    if options.target is None:
         raise ValueError(
             "fisher-target needs the target states (target=, an (m, d) array): set select.target"
         )
-    check_ridge(ridge)
-    costs = budget_costs(pool, budget, token_budget)
-    prior_design = check_prior(prior, pool.d)
-    moment = target_moment(target, pool.d)
-    picks = target_greedy(pool, costs, float(budget), ridge, prior_design, moment, progress)
+    check_ridge(options.ridge)
+    costs = budget_costs(pool, budget, options.token_budget)
+    prior_design = check_prior(options.prior, pool.d)
+    moment = target_moment(options.target, pool.d)
+    picks = target_greedy(
+        pool, costs, float(budget), options.ridge, prior_design, moment, options.progress
+    )
     return Selection(picks.order, np.diff(picks.logdet), picks.logdet[1:], picks.leverage)
 
 
-Selector = Callable[..., Selection]
+@dataclass(frozen=True, eq=False)
+class SelectOptions:
+    """What select() passes every registry selector besides the pool and the budget."""
+
+    ridge: float = DEFAULT_RIDGE
+    seed: int = 0
+    prior: NDArray[np.floating] | None = None
+    progress: bool = False
+    threads: int | None = None
+    settings: GreedySettings | None = None
+    backend: str = "numpy"
+    device: str = "cpu"
+    token_budget: bool = False
+    target: NDArray[np.floating] | None = None
+
+
+Selector = Callable[[FeaturePool, int, SelectOptions], Selection]
 
 SELECTORS: dict[str, Selector] = {
     "fisher": _greedy_selector(),
@@ -366,18 +348,6 @@ def select(
         raise ValueError(f"unknown selector {selector!r}; known: {', '.join(SELECTORS)}")
     if target is not None and selector != "fisher-target":
         raise ValueError(f"target states are read by fisher-target only, not by {selector}")
-    run = SELECTORS[selector]
-    return run(
-        pool,
-        budget,
-        ridge=ridge,
-        seed=seed,
-        prior=prior,
-        progress=progress,
-        threads=threads,
-        settings=settings,
-        backend=backend,
-        device=device,
-        token_budget=token_budget,
-        target=target,
-    )
+    options = SelectOptions(ridge, seed, prior, progress, threads, settings, backend, device,
+                            token_budget, target)  # fmt: skip
+    return SELECTORS[selector](pool, budget, options)
