@@ -177,6 +177,7 @@ def select_command(
 
     from steps.data.ingest import IngestError
     from steps.modeling import resolve_hardware
+    from steps.selection.evidence import select_caution
     from steps.selection.select import load_prior, select_from_file
 
     root = Path.cwd()
@@ -189,6 +190,8 @@ def select_command(
             "warm-starts from a file: --prior FILE (and --set select.prior='')",
             2,
         )
+    if line := select_caution(resolved.select):
+        typer.echo(line, err=True)  # stderr: stdout stays the one summary line
     try:
         device, precision = resolve_hardware(resolved.model)
         prior_ref = None if prior is None else load_prior(prior, str(prior), "--prior")

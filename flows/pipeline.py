@@ -47,6 +47,7 @@ from steps.registry.gate import check_gate_metric
 from steps.registry.lineage import lineage_tags
 from steps.registry.register import ModelVersionRef, Promotion, champion_data_md5
 from steps.selection.embed import feature_space
+from steps.selection.evidence import select_caution
 from steps.selection.select import SelectionRef
 from steps.selection.target_sample import reject_target_in_pipeline
 from steps.training.finetune import ModelRef
@@ -82,6 +83,8 @@ def pipeline(
     already validated when it was versioned) instead of ingesting data.source."""
     project_dir = Path(project_dir).resolve()  # a worker's run gets "." (prefect.yaml)
     reject_target_in_pipeline(config.select)  # before any run is tracked or data read
+    if line := select_caution(config.select):
+        print(line)  # once, in the run's log
     device, precision = resolve_hardware(config.model)
     with tracking.tracked_run(
         project_dir,

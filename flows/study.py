@@ -1,8 +1,10 @@
-"""The data-efficiency study: arms × budgets × seeds through the pipeline's own tasks
-(ingest → embed once → select → fine-tune → evaluate, flows/tasks.py), each trial a child
+"""The data-efficiency study: arms × budget kinds × budgets × seeds through the pipeline's own
+tasks (ingest → embed once → select → fine-tune → evaluate, flows/tasks.py), each trial a child
 MLflow run of one parent, then tables and plots (MLflow, a Prefect artifact,
-study.results_dir), plus the paper's synthetic experiment. Trials are cached on their inputs,
-so an interrupted study resumes where it stopped.
+study.results_dir), plus the paper's synthetic experiment. A budget kind is what the arms are
+compared at: equal examples, or equal loss tokens in equal optimiser steps
+(study.budget_kinds, steps.study.study.trial_configs). Trials are cached on their inputs, so an
+interrupted study resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from steps import tracking
 from steps.data.ingest import TableRef, sources_fingerprint, table_ref
 from steps.modeling import ModelSource, model_source, resolve_hardware, trained_source
 from steps.selection.embed import FeaturesRef, feature_space, load_pool
-from steps.selection.select import SelectConfig
+from steps.study import report
 from steps.study import study as lib
 
 METRICS = [
@@ -40,6 +42,7 @@ METRICS = [
     "examples",
     "loss_tokens",
     "tokens_trained",
+    "steps",
     "select_seconds",
     "train_seconds",
     "tokens_per_example",
@@ -157,27 +160,36 @@ def _real_data(config: lib.StudyConfig, context: RunContext) -> tuple[float, lis
                 features, Path(f"{features.features_dir}-length-normalised")
             )
             arm_inputs = replace(shared, features=normalised)
-        for budget in config.study.budgets:
-            for seed in config.study.seeds:
-                records.append(_trial(config, arm, budget, seed, arm_inputs))
+        for kind in config.study.budget_kinds:
+            for budget in config.study.budgets:
+                for seed in config.study.seeds:
+                    records.append(_trial(config, arm, kind, budget, seed, arm_inputs))
     return base.loss, records
 
 
 def _trial(
-    config: lib.StudyConfig, arm: lib.Arm, budget: float, seed: int, shared: TrialInputs
+    config: lib.StudyConfig,
+    arm: lib.Arm,
+    kind: str,
+    budget: float,
+    seed: int,
+    shared: TrialInputs,
 ) -> dict:
-    """One arm × budget × seed: select, fine-tune, evaluate, as a child run of the study."""
+    """One arm × budget kind × budget × seed: select, fine-tune, evaluate, as a child run."""
+    tokens = kind == "tokens"
     with tracking.tracked_run(
         shared.context.project_dir,
         config.tracking,
-        run_name=f"{arm.label}-b{budget:g}-s{seed}",
+        run_name=f"{arm.label}-{'t' if tokens else 'b'}{budget:g}-s{seed}",
         tags={"mlflow.parentRunId": shared.context.run_id, "sift.kind": "study-trial"},
         params={"arm": arm.label, "selector": arm.selector, "ridge": arm.ridge,
-                "length_normalised": arm.length_normalised, "budget": budget, "seed": seed},
+                "length_normalised": arm.length_normalised, "budget_kind": kind,
+                "budget": budget, "seed": seed},
     ) as child_id:  # fmt: skip
         context = replace(shared.context, run_id=child_id)
-        select_config = SelectConfig(
-            selector=arm.selector, budget=budget, ridge=arm.ridge, seed=seed
+        # the pool's size and tokens (not an arm's rescaled statistics) set equal steps
+        select_config, finetune_config = lib.trial_configs(
+            config, arm, kind, budget, seed, shared.pool_features
         )
         timed = select_task(
             features=shared.features,
@@ -192,7 +204,7 @@ def _trial(
             table=shared.train,
             selection=selection,
             model=shared.model,
-            config=config.finetune.model_copy(update={"seed": seed}),
+            config=finetune_config,
             context=context,
         )
         trained = trained_source(config.model, tuned.model_dir)
@@ -207,12 +219,14 @@ def _trial(
         )
         record = {
             "arm": arm.label,
+            "budget_kind": kind,
             "budget": budget,
             "seed": seed,
             "eval_loss": report.loss,
             "examples": selection.examples,
             "loss_tokens": selection.loss_tokens,
             "tokens_trained": tuned.tokens,
+            "steps": tuned.steps,  # optimiser steps actually trained
             "select_seconds": timed.seconds,
             "train_seconds": tuned.seconds,
             "train_loss": tuned.train_loss,
@@ -223,7 +237,8 @@ def _trial(
             child_id, {k: v for k, v in record.items() if isinstance(v, int | float)}
         )
         tracking.log_artifact(child_id, selection.selection_path, "selection")
-    print(f"{arm.label} budget={budget:g} seed={seed}: eval loss {report.loss:.4f}")
+    setting = "budget_tokens" if tokens else "budget"
+    print(f"{arm.label} {setting}={budget:g} seed={seed}: eval loss {report.loss:.4f}")
     return record
 
 
@@ -232,13 +247,13 @@ def _report_real(
 ) -> str:
     frame = pd.DataFrame(records)
     confidence = config.study.confidence
-    summary = lib.aggregate(frame, ["arm", "budget"], METRICS, confidence)
-    deltas = lib.paired_differences(frame, "eval_loss", lib.BASELINE, confidence)
+    summary = report.aggregate(frame, ["budget_kind", "arm", "budget"], METRICS, confidence)
+    deltas = report.paired_by_kind(frame, "eval_loss", lib.BASELINE, confidence)
     frame.to_csv(out_dir / "trials.csv", index=False)
     summary.to_csv(out_dir / "summary.csv", index=False)
-    lib.plot_study(summary, base_loss, config.study.name, out_dir / "eval_loss.png")
-    table = lib.results_table(summary, deltas)
-    profile = lib.profile_table(summary)
+    report.plot_study(summary, base_loss, config.study.name, out_dir / "eval_loss.png")
+    table = report.results_table(summary, deltas)
+    profile = report.profile_table(summary)
     table_path = out_dir / "table.md"
     table_path.write_text(
         f"Base model eval loss: {base_loss:.4f}. Mean ± {confidence:.0%} t-interval over seeds.\n\n"
@@ -257,15 +272,15 @@ def _report_real(
 def _report_synthetic(
     config: lib.StudyConfig, records: pd.DataFrame, out_dir: Path, run_id: str
 ) -> str:
-    summary = lib.synthetic_summary(records, config.study.confidence)
+    summary = report.synthetic_summary(records, config.study.confidence)
     records.to_csv(out_dir / "synthetic_runs.csv", index=False)
     summary.to_csv(out_dir / "synthetic_summary.csv", index=False)
-    lib.plot_synthetic(summary, config.synthetic.runs, out_dir / "synthetic.png")
+    report.plot_synthetic(summary, config.synthetic.runs, out_dir / "synthetic.png")
     path = out_dir / "synthetic_table.md"
     path.write_text(
         f"Prediction error (total variation) of the refitted multinomial logit, mean ± "
         f"{config.study.confidence:.0%} t-interval over {config.synthetic.runs} runs.\n\n"
-        f"{lib.synthetic_table(records, summary, config.study.confidence)}\n"
+        f"{report.synthetic_table(records, summary, config.study.confidence)}\n"
     )
     for item in (path, out_dir / "synthetic.png", out_dir / "synthetic_runs.csv"):
         tracking.log_artifact(run_id, str(item), "synthetic")

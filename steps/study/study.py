@@ -1,5 +1,6 @@
-"""The data-efficiency study's pure logic: its config, arms, confidence intervals,
-aggregation, what each selection picked, tables and plots. No Prefect, no MLflow.
+"""The data-efficiency study's pure logic: its config, arms, each trial's select and
+finetune sections, and what each selection picked. No Prefect, no MLflow; its statistics,
+tables and plots are in steps/study/report.py.
 
 flows/study.py runs selectors × budgets × seeds through the pipeline's own steps and
 hands the per-trial records to the functions here.
@@ -7,30 +8,31 @@ hands the per-trial records to the functions here.
 
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-from scipy import stats
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from steps import config_files
 from steps.data.ingest import IngestConfig, write_table
 from steps.evaluation.evaluate import EvalConfig
 from steps.modeling import ModelConfig
-from steps.selection.embed import FILES, EmbedConfig, FeaturesRef
+from steps.selection.embed import FILES, LABEL_FILES, EmbedConfig, FeaturesRef
 from steps.selection.pool import FeaturePool
 from steps.selection.record import read_selection
+from steps.selection.select import EMBED_NEEDS, SelectConfig
 from steps.selection.selectors import DEFAULT_RIDGE, SELECTORS
 from steps.study.synthetic import SyntheticConfig
 from steps.tracking import TrackingConfig
 from steps.training.finetune import FinetuneConfig
 
 BASELINE = "uniform"  # paired differences are taken against this arm
+BudgetKind = Literal["examples", "tokens"]
 
 
 @dataclass(frozen=True)
@@ -71,9 +73,19 @@ class StudySection(BaseModel):
     arms: list[str] = Field(
         default_factory=lambda: ["fisher", "fisher-pooled", "fisher-per-token", "uniform"]
     )
-    # Fractions of the pool (< 1) or counts; for fisher-per-token a fraction of loss tokens.
+    # Fractions of the pool (< 1) or counts; for fisher-per-token (and for every arm under
+    # budget kind "tokens") of loss tokens.
     budgets: list[float] = Field(default_factory=lambda: [0.01, 0.05, 0.1, 0.2])
-    # Each seed varies the selection (uniform, k-center) and the training order (all arms).
+    # What each budget holds equal across arms. "examples": select.budget (long-example
+    # pickers then train on more tokens). "tokens": the fraction (or count) of the pool's loss
+    # tokens as select.budget_tokens for every arm, and finetune.steps for every arm = the
+    # optimiser steps uniform's equal-examples run at that fraction takes (equal_steps), so few
+    # long examples and many short ones get equal tokens and equal steps. Costs a trial each.
+    budget_kinds: list[BudgetKind] = ["examples"]  # pydantic copies a mutable default
+    # Each seed varies the selection (uniform, k-center) and the training order. The
+    # training-order seed (finetune.seed) is the trial's seed for every arm: common random
+    # numbers, so a paired difference at one seed measures the selection, not the shuffle
+    # (training order moves eval loss about as much as uniform's subset draw).
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     ridge: float = Field(default=DEFAULT_RIDGE, gt=0)  # λ for arms that set none
     # > 0: the last `holdout` rows of the ingested pool become the eval split and are never
@@ -89,10 +101,21 @@ class StudySection(BaseModel):
     @classmethod
     def _known_arms(cls, arms: list[str]) -> list[str]:
         for spec in arms:
-            parse_arm(spec, DEFAULT_RIDGE)
+            if parse_arm(spec, DEFAULT_RIDGE).selector == "fisher-target":
+                raise ValueError(
+                    f"study.arms: {spec!r} reads select.target, a sample of prompts the study "
+                    "does not embed; run fisher-target with `sift select` (select.target=FILE)"
+                )
         if len(set(arms)) != len(arms):
             raise ValueError("study.arms lists an arm twice")
         return arms
+
+    @field_validator("budget_kinds")
+    @classmethod
+    def _distinct_kinds(cls, kinds: list[str]) -> list[str]:
+        if not kinds or len(set(kinds)) != len(kinds):
+            raise ValueError(f"study.budget_kinds={kinds}: list examples, tokens or both, once")
+        return kinds
 
 
 class StudyConfig(BaseModel):
@@ -114,6 +137,39 @@ class StudyConfig(BaseModel):
 
     def arms(self) -> list[Arm]:
         return [parse_arm(spec, self.study.ridge) for spec in self.study.arms]
+
+    @model_validator(mode="after")
+    def _sections_fit_the_arms(self) -> StudyConfig:
+        # At load, not at the trial that needs it (after the embed pass and earlier trials).
+        # A custom error: no "Value error, " before a message that names its keys.
+        if problem := self._mismatch():
+            raise PydanticCustomError("study_sections", "{problem}", {"problem": problem})
+        return self
+
+    def _mismatch(self) -> str | None:
+        for arm in self.arms():
+            if arm.selector in EMBED_NEEDS:
+                field, value = EMBED_NEEDS[arm.selector]
+                if getattr(self.embed, field) != value:
+                    return (
+                        f"study.arms: {arm.label} reads statistics that embed.{field}="
+                        f"{getattr(self.embed, field)} does not compute: set embed.{field}: {value}"
+                    )
+        finetune, why = self.finetune, "study.budget_kinds 'tokens' trains one pass in equal steps"
+        if "tokens" not in self.study.budget_kinds:
+            return None
+        if finetune.steps is not None:
+            return (
+                f"finetune.steps={finetune.steps}: study.budget_kinds 'tokens' sets each "
+                "trial's steps (uniform's at equal examples); leave finetune.steps unset"
+            )
+        if finetune.epochs != 1:
+            return f"{why}: set finetune.epochs=1 (got {finetune.epochs:g})"
+        if finetune.num_processes != 1:
+            return (
+                f"{why} in one process: set finetune.num_processes=1 (got {finetune.num_processes})"
+            )
+        return None
 
 
 class StudyConfigError(ValueError):
@@ -137,16 +193,46 @@ def split_holdout(train_path: str, rows: int, out_dir: Path) -> tuple[str, str]:
     return str(pool_path), str(holdout_path)
 
 
+def trial_configs(
+    config: StudyConfig, arm: Arm, kind: str, budget: float, seed: int, pool: FeaturesRef
+) -> tuple[SelectConfig, FinetuneConfig]:
+    """What one trial selects and trains with. finetune.seed is the trial's seed whatever the
+    arm (common random numbers, see StudySection.seeds); under kind "tokens" the budget is
+    select.budget_tokens and finetune.steps is equal_steps of the pool (its size and tokens)."""
+    if kind == "examples":
+        select = SelectConfig(selector=arm.selector, budget=budget, ridge=arm.ridge, seed=seed)
+        return select, config.finetune.model_copy(update={"seed": seed})
+    select = SelectConfig(selector=arm.selector, budget_tokens=budget, ridge=arm.ridge, seed=seed)
+    steps = equal_steps(budget, pool.examples, pool.loss_tokens, config.finetune)
+    return select, config.finetune.model_copy(update={"seed": seed, "steps": steps})
+
+
+def equal_steps(budget: float, examples: int, tokens: int, finetune: FinetuneConfig) -> int:
+    """The optimiser steps of every arm at a token budget: those uniform's equal-examples run
+    at the same fraction of the pool takes, ceil(ceil(k / batch_size) / accumulation).
+
+    k = round(budget x examples) for a fraction (as select's resolve_budget), and for a count of
+    tokens the examples of the pool's mean length that hold it, round(budget x examples / tokens).
+    """
+    fraction = budget if budget < 1 else budget / tokens
+    k = max(1, round(fraction * examples))
+    return math.ceil(math.ceil(k / finetune.batch_size) / finetune.gradient_accumulation_steps)
+
+
 def length_normalised(features: FeaturesRef, out_dir: Path) -> FeaturesRef:
     """The same statistics with every F_i divided by sqrt(T_i): each example contributes its
     mean token Gram (1/T_i) Σ_j x_ij x_ijᵀ, so a long example is worth no more than a short
-    one with the same states. Written as a features folder that select_subset reads."""
+    one with the same states. Written as a features folder that select_subset reads; the
+    label-weighted factors (embed.token_weight=label), when there, are scaled alike."""
     out_dir.mkdir(parents=True, exist_ok=True)
     source = Path(features.features_dir)
-    arrays = {name: np.load(source / f"{name}.npy") for name in FILES}
+    names = FILES + tuple(n for n in LABEL_FILES if (source / f"{n}.npy").exists())
+    arrays = {name: np.load(source / f"{name}.npy") for name in names}
     ranks = np.diff(arrays["offsets"])
     per_row = np.repeat(1.0 / np.sqrt(arrays["n_tokens"].astype(np.float64)), ranks)
-    arrays["factors"] = (arrays["factors"] * per_row[:, None]).astype(np.float32)
+    for name in ("factors", *LABEL_FILES):  # row for row: the same offsets serve both
+        if name in arrays:
+            arrays[name] = (arrays[name] * per_row[:, None]).astype(np.float32)
     for name, array in arrays.items():
         np.save(out_dir / f"{name}.npy", array)
     return replace(features, features_dir=str(out_dir))
@@ -201,193 +287,3 @@ def selection_profile(
         / float(heldout.n_tokens.sum()),
         "heldout_leverage_max": float(per_example.max()),
     }
-
-
-def t_interval(values: np.ndarray | list[float], confidence: float = 0.95) -> tuple[float, float]:
-    """Mean and half-width of the two-sided Student-t interval; half-width NaN for n < 2."""
-    x = np.asarray(values, dtype=np.float64)
-    if len(x) == 0:
-        raise ValueError("t_interval needs at least one value")
-    if len(x) < 2:
-        return float(x.mean()), float("nan")
-    quantile = stats.t.ppf(0.5 + confidence / 2, df=len(x) - 1)
-    return float(x.mean()), float(quantile * x.std(ddof=1) / np.sqrt(len(x)))
-
-
-def aggregate(
-    records: pd.DataFrame, keys: list[str], metrics: list[str], confidence: float
-) -> pd.DataFrame:
-    """Per group of `keys`: n, and mean and CI half-width ('<metric>_ci') of each metric."""
-    rows = []
-    for group, frame in records.groupby(keys, sort=False):
-        row = dict(zip(keys, group if isinstance(group, tuple) else (group,), strict=True))
-        row["n"] = len(frame)
-        for metric in metrics:
-            row[metric], row[f"{metric}_ci"] = t_interval(frame[metric].to_numpy(), confidence)
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def paired_differences(
-    records: pd.DataFrame,
-    metric: str,
-    baseline: str,
-    confidence: float,
-    columns: tuple[str, str, str] = ("arm", "budget", "seed"),
-) -> pd.DataFrame:
-    """metric(arm, seed) - metric(baseline, seed) per budget, with a t-interval over seeds:
-    arms share each seed's training order (or, in the synthetic experiment, each run's
-    problem), so pairing removes that noise from the contrast."""
-    arm_column, group_column, pair_column = columns
-    pivot = records.pivot_table(
-        index=[group_column, pair_column], columns=arm_column, values=metric
-    )
-    rows = []
-    for arm in [a for a in records[arm_column].unique() if a != baseline and baseline in pivot]:
-        for group, frame in (pivot[arm] - pivot[baseline]).dropna().groupby(level=group_column):
-            mean, half = t_interval(frame.to_numpy(), confidence)
-            rows.append({arm_column: arm, group_column: group, "n": len(frame), "delta": mean})
-            rows[-1]["delta_ci"] = half
-    return pd.DataFrame(rows, columns=[arm_column, group_column, "n", "delta", "delta_ci"])
-
-
-def _with_ci(mean: float, half: float, digits: int = 3) -> str:
-    if np.isnan(mean):
-        return ""
-    return f"{mean:.{digits}f}" if np.isnan(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
-
-
-def _markdown(frame: pd.DataFrame) -> str:
-    header = "| " + " | ".join(frame.columns) + " |"
-    rule = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(frame.columns))) + "|"
-    body = ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join([header, rule, *body])
-
-
-def results_table(summary: pd.DataFrame, deltas: pd.DataFrame) -> str:
-    """Markdown: eval loss ± CI, Δ vs the baseline ± CI, sizes and times per arm × budget."""
-    merged = summary.merge(deltas, on=["arm", "budget"], how="left", suffixes=("", "_delta"))
-    frame = pd.DataFrame(
-        {
-            "arm": merged.arm,
-            "budget": [f"{b:g}" for b in merged.budget],
-            "seeds": merged.n,
-            "examples": merged.examples.round().astype(int),
-            "loss tokens": merged.loss_tokens.round().astype(int),
-            "tokens trained": merged.tokens_trained.round().astype(int),
-            "eval loss": [
-                _with_ci(m, h) for m, h in zip(merged.eval_loss, merged.eval_loss_ci, strict=True)
-            ],
-            f"Δ vs {BASELINE}": [
-                "" if np.isnan(m) else _with_ci(m, h)
-                for m, h in zip(merged.delta, merged.delta_ci, strict=True)
-            ],
-            "select s": merged.select_seconds.round(2),
-            "train s": merged.train_seconds.round(1),
-        }
-    )
-    return _markdown(frame)
-
-
-def profile_table(summary: pd.DataFrame) -> str:
-    """Markdown: what each arm picked (means over seeds) next to the pool's averages."""
-    first = summary.iloc[0]
-    frame = pd.DataFrame(
-        {
-            "arm": summary.arm,
-            "budget": [f"{b:g}" for b in summary.budget],
-            "tokens/example": summary.tokens_per_example.round(1),
-            "state norm": summary.state_norm.round(3),
-            "base loss": summary.base_loss.round(3),
-            "outlier": summary.outlier.round(2),
-            "held-out leverage mean": summary.heldout_leverage_mean.map(lambda v: f"{v:.3g}"),
-            "held-out leverage max": summary.heldout_leverage_max.map(lambda v: f"{v:.3g}"),
-        }
-    )
-    pool_row = (
-        f"\n\nPool averages: {first.pool_tokens_per_example:.1f} tokens/example, state norm "
-        f"{first.pool_state_norm:.3f}, base loss {first.pool_base_loss:.3f}, "
-        f"outlier {first.pool_outlier:.2f}."
-    )
-    return _markdown(frame) + pool_row
-
-
-def plot_study(summary: pd.DataFrame, base_loss: float, title: str, path: Path) -> None:
-    """Eval loss ± CI against examples selected and against tokens trained, one line per arm."""
-    figure = Figure(figsize=(11, 4))
-    by_examples, by_tokens = figure.subplots(1, 2)
-    for arm, frame in summary.groupby("arm", sort=False):
-        frame = frame.sort_values("examples")
-        ci = frame.eval_loss_ci.fillna(0.0)
-        for axis, x in ((by_examples, frame.examples), (by_tokens, frame.tokens_trained)):
-            axis.errorbar(x, frame.eval_loss, yerr=ci, marker="o", capsize=3, label=str(arm))
-    for axis, label in ((by_examples, "examples selected"), (by_tokens, "tokens trained")):
-        axis.set_xscale("log")
-        axis.set_xlabel(label)
-        axis.set_ylabel("eval loss (nats/response token)")
-        axis.grid(alpha=0.3)
-    by_examples.set_title(f"{title} (base model {base_loss:.2f})")
-    by_tokens.set_title("same runs, by training tokens")
-    by_tokens.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-
-
-def synthetic_summary(records: pd.DataFrame, confidence: float) -> pd.DataFrame:
-    return aggregate(
-        records, ["selector", "sentences"], ["max_error", "mean_error", "tokens"], confidence
-    )
-
-
-def synthetic_table(records: pd.DataFrame, summary: pd.DataFrame, confidence: float) -> str:
-    """Markdown: max error, mean error (each ± CI, with fisher - uniform paired over runs) and
-    tokens picked, n sentences as rows and selectors as columns."""
-    parts = []
-    for metric, title in (("max_error", "Maximum"), ("mean_error", "Mean")):
-        wide = summary.pivot(index="sentences", columns="selector", values=metric)
-        half = summary.pivot(index="sentences", columns="selector", values=f"{metric}_ci")
-        frame = pd.DataFrame({"n sentences": wide.index})
-        for selector in summary.selector.unique():
-            frame[selector] = list(map(_with_ci, wide[selector], half[selector]))
-        columns = ("selector", "sentences", "run")
-        deltas = paired_differences(records, metric, BASELINE, confidence, columns)
-        fisher = deltas[deltas.selector == "fisher"].set_index("sentences")
-        if len(fisher):
-            delta = list(map(_with_ci, fisher.delta, fisher.delta_ci))
-            frame[f"fisher − {BASELINE} (paired)"] = delta
-        parts.append(f"{title} prediction error:\n\n{_markdown(frame)}")
-    tokens = summary.pivot(index="sentences", columns="selector", values="tokens").round()
-    tokens = tokens[list(summary.selector.unique())].astype(int).reset_index()
-    parts.append(f"Tokens in the selected sentences:\n\n{_markdown(tokens)}")
-    return "\n\n".join(parts)
-
-
-def plot_synthetic(summary: pd.DataFrame, runs: int, path: Path) -> None:
-    figure = Figure(figsize=(11, 4))
-    axes = figure.subplots(1, 2)
-    for selector, frame in summary.groupby("selector", sort=False):
-        for axis, metric in zip(axes, ("max_error", "mean_error"), strict=True):
-            axis.errorbar(
-                frame.sentences,
-                frame[metric],
-                yerr=frame[f"{metric}_ci"].fillna(0.0),
-                marker="o",
-                capsize=3,
-                label=str(selector),
-            )
-    for axis, name in zip(axes, ("Maximum", "Mean"), strict=True):
-        axis.set_xscale("log")
-        axis.minorticks_off()  # label exactly the n values run, not log-scale minor ticks
-        axis.set_xticks(sorted(summary.sentences.unique()))
-        axis.set_xticklabels([str(n) for n in sorted(summary.sentences.unique())])
-        axis.set_xlabel("sentences selected")
-        axis.set_ylabel("prediction error (total variation)")
-        axis.set_title(f"{name} prediction error, {runs} runs (95% CI)")
-        axis.grid(alpha=0.3)
-    axes[0].legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-
-
-def write_json(value: object, path: Path) -> None:
-    path.write_text(json.dumps(value, indent=2, default=str))

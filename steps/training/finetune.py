@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
 from steps.modeling import (
@@ -27,7 +28,7 @@ from steps.modeling import (
     load_model,
     load_tokenizer,
 )
-from steps.training.batching import EpochSampler, PaddingCollator, TokenDataset
+from steps.training.batching import EpochSampler, PaddingCollator, StepsBatchSampler, TokenDataset
 from steps.training.callbacks import (
     LogLastStep,
     MlflowStepLogger,
@@ -88,17 +89,50 @@ def last_checkpoint(checkpoint_dir: Path) -> Path | None:
 
 
 class SiftTrainer(Trainer):
-    """Trainer with a sampler whose order depends only on (seed, epoch): exact resumes."""
+    """Trainer with a sampler whose order depends only on (seed, epoch): exact resumes.
+
+    steps (finetune.steps): one pass in that many optimiser steps, through a batch sampler of
+    steps x gradient_accumulation_steps near-equal batches; Trainer counts the optimiser steps
+    of an epoch from the dataloader's length, so it trains exactly `steps`.
+    """
+
+    def __init__(self, *args: Any, steps: int | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.steps = steps
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        assert isinstance(dataset, TokenDataset), "SiftTrainer trains on a TokenDataset"
         return EpochSampler(
-            [len(e.input_ids) for e in dataset.examples],
+            _lengths(dataset),
             self.args.per_device_train_batch_size,
             self.args.seed,
             self.args.train_sampling_strategy == "group_by_length",
         )
+
+    def get_train_dataloader(self) -> DataLoader:
+        if self.steps is None:
+            return super().get_train_dataloader()
+        dataset = _token_dataset(self.train_dataset)
+        sampler = StepsBatchSampler(
+            _lengths(dataset),
+            self.steps * self.args.gradient_accumulation_steps,
+            self.args.seed,
+            self.args.train_sampling_strategy == "group_by_length",
+        )
+        # workers 0 as _training_arguments says; accelerate's skip_first_batches (a resume)
+        # wraps a batch sampler as it wraps a sampler
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=self.data_collator,
+                            num_workers=0)  # fmt: skip
+        return self.accelerator.prepare(loader)
+
+
+def _token_dataset(dataset: object) -> TokenDataset:
+    assert isinstance(dataset, TokenDataset), "SiftTrainer trains on a TokenDataset"
+    return dataset
+
+
+def _lengths(dataset: object) -> list[int]:
+    return [len(e.input_ids) for e in _token_dataset(dataset).examples]
 
 
 def train(job: TrainJob) -> ModelRef:
@@ -116,6 +150,7 @@ def train(job: TrainJob) -> ModelRef:
         data_collator=collator,
         processing_class=tokenizer,
         callbacks=[LogLastStep(), StopOnNonFiniteLoss(), MlflowStepLogger(job.run_id)],
+        steps=config.steps,
     )
     resume = last_checkpoint(out_dir / CHECKPOINTS)
     resumed_from_step = int(resume.name[11:]) if resume else 0

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from transformers import SchedulerType
 
 from steps.modeling import ModelConfig
@@ -33,6 +34,11 @@ class FinetuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     epochs: float = Field(default=3.0, gt=0)
+    # Instead of batch_size batches: one pass (epochs must be 1) in exactly this many optimiser
+    # steps, the examples split into batches whose sizes differ by at most 1 (times
+    # gradient_accumulation_steps micro-batches per step). Compares subsets of different sizes
+    # at equal steps (the study's equal-token arms); None: batches of batch_size.
+    steps: int | None = Field(default=None, gt=0)
     # Tiny models tolerate (and need) a large learning rate; use ~1e-5–1e-4 for real LLMs
     # (LoRA: ~1e-4–1e-3).
     learning_rate: float = Field(default=2e-3, gt=0)
@@ -89,6 +95,17 @@ class FinetuneConfig(BaseModel):
             raise ValueError("finetune.fsdp with finetune.method 'lora' is not supported; use DDP")
         if self.accelerate_config and self.num_processes < 2:
             raise ValueError("finetune.accelerate_config needs finetune.num_processes > 1")
+        if self.steps is not None and self.epochs != 1:
+            raise ValueError(
+                f"finetune.steps={self.steps} trains one pass in that many steps: set "
+                f"finetune.epochs=1 (got {self.epochs:g}) or finetune.steps=null"
+            )
+        if self.steps is not None and self.num_processes > 1:
+            # accelerate would deal the variable-size batches out to the ranks unevenly
+            raise ValueError(
+                f"finetune.steps={self.steps} runs in one process: set finetune.num_processes=1 "
+                f"(got {self.num_processes}) or finetune.steps=null"
+            )
         return self
 
 
@@ -106,6 +123,20 @@ class TrainJob(BaseModel):
     device: str
     precision: Literal["fp32", "bf16", "fp16"]
     run_id: str | None = None  # the MLflow run that step metrics go to; None: not logged
+
+    @model_validator(mode="after")
+    def _steps_fit_the_examples(self) -> TrainJob:
+        # Here, not in the sampler: a worker or the parent stops before any model is loaded.
+        steps, accumulation = self.finetune.steps, self.finetune.gradient_accumulation_steps
+        if steps is not None and steps * accumulation > len(self.selected_ids):
+            per_step = f" x {accumulation} micro-batches" if accumulation > 1 else ""
+            raise PydanticCustomError(
+                "steps_above_examples",
+                "finetune.steps={steps}{per_step} needs at least one example per batch, but "
+                "{examples} examples are selected: lower finetune.steps",
+                {"steps": steps, "per_step": per_step, "examples": len(self.selected_ids)},
+            )
+        return self
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
@@ -16,6 +17,21 @@ from steps.study.study import load_study_config
 from tests.conftest import MODEL_DIR, REPO
 
 PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _quick(project: Path, tracking_uri: str, *overrides: tuple[str, object]):
+    """configs/study-quick.yaml on the `project` fixture's 80 GSM8K rows and the bundled model."""
+    return load_study_config(
+        REPO / "configs" / "study-quick.yaml",
+        [
+            ("data.source", str(project / "raw" / "train.jsonl")),
+            ("data.eval_source", str(project / "raw" / "test.jsonl")),
+            ("data.limit", None),
+            ("model.name", str(MODEL_DIR)),
+            ("tracking.tracking_uri", tracking_uri),
+            *overrides,
+        ],
+    )
 
 
 def test_study_rejects_an_unknown_key_before_doing_anything(tmp_path: Path):
@@ -30,18 +46,12 @@ def test_quick_study_runs_child_trials_and_writes_table_and_plots(prefect_harnes
     from flows.study import study
 
     tracking_uri = f"sqlite:///{project.parent / 'study-mlflow.db'}"
-    config = load_study_config(
-        REPO / "configs" / "study-quick.yaml",
-        [
-            ("data.source", str(project / "raw" / "train.jsonl")),
-            ("data.eval_source", str(project / "raw" / "test.jsonl")),
-            ("data.limit", None),
-            ("model.name", str(MODEL_DIR)),
-            ("tracking.tracking_uri", tracking_uri),
-            ("study.results_dir", "results"),
-            ("synthetic.pool_sentences", 30),
-            ("synthetic.test_tokens", 200),
-        ],
+    config = _quick(
+        project,
+        tracking_uri,
+        ("study.results_dir", "results"),
+        ("synthetic.pool_sentences", 30),
+        ("synthetic.test_tokens", 200),
     )
     result = study(config, project)
 
@@ -78,3 +88,30 @@ def test_quick_study_runs_child_trials_and_writes_table_and_plots(prefect_harnes
     with get_client(sync_client=True) as prefect:
         artifact = prefect.read_latest_artifacts()
     assert any(a.key == "study-quick" and "eval loss" in str(a.data) for a in artifact)
+
+
+@pytest.mark.slow
+def test_at_a_token_budget_every_arm_trains_the_same_steps_on_the_same_tokens(
+    prefect_harness, project: Path
+):
+    from flows.study import study
+
+    tracking_uri = f"sqlite:///{project.parent / 'study-mlflow.db'}"
+    kinds = ("study.budget_kinds", ["examples", "tokens"])
+    config = _quick(project, tracking_uri, kinds, ("study.budgets", [0.25]), ("synthetic.runs", 0))
+    result = study(config, project)
+
+    assert result.trials == 4  # 2 arms × 2 budget kinds × 1 budget × 1 seed
+    trials = pd.read_csv(Path(str(result.table_path)).parent / "trials.csv")
+    examples = trials[trials.budget_kind == "examples"].set_index("arm")
+    tokens = trials[trials.budget_kind == "tokens"].set_index("arm")
+    # uniform's 20 examples (0.25 of 80) take ceil(20 / 8) = 3 steps: every token arm takes 3
+    assert examples.steps["uniform"] == 3 and list(tokens.steps) == [3, 3]
+    pool_dir = MlflowClient(tracking_uri).get_run(result.run_id).data.tags["features.pool_dir"]
+    lengths = np.load(Path(pool_dir) / "n_tokens.npy")
+    budget = round(0.25 * int(lengths.sum()))
+    # each arm fills the same token budget, short of it by less than one example
+    assert ((budget - lengths.max() < tokens.loss_tokens) & (tokens.loss_tokens <= budget)).all()
+    assert tokens.examples["fisher"] < tokens.examples["uniform"]  # fewer, longer examples
+    table = (Path(str(result.table_path))).read_text()
+    assert "Equal examples" in table and "Equal tokens" in table
