@@ -32,6 +32,7 @@ from flows.tasks import (
 )
 from steps import tracking
 from steps.data.ingest import TableRef, sources_fingerprint, table_ref
+from steps.data.validate import quarantine_lines, raise_on_failure, validate
 from steps.modeling import ModelSource, model_source, resolve_hardware, trained_source
 from steps.selection.embed import FeaturesRef, feature_space, load_pool
 from steps.study import report
@@ -132,6 +133,14 @@ def _study(config: lib.StudyConfig, context: RunContext) -> StudyResult:
 def _real_data(config: lib.StudyConfig, context: RunContext) -> tuple[float, list[dict]]:
     source_md5 = sources_fingerprint(config.data, context.project_dir)
     staged = ingest_task(config=config.data, source_md5=source_md5, context=context)
+    # The pipeline's gate: a row the pipeline would quarantine (e.g. a prompt that fills the
+    # context, leaving no loss token) is not in the study's pool either. The accepted tables
+    # go under .sift/, never to the project's DVC-tracked data/.
+    checked = context.state_dir / "studies" / "validated" / key(staged, config.validation)
+    report = validate(staged, config.validation, config.model, checked / "gx", checked / "data")
+    staged = raise_on_failure(report)
+    for line in quarantine_lines(report):
+        print(f"quarantined {line}")
     train, heldout_table = staged.train, staged.eval
     if config.study.holdout:
         train_path, eval_path = lib.split_holdout(

@@ -20,6 +20,7 @@ from pydantic_core import PydanticCustomError
 
 from steps import config_files
 from steps.data.ingest import IngestConfig, write_table
+from steps.data.validate import ValidateConfig
 from steps.evaluation.evaluate import EvalConfig
 from steps.modeling import ModelConfig
 from steps.selection.embed import FILES, LABEL_FILES, EmbedConfig, FeaturesRef
@@ -124,6 +125,7 @@ class StudyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     data: IngestConfig = Field(default_factory=lambda: IngestConfig(limit=2000, eval_limit=400))
+    validation: ValidateConfig = Field(default_factory=ValidateConfig)  # the pipeline's gate
     model: ModelConfig = Field(default_factory=ModelConfig)
     embed: EmbedConfig = Field(default_factory=EmbedConfig)
     # One epoch keeps the study's 48 trials inside ~30 min on 2 CPU cores.
