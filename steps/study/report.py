@@ -170,14 +170,15 @@ def _profile_rows(summary: pd.DataFrame) -> str:
 # A budget kind's plot panel: (x column, x label, title).
 PANELS = {
     "examples": ("examples", "examples selected", "equal examples"),
-    "tokens": ("tokens_trained", "tokens trained", "equal tokens and steps"),
+    "tokens": ("loss_tokens", "loss tokens selected (the token budget)", "equal tokens and steps"),
 }
 
 
 def plot_study(summary: pd.DataFrame, base_loss: float, title: str, path: Path) -> None:
     """Eval loss ± CI, one line per arm and a panel per budget kind: against examples
-    selected at equal examples, against tokens trained at equal tokens. An examples-only
-    study also gets its runs against tokens trained (what the equal-examples arms cost)."""
+    selected at equal examples, against the loss tokens selected at equal tokens (ticks at
+    the measured points). An examples-only study also gets its runs against tokens trained
+    (what the equal-examples arms cost)."""
     panels = [(kind, *PANELS[kind]) for kind, _ in _by_kind(summary)]
     if [kind for kind, *_ in panels] == ["examples"]:
         panels.append(("examples", "tokens_trained", "tokens trained", "same runs, by tokens"))
@@ -191,6 +192,9 @@ def plot_study(summary: pd.DataFrame, base_loss: float, title: str, path: Path) 
                           label=str(arm))  # fmt: skip
         axis.set_xscale("log")
         axis.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on short spans
+        ticks = sorted(summary[summary.budget_kind == kind][x].round().unique())
+        if len(ticks) <= 8:  # a log axis over a short span may hold no major tick at all
+            axis.set_xticks(ticks, [_short(t) for t in ticks])
         axis.set_xlabel(label)
         axis.set_ylabel("eval loss (nats/response token)")
         axis.set_title(name)
@@ -199,6 +203,11 @@ def plot_study(summary: pd.DataFrame, base_loss: float, title: str, path: Path) 
     axes[-1].legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
+
+
+def _short(value: float) -> str:
+    """12345 -> '12.3k', 41 -> '41': tick labels that fit beside each other."""
+    return f"{value / 1000:.1f}k" if value >= 10_000 else f"{value:.0f}"
 
 
 def synthetic_summary(records: pd.DataFrame, confidence: float) -> pd.DataFrame:
