@@ -1,12 +1,14 @@
 """What the study measured for each selector: the one-line caution `sift select` and `sift run`
 print when the chosen selector has no measured edge over uniform for the budget kind in use.
 
-MEASURED_EDGES holds only edges that a committed study result shows with a paired 95%
-interval excluding 0 in the selector's favour (docs/results/<study>/table.md, "Δ vs
-uniform"). Read there when this was written: Alpaca's fisher at 5 examples is the one such
-cell; no selector beats uniform at an equal token budget in any committed result (GSM8K's
-fisher-per-token, matched to uniform's loss tokens, is +0.022 ± 0.133 at 10% and +0.056 ±
-0.067 at 20%). A new study result that excludes 0 earns an entry here, with its file.
+MEASURED_EDGES holds a (selector, budget kind) only where committed study results show it
+beating uniform with a paired 95% interval excluding 0 on at least two datasets
+(docs/results/<study>/table.md, "Δ vs uniform"); its statement says where it also loses. From
+the cost studies (docs/results/{gsm8k,alpaca,llamafactory}-cost, 10 seeds, tuning splits):
+at equal examples fisher and fisher-label win on Alpaca and LLaMA-Factory's demo and lose or
+tie on GSM8K, at 1.7-2.9x uniform's loss tokens; at an equal token budget no selector
+wins on any dataset (8 of the 12 cells are significantly worse than uniform). A new result
+can add or remove an entry, with its files.
 """
 
 from __future__ import annotations
@@ -20,9 +22,17 @@ BUDGET_KINDS = {"examples": "number of examples", "tokens": "token budget"}
 # (selector, budget kind) -> the measured edge over uniform, with the file it comes from.
 MEASURED_EDGES: dict[tuple[str, str], str] = {
     ("fisher", "examples"): (
-        "fisher: -0.017 ± 0.005 eval loss vs uniform at 5 examples (1% of a 500-example "
-        "Alpaca pool, 3 seeds, 2.5x the tokens trained; docs/results/alpaca/table.md); no "
-        "other budget's interval excludes 0"
+        "fisher at equal examples: -0.166 ± 0.089 / -0.176 ± 0.020 eval loss vs uniform at "
+        "32 / 130 Alpaca examples (docs/results/alpaca-cost/table.md), -0.023 ± 0.014 at 164 "
+        "LLaMA-Factory examples (docs/results/llamafactory-cost/table.md), but +0.104 ± 0.030 "
+        "at 41 there and +0.034 ± 0.020 at 300 GSM8K examples "
+        "(docs/results/gsm8k-cost/table.md); 1.7-2.8x the loss tokens"
+    ),
+    ("fisher-label", "examples"): (
+        "fisher-label at equal examples: -0.170 ± 0.093 / -0.169 ± 0.022 at 32 / 130 Alpaca "
+        "examples (docs/results/alpaca-cost/table.md), -0.075 ± 0.018 at 164 LLaMA-Factory "
+        "examples (docs/results/llamafactory-cost/table.md), but +0.031 ± 0.025 at 100 GSM8K "
+        "examples (docs/results/gsm8k-cost/table.md); 1.7-2.9x the loss tokens"
     ),
 }
 

@@ -18,7 +18,7 @@ def test_a_selector_without_a_measured_edge_gets_one_caution_line():
     assert line is not None and "\n" not in line
     assert line.startswith("caution: fisher has no measured edge over uniform at an equal token")
     assert "docs/results/" in line and line.endswith("see README Results")
-    assert "equal number of examples" in str(caution("fisher-label", "examples"))
+    assert "equal number of examples" in str(caution("fisher-pooled", "examples"))
 
 
 def test_uniform_and_measured_edges_get_none():
