@@ -31,7 +31,7 @@ from flows.tasks import (
     synthetic_task,
 )
 from steps import tracking
-from steps.data.ingest import TableRef, sources_fingerprint, table_ref
+from steps.data.ingest import IngestResult, TableRef, sources_fingerprint, table_ref
 from steps.data.validate import quarantine_lines, raise_on_failure, validate
 from steps.modeling import ModelSource, model_source, resolve_hardware, trained_source
 from steps.selection.embed import FeaturesRef, feature_space, load_pool
@@ -133,14 +133,7 @@ def _study(config: lib.StudyConfig, context: RunContext) -> StudyResult:
 def _real_data(config: lib.StudyConfig, context: RunContext) -> tuple[float, list[dict]]:
     source_md5 = sources_fingerprint(config.data, context.project_dir)
     staged = ingest_task(config=config.data, source_md5=source_md5, context=context)
-    # The pipeline's gate: a row the pipeline would quarantine (e.g. a prompt that fills the
-    # context, leaving no loss token) is not in the study's pool either. The accepted tables
-    # go under .sift/, never to the project's DVC-tracked data/.
-    checked = context.state_dir / "studies" / "validated" / key(staged, config.validation)
-    report = validate(staged, config.validation, config.model, checked / "gx", checked / "data")
-    staged = raise_on_failure(report)
-    for line in quarantine_lines(report):
-        print(f"quarantined {line}")
+    staged = _validated(config, staged, context)
     train, heldout_table = staged.train, staged.eval
     if config.study.holdout:
         train_path, eval_path = lib.split_holdout(
@@ -174,6 +167,29 @@ def _real_data(config: lib.StudyConfig, context: RunContext) -> tuple[float, lis
                 for seed in config.study.seeds:
                     records.append(_trial(config, arm, kind, budget, seed, arm_inputs))
     return base.loss, records
+
+
+def _validated(config: lib.StudyConfig, staged: IngestResult, context: RunContext) -> IngestResult:
+    """The pipeline's gate: a row the pipeline would quarantine (e.g. a prompt that fills the
+    context, leaving no loss token) is not in the study's pool either. The accepted tables go
+    under .sift/, never to the project's DVC-tracked data/, at a path keyed on the staged
+    tables and the validation config, so later runs' cached trials find the same table.
+
+    Each run validates in a folder of its own (two studies at once must not share a Great
+    Expectations project or write a table the other is reading), then renames it into place;
+    a run that finds the place taken keeps the tables there (the same rows: same key)."""
+    final = context.state_dir / "studies" / "validated" / key(staged, config.validation)
+    scratch = final.with_name(f"{final.name}.{context.run_id}")
+    report = validate(staged, config.validation, config.model, scratch / "gx", scratch / "data")
+    raise_on_failure(report)
+    for line in quarantine_lines(report):
+        print(f"quarantined {line}")
+    try:
+        scratch.rename(final)  # atomic; fails when final exists (another run's, or an earlier)
+    except OSError:
+        shutil.rmtree(scratch)
+    data = final / "data"
+    return IngestResult(table_ref(data / "train.parquet"), table_ref(data / "eval.parquet"))
 
 
 def _trial(

@@ -115,3 +115,23 @@ def test_at_a_token_budget_every_arm_trains_the_same_steps_on_the_same_tokens(
     assert tokens.examples["fisher"] < tokens.examples["uniform"]  # fewer, longer examples
     table = (Path(str(result.table_path))).read_text()
     assert "Equal examples" in table and "Equal tokens" in table
+
+
+def test_two_runs_validate_apart_and_share_one_accepted_table(project: Path, tmp_path: Path):
+    """Two studies over the same data each validate in a folder of their own (one Great
+    Expectations project each: a shared one broke under two runs at once) and end on the
+    same accepted table, at the path later runs' cached trials were keyed on."""
+    from flows.study import _validated
+    from flows.tasks import RunContext
+    from steps.data.ingest import ingest
+
+    config = _quick(project, f"sqlite:///{tmp_path / 'unused.db'}")
+    staged = ingest(config.data, project, tmp_path / "staging")
+    first, second = (
+        _validated(config, staged, RunContext(project, tmp_path / "state", "cpu", "fp32", run))
+        for run in ("run-a", "run-b")
+    )
+    assert first == second and first.train.rows == staged.train.rows
+    folders = list((tmp_path / "state" / "studies" / "validated").iterdir())
+    assert len(folders) == 1 and "." not in folders[0].name  # no run's scratch folder is left
+    assert Path(first.train.path).is_relative_to(folders[0])
