@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,9 +13,10 @@ from transformers import AutoModelForCausalLM
 
 from steps.evaluation.evaluate import EvalConfig, evaluate
 from steps.modeling import ModelConfig, ModelSource, trained_source
-from steps.training.finetune import FinetuneConfig, NonFiniteLossError, finetune, last_checkpoint
+from steps.training.finetune import FinetuneConfig, NonFiniteLossError, finetune
 from steps.training.job import NON_FINITE_LOSS_EXIT, TrainJob, WorkerFailure, read_result
 from tests.conftest import MODEL_DIR, REPO, new_run_id
+from tests.kill_training import kill_at_first_checkpoint
 from tests.model.conftest import DIVERGING, write_train_table
 
 MODEL = ModelConfig(name=str(MODEL_DIR))
@@ -90,14 +89,9 @@ def test_a_killed_run_resumes_from_its_last_checkpoint(train_table, tmp_path: Pa
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(_job(path, ids, config, out_dir).model_dump_json())
     worker = _worker(spec_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while last_checkpoint(out_dir / "checkpoints") is None and worker.poll() is None:
-        assert time.monotonic() < deadline, "no checkpoint within 60 s"
-        time.sleep(0.02)
-    os.kill(worker.pid, signal.SIGKILL)
-    assert worker.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    killed = kill_at_first_checkpoint(worker, out_dir / "checkpoints")
     assert not (out_dir / "model.safetensors").exists()
-    killed_at = int(last_checkpoint(out_dir / "checkpoints").name.split("-")[1])  # type: ignore[union-attr]
+    killed_at = int(killed.name.split("-")[1])
     assert killed_at in (8, 16)
 
     resumed = finetune(path, ids, MODEL, config, out_dir, "cpu", "fp32")

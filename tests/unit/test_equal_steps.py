@@ -5,10 +5,8 @@ fine-tune of stories260K that takes exactly S steps and sees every example once.
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -20,9 +18,10 @@ from torch.utils.data import DataLoader
 
 from steps.modeling import ModelConfig, encode_examples, load_tokenizer
 from steps.training.batching import MEGABATCH_BATCHES, EpochSampler, StepsBatchSampler
-from steps.training.finetune import FinetuneConfig, finetune, last_checkpoint
+from steps.training.finetune import FinetuneConfig, finetune
 from steps.training.job import TrainJob
 from tests.conftest import MODEL_DIR, REPO
+from tests.kill_training import kill_at_first_checkpoint
 
 
 def _lengths(n: int, seed: int = 0) -> list[int]:
@@ -174,14 +173,7 @@ def test_a_killed_equal_steps_run_resumes_where_it_stopped(gsm8k_train, tmp_path
         cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    deadline = time.monotonic() + 60
-    while last_checkpoint(out_dir / "checkpoints") is None and worker.poll() is None:
-        assert time.monotonic() < deadline, "no checkpoint within 60 s"
-        time.sleep(0.02)
-    os.kill(worker.pid, signal.SIGKILL)
-    assert worker.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    killed = last_checkpoint(out_dir / "checkpoints")
-    assert killed is not None
+    killed = kill_at_first_checkpoint(worker, out_dir / "checkpoints")
     killed_at = int(killed.name.split("-")[1])
 
     resumed = finetune(path, ids, model, config, out_dir, "cpu", "fp32")
