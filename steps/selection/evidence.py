@@ -7,7 +7,7 @@ beating uniform with a paired 95% interval excluding 0 on at least two datasets
 the cost studies (docs/results/{gsm8k,alpaca,llamafactory}-cost, 10 seeds, tuning splits):
 at equal examples fisher and fisher-label win on Alpaca and LLaMA-Factory's demo and lose or
 tie on GSM8K, at 1.7-2.9x uniform's loss tokens; at an equal token budget no selector
-wins on any dataset (8 of the 12 cells are significantly worse than uniform). A new result
+wins on any dataset (10 of the 14 cells are significantly worse than uniform). A new result
 can add or remove an entry, with its files.
 """
 
