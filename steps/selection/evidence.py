@@ -6,7 +6,7 @@ beating uniform with a paired 95% interval excluding 0 on at least two datasets
 (docs/results/<study>/table.md, "Δ vs uniform"); its statement says where it also loses. From
 the cost studies (docs/results/{gsm8k,alpaca,llamafactory}-cost, 10 seeds, tuning splits):
 at equal examples fisher and fisher-label win on Alpaca and LLaMA-Factory's demo and lose or
-tie on GSM8K, at 1.7-2.9x uniform's loss tokens; at an equal token budget no selector
+tie on GSM8K, at 1.5-2.9x uniform's loss tokens; at an equal token budget no selector
 wins on any dataset (10 of the 14 cells are significantly worse than uniform). A new result
 can add or remove an entry, with its files.
 """
