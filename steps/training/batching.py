@@ -54,8 +54,7 @@ class EpochSampler(torch.utils.data.Sampler[int]):
         return len(self.lengths)
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        generator, order = _epoch_order(len(self.lengths), self.seed, self.epoch)
         if not self.group_by_length:
             return iter(order)
         window = self.batch_size * MEGABATCH_BATCHES
@@ -102,8 +101,7 @@ class StepsBatchSampler(torch.utils.data.Sampler[list[int]]):
         return [whole + 1] * extra + [whole] * (self.batches - extra)
 
     def __iter__(self) -> Iterator[list[int]]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(len(self.lengths), generator=generator).tolist()
+        generator, order = _epoch_order(len(self.lengths), self.seed, self.epoch)
         ends = list(itertools.accumulate(self.sizes()))
         starts = [0, *ends[:-1]]
         if self.group_by_length:
@@ -114,6 +112,13 @@ class StepsBatchSampler(torch.utils.data.Sampler[list[int]]):
             shuffle = torch.randperm(len(batches), generator=generator).tolist()
             batches = [batches[i] for i in shuffle]
         return iter(batches)
+
+
+def _epoch_order(n: int, seed: int, epoch: int) -> tuple[torch.Generator, list[int]]:
+    """Both samplers' shuffle: a permutation of range(n) that depends only on (seed, epoch),
+    and the generator that drew it (for the batch shuffle that follows)."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return generator, torch.randperm(n, generator=generator).tolist()
 
 
 def _longest_first(order: list[int], lengths: list[int], bounds: list[int]) -> list[int]:
