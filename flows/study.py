@@ -173,23 +173,36 @@ def _validated(config: lib.StudyConfig, staged: IngestResult, context: RunContex
     """The pipeline's gate: a row the pipeline would quarantine (e.g. a prompt that fills the
     context, leaving no loss token) is not in the study's pool either. The accepted tables go
     under .sift/, never to the project's DVC-tracked data/, at a path keyed on the staged
-    tables and the validation config, so later runs' cached trials find the same table.
-
-    Each run validates in a folder of its own (two studies at once must not share a Great
-    Expectations project or write a table the other is reading), then renames it into place;
-    a run that finds the place taken keeps the tables there (the same rows: same key)."""
-    final = context.state_dir / "studies" / "validated" / key(staged, config.validation)
-    scratch = final.with_name(f"{final.name}.{context.run_id}")
-    report = validate(staged, config.validation, config.model, scratch / "gx", scratch / "data")
-    raise_on_failure(report)
-    for line in quarantine_lines(report):
+    tables, the validation config and the model section (whose tokenizer and context the
+    checks use), so later runs' cached trials find the same table. A later run finds them
+    there and does not run the suite again; it prints the quarantine lines recorded with
+    them."""
+    final = (
+        context.state_dir / "studies" / "validated" / key(staged, config.validation, config.model)
+    )
+    if not (final / QUARANTINE_NOTE).exists():
+        _validate_into(final, config, staged, context.run_id)
+    for line in (final / QUARANTINE_NOTE).read_text().splitlines():
         print(f"quarantined {line}")
-    try:
-        scratch.rename(final)  # atomic; fails when final exists (another run's, or an earlier)
-    except OSError:
-        shutil.rmtree(scratch)
     data = final / "data"
     return IngestResult(table_ref(data / "train.parquet"), table_ref(data / "eval.parquet"))
+
+
+QUARANTINE_NOTE = "quarantined.txt"  # beside the accepted tables: what the gate printed
+
+
+def _validate_into(final: Path, config: lib.StudyConfig, staged: IngestResult, run_id: str) -> None:
+    """Validates in a folder of this run's own (two studies at once must not share a Great
+    Expectations project or write a table the other is reading), then renames it into place;
+    a run that finds the place taken keeps the tables there (the same rows: same key)."""
+    scratch = final.with_name(f"{final.name}.{run_id}")
+    report = validate(staged, config.validation, config.model, scratch / "gx", scratch / "data")
+    raise_on_failure(report)
+    (scratch / QUARANTINE_NOTE).write_text("".join(f"{x}\n" for x in quarantine_lines(report)))
+    try:
+        scratch.rename(final)  # atomic; fails when final exists (another run's)
+    except OSError:
+        shutil.rmtree(scratch)
 
 
 def _trial(

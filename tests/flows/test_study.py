@@ -3,6 +3,8 @@ Prefect API and MLflow on temporary SQLite; child runs, table, plots and artifac
 
 from __future__ import annotations
 
+import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -117,21 +119,34 @@ def test_at_a_token_budget_every_arm_trains_the_same_steps_on_the_same_tokens(
     assert "Equal examples" in table and "Equal tokens" in table
 
 
-def test_two_runs_validate_apart_and_share_one_accepted_table(project: Path, tmp_path: Path):
-    """Two studies over the same data each validate in a folder of their own (one Great
-    Expectations project each: a shared one broke under two runs at once) and end on the
-    same accepted table, at the path later runs' cached trials were keyed on."""
-    from flows.study import _validated
+def test_two_runs_validate_apart_and_share_one_accepted_table(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+):
+    """Two studies over the same data at once each validate in a folder of their own (one
+    Great Expectations project each: a shared one broke under two runs at once) and end on
+    the same accepted table, at the path later runs' cached trials were keyed on; a later
+    run reuses it without running the suite again and prints the same quarantine lines."""
+    import flows.study
+    from flows.study import _validate_into, _validated
     from flows.tasks import RunContext
     from steps.data.ingest import ingest
 
     config = _quick(project, f"sqlite:///{tmp_path / 'unused.db'}")
     staged = ingest(config.data, project, tmp_path / "staging")
-    first, second = (
-        _validated(config, staged, RunContext(project, tmp_path / "state", "cpu", "fp32", run))
-        for run in ("run-a", "run-b")
-    )
+    place = tmp_path / "state" / "studies" / "validated"
+    final = place / "accepted"
+    for run in ("run-a", "run-b"):  # as two runs that both found the place empty
+        _validate_into(final, config, staged, run)
+    assert [p.name for p in place.iterdir()] == ["accepted"]  # no run's scratch folder is left
+    shutil.rmtree(final)
+
+    context = RunContext(project, tmp_path / "state", "cpu", "fp32", "run-a")
+    first = _validated(config, staged, context)
+    printed = capsys.readouterr().out
+    monkeypatch.setattr(flows.study, "validate", None)  # a second suite run would fail here
+    second = _validated(config, staged, replace(context, run_id="run-b"))
     assert first == second and first.train.rows == staged.train.rows
-    folders = list((tmp_path / "state" / "studies" / "validated").iterdir())
-    assert len(folders) == 1 and "." not in folders[0].name  # no run's scratch folder is left
+    assert capsys.readouterr().out == printed
+    folders = list(place.iterdir())
+    assert len(folders) == 1 and "." not in folders[0].name
     assert Path(first.train.path).is_relative_to(folders[0])
