@@ -14,8 +14,9 @@ gain: the reference is the per-example return of the first budget, (base loss - 
 b_1, and the knee is the smallest measured budget past which every further segment returns
 at most 5% of it per example (the largest budget, with nothing measured past it, is never a
 knee). A curve that never gets there has no knee in the measured range.
-Budgets are coarse (4 points) and seeds few, so a measured knee is only located to within
-its neighbouring budgets. Writes docs/results/advisor/{table.md,advisor_vs_measured.png}.
+Budgets are coarse (4 points) and seeds few (3; 10 in gsm8k-cost, read at equal examples), so
+a measured knee is only located to within its neighbouring budgets. A study with a holdout
+(gsm8k-cost) is advised on its data section as configured: the pool plus its 150 tuning rows. Writes docs/results/advisor/{table.md,advisor_vs_measured.png}.
 """
 
 from __future__ import annotations
@@ -35,7 +36,11 @@ from steps.selection.select import SelectConfig
 from steps.study.study import load_study_config
 
 REPO = Path(__file__).resolve().parents[1]
-STUDIES = {"gsm8k": "configs/study.yaml", "alpaca": "configs/study-alpaca.yaml"}
+STUDIES = {
+    "gsm8k": "configs/study.yaml",
+    "alpaca": "configs/study-alpaca.yaml",
+    "gsm8k-cost": "configs/study-gsm8k-cost.yaml",  # 50-1,000 of 4,998 (equal examples)
+}
 OUT = REPO / "docs" / "results" / "advisor"
 
 
@@ -66,6 +71,8 @@ def run(name: str, config_path: str, work: Path) -> tuple[list[dict], dict]:
     config = load_study_config(REPO / config_path, [])
     results = REPO / (config.study.results_dir or f"docs/results/{name}")
     summary = pd.read_csv(results / "summary.csv")
+    if "budget_kind" in summary:  # the cost studies: the curve at equal examples
+        summary = summary[summary["budget_kind"] == "examples"]
     base = base_loss(results / "table.md")
     device, precision = resolve_hardware(config.model)
     advice = advise_file(

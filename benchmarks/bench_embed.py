@@ -10,7 +10,9 @@ Both loops see the same tokenised examples and count real (unpadded) tokens per 
 - plain loop on the pass's own length-sorted batches (same padding as the pass, no
   statistics): isolates the cost of forming the statistics;
 - the pass itself (steps.selection.embed.embed_encoded): length-sorted batches, loss-token states,
-  factors and per-token losses, written to disk in chunks;
+  factors and per-token losses, written to disk in chunks; once with embed.token_weight=none
+  (the plain statistics) and once with =label (the default: fisher-label's ‖p − e_y‖²-weighted
+  factors too, a vocabulary softmax per loss token);
 - with --processes N: embed_pool with embed.num_processes=N (steps/selection/embed_multiprocess.py),
   timed from the call (worker start-up and model loading included) and by the workers' own
   loops (FeaturesRef.tokens_per_second); needs at least N chunks (--chunk-examples).
@@ -121,7 +123,15 @@ def main() -> None:
     encoded = [encoded[i] for i in kept]
     tokens = sum(len(e.input_ids) for e in encoded)
     pad_id = tokenizer.pad_token_id
-    config = EmbedConfig(batch_tokens=args.batch_tokens, chunk_examples=args.chunk_examples)
+    config = EmbedConfig(
+        batch_tokens=args.batch_tokens, chunk_examples=args.chunk_examples, token_weight="none"
+    )
+    passes = {
+        "embed pass, token_weight=none (statistics to disk)": config,
+        "embed pass, token_weight=label (the default)": config.model_copy(
+            update={"token_weight": "label"}
+        ),
+    }
 
     file_order = [encoded[a : a + args.batch_size] for a in range(0, len(encoded), args.batch_size)]
     lengths = [len(e.input_ids) for e in encoded]
@@ -141,12 +151,13 @@ def main() -> None:
         ]:
             seconds, padded = plain_loop(model, batches, pad_id, args.device, precision)
             keep(name, seconds, padded / (padded + tokens))
-        with tempfile.TemporaryDirectory() as out:
-            start = time.perf_counter()
-            ref = embed_encoded(model, encoded, pad_id, config, Path(out), args.device, precision)
-            keep(
-                "embed pass (statistics to disk)", time.perf_counter() - start, ref.padding_fraction
-            )
+        for name, weighted in passes.items():
+            with tempfile.TemporaryDirectory() as out:
+                start = time.perf_counter()
+                ref = embed_encoded(
+                    model, encoded, pad_id, weighted, Path(out), args.device, precision
+                )
+                keep(name, time.perf_counter() - start, ref.padding_fraction)
     if args.processes > 1:
         chunks = math.ceil(len(encoded) / args.chunk_examples)
         if chunks < args.processes:

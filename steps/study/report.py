@@ -97,7 +97,7 @@ def _with_ci(mean: float, half: float, digits: int = 3) -> str:
     return f"{mean:.{digits}f}" if np.isnan(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
 
 
-def _markdown(frame: pd.DataFrame) -> str:
+def markdown(frame: pd.DataFrame) -> str:
     header = "| " + " | ".join(frame.columns) + " |"
     rule = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(frame.columns))) + "|"
     body = ["| " + " | ".join(str(v) for v in row) + " |" for row in frame.itertuples(index=False)]
@@ -135,7 +135,7 @@ def _results_rows(merged: pd.DataFrame) -> str:
             "train s": merged.train_seconds.round(1),
         }
     )
-    return _markdown(frame)
+    return markdown(frame)
 
 
 def profile_table(summary: pd.DataFrame) -> str:
@@ -164,7 +164,7 @@ def _profile_rows(summary: pd.DataFrame) -> str:
             "held-out leverage max": summary.heldout_leverage_max.map(lambda v: f"{v:.3g}"),
         }
     )
-    return _markdown(frame)
+    return markdown(frame)
 
 
 # A budget kind's plot panel: (x column, x label, title).
@@ -192,7 +192,7 @@ def plot_study(summary: pd.DataFrame, base_loss: float, title: str, path: Path) 
                           label=str(arm))  # fmt: skip
         axis.set_xscale("log")
         axis.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap on short spans
-        ticks = sorted(summary[summary.budget_kind == kind][x].round().unique())
+        ticks = _tick_values(summary[summary.budget_kind == kind], x)
         if len(ticks) <= 8:  # a log axis over a short span may hold no major tick at all
             axis.set_xticks(ticks, [_short(t) for t in ticks])
         axis.set_xlabel(label)
@@ -203,6 +203,13 @@ def plot_study(summary: pd.DataFrame, base_loss: float, title: str, path: Path) 
     axes[-1].legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
+
+
+def _tick_values(summary: pd.DataFrame, x: str) -> list[float]:
+    """The baseline's measured points when it was run (another arm's nearby points, e.g.
+    fisher-per-token's 48 examples beside uniform's 50, would print over them), else all."""
+    measured = summary[summary.arm == BASELINE] if (summary.arm == BASELINE).any() else summary
+    return sorted(measured[x].round().unique())
 
 
 def _short(value: float) -> str:
@@ -232,10 +239,10 @@ def synthetic_table(records: pd.DataFrame, summary: pd.DataFrame, confidence: fl
         if len(fisher):
             delta = list(map(_with_ci, fisher.delta, fisher.delta_ci))
             frame[f"fisher − {BASELINE} (paired)"] = delta
-        parts.append(f"{title} prediction error:\n\n{_markdown(frame)}")
+        parts.append(f"{title} prediction error:\n\n{markdown(frame)}")
     tokens = summary.pivot(index="sentences", columns="selector", values="tokens").round()
     tokens = tokens[list(summary.selector.unique())].astype(int).reset_index()
-    parts.append(f"Tokens in the selected sentences:\n\n{_markdown(tokens)}")
+    parts.append(f"Tokens in the selected sentences:\n\n{markdown(tokens)}")
     return "\n\n".join(parts)
 
 
