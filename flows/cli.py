@@ -161,8 +161,9 @@ def select_command(
         Path | None,
         typer.Option(
             help="Warm start: a selection JSON from an earlier `sift select` (or a pipeline "
-            "run's selection/) with its design.npy beside it. Its examples are not picked "
-            "again and lead the train_ids; select.budget counts new picks."
+            "run's selection/) with its design.npy (and, for fisher-label, label_design.npy) "
+            "beside it. Its examples are not picked again and lead the train_ids; "
+            "select.budget counts new picks."
         ),
     ] = None,
     config: ConfigOption = None,
@@ -171,7 +172,8 @@ def select_command(
     """Pick a subset of one file with the config's data, model, embed and select sections,
     without the pipeline (no Prefect, MLflow or DVC): writes ordered ids/rows, per-pick gains
     and the final objective, and design.npy (Σ FᵀF of prior + picks, for a later --prior) in
-    --out's folder. Paths are relative to the working directory."""
+    --out's folder, with label_design.npy (its label-weighted counterpart) when the pool has
+    label factors. Paths are relative to the working directory."""
     import shutil
     import tempfile
 
@@ -211,6 +213,8 @@ def select_command(
             shutil.copyfile(ref.selection_path, out)
             # design.npy is what a later --prior reads beside the selection JSON
             shutil.copyfile(ref.design_path, out.parent / "design.npy")
+            if ref.label_design_path is not None:  # what a later fisher-label --prior reads
+                shutil.copyfile(ref.label_design_path, out.parent / "label_design.npy")
     except (ValueError, IngestError) as error:
         raise fail(error, 2) from None
     console.print(

@@ -290,7 +290,10 @@ def _log_data(run_id: str, data: IngestResult, version: DataVersion, quarantined
 
 def _log_selection(run_id: str, timed: TimedSelection) -> None:
     selection = timed.selection
-    for path in (selection.selection_path, selection.design_path, selection.plot_path):
+    paths = [selection.selection_path, selection.design_path, selection.plot_path]
+    if selection.label_design_path is not None:  # fisher-label's prior, when the pool had one
+        paths.append(selection.label_design_path)
+    for path in paths:
         tracking.log_artifact(run_id, path, "selection")  # design.npy: a later run's prior
     tracking.log_metrics(
         run_id,

@@ -195,9 +195,11 @@ def log_artifact(run_id: str, path: str, artifact_dir: str | None = None) -> Non
 
 
 def download_selection(run_id: str, dst_dir: Path, setting: str) -> Path:
-    """An earlier pipeline run's selection/ artifacts (selection.json, design.npy) into
-    dst_dir; returns the selection.json path. ValueError naming `setting` when the run is
-    missing or has no design.npy (runs from before selections recorded their design)."""
+    """An earlier pipeline run's selection/ artifacts (selection.json, design.npy, and
+    label_design.npy when it logged one) into dst_dir; returns the selection.json path.
+    ValueError naming `setting` when the run is missing or has no design.npy (runs from
+    before selections recorded their design). A missing label_design.npy is fisher-label's
+    concern only (steps/selection/warm_start.py label_prior_for)."""
     client = MlflowClient()
     try:
         client.get_run(run_id)

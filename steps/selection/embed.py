@@ -75,10 +75,10 @@ class EmbedConfig(BaseModel):
     # computing every N-th missing chunk; the pool is the one a single process makes. Workers
     # beyond the number of chunks idle: a pool of P examples keeps P / chunk_examples busy.
     num_processes: int = Field(default=1, gt=0)
-    # "label": also store each example's factor of Σ_j w_j x_j x_jᵀ, w = ‖p − e_y‖² (see
-    # embed_stats.py), for fisher-label; the plain statistics stay as they are. Costs a
-    # vocabulary softmax per loss token and a second factor per example (time and disk).
-    token_weight: Literal["none", "label"] = "none"
+    # "label": also each example's factor of Σ_j w_j x_j x_jᵀ, w = ‖p − e_y‖² (embed_stats.py),
+    # for fisher-label (the default selector), beside the unchanged plain statistics. Costs a
+    # vocabulary softmax per loss token and a second factor per example; "none" skips both.
+    token_weight: Literal["none", "label"] = "label"
 
 
 class EmbedJob(BaseModel):

@@ -1,8 +1,8 @@
 """selection.json: what a selection picked and why, as one typed record written and read here.
 
 Every selection (the pipeline's, the study's, `sift select`'s) writes one; fine-tuning reads
-train_ids from it, the study reads rows, and a warm start reads feature_space, train_ids and
-design_md5 (steps/selection/select.py load_prior).
+train_ids from it, the study reads rows, and a warm start reads feature_space, train_ids,
+design_md5 and label_design_md5 (steps/selection/warm_start.py load_prior).
 """
 
 from __future__ import annotations
@@ -48,6 +48,9 @@ class SelectionRecord(BaseModel):
     loss_tokens: int  # of the new picks
     design_md5: str  # of the design.npy beside this file (see load_prior)
     budget_kind: Literal["examples", "tokens"] = "examples"  # what budget counted
+    # Of the label_design.npy beside this file (fisher-label's warm start); None when none was
+    # written: a pool without label factors, a prior without one, or a file from before.
+    label_design_md5: str | None = None
 
     @model_validator(mode="before")
     @classmethod

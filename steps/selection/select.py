@@ -2,7 +2,9 @@
 
 The math is in steps/selection/selectors.py; this wraps it with budgets, ids and files, and
 with warm starts: an earlier selection's design V0 = Σ FᵀF (design.npy, written by every selection)
-joins the objective, log det(λI + V0 + V_S), so the new picks add what it lacks.
+joins the objective, log det(λI + V0 + V_S), so the new picks add what it lacks. A selection
+on a pool with label factors also writes label_design.npy, the label-weighted L0 that
+fisher-label's warm start selects against (steps/selection/warm_start.py).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from steps.selection.target_sample import (
     target_states_for,
 )
 from steps.selection.warm_start import PriorRef as PriorRef  # re-exported: callers import it here
-from steps.selection.warm_start import WarmStart, warm_start
+from steps.selection.warm_start import WarmStart, label_prior_for, save_label_design, warm_start
 from steps.selection.warm_start import load_prior as load_prior
 
 DEFAULT_BUDGET = 0.1  # of the pool's examples, when neither budget key is set
@@ -47,10 +49,10 @@ DEFAULT_BUDGET = 0.1  # of the pool's examples, when neither budget key is set
 class SelectConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # One of steps.selection.selectors.SELECTORS: fisher, fisher-pooled, fisher-per-token,
-    # fisher-label (needs embed.token_weight=label), fisher-target (needs select.target),
-    # uniform, ...
-    selector: str = "fisher"
+    # One of steps.selection.selectors.SELECTORS: fisher-label (the default: README "The
+    # default selector"; needs embed.token_weight=label, embed's default), fisher,
+    # fisher-pooled, fisher-per-token, fisher-target (needs select.target), uniform, ...
+    selector: str = "fisher-label"
     # A count of examples (>= 1), or a fraction of the pool (0 < budget < 1); null (or
     # unset) means 0.1 unless budget_tokens is set. For fisher-per-token the count/fraction
     # is of loss tokens, not examples (as budget_tokens). With a prior it counts new picks
@@ -169,6 +171,9 @@ class SelectionRef:
     design_path: str  # prior + Σ FᵀF of the new picks (float64, no ridge)
     train_examples: int  # what fine-tuning trains on: the prior's examples in this pool + picks
     budget_kind: str = "examples"  # what the budget counted: "examples" or "tokens"
+    # the prior's label design + the new picks' label-weighted Gram; None when none was
+    # written (a pool without label factors, or a prior without a label design)
+    label_design_path: str | None = None
 
 
 def resolve_budget(
@@ -212,7 +217,9 @@ def select_subset(
     picks. device: the run's resolved device (model.device), where select.backend=torch (or
     auto, on CUDA) computes. target: select.target's states (embed_targets, same model and
     embed settings as `features`), which fisher-target needs. Writes out_dir/selection.json,
-    design.npy (prior + Σ FᵀF of the new picks) and the curve plot.
+    design.npy (prior + Σ FᵀF of the new picks), label_design.npy (its label-weighted
+    counterpart, when the pool has label factors and the prior, if any, a label design) and
+    the curve plot.
     """
     pool = load_pool(features)
     target_states = target_states_for(config.selector, config.target, target, pool)
@@ -220,6 +227,7 @@ def select_subset(
     if len(ids) != pool.N:
         raise ValueError(f"{train_path} has {len(ids)} rows but the features hold {pool.N}")
     start = warm_start(prior, space, [str(i) for i in ids], pool, config.ridge)
+    label_prior = label_prior_for(config.selector, prior, start)  # before any pick
     keep = np.setdiff1d(np.arange(pool.N), start.rows)  # the candidates, ascending
     tokens = config.counts_tokens
     total = int(pool.n_tokens[keep].sum()) if tokens else len(keep)
@@ -238,12 +246,14 @@ def select_subset(
         device=device,
         token_budget=tokens,
         target=target_states,
+        label_prior=label_prior,
     )
     order = keep[chosen.order]  # candidate positions → pool rows
     new_ids = [str(ids[i]) for i in order]
     out_dir.mkdir(parents=True, exist_ok=True)
     design_path = out_dir / "design.npy"
     np.save(design_path, start.design + design_of(pool, order))  # the next warm start's V0
+    label_design_path = save_label_design(out_dir, pool, order, start)
     record = SelectionRecord(
         selector=config.selector,
         budget=budget,
@@ -259,6 +269,7 @@ def select_subset(
         loss_tokens=int(pool.n_tokens[order].sum()),
         design_md5=file_md5(design_path),  # ties design.npy to this file (see load_prior)
         budget_kind="tokens" if tokens else "examples",
+        label_design_md5=None if label_design_path is None else file_md5(label_design_path),
     )
     selection_path = out_dir / "selection.json"
     write_selection(selection_path, record)
@@ -274,6 +285,7 @@ def select_subset(
         design_path=str(design_path),
         train_examples=len(record.train_ids),
         budget_kind=record.budget_kind,
+        label_design_path=None if label_design_path is None else str(label_design_path),
     )
 
 
@@ -336,7 +348,7 @@ def select_from_file(
     The sections are the pipeline's own (flows/config.py PipelineConfig), so a file maps
     and embeds as `sift run` would: data.prompt_field/response_field templates, text_field,
     chat_template and limit. Writes work_dir/selection.json (steps/selection/record.py) and
-    design.npy beside it.
+    design.npy (and label_design.npy, see select_subset) beside it.
     """
     table_path, features = embed_file(
         data, model, embed, work_dir, device=device, precision=precision, project_dir=project_dir

@@ -26,7 +26,8 @@ at, one that does not (a knapsack fill). Each stops only once no unpicked exampl
 (p: the base model's prediction there, y: the true token), the token's share of the last
 layer's empirical Fisher (p - e_y)(p - e_y)^T (x) x x^T (steps/selection/embed_stats.py
 computes w). Tokens the model already predicts add nothing. It picks by lazy greedy on
-log det(ridge*I + sum_i sum_j w_ij x_ij x_ij^T) (pool.label_factors).
+log det(ridge*I + label_prior + sum_i sum_j w_ij x_ij x_ij^T) (pool.label_factors), where
+label_prior is the label-weighted counterpart of `prior` (a warm start's label_design.npy).
 
 `fisher-target` minimises instead the mean leverage of a target sample's states (target=, an
 (m, d) array), (1/m) sum_t z_t^T (ridge*I + prior + V_S)^{-1} z_t, by plain greedy
@@ -39,8 +40,9 @@ Conventions shared by every selector:
   selector and curves compare (for `fisher` and `fisher-per-token` that gain is also what
   made the pick; `fisher-label` picked by its weighted gain and reports the plain one).
 - `prior` (a d x d PSD design, e.g. the Gram of what the current model was trained on)
-  enters the objective of every selector; only `fisher` and `fisher-per-token` select with
-  it (a prior is a plain design: it has no label-weighted counterpart to select against).
+  enters the objective of every selector; `fisher`, `fisher-per-token` and `fisher-target`
+  select with it, `fisher-label` with `label_prior` instead (the same examples' label-weighted
+  Gram; None: no prior in its picks), and the baselines only score with it.
 - Gains within 1e-9 relative of the best tie, broken by the lowest index (see
   baselines.TIE_RTOL for why a tolerance).
 - `ridge` is absolute, in squared hidden-state units: 1e-3 is small next to the per-token
@@ -205,8 +207,8 @@ def _greedy_selector(*, per_token: bool = False, label: bool = False) -> Selecto
     - `fisher-per-token` (per_token): the largest gain / n_tokens among the examples that
       fit in the tokens left, until none fits (cost-benefit greedy; on its own it carries no
       (1 - 1/e) guarantee). Its budget always counts loss tokens.
-    - `fisher-label` (label): `fisher` on pool.label_factors, without the prior (see the
-      module docstring), its picks scored on the plain factors.
+    - `fisher-label` (label): `fisher` on pool.label_factors with options.label_prior in
+      place of the prior, its picks scored on the plain factors with the plain prior.
     """
 
     def selector(pool: FeaturePool, budget: int, options: SelectOptions) -> Selection:
@@ -220,7 +222,7 @@ def _greedy_selector(*, per_token: bool = False, label: bool = False) -> Selecto
             pool.label_weighted() if label else pool,
             budget,
             options.ridge,
-            None if label else prior,
+            options.label_prior if label else prior,
             options.progress,
             per_token=per_token,
             token_budget=options.token_budget,
@@ -306,6 +308,8 @@ class SelectOptions:
     device: str = "cpu"
     token_budget: bool = False
     target: NDArray[np.floating] | None = None
+    # fisher-label's prior: the label-weighted Gram of what `prior` sums (None: no prior)
+    label_prior: NDArray[np.floating] | None = None
 
 
 Selector = Callable[[FeaturePool, int, SelectOptions], Selection]
@@ -334,6 +338,7 @@ def select(
     device: str = "cpu",
     token_budget: bool = False,
     target: NDArray[np.floating] | None = None,
+    label_prior: NDArray[np.floating] | None = None,
 ) -> Selection:
     """Choose `budget` examples (tokens, for fisher-per-token) from the pool with `selector`.
 
@@ -343,11 +348,15 @@ def select(
     caching and bounding constants (None: GreedySettings()); backend: the DESIGNS entry they
     run on ("torch" on `device`). The picks depend on none of these. target: the (m, d)
     target states `fisher-target` reads (and no other selector: passing it to one is an error).
+    label_prior: the (d, d) label-weighted counterpart of `prior` that `fisher-label` selects
+    with (it alone reads it; None: it selects without a prior, and still scores with `prior`).
     """
     if selector not in SELECTORS:
         raise ValueError(f"unknown selector {selector!r}; known: {', '.join(SELECTORS)}")
     if target is not None and selector != "fisher-target":
         raise ValueError(f"target states are read by fisher-target only, not by {selector}")
+    if label_prior is not None and selector != "fisher-label":
+        raise ValueError(f"label_prior is read by fisher-label only, not by {selector}")
     options = SelectOptions(ridge, seed, prior, progress, threads, settings, backend, device,
-                            token_budget, target)  # fmt: skip
+                            token_budget, target, label_prior)  # fmt: skip
     return SELECTORS[selector](pool, budget, options)

@@ -24,9 +24,9 @@ def _select(project: Path, out: Path, *overrides: str):
 def test_select_prints_the_caution_once_on_stderr(project: Path, tmp_path: Path):
     cautioned = _select(project, tmp_path / "a.json", "select.budget_tokens=2000")
     assert cautioned.exit_code == 0, cautioned.output
-    line = caution("fisher", "tokens")
+    line = caution("fisher-label", "tokens")  # the default selector
     assert line is not None and cautioned.stderr.count(line) == 1
-    assert "caution:" not in cautioned.stdout and "selected by fisher" in cautioned.stdout
+    assert "caution:" not in cautioned.stdout and "selected by fisher-label" in cautioned.stdout
 
     plain = _select(project, tmp_path / "b.json", "select.selector=uniform", "select.budget=8")
     assert plain.exit_code == 0, plain.output

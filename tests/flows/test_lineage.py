@@ -100,7 +100,8 @@ def test_lineage_names_data_code_and_run_and_the_version_reproduces_from_it(
     assert report["model"]["aliases"] == ["challenger", "champion"]
     assert report["base_model"] == {"id": str(MODEL_DIR), "md5": model_fingerprint(config.model)}
     assert report["flow_run"]["url"].endswith(f"/flow-runs/flow-run/{report['flow_run']['id']}")
-    assert report["selection"]["selector"] == "fisher" and report["selection"]["examples"] == "20"
+    assert report["selection"]["selector"] == "fisher-label"
+    assert report["selection"]["examples"] == "20"
     assert report["metrics"]["eval.loss"] == pytest.approx(first.eval_loss_finetuned)
     assert report["champion"]["champion_version"] == first.model_version
 

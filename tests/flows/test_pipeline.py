@@ -60,7 +60,7 @@ def test_pipeline_end_to_end_then_cached_then_new_budget_then_warm_start(
     run = client.get_run(first.run_id)
     assert run.data.tags["dvc.md5"] == first.data_md5
     assert run.data.tags["prefect.flow_run_id"]
-    assert "git.sha" in run.data.tags and run.data.params["select.selector"] == "fisher"
+    assert "git.sha" in run.data.tags and run.data.params["select.selector"] == "fisher-label"
     assert {i.dataset.digest for i in run.inputs.dataset_inputs} == {
         run.data.tags["dvc.train_md5"][:36],
         run.data.tags["dvc.eval_md5"][:36],

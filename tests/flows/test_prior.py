@@ -7,10 +7,12 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flows.config import load_config
-from flows.tasks import NO_CHAMPION, RunContext, prior_task
+from flows.pipeline import _log_selection
+from flows.tasks import NO_CHAMPION, RunContext, TimedSelection, prior_task
 from steps import tracking
 from steps.selection.select import PriorRef, SelectConfig, select_subset
 from tests.conftest import write_pool_features
+from tests.unit.test_warm_start import write_label_pool_features
 
 
 @pytest.fixture
@@ -39,7 +41,8 @@ def resolve_prior(store: str, prior: str, state_dir: Path) -> tuple[PriorRef | N
 def _run_with_selection(tmp_path: Path, files: tuple[str, ...]) -> str:
     """An MLflow run that logged a real selection's files under selection/."""
     features, table_path = write_pool_features(tmp_path / "pool")
-    select_subset(features, table_path, SelectConfig(budget=4), tmp_path / "s", space="s")
+    config = SelectConfig(budget=4, selector="fisher")  # the pool has no label factors
+    select_subset(features, table_path, config, tmp_path / "s", space="s")
     client = MlflowClient()
     run_id = client.create_run(tracking.experiment_id("prior", tmp_path)).info.run_id
     for name in files:
@@ -90,3 +93,27 @@ def test_a_run_whose_selection_json_is_not_a_selection_record_is_named(store, tm
     MlflowClient().log_artifact(run_id, str(bad), "selection")
     with pytest.raises(ValueError, match=rf"select\.prior='{run_id}': .* not a valid .* rows"):
         resolve_prior(store, run_id, tmp_path / "state")
+
+
+def test_the_pipeline_logs_the_label_design_and_a_later_run_downloads_it(store, tmp_path: Path):
+    features, table_path = write_label_pool_features(tmp_path / "pool")
+    config = SelectConfig(budget=4, selector="fisher-label")
+    ref = select_subset(features, table_path, config, tmp_path / "s", space="s")
+    run_id = MlflowClient().create_run(tracking.experiment_id("prior", tmp_path)).info.run_id
+    _log_selection(run_id, TimedSelection(ref, 0.0))  # what the pipeline logs
+
+    prior, _ = resolve_prior(store, run_id, tmp_path / "state")
+    assert prior is not None and prior.label_design_path is not None
+    assert Path(prior.label_design_path).parent == Path(prior.selection_path).parent
+    written = json.loads(Path(ref.selection_path).read_text())["label_design_md5"]
+    assert prior.label_design_md5 == written
+
+
+def test_a_run_without_a_label_design_is_still_a_prior_for_fisher(store, tmp_path: Path):
+    run_id = _run_with_selection(tmp_path, ("selection.json", "design.npy"))
+    prior, _ = resolve_prior(store, run_id, tmp_path / "state")
+    assert prior is not None and prior.label_design_path is None
+    features, table_path = write_pool_features(tmp_path / "pool2")
+    config = SelectConfig(budget=4, selector="fisher")
+    warm = select_subset(features, table_path, config, tmp_path / "w", space="s", prior=prior)
+    assert warm.train_examples == 8

@@ -11,7 +11,8 @@ def test_defaults_name_the_documented_keys():
     config = load_config()
     assert config.data.source.endswith("gsm8k/train.jsonl")
     assert config.model.name.endswith("stories260K")
-    assert config.select.selector == "fisher"
+    assert config.select.selector == "fisher-label"
+    assert config.embed.token_weight == "label"  # what the default selector reads
     assert config.select.budget == 0.1
 
 

@@ -39,6 +39,19 @@ def test_every_edge_is_a_registry_selector_with_a_committed_source():
         assert sources and all((REPO / path).is_file() for path in sources), statement
 
 
+def test_every_figure_of_an_edge_is_in_the_files_it_cites():
+    """The statements copy Δ ± interval from the tables: a rerun that changes a table must
+    change the statement too (the tables print a gain without its "+")."""
+    for statement in MEASURED_EDGES.values():
+        cited = "".join(
+            (REPO / path).read_text() for path in re.findall(r"docs/results/[\w./-]+", statement)
+        )
+        figures = re.findall(r"[+-]?\d+\.\d{3} ± \d+\.\d{3}", statement)
+        assert figures, statement
+        for figure in figures:
+            assert figure.lstrip("+") in cited, f"{figure} is in no file it cites: {statement}"
+
+
 def test_the_budget_kind_is_what_the_select_section_counts():
     assert select_caution(SelectConfig(selector="uniform", budget_tokens=0.1)) is None
     tokens = select_caution(SelectConfig(selector="fisher", budget_tokens=0.1))

@@ -55,11 +55,18 @@ def test_with_every_weight_one_it_picks_what_fisher_picks(token_budget: bool) ->
 
 
 def brute_force_weighted_greedy(
-    states: list[np.ndarray], weights: list[np.ndarray], k: int, ridge: float = 1e-3
+    states: list[np.ndarray],
+    weights: list[np.ndarray],
+    k: int,
+    ridge: float = 1e-3,
+    label_prior: np.ndarray | None = None,
 ) -> list[int]:
-    """k times: the example whose sum_j w_j x_j x_j^T raises log det the most (slogdet)."""
+    """k times: the example whose sum_j w_j x_j x_j^T raises log det(ridge*I + label_prior +
+    the chosen's) the most (slogdet)."""
     grams = [(x * w[:, None]).T @ x for x, w in zip(states, weights, strict=True)]
     design = ridge * np.eye(states[0].shape[1])
+    if label_prior is not None:
+        design = design + label_prior
     chosen: list[int] = []
     for _ in range(k):
         rest = [i for i in range(len(states)) if i not in chosen]
@@ -83,6 +90,33 @@ def test_picks_equal_brute_force_weighted_greedy_and_report_the_plain_objective(
     for t in range(6):  # the objective is the plain one, with the prior, as for every selector
         plain = fisher_objective(pool, chosen.order[: t + 1], prior=prior)
         np.testing.assert_allclose(chosen.objective[t], plain, rtol=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_label_prior_joins_the_weighted_greedy_and_the_plain_prior_the_objective(
+    seed: int,
+) -> None:
+    states = token_states(16, 5, seed, t_min=1, t_max=10)
+    rng = np.random.default_rng(seed + 9)
+    weights = [2 * rng.random(len(x)) ** 3 for x in states]
+    pool = pool_from_tokens(states, weights=weights)
+    a = rng.standard_normal((5, 5))
+    label_prior = a @ a.T * 2  # large against one example's Gram: it steers the picks
+    prior = np.eye(5) * 0.5
+    chosen = select(pool, 6, "fisher-label", prior=prior, label_prior=label_prior)
+    expected = brute_force_weighted_greedy(states, weights, 6, label_prior=label_prior)
+    np.testing.assert_array_equal(chosen.order, expected)
+    for t in range(6):
+        plain = fisher_objective(pool, chosen.order[: t + 1], prior=prior)
+        np.testing.assert_allclose(chosen.objective[t], plain, rtol=1e-9)
+
+
+def test_a_label_prior_is_read_by_fisher_label_only() -> None:
+    pool = weighted_pool(10, 4, 2)
+    with pytest.raises(ValueError, match="label_prior is read by fisher-label only, not by fisher"):
+        select(pool, 3, "fisher", prior=np.eye(4), label_prior=np.eye(4))
+    with pytest.raises(ValueError, match=r"prior must be a \(4, 4\) array"):
+        select(pool, 3, "fisher-label", label_prior=np.eye(3))
 
 
 def test_predicted_tokens_add_nothing_so_their_example_comes_last() -> None:
@@ -128,6 +162,6 @@ def test_missing_or_bad_label_statistics_are_named() -> None:
 
 def test_fisher_label_without_label_statistics_fails_at_load_naming_both_keys() -> None:
     with pytest.raises(ConfigError, match=r"select\.selector=fisher-label .* embed\.token_weight"):
-        load_config(None, ["select.selector=fisher-label"])
-    config = load_config(None, ["select.selector=fisher-label", "embed.token_weight=label"])
+        load_config(None, ["select.selector=fisher-label", "embed.token_weight=none"])
+    config = load_config(None, ["select.selector=fisher-label"])  # both are the defaults
     assert config.embed.token_weight == "label"

@@ -45,6 +45,7 @@ def test_written_bytes_are_json_dumps_of_the_keys_in_their_historic_order(tmp_pa
         "loss_tokens": 17,
         "design_md5": "0" * 32,
         "budget_kind": "examples",  # added with select.budget_tokens, after the historic keys
+        "label_design_md5": None,  # added with fisher-label's warm start, after budget_kind
     }
     assert path.read_text() == json.dumps(historic)
     assert read_selection(path, "s") == _record(prior)
@@ -93,3 +94,14 @@ def test_a_file_from_before_budget_kinds_reads_the_kind_its_selector_used(
     older = _record(None).model_dump(exclude={"budget_kind"}) | {"selector": selector}
     path.write_text(json.dumps(older))
     assert read_selection(path, "s").budget_kind == kind
+
+
+def test_a_label_design_md5_round_trips_and_older_files_read_none(tmp_path: Path):
+    path = tmp_path / "selection.json"
+    labelled = _record(None).model_copy(update={"label_design_md5": "1" * 32})
+    write_selection(path, labelled)
+    assert read_selection(path, "s").label_design_md5 == "1" * 32
+    older = _record(None).model_dump(exclude={"label_design_md5"})  # from before label designs
+    path.write_text(json.dumps(older))
+    assert read_selection(path, "s") == _record(None)
+    assert read_selection(path, "s").label_design_md5 is None

@@ -164,9 +164,10 @@ def test_config_errors_name_the_key(tmp_path: Path):
 
 
 def test_arms_are_checked_against_the_sections_at_load():
+    plain = [("study.arms", ["uniform", "fisher-label"]), ("embed.token_weight", "none")]
     with pytest.raises(StudyConfigError, match=r"fisher-label.*embed.token_weight: label"):
-        load_study_config(None, [("study.arms", ["uniform", "fisher-label"])])
-    label = [("study.arms", ["uniform", "fisher-label"]), ("embed.token_weight", "label")]
+        load_study_config(None, plain)
+    label = [("study.arms", ["uniform", "fisher-label"])]  # embed's default computes them
     assert load_study_config(None, label).arms()[1].selector == "fisher-label"
     with pytest.raises(StudyConfigError, match=r"fisher-target.*select.target.*sift select"):
         load_study_config(None, [("study.arms", ["uniform", "fisher-target"])])

@@ -161,8 +161,11 @@ def test_a_token_budget_is_resolved_recorded_and_named(tmp_path: Path) -> None:
     assert record["budget_kind"] == ref.budget_kind == "tokens"
     assert record["budget"] == round(0.25 * total)
     assert ref.loss_tokens == record["loss_tokens"] <= record["budget"]
-    examples = select_subset(features, table, SelectConfig(budget=5), tmp_path / "e")
+    examples = select_subset(
+        features, table, SelectConfig(selector="fisher", budget=5), tmp_path / "e"
+    )
     assert examples.budget_kind == "examples" and examples.examples == 5
     too_many = rf"select\.budget_tokens={total + 1} gives {total + 1} of the pool's {total} loss"
     with pytest.raises(ValueError, match=too_many):
-        select_subset(features, table, SelectConfig(budget_tokens=total + 1), tmp_path / "x")
+        too = SelectConfig(selector="fisher", budget_tokens=total + 1)
+        select_subset(features, table, too, tmp_path / "x")

@@ -192,12 +192,12 @@ def test_backend_is_resolved_against_the_device_and_checked() -> None:
 def test_select_subset_with_the_torch_backend_writes_the_numpy_selection(tmp_path: Path) -> None:
     features, table_path = write_pool_features(tmp_path)
     space = "model=test width=6"
-    config = SelectConfig(budget=8)
+    config = SelectConfig(selector="fisher", budget=8)  # the pool has no label factors
     first = select_subset(features, table_path, config, tmp_path / "first", space=space)
     prior = load_prior(Path(first.selection_path), "run-1", "select.prior")
     records = {}
     for backend in ("numpy", "torch", "auto"):  # warm-started: the prior joins the design
-        config = SelectConfig(budget=5, backend=backend)
+        config = SelectConfig(selector="fisher", budget=5, backend=backend)
         out_dir = tmp_path / backend
         ref = select_subset(
             features, table_path, config, out_dir, space=space, prior=prior, device="cpu"
