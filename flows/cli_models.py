@@ -207,10 +207,18 @@ def _event_row(event: AliasEvent) -> dict[str, object]:
         "alias": event.alias,
         "move": move,
         "reason": event.reason,
-        # move_alias's two numbers: the loss of the version moved to (or kept out), then
-        # the one it was compared with
-        "eval_loss_to_vs_from": " vs ".join(f"{v:.4f}" for v in event.numbers.values()),
+        "eval_loss_to_vs_from": _to_vs_from(event.numbers),
     }
+
+
+def _to_vs_from(numbers: dict[str, float]) -> str:
+    """The metric of the version moved to (or kept out) vs the one it was compared with; the
+    gate also records its improvement, margin and stderr, which the reason column states."""
+    for key, value in numbers.items():
+        previous = numbers.get(f"previous_{key}")
+        if previous is not None:
+            return f"{value:.4f} vs {previous:.4f}"
+    return " vs ".join(f"{v:.4f}" for v in numbers.values())  # a first version: one number
 
 
 def _print_move(name: str, event: AliasEvent) -> None:

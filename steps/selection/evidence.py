@@ -6,9 +6,10 @@ beating uniform with a paired 95% interval excluding 0 on at least two datasets
 (docs/results/<study>/table.md, "Δ vs uniform"); its statement says where it also loses. From
 the cost studies (docs/results/{gsm8k,alpaca,llamafactory}-cost, 10 seeds, tuning splits):
 at equal examples fisher and fisher-label win on Alpaca and LLaMA-Factory's demo and lose or
-tie on GSM8K, at 1.5-2.9x uniform's loss tokens; at an equal token budget no selector
-wins on any dataset (10 of the 14 cells are significantly worse than uniform). A new result
-can add or remove an entry, with its files.
+tie on GSM8K (50-1,000 examples), at 1.5-2.9x uniform's loss tokens; fisher-per-token loses
+every cell it ran (GSM8K, Alpaca); at an equal token budget no selector wins on any dataset
+(18 of the 22 cells are significantly worse than uniform). A new result can add or remove an
+entry, with its files (tests/unit/test_evidence.py checks each figure is in them).
 """
 
 from __future__ import annotations
