@@ -76,14 +76,19 @@ def brute_force_weighted_greedy(
     return chosen
 
 
+def _weighted_pool(seed: int):
+    """16 examples of 1-10 five-wide token states with random label weights, as a pool."""
+    states = token_states(16, 5, seed, t_min=1, t_max=10)
+    rng = np.random.default_rng(seed + 9)
+    weights = [2 * rng.random(len(x)) ** 3 for x in states]
+    return states, weights, pool_from_tokens(states, weights=weights), rng
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_picks_equal_brute_force_weighted_greedy_and_report_the_plain_objective(
     seed: int,
 ) -> None:
-    states = token_states(16, 5, seed, t_min=1, t_max=10)
-    rng = np.random.default_rng(seed + 9)
-    weights = [2 * rng.random(len(x)) ** 3 for x in states]
-    pool = pool_from_tokens(states, weights=weights)
+    states, weights, pool, _ = _weighted_pool(seed)
     prior = np.eye(5) * 0.5
     chosen = select(pool, 6, "fisher-label", prior=prior)
     np.testing.assert_array_equal(chosen.order, brute_force_weighted_greedy(states, weights, 6))
@@ -96,10 +101,7 @@ def test_picks_equal_brute_force_weighted_greedy_and_report_the_plain_objective(
 def test_a_label_prior_joins_the_weighted_greedy_and_the_plain_prior_the_objective(
     seed: int,
 ) -> None:
-    states = token_states(16, 5, seed, t_min=1, t_max=10)
-    rng = np.random.default_rng(seed + 9)
-    weights = [2 * rng.random(len(x)) ** 3 for x in states]
-    pool = pool_from_tokens(states, weights=weights)
+    states, weights, pool, rng = _weighted_pool(seed)
     a = rng.standard_normal((5, 5))
     label_prior = a @ a.T * 2  # large against one example's Gram: it steers the picks
     prior = np.eye(5) * 0.5

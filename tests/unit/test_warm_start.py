@@ -54,8 +54,11 @@ def write_label_pool_features(out_dir: Path, n: int = 40, d: int = 6, seed: int 
 @pytest.fixture
 def first(tmp_path: Path):
     """A pool and a cold-start selection of 8 of its 40 examples, loaded as a prior."""
-    features, table_path = write_pool_features(tmp_path)
-    config = SelectConfig(budget=8, **FISHER)
+    return _cold_prior(*write_pool_features(tmp_path), SelectConfig(budget=8, **FISHER), tmp_path)
+
+
+def _cold_prior(features: FeaturesRef, table_path: str, config: SelectConfig, tmp_path: Path):
+    """A cold selection of the pool with `config`, loaded back as a prior."""
     ref = select_subset(features, table_path, config, tmp_path / "first", space=SPACE)
     prior = load_prior(Path(ref.selection_path), "run-1", "select.prior")
     return features, table_path, ref, prior
@@ -160,22 +163,14 @@ def test_load_prior_names_the_setting_for_each_problem(first, tmp_path: Path):
     old.write_text(json.dumps({"ids": ["ex-1"]}))  # a selection from before designs
     with pytest.raises(ValueError, match=r"--prior='x': .* lacks feature_space, train_ids"):
         load_prior(old, "x", "--prior")
-    np.save(selection.parent / "design.npy", np.eye(6))  # another selection wrote here
-    with pytest.raises(ValueError, match=r"--prior='x': .*design\.npy .* overwritten"):
-        load_prior(selection, "x", "--prior")
-    (selection.parent / "design.npy").unlink()
-    with pytest.raises(ValueError, match=r"--prior='x': no design\.npy beside"):
-        load_prior(selection, "x", "--prior")
+    _overwritten_then_missing(selection, "design.npy")
 
 
 @pytest.fixture
 def label_first(tmp_path: Path):
     """A pool with label factors and a cold fisher-label selection of 8 of its 40, as a prior."""
-    features, table_path = write_label_pool_features(tmp_path)
-    config = SelectConfig(budget=8, **LABEL)
-    ref = select_subset(features, table_path, config, tmp_path / "first", space=SPACE)
-    prior = load_prior(Path(ref.selection_path), "run-1", "select.prior")
-    return features, table_path, ref, prior
+    label_pool = write_label_pool_features(tmp_path)
+    return _cold_prior(*label_pool, SelectConfig(budget=8, **LABEL), tmp_path)
 
 
 @pytest.mark.parametrize("selector", ["fisher-label", "fisher", "uniform"])
@@ -244,10 +239,16 @@ def test_fisher_label_from_a_prior_without_a_label_design_names_the_prior(tmp_pa
 
 def test_load_prior_checks_the_label_design_it_records(label_first, tmp_path: Path):
     *_, ref, _ = label_first
-    selection = Path(ref.selection_path)
-    np.save(selection.parent / "label_design.npy", np.eye(6))  # another selection wrote here
-    with pytest.raises(ValueError, match=r"--prior='x': .*label_design\.npy .* overwritten"):
+    _overwritten_then_missing(Path(ref.selection_path), "label_design.npy")
+
+
+def _overwritten_then_missing(selection: Path, name: str) -> None:
+    """load_prior refuses the design file `name` once another selection overwrote it, and
+    once it is gone, naming the setting and the file."""
+    escaped = name.replace(".", r"\.")
+    np.save(selection.parent / name, np.eye(6))  # another selection wrote here
+    with pytest.raises(ValueError, match=rf"--prior='x': .*{escaped} .* overwritten"):
         load_prior(selection, "x", "--prior")
-    (selection.parent / "label_design.npy").unlink()
-    with pytest.raises(ValueError, match=r"--prior='x': no label_design\.npy beside"):
+    (selection.parent / name).unlink()
+    with pytest.raises(ValueError, match=rf"--prior='x': no {escaped} beside"):
         load_prior(selection, "x", "--prior")
