@@ -82,6 +82,9 @@ class StudyResult:
     out_dir: str
 
 
+QUARANTINE_NOTE = "quarantined.txt"  # beside a study's accepted tables: what the gate printed
+
+
 @flow(name="sift-study", log_prints=True)
 def study(config: lib.StudyConfig, project_dir: Path) -> StudyResult:
     device, precision = resolve_hardware(config.model)
@@ -186,9 +189,6 @@ def _validated(config: lib.StudyConfig, staged: IngestResult, context: RunContex
         print(f"quarantined {line}")
     data = final / "data"
     return IngestResult(table_ref(data / "train.parquet"), table_ref(data / "eval.parquet"))
-
-
-QUARANTINE_NOTE = "quarantined.txt"  # beside the accepted tables: what the gate printed
 
 
 def _validate_into(final: Path, config: lib.StudyConfig, staged: IngestResult, run_id: str) -> None:

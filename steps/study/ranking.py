@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from steps.study.report import markdown, paired_by_kind
+from steps.study.report import markdown, paired_differences
 from steps.study.study import BASELINE
 
 MIN_DATASETS = 2  # an edge counts when it is measured on at least this many datasets
@@ -34,8 +34,8 @@ def rank_selectors(
     """
     cells = []
     for dataset, frame in trials.items():
-        deltas = paired_by_kind(frame[frame["budget_kind"] == kind], "eval_loss", BASELINE,
-                                confidence)  # fmt: skip
+        at_kind = frame[frame["budget_kind"] == kind]
+        deltas = paired_differences(at_kind, "eval_loss", BASELINE, confidence)
         cells.append(deltas.assign(dataset=dataset))
     merged = pd.concat(cells, ignore_index=True)
     merged["win"] = merged["delta"] + merged["delta_ci"] < 0
