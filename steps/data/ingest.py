@@ -11,7 +11,7 @@ group, so a file of any size is never held in memory whole.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +33,9 @@ from steps.data.fields import (
     id_column,
     user_ids,
 )
-from steps.data.readers import LOCAL_SUFFIXES, Batch, IngestError, iter_hub, iter_local
+from steps.data.local_files import LOCAL_SUFFIXES, all_files, local_files
+from steps.data.readers import Batch, IngestError, iter_hub, iter_local
+from steps.paths import PathOutsideRoots, inside_roots, resolved_roots
 
 __all__ = [
     "SCHEMA",
@@ -56,7 +58,8 @@ class IngestConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # A file (.jsonl/.json/.csv/.parquet/.txt), a folder of such files, or a hub dataset id.
+    # A file (.jsonl/.json/.csv/.parquet/.txt, text ones optionally .gz/.bz2/.xz/.zst), a
+    # folder of such files and nothing else (see steps/data/local_files.py), or a hub id.
     source: str = "assets/data/gsm8k/train.jsonl"
     # Held-out split for evaluation: a file/folder/hub id; a hub id uses eval_split.
     eval_source: str = "assets/data/gsm8k/test.jsonl"
@@ -82,8 +85,9 @@ class IngestConfig(BaseModel):
     # user turn plus the assistant-turn opener. Pair it with model.prompt_template "{prompt}"
     # so that no second template wraps it. None keeps prompts as they are.
     chat_template: str | None = None
-    # Local sources must resolve (symlinks followed) inside one of these folders; relative
-    # entries are relative to the project. Stops `../../etc/passwd`-style paths in configs.
+    # Local sources, and every file in a folder source, must resolve (symlinks followed)
+    # inside one of these folders; relative entries are relative to the project. Stops
+    # `../../etc/passwd`-style paths in configs and links to them in data folders.
     allowed_roots: tuple[str, ...] = (".", "assets")
     # Cap on pool / eval rows (first rows in file order); None keeps all. Small caps make fast runs.
     limit: int | None = Field(default=None, gt=0)
@@ -132,17 +136,26 @@ def resolve_local(source: str, project_dir: Path) -> Path | None:
     return None
 
 
+def allowed_roots(config: IngestConfig, project_dir: Path) -> list[Path]:
+    """data.allowed_roots, resolved (relative entries from the project)."""
+    return resolved_roots(config.allowed_roots, project_dir)
+
+
 def check_allowed(path: Path, setting: str, config: IngestConfig, project_dir: Path) -> Path:
     """The resolved path, if it lies inside data.allowed_roots; an error naming both if not."""
-    roots = [(project_dir / root).resolve() for root in config.allowed_roots]
-    resolved = path.resolve()
-    if not any(resolved.is_relative_to(root) for root in roots):
-        raise IngestError(
-            f"{setting} '{path}' resolves to {resolved}, outside data.allowed_roots "
-            f"{[str(r) for r in roots]}; move the data under the project or add its folder "
-            f"to data.allowed_roots"
-        )
-    return resolved
+    try:
+        return inside_roots(path, allowed_roots(config, project_dir), setting)
+    except PathOutsideRoots as error:
+        raise IngestError(str(error)) from None
+
+
+def check_files(path: Path, roots: Sequence[Path], setting: str, config: IngestConfig) -> None:
+    """Every file a local source would be read from resolves inside `roots` (and, for Sift's
+    readers, is a data file): what `datasets` reads of a folder is checked too."""
+    if config.loader == "auto":
+        local_files(path, roots, setting)
+    else:
+        all_files(path, roots, setting)
 
 
 def _looks_local(source: str) -> bool:
@@ -151,8 +164,8 @@ def _looks_local(source: str) -> bool:
 
 
 def _local_source(source: str, setting: str, config: IngestConfig, project_dir: Path):
-    """The resolved local path of a source (checked against data.allowed_roots before any
-    read), or None for a hub dataset id."""
+    """The resolved local path of a source, or None for a hub dataset id. It, and each file
+    of a folder, is checked against data.allowed_roots before any read."""
     path = Path(source) if Path(source).is_absolute() else project_dir / source
     if path.exists() or _looks_local(source):
         check_allowed(path, setting, config, project_dir)
@@ -161,7 +174,10 @@ def _local_source(source: str, setting: str, config: IngestConfig, project_dir: 
     if config.loader == "datasets" and not path.exists():
         return None
     local = resolve_local(source, project_dir)
-    return local.resolve() if local is not None else None
+    if local is None:
+        return None
+    check_files(local.resolve(), allowed_roots(config, project_dir), setting, config)
+    return local.resolve()
 
 
 def sources_fingerprint(config: IngestConfig, project_dir: Path) -> str:
@@ -176,24 +192,50 @@ def sources_fingerprint(config: IngestConfig, project_dir: Path) -> str:
         ("data.eval_source", config.eval_source),
     ):
         _local_source(source, setting, config, project_dir)
-        parts.append(source_fingerprint(source, project_dir))
+        parts.append(source_fingerprint(source, project_dir, config, setting))
     return "".join(parts)
 
 
-def source_fingerprint(source: str, project_dir: Path) -> str:
-    """A content hash of one local source (file or folder), or the id itself for hub datasets."""
+def source_fingerprint(
+    source: str,
+    project_dir: Path,
+    config: IngestConfig | None = None,
+    setting: str = "data.source",
+) -> str:
+    """A content hash of one local source (file or folder), or the id itself for hub datasets.
+
+    Only files that the read would take are hashed, each checked against data.allowed_roots
+    first (config's, else the defaults): a link in a data folder to /etc/passwd is refused,
+    never hashed."""
+    config = config or IngestConfig()
     path = resolve_local(source, project_dir)
     if path is None:
         return f"hub:{source}"
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
-    return hashlib.md5("".join(f"{p.name}:{file_md5(p)}" for p in files).encode()).hexdigest()
+    roots = allowed_roots(config, project_dir)
+    if config.loader == "auto":
+        named = [(file.name or path.name, file.path) for file in local_files(path, roots, setting)]
+    else:
+        named = [(p.name, p) for p in all_files(path, roots, setting)]
+    return hashlib.md5("".join(f"{name}:{file_md5(p)}" for name, p in named).encode()).hexdigest()
 
 
-def read_source(source: str, split: str, revision: str | None, project_dir: Path) -> pd.DataFrame:
+def read_source(
+    source: str,
+    split: str,
+    revision: str | None,
+    project_dir: Path,
+    config: IngestConfig | None = None,
+) -> pd.DataFrame:
     """A whole local file/folder or hub split as one DataFrame (for small inputs only;
-    `ingest` streams)."""
+    `ingest` streams). Local files are checked against config's data.allowed_roots (else
+    the defaults)."""
     path = resolve_local(source, project_dir)
-    batches = iter_local(path) if path is not None else iter_hub(source, split, revision)
+    roots = allowed_roots(config or IngestConfig(), project_dir)
+    batches = (
+        iter_local(path, roots, "data.source")
+        if path is not None
+        else iter_hub(source, split, revision)
+    )
     frames = [batch.frame for batch in batches]
     if not frames or sum(len(f) for f in frames) == 0:
         raise IngestError(f"{path or source}: no records")
@@ -284,16 +326,25 @@ def write_table(table: pd.DataFrame, path: Path) -> None:
 
 
 def _batches(source: str, setting: str, split: str, config: IngestConfig, project_dir: Path):
-    return open_batches(_local_source(source, setting, config, project_dir), source, split, config)
+    path = _local_source(source, setting, config, project_dir)
+    return open_batches(path, source, split, config, allowed_roots(config, project_dir), setting)
 
 
 def open_batches(
-    path: Path | None, source: str, split: str, config: IngestConfig
+    path: Path | None,
+    source: str,
+    split: str,
+    config: IngestConfig,
+    roots: Sequence[Path],
+    setting: str,
 ) -> Iterator[Batch]:
     """A source's batches: Sift's streaming readers for a local path (data.loader=auto),
-    `datasets` for anything else (or for a local path with data.loader=hub)."""
+    `datasets` for anything else (or for a local path with data.loader=datasets). Every
+    local file is checked against `roots` (resolved) first; `setting` names it in errors."""
     if path is not None and config.loader == "auto":
-        return iter_local(path)
+        return iter_local(path, roots, setting)
+    if path is not None:
+        check_files(path, roots, setting, config)
     return iter_hub(str(path) if path is not None else source, split, config.revision)
 
 

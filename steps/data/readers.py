@@ -1,30 +1,55 @@
 """Streaming readers: each yields a source in batches of rows, never the whole file at once.
 
+What is read (steps/data/local_files.py lists it): a file, or every data file under a folder.
+A data file is <name>.<format>[.<compression>], format .jsonl, .json, .csv, .txt or
+.parquet, text formats optionally .gz, .bz2, .xz or .zst, decompressed as they stream.
+
 A batch carries where each row came from, 1-based: "line 7" for JSONL, text and CSV (a CSV's
 header is line 1; a quoted field may span lines, the record's first line is named), "record 7"
-for JSON arrays, Parquet and hub datasets. Errors found later (a non-string field, bytes that
-are not UTF-8, a failed validation) name that exact place.
+for JSON arrays, Parquet and hub datasets; in a compressed file, the line of the decompressed
+text. Errors found later (a non-string field, bytes that are not UTF-8, a failed validation)
+name that exact place. Bad input of any kind is one IngestError naming the file and the
+line, record or field, never a traceback. A UTF-8 byte-order mark opening a text file is
+dropped, whatever its format. A JSON object naming one key twice is refused (which value
+counts would be a guess).
 A JSON array is the one exception to streaming: it is parsed whole (use JSONL for large data).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
-from collections.abc import Iterator
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 
-LOCAL_SUFFIXES = {".jsonl", ".json", ".csv", ".parquet", ".txt"}
+from steps.data.local_files import (
+    UNREADABLE,
+    IngestError,
+    LocalFile,
+    local_files,
+    one_line,
+    open_file,
+)
+
+__all__ = ["BATCH_ROWS", "Batch", "IngestError", "iter_hub", "iter_local"]
+
 # Rows per batch: ~5 MB of GSM8K-sized text; memory stays flat whatever the file size.
 BATCH_ROWS = 10_000
-
-
-class IngestError(ValueError):
-    """Raised for unreadable or ill-formed input; the message names the file, line or field."""
+BOM = b"\xef\xbb\xbf"
+# The csv module's default cap (131,072 characters a field) would stop the line numbering on
+# one long document; pandas, which parses the rows, has no cap.
+CSV_FIELD_LIMIT = 2**31 - 1
+# Decoding a Parquet page: pyarrow's I/O and codec errors, and ValueError for text that is
+# not UTF-8 (UnicodeDecodeError) in a string column.
+PARQUET_ERRORS: tuple[type[Exception], ...] = (*UNREADABLE, ValueError)
 
 
 @dataclass(frozen=True)
@@ -33,22 +58,33 @@ class Batch:
     where: list[str]  # per row: "line N" (JSONL, text, CSV) or "record N" (1-based)
 
 
-def _decode(raw: bytes, path: Path, number: int) -> str:
+def _decode(raw: bytes, shown: Path, number: int) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as error:
         raise IngestError(
-            f"{path}: line {number} is not valid UTF-8 (byte {error.start} of the line: "
+            f"{shown}: line {number} is not valid UTF-8 (byte {error.start} of the line: "
             f"{raw[error.start : error.start + 4]!r})"
         ) from None
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
+def _raw_lines(file: LocalFile) -> Iterator[tuple[int, bytes]]:
+    """Every line with its 1-based number, decompressed, the BOM dropped; a file that cannot
+    be read or decompressed is an IngestError naming the line where reading stopped."""
+    number = 0
+    try:
+        with open_file(file) as handle:
+            for number, raw in enumerate(handle, start=1):
+                yield number, raw.removeprefix(BOM) if number == 1 else raw
+    except UNREADABLE as error:
+        raise file.unreadable(error, f"line {number + 1}") from None
+
+
+def _lines(file: LocalFile) -> Iterator[tuple[int, str]]:
     """Non-blank lines with their 1-based numbers, read in binary so bad bytes get a line."""
-    with path.open("rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            if raw.strip():
-                yield number, _decode(raw, path, number).rstrip("\r\n")
+    for number, raw in _raw_lines(file):
+        if raw.strip():
+            yield number, _decode(raw, file.shown, number).rstrip("\r\n")
 
 
 def _batched(rows: Iterator[tuple[str, dict]]) -> Iterator[Batch]:
@@ -64,95 +100,245 @@ def _batched(rows: Iterator[tuple[str, dict]]) -> Iterator[Batch]:
         yield Batch(pd.DataFrame.from_records(records), where)
 
 
-def _check_encodable(record: dict, path: Path, place: str) -> None:
+class _Repeated(dict):
+    """A JSON object that names a key twice (json keeps the last value): `key` is the first
+    one repeated."""
+
+    key = ""
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict:
+    record = dict(pairs)
+    if len(record) == len(pairs):
+        return record
+    repeated = _Repeated(record)
+    seen: set[str] = set()
+    repeated.key = next(key for key, _ in pairs if key in seen or seen.add(key))  # type: ignore[func-returns-value]
+    return repeated
+
+
+# One decoder for every line (json.loads with a hook would build one per call).
+_JSON = json.JSONDecoder(object_pairs_hook=_object)
+
+
+def _check_record(record: dict, shown: Path, place: str, escaped: bool = True) -> None:
+    """A JSON object as a row: each key once, and (where escapes may smuggle lone surrogates
+    in: `escaped`) keys and values that are valid UTF-8."""
+    if isinstance(record, _Repeated):
+        raise IngestError(
+            f"{shown}: {place}: key {record.key!r} appears twice in one object (which value "
+            f"counts is ambiguous); keep one"
+        )
+    if not escaped:
+        return
     for field, value in record.items():
+        _check_encodable(field, shown, place, f"key {field!r}")
         if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError as error:
-                raise IngestError(
-                    f"{path}: {place}: field '{field}' is not valid UTF-8 "
-                    f"({error.reason}: {value[error.start]!r} at character {error.start})"
-                ) from None
+            _check_encodable(value, shown, place, f"field '{field}'")
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[str, dict]]:
-    for number, line in _lines(path):
+def _check_encodable(text: str, shown: Path, place: str, what: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise IngestError(
+            f"{shown}: {place}: {what} is not valid UTF-8 "
+            f"({error.reason}: {text[error.start]!r} at character {error.start})"
+        ) from None
+
+
+def _parse_json(text: str) -> Any:
+    """json, with the errors that are not JSONDecodeError (a 5,000-digit integer is a
+    ValueError, deep nesting a RecursionError) as JSONDecodeError-like text."""
+    try:
+        return _JSON.decode(text)
+    except json.JSONDecodeError:
+        raise
+    except (ValueError, RecursionError) as error:
+        raise ValueError(one_line(error) or type(error).__name__) from None
+
+
+def _jsonl_records(file: LocalFile) -> Iterator[tuple[str, dict]]:
+    for number, line in _lines(file):
         try:
-            record = json.loads(line)
+            record = _parse_json(line)
         except json.JSONDecodeError as error:
             raise IngestError(
-                f"{path}: line {number} is not valid JSON ({error.msg} at column {error.colno})"
+                f"{file.shown}: line {number} is not valid JSON ({error.msg} at column "
+                f"{error.colno})"
             ) from None
+        except ValueError as error:
+            raise IngestError(f"{file.shown}: line {number} is not valid JSON ({error})") from None
         if not isinstance(record, dict):
             raise IngestError(
-                f"{path}: line {number} is a JSON {type(record).__name__}, expected an object"
+                f"{file.shown}: line {number} is a JSON {type(record).__name__}, expected an "
+                "object"
             )
-        if "\\u" in line:  # only escapes can smuggle in lone surrogates (not UTF-8)
-            _check_encodable(record, path, f"line {number}")
+        # only escapes can smuggle in lone surrogates (not UTF-8)
+        _check_record(record, file.shown, f"line {number}", escaped="\\u" in line)
         yield f"line {number}", record
 
 
-def _text_records(path: Path) -> Iterator[tuple[str, dict]]:
-    for number, line in _lines(path):
+def _text_records(file: LocalFile) -> Iterator[tuple[str, dict]]:
+    for number, line in _lines(file):
         yield f"line {number}", {"text": line}
 
 
-def _json_records(path: Path) -> Iterator[tuple[str, dict]]:
+def _read_all(file: LocalFile) -> bytes:
     try:
-        records = json.loads(path.read_bytes().decode("utf-8"))
+        with open_file(file) as handle:
+            return handle.read().removeprefix(BOM)
+    except UNREADABLE as error:
+        raise file.unreadable(error, "reading") from None
+
+
+def _json_records(file: LocalFile) -> Iterator[tuple[str, dict]]:
+    data = _read_all(file)
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as error:
-        raise IngestError(f"{path}: not valid UTF-8 at byte {error.start}") from None
+        line = data.count(b"\n", 0, error.start) + 1
+        raise IngestError(
+            f"{file.shown}: line {line} is not valid UTF-8 (byte {error.start} of the file: "
+            f"{data[error.start : error.start + 4]!r})"
+        ) from None
+    try:
+        records = _parse_json(text)
     except json.JSONDecodeError as error:
         raise IngestError(
-            f"{path}: invalid JSON at line {error.lineno} column {error.colno} ({error.msg})"
+            f"{file.shown}: invalid JSON at line {error.lineno} column {error.colno} "
+            f"({error.msg})"
         ) from None
+    except ValueError as error:
+        raise IngestError(f"{file.shown}: invalid JSON ({error})") from None
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-        raise IngestError(f"{path}: expected a JSON array of objects (one per example)")
+        raise IngestError(f"{file.shown}: expected a JSON array of objects (one per example)")
     for index, record in enumerate(records, start=1):
-        _check_encodable(record, path, f"record {index}")
+        _check_record(record, file.shown, f"record {index}")
         yield f"record {index}", record
 
 
-def _frames_with_records(frames: Iterator[pd.DataFrame]) -> Iterator[Batch]:
-    first = 1
-    for frame in frames:
-        places = [f"record {first + i}" for i in range(len(frame))]
-        yield Batch(frame.reset_index(drop=True), places)
-        first += len(frame)
-
-
-def _csv_record_lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(first line, first field) of each CSV record after the header, 1-based, by the csv
-    module: pandas gives no line numbers, and a quoted field may hold newlines. Blank lines
-    are skipped, as pandas skips them; a csv.Error (e.g. a field above csv.field_size_limit)
-    ends the numbering."""
-    with path.open(newline="", encoding="utf-8", errors="replace") as handle:
-        reader = csv.reader(handle)
-        try:
-            next(reader, None)  # the header
-            start = reader.line_num + 1
+def _csv_records(file: LocalFile) -> Iterator[tuple[int, int, list[str]]]:
+    """(first line, last line, fields) of each CSV record, header included, 1-based, by the
+    csv module: pandas gives no line numbers, and a quoted field may hold newlines. Blank
+    lines are skipped, as pandas skips them."""
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
+    try:
+        with open_file(file) as handle:
+            text = io.TextIOWrapper(handle, encoding="utf-8-sig", errors="replace", newline="")
+            reader = csv.reader(text)
+            start = 1
             for record in reader:
-                if record:
-                    yield start, record[0]
+                if record and (len(record) > 1 or record[0].strip()):
+                    yield start, reader.line_num, record
                 start = reader.line_num + 1
-        except csv.Error:
+    except csv.Error as error:
+        raise IngestError(f"{file.shown}: line {start}: malformed CSV ({error})") from None
+    except UNREADABLE as error:
+        raise file.unreadable(error, "reading") from None
+
+
+def _lines_named(first: int, last: int) -> str:
+    return f"line {first}" if first == last else f"lines {first}-{last}"
+
+
+def _check_header(file: LocalFile, header: list[str]) -> None:
+    """A header that cannot hold the columns a config names: one column that holds another
+    delimiter (a ';'- or tab-separated file), or a name twice (pandas would rename one)."""
+    if len(header) == 1 and (found := next((d for d in ";\t|" if d in header[0]), None)):
+        name = {";": "';'", "\t": "tab", "|": "'|'"}[found]
+        raise IngestError(
+            f"{file.shown}: line 1: the header is one column {header[0][:80]!r}, so the "
+            f"configured columns are missing; the file looks {name}-separated, but Sift reads "
+            f"comma-separated CSV: save it with ',' between columns (or as JSONL)"
+        )
+    seen: set[str] = set()
+    for name in header:
+        if name in seen:
+            raise IngestError(
+                f"{file.shown}: line 1: column {name!r} appears twice in the header (which "
+                "one counts is ambiguous); rename one"
+            )
+        seen.add(name)
+
+
+def _csv_failure(file: LocalFile, error: Exception) -> IngestError:
+    """pandas' parse error, named by file line: pandas counts records, not lines."""
+    width, start = None, None
+    for start, last, fields in _csv_records(file):
+        if width is None:
+            width = len(fields)
+        elif len(fields) > width:
+            return IngestError(
+                f"{file.shown}: {_lines_named(start, last)}: {len(fields)} fields where the "
+                f"header has {width} (a ',' inside a field needs the field in double quotes)"
+            )
+    message = one_line(error)
+    if "EOF inside string" in message and start is not None:
+        return IngestError(
+            f"{file.shown}: line {start}: a quoted field opens here and is never closed"
+        )
+    return IngestError(f"{file.shown}: malformed CSV ({message})")
+
+
+def _first_bad_bytes(file: LocalFile, error: UnicodeDecodeError) -> IngestError:
+    """pandas' decode error, named by file line (pandas names a byte of a chunk)."""
+    for number, raw in _raw_lines(file):
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            return IngestError(
+                f"{file.shown}: not valid UTF-8 at line {number} (byte {bad.start} of the "
+                f"line: {raw[bad.start : bad.start + 4]!r})"
+            )
+    return IngestError(f"{file.shown}: not valid UTF-8 (byte {error.start} of a chunk)")
+
+
+def _csv_frames(file: LocalFile) -> Iterator[pd.DataFrame]:
+    """pandas' frames, strict: a record with more fields than the header is an error (pandas
+    would otherwise take an extra first field as the index, or drop an extra last one)."""
+    with open_file(file) as handle:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", pd.errors.ParserWarning)
+                reader = pd.read_csv(
+                    handle,
+                    dtype=str,
+                    keep_default_na=False,
+                    chunksize=BATCH_ROWS,
+                    index_col=False,
+                    encoding="utf-8",
+                )
+                yield from reader
+        except UnicodeDecodeError as error:
+            raise _first_bad_bytes(file, error) from None
+        except pd.errors.EmptyDataError:
             return
+        except (pd.errors.ParserError, pd.errors.ParserWarning) as error:
+            raise _csv_failure(file, error) from None
+        except UNREADABLE as error:
+            raise file.unreadable(error, "reading") from None
 
 
-def _frames_with_lines(frames: Iterator[pd.DataFrame], path: Path) -> Iterator[Batch]:
+def _csv_batches(file: LocalFile) -> Iterator[Batch]:
     """CSV batches whose rows name their file lines. Each line is checked against the row
     pandas parsed (same first field); from the first disagreement on (an odd dialect) the
     rest of the file is named by record number, which is never wrong, only less direct."""
-    lines: Iterator[tuple[int, str]] | None = _csv_record_lines(path)
+    records: Iterator[tuple[int, int, list[str]]] | None = _csv_records(file)
+    header = next(records, None) if records is not None else None
+    if header is None:
+        return
+    _check_header(file, header[2])
     first = 1
-    for frame in frames:
+    for frame in _csv_frames(file):
         firsts = frame.iloc[:, 0].tolist() if len(frame.columns) else [None] * len(frame)
         places = []
         for number, cell in enumerate(firsts, start=first):
-            line, field = next(lines, (None, None)) if lines is not None else (None, None)
-            if line is None or field != cell:
-                lines = None
+            line, last, fields = next(records, (None, None, [])) if records else (None, None, [])
+            if len(fields) > len(header[2]):  # caught here, pandas may have read it silently
+                raise _csv_failure(file, ValueError("extra fields"))
+            if line is None or last is None or fields[0] != cell:
+                records = None
                 places.append(f"record {number}")
             else:
                 places.append(f"line {line}")
@@ -160,57 +346,58 @@ def _frames_with_lines(frames: Iterator[pd.DataFrame], path: Path) -> Iterator[B
         first += len(frame)
 
 
-def _csv_frames(path: Path) -> Iterator[pd.DataFrame]:
+def _parquet_batches(file: LocalFile) -> Iterator[Batch]:
     try:
-        yield from pd.read_csv(path, dtype=str, keep_default_na=False, chunksize=BATCH_ROWS)
-    except UnicodeDecodeError as error:
-        raise IngestError(f"{path}: not valid UTF-8 (byte {error.start} of a chunk)") from None
-    except pd.errors.EmptyDataError:
-        return
-    except pd.errors.ParserError as error:
-        raise IngestError(f"{path}: malformed CSV ({error})") from None
-
-
-def _parquet_frames(path: Path) -> Iterator[pd.DataFrame]:
-    try:
-        parquet = pq.ParquetFile(path)
+        parquet = pq.ParquetFile(file.path)
     except Exception as error:  # pyarrow raises several types for a file that is not Parquet
-        raise IngestError(f"{path}: not a readable Parquet file ({error})") from None
-    for batch in parquet.iter_batches(batch_size=BATCH_ROWS):
-        yield batch.to_pandas()
+        raise IngestError(f"{file.shown}: not a readable Parquet file ({one_line(error)})") from None
+    batches = parquet.iter_batches(batch_size=BATCH_ROWS)
+    first = 1
+    while True:
+        try:  # a corrupt page surfaces only here, as its batch is decoded
+            batch = next(batches, None)
+            frame = None if batch is None else batch.to_pandas()
+        except PARQUET_ERRORS as error:
+            raise IngestError(
+                f"{file.shown}: record {first} on cannot be read: corrupt Parquet data "
+                f"({one_line(error)})"
+            ) from None
+        if frame is None:
+            return
+        places = [f"record {first + i}" for i in range(len(frame))]
+        yield Batch(frame.reset_index(drop=True), places)
+        first += len(frame)
 
 
-def iter_file(path: Path) -> Iterator[Batch]:
-    """Batches of one local file, dispatched on its suffix."""
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        yield from _batched(_jsonl_records(path))
-    elif suffix == ".txt":
-        yield from _batched(_text_records(path))
-    elif suffix == ".json":
-        yield from _batched(_json_records(path))
-    elif suffix == ".csv":
-        yield from _frames_with_lines(_csv_frames(path), path)
-    elif suffix == ".parquet":
-        yield from _frames_with_records(_parquet_frames(path))
+def _iter_file(file: LocalFile) -> Iterator[Batch]:
+    """Batches of one data file, dispatched on its format."""
+    if file.format == ".jsonl":
+        yield from _batched(_jsonl_records(file))
+    elif file.format == ".txt":
+        yield from _batched(_text_records(file))
+    elif file.format == ".json":
+        yield from _batched(_json_records(file))
+    elif file.format == ".csv":
+        yield from _csv_batches(file)
     else:
-        raise IngestError(
-            f"{path}: unsupported format '{suffix}' (use one of {sorted(LOCAL_SUFFIXES)})"
-        )
+        yield from _parquet_batches(file)
 
 
-def iter_local(path: Path) -> Iterator[Batch]:
-    """A file, or every supported file under a folder in sorted path order (deterministic)."""
-    if path.is_file():
-        yield from iter_file(path)
-        return
-    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in LOCAL_SUFFIXES)
-    if not files:
-        raise IngestError(f"{path}: folder holds no {sorted(LOCAL_SUFFIXES)} files")
+def iter_local(path: Path, roots: Sequence[Path], setting: str) -> Iterator[Batch]:
+    """Batches of a local file, or of every data file under a folder in sorted path order
+    (deterministic). Every file is listed and checked (steps/data/local_files.py: inside
+    `roots` once symlinks are followed, a data file) when this is called, before any is read;
+    `setting` (data.source, ...) names the path in errors."""
+    return _read(local_files(path, roots, setting))
+
+
+def _read(files: list[LocalFile]) -> Iterator[Batch]:
     for file in files:
-        name = file.relative_to(path).as_posix()  # not just the name: sub-folders may repeat it
-        for batch in iter_file(file):
-            yield Batch(batch.frame, [f"{name} {place}" for place in batch.where])
+        for batch in _iter_file(file):
+            if file.name:  # a folder's file: sub-folders may repeat a name, so its path
+                yield Batch(batch.frame, [f"{file.name} {place}" for place in batch.where])
+            else:
+                yield batch
 
 
 def iter_hub(name: str, split: str, revision: str | None) -> Iterator[Batch]:

@@ -21,7 +21,13 @@ from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global sta
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from steps.data.ingest import IngestConfig, open_batches, resolve_local, stream_table
+from steps.data.ingest import (
+    IngestConfig,
+    allowed_roots,
+    open_batches,
+    resolve_local,
+    stream_table,
+)
 from steps.data.readers import Batch
 from steps.hashing import file_md5
 from steps.modeling import ModelConfig, model_fingerprint
@@ -393,7 +399,9 @@ def embed_file(
 
 
 def _source_batches(data: IngestConfig, project_dir: Path) -> Iterator[Batch]:
-    """data.source read as ingest reads it, but without data.allowed_roots: that guards the
-    paths a config names, and `sift select` reads the one file its user named (--data)."""
+    """data.source read as ingest reads it. The path itself may lie outside data.allowed_roots
+    (`sift select --data` reads what its user named), but what a named folder holds must
+    resolve inside that folder or data.allowed_roots: a link in it to ~/.ssh is not data."""
     path = resolve_local(data.source, project_dir)
-    return open_batches(path, data.source, data.split, data)
+    roots = allowed_roots(data, project_dir) + ([path.resolve()] if path is not None else [])
+    return open_batches(path, data.source, data.split, data, roots, "data.source")

@@ -16,7 +16,7 @@ from numpy.typing import NDArray
 from transformers import PreTrainedTokenizerBase
 
 from steps.data.fields import chat_renderer, column_values
-from steps.data.ingest import IngestConfig, resolve_local
+from steps.data.ingest import IngestConfig, allowed_roots, resolve_local
 from steps.data.readers import iter_local
 from steps.modeling import IGNORE_INDEX, Encoded, ModelConfig, load_model, load_tokenizer
 from steps.selection.embed import EmbedConfig, FeaturesRef, embed_encoded, load_pool
@@ -134,7 +134,8 @@ def read_target_prompts(data: IngestConfig, target: str, project_dir: Path) -> l
         raise ValueError(f"select.target={target!r} is not a local file")
     render = chat_renderer(data.chat_template)
     prompts: list[str] = []
-    for batch in iter_local(path):
+    roots = [*allowed_roots(data, project_dir), path.resolve()]  # as `sift select --data`
+    for batch in iter_local(path, roots, "select.target"):
         values = column_values(batch, "data.prompt_field", data.prompt_field, target)
         for place, value in zip(batch.where, values, strict=True):
             if value is None:
