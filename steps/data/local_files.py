@@ -67,8 +67,7 @@ class LocalFile:
     def unreadable(self, error: BaseException, where: str) -> IngestError:
         how = f"{self.compression} data" if self.compression else "the file"
         return IngestError(
-            f"{self.shown}: {where}: cannot read {how} ({type(error).__name__}: "
-            f"{one_line(error)})"
+            f"{self.shown}: {where}: cannot read {how} ({type(error).__name__}: {one_line(error)})"
         )
 
 
@@ -172,7 +171,9 @@ def local_files(path: Path, roots: Sequence[Path], setting: str) -> list[LocalFi
     kind = data_format(path.name)
     if kind is None:
         suffixes = PurePath(path.name.lower()).suffixes
-        suffix = "".join(suffixes[-2:] if suffixes[-1:] and suffixes[-1] in COMPRESSIONS else suffixes[-1:])
+        suffix = "".join(
+            suffixes[-2:] if suffixes[-1:] and suffixes[-1] in COMPRESSIONS else suffixes[-1:]
+        )
         raise IngestError(f"{path}: unsupported format '{suffix}' ({DATA_NAMES})")
     return [LocalFile(target, path, "", *kind)]
 

@@ -171,8 +171,7 @@ def _jsonl_records(file: LocalFile) -> Iterator[tuple[str, dict]]:
             raise IngestError(f"{file.shown}: line {number} is not valid JSON ({error})") from None
         if not isinstance(record, dict):
             raise IngestError(
-                f"{file.shown}: line {number} is a JSON {type(record).__name__}, expected an "
-                "object"
+                f"{file.shown}: line {number} is a JSON {type(record).__name__}, expected an object"
             )
         # only escapes can smuggle in lone surrogates (not UTF-8)
         _check_record(record, file.shown, f"line {number}", escaped="\\u" in line)
@@ -206,8 +205,7 @@ def _json_records(file: LocalFile) -> Iterator[tuple[str, dict]]:
         records = _parse_json(text)
     except json.JSONDecodeError as error:
         raise IngestError(
-            f"{file.shown}: invalid JSON at line {error.lineno} column {error.colno} "
-            f"({error.msg})"
+            f"{file.shown}: invalid JSON at line {error.lineno} column {error.colno} ({error.msg})"
         ) from None
     except ValueError as error:
         raise IngestError(f"{file.shown}: invalid JSON ({error})") from None
@@ -350,7 +348,9 @@ def _parquet_batches(file: LocalFile) -> Iterator[Batch]:
     try:
         parquet = pq.ParquetFile(file.path)
     except Exception as error:  # pyarrow raises several types for a file that is not Parquet
-        raise IngestError(f"{file.shown}: not a readable Parquet file ({one_line(error)})") from None
+        raise IngestError(
+            f"{file.shown}: not a readable Parquet file ({one_line(error)})"
+        ) from None
     batches = parquet.iter_batches(batch_size=BATCH_ROWS)
     first = 1
     while True:
