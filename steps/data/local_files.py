@@ -64,10 +64,12 @@ class LocalFile:
     format: str  # one of FORMATS
     compression: str | None  # a pyarrow codec name, "xz", or None
 
-    def unreadable(self, error: BaseException, where: str) -> IngestError:
+    def unreadable(self, error: BaseException, where: str = "") -> IngestError:
+        """A read or decompression error as one line; `where`: the line it stopped at."""
         how = f"{self.compression} data" if self.compression else "the file"
         return IngestError(
-            f"{self.shown}: {where}: cannot read {how} ({type(error).__name__}: {one_line(error)})"
+            f"{self.shown}: {where + ': ' if where else ''}cannot read {how} "
+            f"({type(error).__name__}: {one_line(error)})"
         )
 
 

@@ -47,9 +47,6 @@ BOM = b"\xef\xbb\xbf"
 # The csv module's default cap (131,072 characters a field) would stop the line numbering on
 # one long document; pandas, which parses the rows, has no cap.
 CSV_FIELD_LIMIT = 2**31 - 1
-# Decoding a Parquet page: pyarrow's I/O and codec errors, and ValueError for text that is
-# not UTF-8 (UnicodeDecodeError) in a string column.
-PARQUET_ERRORS: tuple[type[Exception], ...] = (*UNREADABLE, ValueError)
 
 
 @dataclass(frozen=True)
@@ -188,7 +185,7 @@ def _read_all(file: LocalFile) -> bytes:
         with open_file(file) as handle:
             return handle.read().removeprefix(BOM)
     except UNREADABLE as error:
-        raise file.unreadable(error, "reading") from None
+        raise file.unreadable(error) from None
 
 
 def _json_records(file: LocalFile) -> Iterator[tuple[str, dict]]:
@@ -233,7 +230,7 @@ def _csv_records(file: LocalFile) -> Iterator[tuple[int, int, list[str]]]:
     except csv.Error as error:
         raise IngestError(f"{file.shown}: line {start}: malformed CSV ({error})") from None
     except UNREADABLE as error:
-        raise file.unreadable(error, "reading") from None
+        raise file.unreadable(error) from None
 
 
 def _lines_named(first: int, last: int) -> str:
@@ -315,7 +312,7 @@ def _csv_frames(file: LocalFile) -> Iterator[pd.DataFrame]:
         except (pd.errors.ParserError, pd.errors.ParserWarning) as error:
             raise _csv_failure(file, error) from None
         except UNREADABLE as error:
-            raise file.unreadable(error, "reading") from None
+            raise file.unreadable(error) from None
 
 
 def _csv_batches(file: LocalFile) -> Iterator[Batch]:
@@ -344,6 +341,30 @@ def _csv_batches(file: LocalFile) -> Iterator[Batch]:
         first += len(frame)
 
 
+def _check_utf8(batch: pa.RecordBatch, file: LocalFile, first: int) -> None:
+    """Parquet string columns hold UTF-8 by the format's spec, but nothing enforces it: a
+    string that is not would reach the staged table as lone surrogates."""
+    for name, column in zip(batch.schema.names, batch.columns, strict=True):
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            continue
+        try:
+            column.validate(full=True)
+        except pa.ArrowInvalid:
+            for index, raw in enumerate(column.cast(pa.large_binary()).to_pylist()):
+                try:
+                    raw is None or raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    raise IngestError(
+                        f"{file.shown}: record {first + index}: field '{name}' is not valid "
+                        f"UTF-8 (byte {error.start} of the value: "
+                        f"{raw[error.start : error.start + 4]!r})"
+                    ) from None
+            raise IngestError(
+                f"{file.shown}: record {first} on cannot be read: corrupt Parquet data "
+                f"(column '{name}' fails validation)"
+            ) from None
+
+
 def _parquet_batches(file: LocalFile) -> Iterator[Batch]:
     try:
         parquet = pq.ParquetFile(file.path)
@@ -357,13 +378,16 @@ def _parquet_batches(file: LocalFile) -> Iterator[Batch]:
         try:  # a corrupt page surfaces only here, as its batch is decoded
             batch = next(batches, None)
             frame = None if batch is None else batch.to_pandas()
-        except PARQUET_ERRORS as error:
+        # pyarrow's I/O and codec errors, and whatever the pandas metadata in the file
+        # makes to_pandas raise when it is damaged (KeyError, TypeError, ...)
+        except Exception as error:
             raise IngestError(
                 f"{file.shown}: record {first} on cannot be read: corrupt Parquet data "
                 f"({one_line(error)})"
             ) from None
         if frame is None:
             return
+        _check_utf8(batch, file, first)
         places = [f"record {first + i}" for i in range(len(frame))]
         yield Batch(frame.reset_index(drop=True), places)
         first += len(frame)

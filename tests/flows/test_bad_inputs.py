@@ -41,7 +41,8 @@ GOOD_TRAIN, GOOD_TEST = _jsonl(TRAIN), _jsonl(TEST)
 FAIL = "validation.on_invalid=fail"
 OUTSIDE = "../" * 16 + "etc/passwd"
 
-# (case id, train file name, train bytes, eval bytes, extra --set overrides, error regex)
+# (case id, train file name, train bytes, eval bytes, extra --set overrides, error regex);
+# train bytes may be a folder instead: {file name: bytes, or a Path the file links to}
 CASES = [
     ("missing file", "nope.jsonl", None, GOOD_TEST, [], r"data\.source not found: .*nope\.jsonl"),
     ("empty file", "train.jsonl", b"", GOOD_TEST, [], r"train\.jsonl: no records"),
@@ -162,6 +163,14 @@ CASES = [
         [f"data.source={OUTSIDE}"],
         r"data\.source '.*etc/passwd' resolves to /etc/passwd, outside data\.allowed_roots",
     ),
+    (  # stopped by the flow's first step, sources_fingerprint, which would hash the target
+        "data folder holding a link out of the allowed roots",
+        "parts",
+        {"good.jsonl": GOOD_TRAIN, "zz.txt": Path("/etc/passwd")},
+        GOOD_TEST,
+        [],
+        r"^data\.source '.*/parts/zz\.txt' resolves to /etc/passwd, outside data\.allowed_roots",
+    ),
 ]
 
 
@@ -236,7 +245,14 @@ def test_bad_input_stops_the_flow_and_changes_nothing(
     case_dir = versioned / "raw" / name.replace(" ", "-").replace("/", "-")
     case_dir.mkdir(parents=True, exist_ok=True)
     train_path = case_dir / (file_name or "unused.jsonl")
-    if train is not None:
+    if isinstance(train, dict):  # a folder source
+        train_path.mkdir()
+        for name, content in train.items():
+            if isinstance(content, Path):
+                (train_path / name).symlink_to(content)
+            else:
+                (train_path / name).write_bytes(content)
+    elif train is not None:
         train_path.write_bytes(train)
     (case_dir / "test.jsonl").write_bytes(evaluation)
     before = snapshot(versioned)
