@@ -250,3 +250,21 @@ def test_json_keys_named_twice_or_not_utf8_are_one_line_errors(
     with pytest.raises(IngestError, match=message) as raised:
         _rows(project / "raw" / name, project)
     assert "\n" not in str(raised.value)
+
+
+def test_parquet_text_that_is_not_utf8_or_damaged_metadata_is_one_line(project: Path):
+    """The Parquet spec says strings are UTF-8, but no writer is made to check; and pandas'
+    metadata in the file steers to_pandas, which then fails with a KeyError."""
+    import pyarrow.parquet as pq
+
+    bad = pa.array([b"fine", b"\xcebad"], pa.binary()).view(pa.string())
+    path = project / "raw" / "pool.parquet"
+    pq.write_table(pa.table({"question": bad, "answer": ["a", "b"]}), path)
+    message = r"pool\.parquet: record 2: field 'question' is not valid UTF-8 \(byte 0 "
+    with pytest.raises(IngestError, match=message):
+        _rows(path, project)
+    table = pa.table({"question": ["q"], "answer": ["a"]})
+    damaged = json.dumps({"index_columns": [], "columns": [{}]}).encode()
+    pq.write_table(table.replace_schema_metadata({b"pandas": damaged}), path)
+    with pytest.raises(IngestError, match=r"pool\.parquet: record 1 on cannot be read: corrupt"):
+        _rows(path, project)
