@@ -22,7 +22,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from steps.hashing import file_md5
 from steps.data.fields import (
     AUTO_ID,
     chat_renderer,
@@ -35,6 +34,7 @@ from steps.data.fields import (
 )
 from steps.data.local_files import LOCAL_SUFFIXES, all_files, local_files
 from steps.data.readers import Batch, IngestError, iter_hub, iter_local
+from steps.hashing import file_md5
 from steps.paths import PathOutsideRoots, inside_roots, resolved_roots
 
 __all__ = [

@@ -89,13 +89,15 @@ def data_format(name: str) -> tuple[str, str | None] | None:
 def open_file(file: LocalFile) -> Iterator[IO[bytes]]:
     """The file's bytes as a binary stream, decompressed as read."""
     if file.compression is None:
-        handle: IO[bytes] = file.path.open("rb")
+        with file.path.open("rb") as handle:
+            yield handle
     elif file.compression == "xz":  # not one of pyarrow's codecs
-        handle = lzma.open(file.path, "rb")
+        with lzma.open(file.path, "rb") as unpacked:
+            yield unpacked
     else:  # C++ codecs: zstd with no extra dependency, gzip and bz2 faster than Python's
-        handle = io.BufferedReader(pa.input_stream(str(file.path), compression=file.compression))
-    with handle:
-        yield handle
+        stream = pa.input_stream(str(file.path), compression=file.compression)
+        with io.BufferedReader(stream) as buffered:
+            yield buffered
 
 
 def _inside(path: Path, roots: Sequence[Path], setting: str) -> Path:

@@ -21,10 +21,10 @@ import csv
 import io
 import json
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pandas as pd
 import pyarrow as pa
@@ -40,6 +40,8 @@ from steps.data.local_files import (
 )
 
 __all__ = ["BATCH_ROWS", "Batch", "IngestError", "iter_hub", "iter_local"]
+
+T = TypeVar("T")
 
 # Rows per batch: ~5 MB of GSM8K-sized text; memory stays flat whatever the file size.
 BATCH_ROWS = 10_000
@@ -237,13 +239,13 @@ def _lines_named(first: int, last: int) -> str:
     return f"line {first}" if first == last else f"lines {first}-{last}"
 
 
-def _check_header(file: LocalFile, header: list[str]) -> None:
+def _check_header(file: LocalFile, line: int, header: list[str]) -> None:
     """A header that cannot hold the columns a config names: one column that holds another
     delimiter (a ';'- or tab-separated file), or a name twice (pandas would rename one)."""
     if len(header) == 1 and (found := next((d for d in ";\t|" if d in header[0]), None)):
         name = {";": "';'", "\t": "tab", "|": "'|'"}[found]
         raise IngestError(
-            f"{file.shown}: line 1: the header is one column {header[0][:80]!r}, so the "
+            f"{file.shown}: line {line}: the header is one column {header[0][:80]!r}, so the "
             f"configured columns are missing; the file looks {name}-separated, but Sift reads "
             f"comma-separated CSV: save it with ',' between columns (or as JSONL)"
         )
@@ -251,7 +253,7 @@ def _check_header(file: LocalFile, header: list[str]) -> None:
     for name in header:
         if name in seen:
             raise IngestError(
-                f"{file.shown}: line 1: column {name!r} appears twice in the header (which "
+                f"{file.shown}: line {line}: column {name!r} appears twice in the header (which "
                 "one counts is ambiguous); rename one"
             )
         seen.add(name)
@@ -289,51 +291,60 @@ def _first_bad_bytes(file: LocalFile, error: UnicodeDecodeError) -> IngestError:
     return IngestError(f"{file.shown}: not valid UTF-8 (byte {error.start} of a chunk)")
 
 
+def _strict(file: LocalFile, step: Callable[[], T]) -> T | None:
+    """One step of pandas' CSV reader (open, or the next chunk) as an IngestError on any
+    failure, None at no data. Strict: pandas' ParserWarning is an error, for a record with
+    more fields than the header that pandas would otherwise take as the index (shifting
+    every column) or cut short. The warning filter is set for this step only."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", pd.errors.ParserWarning)
+            return step()
+    except UnicodeDecodeError as error:
+        raise _first_bad_bytes(file, error) from None
+    except pd.errors.EmptyDataError:
+        return None
+    except (pd.errors.ParserError, pd.errors.ParserWarning) as error:
+        raise _csv_failure(file, error) from None
+    except UNREADABLE as error:
+        raise file.unreadable(error) from None
+
+
 def _csv_frames(file: LocalFile) -> Iterator[pd.DataFrame]:
-    """pandas' frames, strict: a record with more fields than the header is an error (pandas
-    would otherwise take an extra first field as the index, or drop an extra last one)."""
     with open_file(file) as handle:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", pd.errors.ParserWarning)
-                reader = pd.read_csv(
-                    handle,
-                    dtype=str,
-                    keep_default_na=False,
-                    chunksize=BATCH_ROWS,
-                    index_col=False,
-                    encoding="utf-8",
-                )
-                yield from reader
-        except UnicodeDecodeError as error:
-            raise _first_bad_bytes(file, error) from None
-        except pd.errors.EmptyDataError:
-            return
-        except (pd.errors.ParserError, pd.errors.ParserWarning) as error:
-            raise _csv_failure(file, error) from None
-        except UNREADABLE as error:
-            raise file.unreadable(error) from None
+        options = {"dtype": str, "keep_default_na": False, "index_col": False}
+        reader = _strict(
+            file,
+            lambda: pd.read_csv(handle, chunksize=BATCH_ROWS, encoding="utf-8", **options),
+        )
+        while reader is not None:
+            frame = _strict(file, lambda: next(reader, None))
+            if frame is None:
+                return
+            yield frame
 
 
 def _csv_batches(file: LocalFile) -> Iterator[Batch]:
     """CSV batches whose rows name their file lines. Each line is checked against the row
     pandas parsed (same first field); from the first disagreement on (an odd dialect) the
     rest of the file is named by record number, which is never wrong, only less direct."""
-    records: Iterator[tuple[int, int, list[str]]] | None = _csv_records(file)
-    header = next(records, None) if records is not None else None
+    records = _csv_records(file)
+    header = next(records, None)
     if header is None:
         return
-    _check_header(file, header[2])
+    line_of_header, _, names = header
+    _check_header(file, line_of_header, names)
+    lines: Iterator[tuple[int, int, list[str]]] | None = records
     first = 1
     for frame in _csv_frames(file):
         firsts = frame.iloc[:, 0].tolist() if len(frame.columns) else [None] * len(frame)
         places = []
         for number, cell in enumerate(firsts, start=first):
-            line, last, fields = next(records, (None, None, [])) if records else (None, None, [])
-            if len(fields) > len(header[2]):  # caught here, pandas may have read it silently
-                raise _csv_failure(file, ValueError("extra fields"))
-            if line is None or last is None or fields[0] != cell:
-                records = None
+            line, _, fields = next(lines, (None, None, [])) if lines else (None, None, [])
+            if len(fields) > len(names):  # pandas read it: only the strictness above stops it
+                raise _csv_failure(file, ValueError("a record with extra fields"))
+            if line is None or fields[0] != cell:
+                lines = None
                 places.append(f"record {number}")
             else:
                 places.append(f"line {line}")
