@@ -1,0 +1,46 @@
+"""Paths that a config or a data folder names, kept inside the folders allowed to them.
+
+One check for every reader of user-named paths: the path is resolved with every symlink
+followed, and must then lie inside one of the allowed roots (themselves resolved). A link
+inside an allowed folder that points outside it is caught as the path itself would be.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+
+class PathOutsideRoots(ValueError):
+    """A path resolving outside the allowed roots; the message names the setting, the path
+    and where it leads."""
+
+
+def resolved_roots(roots: Sequence[str | Path], project_dir: Path) -> list[Path]:
+    """The roots as absolute, symlink-free paths; relative ones are relative to project_dir."""
+    return [(project_dir / root).resolve() for root in roots]
+
+
+def inside_roots(
+    path: Path,
+    roots: Sequence[Path],
+    setting: str,
+    roots_setting: str = "data.allowed_roots",
+) -> Path:
+    """`path` resolved (symlinks followed), if that lies inside one of `roots`.
+
+    `roots` must already be resolved (see resolved_roots). Otherwise PathOutsideRoots, one
+    line naming `setting`, the path as given and its target, e.g. "data.source 'd/zz.txt'
+    resolves to /etc/passwd, outside data.allowed_roots [...]". A symlink loop is refused too.
+    """
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError) as error:  # RuntimeError: a symlink loop (Python < 3.13)
+        raise PathOutsideRoots(f"{setting} '{path}' cannot be resolved ({error})") from None
+    if not any(resolved.is_relative_to(root) for root in roots):
+        raise PathOutsideRoots(
+            f"{setting} '{path}' resolves to {resolved}, outside {roots_setting} "
+            f"{[str(root) for root in roots]}; move the data under the project or add its "
+            f"folder to {roots_setting}"
+        )
+    return resolved
