@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from flows.config import ConfigError, PipelineConfig, load_config, resolve_paths
+from flows.config import PipelineConfig, check_paths, load_config, resolve_paths
 from flows.runtime import configure_environment
 
 console = Console()
 
 ConfigOption = Annotated[
     Path | None,
-    typer.Option("--config", "-c", help="YAML file overriding the defaults (see configs/)."),
+    typer.Option(
+        "--config",
+        "-c",
+        help="YAML file overriding the defaults (see configs/); at most 256 KiB. A symlink "
+        "must lead inside the project (a file named there) or the folder it is named in.",
+    ),
 ]
 SetOption = Annotated[
     list[str] | None,
@@ -37,13 +43,21 @@ def fail(message: object, code: int) -> typer.Exit:
 
 
 def resolve_config(
-    config_path: Path | None, overrides: list[str] | None, project_dir: Path
+    config_path: Path | None,
+    overrides: list[str] | None,
+    project_dir: Path,
+    typed: Collection[str] = (),
 ) -> PipelineConfig:
-    """The config with project-relative paths made absolute; a bad one exits 2 naming it."""
+    """The config with project-relative paths made absolute and every local path a setting
+    names checked inside data.allowed_roots (flows/config.py check_paths; `typed`: settings
+    filled from the command's own options); a bad one exits 2 naming it, before anything
+    is read or tracked."""
     try:
-        return resolve_paths(load_config(config_path, overrides), project_dir)
-    except ConfigError as error:
+        resolved = resolve_paths(load_config(config_path, overrides, project_dir), project_dir)
+        check_paths(resolved, project_dir, typed)
+    except ValueError as error:  # ConfigError, PathOutsideRoots, a YAML over a limit
         raise fail(error, 2) from None
+    return resolved
 
 
 def load_project(config_path: Path | None, overrides: list[str] | None, project_dir: Path):
