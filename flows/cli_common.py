@@ -47,21 +47,30 @@ def resolve_config(
     overrides: list[str] | None,
     project_dir: Path,
     typed: Collection[str] = (),
+    check: bool = True,
 ) -> PipelineConfig:
     """The config with project-relative paths made absolute and every local path a setting
-    names checked inside data.allowed_roots (flows/config.py check_paths; `typed`: settings
-    filled from the command's own options); a bad one exits 2 naming it, before anything
-    is read or tracked."""
+    names checked inside data.allowed_roots (flows/config.py check_paths); a bad one exits 2
+    naming it, before anything is read or tracked. typed: settings filled from the command's
+    own options (a path its user chose); check=False only for a command that reads none of
+    the paths the settings name (the registry commands)."""
     try:
         resolved = resolve_paths(load_config(config_path, overrides, project_dir), project_dir)
-        check_paths(resolved, project_dir, typed)
+        if check:
+            check_paths(resolved, project_dir, typed)
     except ValueError as error:  # ConfigError, PathOutsideRoots, a YAML over a limit
         raise fail(error, 2) from None
     return resolved
 
 
-def load_project(config_path: Path | None, overrides: list[str] | None, project_dir: Path):
+def load_project(
+    config_path: Path | None,
+    overrides: list[str] | None,
+    project_dir: Path,
+    typed: Collection[str] = (),
+    check: bool = True,
+):
     project_dir = project_dir.resolve()
-    config = resolve_config(config_path, overrides, project_dir)
+    config = resolve_config(config_path, overrides, project_dir, typed, check)
     configure_environment(project_dir)
     return config, project_dir

@@ -8,6 +8,7 @@ data.allowed_roots by check_paths, before anything reads one or any run is track
 
 from __future__ import annotations
 
+import os
 from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,9 @@ def resolve_paths(config: PipelineConfig, project_dir: Path) -> PipelineConfig:
 
     def local(value: str) -> str:
         path = project_dir / value
-        return str(path.resolve()) if not Path(value).is_absolute() and path.exists() else value
+        # absolute, links kept (not resolve()): check_paths names a link and its target
+        exists = not Path(value).is_absolute() and path.exists()
+        return os.path.abspath(path) if exists else value
 
     return config.model_copy(
         update={
