@@ -18,12 +18,13 @@ from pydantic_core import PydanticCustomError
 
 from steps import config_files
 from steps.data.ingest import IngestConfig
+from steps.data.readers import IngestError
 from steps.data.validate import ValidateConfig
 from steps.data.version import VersionConfig
 from steps.evaluation.evaluate import EvalConfig
 from steps.evaluation.task_paths import check_benchmark_paths
 from steps.modeling import ModelConfig
-from steps.paths import resolved_roots
+from steps.paths import PathOutsideRoots, resolved_roots
 from steps.registry.register import RegisterConfig
 from steps.selection.embed import EmbedConfig
 from steps.selection.select import SelectConfig, check_embed_for
@@ -113,19 +114,29 @@ def resolve_paths(config: PipelineConfig, project_dir: Path) -> PipelineConfig:
     )
 
 
+DATA_SOURCES = ("data.source", "data.eval_source")
+
+
 def check_paths(
     config: PipelineConfig | StudyConfig, project_dir: Path, typed: Collection[str] = ()
 ) -> None:
     """Every local path a setting names resolves, symlinks followed, inside data.allowed_roots
     (relative to project_dir), a folder with everything in it; else PathOutsideRoots (a
-    ValueError) naming the setting, the link and its target, before anything reads one or
-    any run is tracked. Hub ids name nothing local and pass. `typed`: settings filled from a
-    command's own option (`sift select --data`), a path its user chose on purpose."""
+    ValueError; IngestError for the data sources, as ingest raises) naming the setting, the
+    link and its target, before anything reads one or any run is tracked. Hub ids name
+    nothing local and pass. `typed`: settings filled from a command's own option (`sift
+    select --data`), a path its user chose on purpose."""
     roots = resolved_roots(config.data.allowed_roots, project_dir)
     for setting, value, working_dir_too in _path_settings(config):
-        if setting not in typed:
-            for path in named_paths(value, project_dir, working_dir_too=working_dir_too):
+        if setting in typed:
+            continue
+        for path in named_paths(value, project_dir, working_dir_too=working_dir_too):
+            try:
                 check_tree(path, roots, setting)
+            except PathOutsideRoots as error:
+                if setting in DATA_SOURCES:  # the type ingest's own check raises for them
+                    raise IngestError(str(error)) from None
+                raise
     check_benchmark_paths(config.eval, project_dir, roots)
     for path in named_paths(config.finetune.accelerate_config, project_dir, working_dir_too=True):
         # accelerate parses it: the same limits as a config of Sift's own
