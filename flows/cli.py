@@ -19,7 +19,7 @@ from flows.cli_common import (
     load_project,
     resolve_config,
 )
-from flows.config import ConfigError, PipelineConfig, check_paths, load_config
+from flows.config import DATA_SOURCES, ConfigError, PipelineConfig, check_paths, load_config
 from flows.runtime import configure_environment
 
 app = typer.Typer(
@@ -44,7 +44,8 @@ def run(
 ) -> None:
     """Run the whole pipeline once: ingest → validate → version → embed → select → fine-tune
     → evaluate → register → promote."""
-    resolved, root = load_project(config, set_, project_dir)
+    unread = DATA_SOURCES if data_rev else ()  # --data-rev: the data comes from DVC
+    resolved, root = load_project(config, set_, project_dir, skip=unread)
     from flows.pipeline import pipeline, summary_rows  # imports Prefect: after the env is set
     from steps.data.ingest import IngestError
 
@@ -185,7 +186,7 @@ def select_command(
 
     root = Path.cwd()
     overrides = [*(set_ or []), f"data.source={json.dumps(str(data))}"]
-    resolved = resolve_config(config, overrides, root, typed=("data.source",))  # --data: chosen
+    resolved = resolve_config(config, overrides, root, skip=("data.source",))  # --data: chosen
     if resolved.select.prior:
         # select.prior names an MLflow run, which this command never reads: say so rather
         # than select cold while the config asks for a warm start.

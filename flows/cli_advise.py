@@ -43,7 +43,7 @@ def advise_command(
 
     root = Path.cwd()
     overrides = [*(set_ or []), f"data.source={json.dumps(str(data))}"]
-    resolved = resolve_config(config, overrides, root, typed=("data.source",))  # --data: chosen
+    resolved = resolve_config(config, overrides, root, skip=("data.source",))  # --data: chosen
     if resolved.select.prior:  # the advisor walks a cold selection: say so, never ignore it
         raise fail(f"select.prior={resolved.select.prior!r}: `sift advise` walks a cold "
                    "selection; --set select.prior=''", 2)  # fmt: skip

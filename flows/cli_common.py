@@ -46,18 +46,18 @@ def resolve_config(
     config_path: Path | None,
     overrides: list[str] | None,
     project_dir: Path,
-    typed: Collection[str] = (),
+    skip: Collection[str] = (),
     check: bool = True,
 ) -> PipelineConfig:
     """The config with project-relative paths made absolute and every local path a setting
     names checked inside data.allowed_roots (flows/config.py check_paths); a bad one exits 2
-    naming it, before anything is read or tracked. typed: settings filled from the command's
-    own options (a path its user chose); check=False only for a command that reads none of
-    the paths the settings name (the registry commands)."""
+    naming it, before anything is read or tracked. skip: settings the command does not read
+    from the config (flows/config.py check_paths); check=False only for a command that reads
+    none of the paths the settings name (the registry commands)."""
     try:
         resolved = resolve_paths(load_config(config_path, overrides, project_dir), project_dir)
         if check:
-            check_paths(resolved, project_dir, typed)
+            check_paths(resolved, project_dir, skip)
     except ValueError as error:  # ConfigError, PathOutsideRoots, a YAML over a limit
         raise fail(error, 2) from None
     return resolved
@@ -67,10 +67,10 @@ def load_project(
     config_path: Path | None,
     overrides: list[str] | None,
     project_dir: Path,
-    typed: Collection[str] = (),
+    skip: Collection[str] = (),
     check: bool = True,
 ):
     project_dir = project_dir.resolve()
-    config = resolve_config(config_path, overrides, project_dir, typed, check)
+    config = resolve_config(config_path, overrides, project_dir, skip, check)
     configure_environment(project_dir)
     return config, project_dir

@@ -48,7 +48,7 @@ def evaluate_command(
     if limit is not None:
         overrides.append(f"eval.limit={limit}")
     # --model replaces model.name: the user's own choice, as `sift select --data`
-    resolved, root = load_project(config, overrides, project_dir, typed=("model.name",))
+    resolved, root = load_project(config, overrides, project_dir, skip=("model.name",))
     from flows.runtime import state_dir
     from steps.evaluation.report import report_notes, score_table_rows, write_report
     from steps.evaluation.score import score_source

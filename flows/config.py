@@ -118,17 +118,18 @@ DATA_SOURCES = ("data.source", "data.eval_source")
 
 
 def check_paths(
-    config: PipelineConfig | StudyConfig, project_dir: Path, typed: Collection[str] = ()
+    config: PipelineConfig | StudyConfig, project_dir: Path, skip: Collection[str] = ()
 ) -> None:
     """Every local path a setting names resolves, symlinks followed, inside data.allowed_roots
     (relative to project_dir), a folder with everything in it; else PathOutsideRoots (a
     ValueError; IngestError for the data sources, as ingest raises) naming the setting, the
     link and its target, before anything reads one or any run is tracked. Hub ids name
-    nothing local and pass. `typed`: settings filled from a command's own option (`sift
-    select --data`), a path its user chose on purpose."""
+    nothing local and pass. skip: settings the caller does not read from the config: one a
+    command's own option fills (`sift select --data`: a path its user chose on purpose), the
+    data sources when --data-rev reads the data from DVC instead."""
     roots = resolved_roots(config.data.allowed_roots, project_dir)
     for setting, value, working_dir_too in _path_settings(config):
-        if setting in typed:
+        if setting in skip:
             continue
         for path in named_paths(value, project_dir, working_dir_too=working_dir_too):
             try:

@@ -247,7 +247,7 @@ def test_hub_ids_links_inside_the_roots_and_added_roots_pass(layout):
 def test_a_path_typed_as_a_commands_own_option_is_its_users_choice(layout):
     project, outside = layout
     config = load_config(None, [f"data.source={outside / 'data.jsonl'}"])
-    check_paths(config, project, typed=("data.source",))  # `sift select --data`
+    check_paths(config, project, skip=("data.source",))  # `sift select --data`
     with pytest.raises(IngestError, match="data.source"):
         check_paths(config, project)
 
