@@ -122,7 +122,7 @@ def suite_file(suite: str, project_dir: Path) -> Path | None:
     return path
 
 
-def suite_members(path: Path) -> list[dict[str, Any]]:
+def _suite_members(path: Path) -> list[dict[str, Any]]:
     try:
         parsed = config_files.read_yaml(path, "eval.suite")
     except config_files.YamlFileError as error:
@@ -187,7 +187,7 @@ def plan_benchmarks(config: Any, project_dir: Path) -> BenchmarkPlan:
     user = _user_tasks(include) if include is not None else {}
     specs: list[TaskSpec] = []
     suite = suite_file(config.suite, project_dir)
-    members = suite_members(suite) if suite is not None else []
+    members = _suite_members(suite) if suite is not None else []
     for member in members:
         assert suite is not None
         name, overrides = member["task"], {k: v for k, v in member.items() if k != "task"}
