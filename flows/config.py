@@ -17,8 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from steps import config_files
-from steps.data.ingest import IngestConfig
-from steps.data.readers import IngestError
+from steps.data.ingest import IngestConfig, IngestError
 from steps.data.validate import ValidateConfig
 from steps.data.version import VersionConfig
 from steps.evaluation.evaluate import EvalConfig
