@@ -19,7 +19,7 @@ from flows.cli_common import (
     load_project,
     resolve_config,
 )
-from flows.config import ConfigError, PipelineConfig, load_config
+from flows.config import DATA_SOURCES, ConfigError, PipelineConfig, check_paths, load_config
 from flows.runtime import configure_environment
 
 app = typer.Typer(
@@ -44,7 +44,8 @@ def run(
 ) -> None:
     """Run the whole pipeline once: ingest → validate → version → embed → select → fine-tune
     → evaluate → register → promote."""
-    resolved, root = load_project(config, set_, project_dir)
+    unread = DATA_SOURCES if data_rev else ()  # --data-rev: the data comes from DVC
+    resolved, root = load_project(config, set_, project_dir, skip=unread)
     from flows.pipeline import pipeline, summary_rows  # imports Prefect: after the env is set
     from steps.data.ingest import IngestError
 
@@ -131,10 +132,11 @@ def deploy(
     if not (root / "prefect.yaml").is_file():
         raise fail(f"sift deploy: no prefect.yaml in {root} (run it in a Sift checkout)", 2)
     try:  # paths stay relative: the worker runs in its own checkout (prefect.yaml's pull)
-        parameters = {"config": load_config(config, overrides).model_dump(mode="json"),
-                      "project_dir": "."}  # fmt: skip
-    except ConfigError as error:
+        loaded = load_config(config, overrides, root)
+        check_paths(loaded, root)  # here too; the flow checks again in the worker's checkout
+    except ValueError as error:  # ConfigError, PathOutsideRoots, a YAML over a limit
         raise fail(error, 2) from None
+    parameters = {"config": loaded.model_dump(mode="json"), "project_dir": "."}
     configure_environment(root)  # the servers of `sift server up`, when running
     if not os.environ.get("PREFECT_API_URL"):
         raise fail("sift deploy: no Prefect server (PREFECT_API_URL, or `sift server up`)", 2)
@@ -183,7 +185,8 @@ def select_command(
     from steps.selection.select import load_prior, select_from_file
 
     root = Path.cwd()
-    resolved = resolve_config(config, [*(set_ or []), f"data.source={json.dumps(str(data))}"], root)
+    overrides = [*(set_ or []), f"data.source={json.dumps(str(data))}"]
+    resolved = resolve_config(config, overrides, root, skip=("data.source",))  # --data: chosen
     if resolved.select.prior:
         # select.prior names an MLflow run, which this command never reads: say so rather
         # than select cold while the config asks for a warm start.
@@ -276,12 +279,13 @@ def study(
     """Data-efficiency study: selectors × budgets × seeds (select → fine-tune → evaluate) and
     the synthetic experiment; tables and plots to MLflow, Prefect and study.results_dir."""
     from flows.config import parse_override
-    from steps.study.study import StudyConfigError, load_study_config
+    from steps.study.study import load_study_config
 
     root = project_dir.resolve()
     try:
-        resolved = load_study_config(config, [parse_override(item) for item in set_ or []])
-    except (ConfigError, StudyConfigError) as error:
+        resolved = load_study_config(config, [parse_override(item) for item in set_ or []], root)
+        check_paths(resolved, root)  # before anything is read or tracked, as `run`
+    except ValueError as error:  # ConfigError, StudyConfigError, PathOutsideRoots, ...
         raise fail(error, 2) from None
     model = Path(resolved.model.name)
     if not model.is_absolute() and (root / model).exists():  # project-relative, as `run`

@@ -42,7 +42,8 @@ def advise_command(
     from steps.selection.advise import advise_file, write_advice
 
     root = Path.cwd()
-    resolved = resolve_config(config, [*(set_ or []), f"data.source={json.dumps(str(data))}"], root)
+    overrides = [*(set_ or []), f"data.source={json.dumps(str(data))}"]
+    resolved = resolve_config(config, overrides, root, skip=("data.source",))  # --data: chosen
     if resolved.select.prior:  # the advisor walks a cold selection: say so, never ignore it
         raise fail(f"select.prior={resolved.select.prior!r}: `sift advise` walks a cold "
                    "selection; --set select.prior=''", 2)  # fmt: skip

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from flows.config import ConfigError, PipelineConfig, load_config, resolve_paths
+from flows.config import PipelineConfig, check_paths, load_config, resolve_paths
 from flows.runtime import configure_environment
 
 console = Console()
 
 ConfigOption = Annotated[
     Path | None,
-    typer.Option("--config", "-c", help="YAML file overriding the defaults (see configs/)."),
+    typer.Option(
+        "--config",
+        "-c",
+        help="YAML file overriding the defaults (see configs/); at most 256 KiB. A symlink "
+        "must lead inside the project (a file named there) or the folder it is named in.",
+    ),
 ]
 SetOption = Annotated[
     list[str] | None,
@@ -37,17 +43,34 @@ def fail(message: object, code: int) -> typer.Exit:
 
 
 def resolve_config(
-    config_path: Path | None, overrides: list[str] | None, project_dir: Path
+    config_path: Path | None,
+    overrides: list[str] | None,
+    project_dir: Path,
+    skip: Collection[str] = (),
+    check: bool = True,
 ) -> PipelineConfig:
-    """The config with project-relative paths made absolute; a bad one exits 2 naming it."""
+    """The config with project-relative paths made absolute and every local path a setting
+    names checked inside data.allowed_roots (flows/config.py check_paths); a bad one exits 2
+    naming it, before anything is read or tracked. skip: settings the command does not read
+    from the config (flows/config.py check_paths); check=False only for a command that reads
+    none of the paths the settings name (the registry commands)."""
     try:
-        return resolve_paths(load_config(config_path, overrides), project_dir)
-    except ConfigError as error:
+        resolved = resolve_paths(load_config(config_path, overrides, project_dir), project_dir)
+        if check:
+            check_paths(resolved, project_dir, skip)
+    except ValueError as error:  # ConfigError, PathOutsideRoots, a YAML over a limit
         raise fail(error, 2) from None
+    return resolved
 
 
-def load_project(config_path: Path | None, overrides: list[str] | None, project_dir: Path):
+def load_project(
+    config_path: Path | None,
+    overrides: list[str] | None,
+    project_dir: Path,
+    skip: Collection[str] = (),
+    check: bool = True,
+):
     project_dir = project_dir.resolve()
-    config = resolve_config(config_path, overrides, project_dir)
+    config = resolve_config(config_path, overrides, project_dir, skip, check)
     configure_environment(project_dir)
     return config, project_dir

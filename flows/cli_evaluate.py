@@ -47,7 +47,8 @@ def evaluate_command(
         overrides.append(f"eval.tasks={json.dumps([t for t in tasks.split(',') if t])}")
     if limit is not None:
         overrides.append(f"eval.limit={limit}")
-    resolved, root = load_project(config, overrides, project_dir)
+    # --model replaces model.name: the user's own choice, as `sift select --data`
+    resolved, root = load_project(config, overrides, project_dir, skip=("model.name",))
     from flows.runtime import state_dir
     from steps.evaluation.report import report_notes, score_table_rows, write_report
     from steps.evaluation.score import score_source

@@ -29,7 +29,7 @@ def lineage_command(
     that reproduces it) → code → flow run → base model, and what changed against @champion.
     Reads the MLflow store of the config (tracking.tracking_uri) like `sift run`."""
     root = project_dir.resolve()
-    resolved = resolve_config(config, set_, root)
+    resolved = resolve_config(config, set_, root, check=False)  # reads no setting's paths
     use_recorded_servers(root)  # the MLflow server of `sift server up`, when running
     uri = tracking.resolve_tracking_uri(resolved.tracking, root)
     try:

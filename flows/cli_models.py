@@ -142,7 +142,7 @@ def add_commands(app: typer.Typer) -> None:
 def _client(config: Path | None, overrides: list[str] | None, project_dir: Path) -> MlflowClient:
     """A client on the configured store; a SQLite store that does not exist is an error here
     (opening it would create an empty one, and there is nothing in it to show or move)."""
-    resolved, root = load_project(config, overrides, project_dir)
+    resolved, root = load_project(config, overrides, project_dir, check=False)  # reads no paths
     uri = resolve_tracking_uri(resolved.tracking, root)
     try:
         require_store(uri)

@@ -46,7 +46,7 @@ def serve_model(
     """Serve a registered version with `mlflow models serve --env-manager local` from the
     configured registry (tracking.tracking_uri) until Ctrl-C; POST prompts to /invocations."""
     root = project_dir.resolve()
-    resolved = resolve_config(config, set_, root)
+    resolved = resolve_config(config, set_, root, check=False)  # reads no setting's paths
     use_recorded_servers(root)  # the MLflow server of `sift server up`, when running
     tracking_uri = resolve_tracking_uri(resolved.tracking, root)
     try:

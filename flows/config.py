@@ -1,11 +1,15 @@
 """The pipeline's one typed config: a section per step, defaults in the step modules.
 
 YAML files and --set key=value only override; an unknown key or a wrong type is an error
-naming the key.
+naming the key. A config file is read only where it could have been named and under a size
+and alias limit (steps/config_files.py); every local path a setting names is kept inside
+data.allowed_roots by check_paths, before anything reads one or any run is tracked.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +17,18 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
 from steps import config_files
-from steps.data.ingest import IngestConfig
+from steps.data.ingest import IngestConfig, IngestError
 from steps.data.validate import ValidateConfig
 from steps.data.version import VersionConfig
 from steps.evaluation.evaluate import EvalConfig
+from steps.evaluation.task_paths import check_benchmark_paths
 from steps.modeling import ModelConfig
+from steps.paths import PathOutsideRoots, resolved_roots
 from steps.registry.register import RegisterConfig
 from steps.selection.embed import EmbedConfig
 from steps.selection.select import SelectConfig, check_embed_for
+from steps.setting_paths import check_tree, named_paths
+from steps.study.study import StudyConfig
 from steps.tracking import TrackingConfig
 from steps.training.finetune import FinetuneConfig
 
@@ -69,9 +77,18 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(str(error)) from None
 
 
-def load_config(path: Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+def load_config(
+    path: Path | None = None, overrides: list[str] | None = None, project_dir: Path | None = None
+) -> PipelineConfig:
+    """Defaults, the YAML file, the overrides. The file may be anywhere it is named, but a
+    symlink must lead where it could have been named: inside the project (project_dir, else
+    the working directory) for a file named there, else inside the folder it is named in
+    (steps/config_files.py check_config_location); at most MAX_CONFIG_BYTES, its aliases
+    expanding to at most MAX_YAML_NODES."""
     parsed = [parse_override(override) for override in overrides or []]
-    return config_files.load_model(PipelineConfig, path, parsed, ConfigError)
+    return config_files.load_model(
+        PipelineConfig, path, parsed, ConfigError, project_dir=project_dir
+    )
 
 
 def resolve_paths(config: PipelineConfig, project_dir: Path) -> PipelineConfig:
@@ -79,7 +96,9 @@ def resolve_paths(config: PipelineConfig, project_dir: Path) -> PipelineConfig:
 
     def local(value: str) -> str:
         path = project_dir / value
-        return str(path.resolve()) if not Path(value).is_absolute() and path.exists() else value
+        # absolute, links kept (not resolve()): check_paths names a link and its target
+        exists = not Path(value).is_absolute() and path.exists()
+        return os.path.abspath(path) if exists else value
 
     return config.model_copy(
         update={
@@ -92,6 +111,53 @@ def resolve_paths(config: PipelineConfig, project_dir: Path) -> PipelineConfig:
             "model": config.model.model_copy(update={"name": local(config.model.name)}),
         }
     )
+
+
+DATA_SOURCES = ("data.source", "data.eval_source")
+
+
+def check_paths(
+    config: PipelineConfig | StudyConfig, project_dir: Path, skip: Collection[str] = ()
+) -> None:
+    """Every local path a setting names resolves, symlinks followed, inside data.allowed_roots
+    (relative to project_dir), a folder with everything in it; else PathOutsideRoots (a
+    ValueError; IngestError for the data sources, as ingest raises) naming the setting, the
+    link and its target, before anything reads one or any run is tracked. Hub ids name
+    nothing local and pass. skip: settings the caller does not read from the config: one a
+    command's own option fills (`sift select --data`: a path its user chose on purpose), the
+    data sources when --data-rev reads the data from DVC instead."""
+    roots = resolved_roots(config.data.allowed_roots, project_dir)
+    for setting, value, working_dir_too in _path_settings(config):
+        if setting in skip:
+            continue
+        for path in named_paths(value, project_dir, working_dir_too=working_dir_too):
+            try:
+                check_tree(path, roots, setting)
+            except PathOutsideRoots as error:
+                if setting in DATA_SOURCES:  # the type ingest's own check raises for them
+                    raise IngestError(str(error)) from None
+                raise
+    check_benchmark_paths(config.eval, project_dir, roots)
+    for path in named_paths(config.finetune.accelerate_config, project_dir, working_dir_too=True):
+        # accelerate parses it: the same limits as a config of Sift's own
+        config_files.read_yaml(path, "finetune.accelerate_config")
+
+
+def _path_settings(config: PipelineConfig | StudyConfig) -> Iterator[tuple[str, str | None, bool]]:
+    """(setting, value, whether its reader also opens it from the working directory): the
+    settings that name a local file or folder Sift or a library it calls reads (or, for
+    study.results_dir, writes into). version.remote_url and tracking.tracking_uri name
+    where records are kept, often shared services, and are not confined."""
+    data = config.data
+    yield "data.source", data.source, data.loader == "datasets"
+    yield "data.eval_source", data.eval_source, data.loader == "datasets"
+    yield "data.chat_template", data.chat_template, True  # transformers: from the working dir
+    yield "model.name", config.model.name, True
+    yield "finetune.accelerate_config", config.finetune.accelerate_config, True
+    if isinstance(config, PipelineConfig):
+        yield "select.target", config.select.target, False
+    else:
+        yield "study.results_dir", config.study.results_dir, False
 
 
 def flat_params(config: BaseModel) -> dict[str, object]:

@@ -15,7 +15,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
 
-from flows.config import PipelineConfig, flat_params
+from flows.config import DATA_SOURCES, PipelineConfig, check_paths, flat_params
 from flows.runtime import state_dir
 from flows.tasks import (
     ChampionRef,
@@ -83,6 +83,8 @@ def pipeline(
     already validated when it was versioned) instead of ingesting data.source."""
     project_dir = Path(project_dir).resolve()  # a worker's run gets "." (prefect.yaml)
     reject_target_in_pipeline(config.select)  # before any run is tracked or data read
+    # every local path a setting names, in data.allowed_roots (data_rev: the data is DVC's)
+    check_paths(config, project_dir, skip=DATA_SOURCES if data_rev is not None else ())
     if line := select_caution(config.select):
         print(line)  # once, in the run's log
     device, precision = resolve_hardware(config.model)

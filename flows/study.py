@@ -19,7 +19,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from flows.caching import key
-from flows.config import flat_params
+from flows.config import check_paths, flat_params
 from flows.runtime import state_dir
 from flows.tasks import (
     RunContext,
@@ -87,6 +87,7 @@ QUARANTINE_NOTE = "quarantined.txt"  # beside a study's accepted tables: what th
 
 @flow(name="sift-study", log_prints=True)
 def study(config: lib.StudyConfig, project_dir: Path) -> StudyResult:
+    check_paths(config, project_dir)  # before anything is read or tracked, as the pipeline
     device, precision = resolve_hardware(config.model)
     with tracking.tracked_run(
         project_dir,

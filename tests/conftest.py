@@ -13,6 +13,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = REPO / "assets" / "models" / "stories260K"
 GSM8K_DIR = REPO / "assets" / "data" / "gsm8k"
+# The bundled model and eval slices live in this checkout, outside a test's tmp project:
+# every local path a setting names must lie in data.allowed_roots (flows/config.py check_paths).
+REPO_ASSETS_ROOTS = [".", "assets", str(REPO / "assets")]
+ALLOW_REPO_ASSETS = f"data.allowed_roots={json.dumps(REPO_ASSETS_ROOTS)}"
 
 _STATE = Path(tempfile.mkdtemp(prefix="sift-tests-"))
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -117,6 +121,7 @@ def small_run_overrides(
         f"data.source={project / 'raw' / 'train.jsonl'}",
         f"data.eval_source={project / 'raw' / 'test.jsonl'}",
         f"model.name={MODEL_DIR}",
+        ALLOW_REPO_ASSETS,
         f"select.budget={budget}",
         "finetune.epochs=1",
         "finetune.batch_size=8",

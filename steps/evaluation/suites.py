@@ -9,7 +9,9 @@ eval.include_path adds a folder of the user's own task YAMLs; eval.tasks names t
 
 Everything is checked here, before any model is loaded: an unknown task, a missing data
 file, a YAML that does not parse or resolve, few-shot where the task has no examples for it
-(BenchmarkError names the task and the file).
+(BenchmarkError names the task and the file). Before that, at the edge of a run, every local
+file the eval section leads lm-eval to read is kept inside data.allowed_roots
+(steps/evaluation/task_paths.py).
 """
 
 from __future__ import annotations
@@ -26,8 +28,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from steps import config_files
 from steps.hashing import file_md5, text_md5
 
 SUITES_DIR = Path(__file__).parent / "suites"
@@ -123,9 +124,9 @@ def suite_file(suite: str, project_dir: Path) -> Path | None:
 
 def _suite_members(path: Path) -> list[dict[str, Any]]:
     try:
-        parsed = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise BenchmarkError(f"eval.suite {path}: not valid YAML: {error}") from None
+        parsed = config_files.read_yaml(path, "eval.suite")
+    except config_files.YamlFileError as error:
+        raise BenchmarkError(str(error)) from None
     members = parsed.get("task") if isinstance(parsed, dict) else None
     if not isinstance(members, list) or not members:
         raise BenchmarkError(f"eval.suite {path}: needs a `task:` list of lm-eval tasks")

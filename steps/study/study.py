@@ -178,9 +178,15 @@ class StudyConfigError(ValueError):
     pass
 
 
-def load_study_config(path: Path | None, overrides: list[tuple[str, Any]]) -> StudyConfig:
-    """Defaults, then the YAML file, then (dotted key, value) overrides; errors name the key."""
-    return config_files.load_model(StudyConfig, path, overrides, StudyConfigError, "study config")
+def load_study_config(
+    path: Path | None, overrides: list[tuple[str, Any]], project_dir: Path | None = None
+) -> StudyConfig:
+    """Defaults, then the YAML file, then (dotted key, value) overrides; errors name the key.
+    The file is read as flows/config.py load_config reads one (project_dir: where a symlink
+    named inside may lead; the working directory when None)."""
+    return config_files.load_model(
+        StudyConfig, path, overrides, StudyConfigError, "study config", project_dir
+    )
 
 
 def split_holdout(train_path: str, rows: int, out_dir: Path) -> tuple[str, str]:

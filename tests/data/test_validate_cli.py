@@ -7,14 +7,15 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from flows.cli import app
-from tests.conftest import MODEL_DIR, write_jsonl
+from tests.conftest import ALLOW_REPO_ASSETS, MODEL_DIR, write_jsonl
 
 runner = CliRunner()
 
 
 def _validate(project: Path, data: str, *extra: str):
     args = ["validate", "--data", data, "--eval-data", "raw/test.jsonl"]
-    args += ["--project-dir", str(project), "--set", f"model.name={MODEL_DIR}", *extra]
+    args += ["--project-dir", str(project), "--set", f"model.name={MODEL_DIR}"]
+    args += ["--set", ALLOW_REPO_ASSETS, *extra]
     return runner.invoke(app, args)
 
 

@@ -21,7 +21,7 @@ from steps.data.validate import DataValidationError, ValidateConfig, raise_on_fa
 from steps.data.version import VersionConfig, version_data
 from steps.hashing import file_md5
 from steps.modeling import ModelConfig
-from tests.conftest import GSM8K_DIR, MODEL_DIR, read_jsonl, write_jsonl
+from tests.conftest import ALLOW_REPO_ASSETS, GSM8K_DIR, MODEL_DIR, read_jsonl, write_jsonl
 
 pytestmark = pytest.mark.slow
 TRAIN = read_jsonl(GSM8K_DIR / "train.jsonl", 40)
@@ -221,6 +221,7 @@ def pipeline_config(project: Path, train: str, evaluation: str, *extra: str):
                 f"data.source={train}",
                 f"data.eval_source={evaluation}",
                 f"model.name={MODEL_DIR}",
+                ALLOW_REPO_ASSETS,
                 f"version.remote_url={project.parent / 'remote'}",
                 "registry.model_name=sift-bad-inputs",
                 f"tracking.tracking_uri=sqlite:///{project.parent / 'mlflow.db'}",

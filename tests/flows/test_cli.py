@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from steps.data.ingest import content_id
-from tests.conftest import MODEL_DIR, write_jsonl
+from tests.conftest import ALLOW_REPO_ASSETS, MODEL_DIR, write_jsonl
 
 runner = CliRunner()
 
@@ -24,7 +24,8 @@ def test_run_rejects_an_unknown_key_before_doing_anything(tmp_path: Path):
 def test_run_with_an_unknown_prior_stops_with_one_line_naming_it(prefect_harness, project: Path):
     store = f"sqlite:///{project / 'mlflow.db'}"
     args = ["run", "--project-dir", str(project), "--set", f"tracking.tracking_uri={store}"]
-    sources = [f"data.source={project / 'raw' / 'train.jsonl'}", f"model.name={MODEL_DIR}"]
+    sources = [f"data.source={project / 'raw' / 'train.jsonl'}", f"model.name={MODEL_DIR}",
+               ALLOW_REPO_ASSETS]  # fmt: skip
     for override in [*sources, "select.prior=0123abcd"]:
         args += ["--set", override]
     result = runner.invoke(app, args)

@@ -15,7 +15,7 @@ from flows.config import load_config, resolve_paths
 from steps.data.version import data_at_rev
 from steps.selection.embed import embed_pool
 from steps.selection.select import select_subset, selected_ids
-from tests.conftest import MODEL_DIR, write_jsonl
+from tests.conftest import ALLOW_REPO_ASSETS, MODEL_DIR, write_jsonl
 
 pytestmark = pytest.mark.slow
 DVC = str(Path(sys.executable).parent / "dvc")  # the venv's, activated or not
@@ -30,6 +30,7 @@ def _config(project: Path):
                 "data.source=raw/train.jsonl",
                 "data.eval_source=raw/test.jsonl",
                 f"model.name={MODEL_DIR}",
+                ALLOW_REPO_ASSETS,
                 "select.budget=0.25",
                 "finetune.epochs=4",  # >= 10 steps: one logged loss at least
                 "finetune.batch_size=8",

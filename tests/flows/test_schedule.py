@@ -20,7 +20,7 @@ import httpx
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import MODEL_DIR
+from tests.conftest import ALLOW_REPO_ASSETS, MODEL_DIR
 
 pytestmark = pytest.mark.slow
 
@@ -92,6 +92,8 @@ def test_served_schedule_trains_once_then_stops_on_unchanged_data(project: Path,
                 f"data.eval_source={project / 'raw' / 'test.jsonl'}",
                 "--set",
                 f"model.name={MODEL_DIR}",
+                "--set",
+                ALLOW_REPO_ASSETS,
                 "--set",
                 "finetune.epochs=1",
                 "--set",

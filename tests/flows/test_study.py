@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from flows.cli import app
 from steps.study.study import load_study_config
-from tests.conftest import MODEL_DIR, REPO
+from tests.conftest import MODEL_DIR, REPO, REPO_ASSETS_ROOTS
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -30,6 +30,7 @@ def _quick(project: Path, tracking_uri: str, *overrides: tuple[str, object]):
             ("data.eval_source", str(project / "raw" / "test.jsonl")),
             ("data.limit", None),
             ("model.name", str(MODEL_DIR)),
+            ("data.allowed_roots", REPO_ASSETS_ROOTS),
             ("tracking.tracking_uri", tracking_uri),
             *overrides,
         ],
