@@ -14,6 +14,12 @@ The pass streams: every `chunk_examples` examples are written to disk as one chu
 so memory stays bounded and an interrupted pass resumes at the first missing chunk. The
 finished folder holds FILES as .npy (memory-mappable) plus meta.json.
 
+What proves a cached file whole: each chunk-N.npz has its md5 in chunk-N.md5 beside it, written
+by whoever wrote the chunk (one record per chunk, not a shared manifest: workers write chunks at
+once), and checksums.json holds the md5 of every consolidated .npy. A chunk that no longer
+matches its record is computed again, with a warning naming it; features_problem tells a cached
+result's caller (flows/tasks.py) that its folder was damaged.
+
 The chunk is also the unit of parallelism: with `num_processes > 1` workers started by
 `accelerate launch` (steps/selection/embed_multiprocess.py) each compute every N-th missing
 chunk, exactly as one process would, and this process merges them in pool order.
@@ -36,7 +42,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 from transformers import AutoConfig, PreTrainedModel
 
-from steps.hashing import code_fingerprint
+from steps.hashing import code_fingerprint, file_md5
+from steps.integrity import md5_problem, record_md5, recorded_md5_problem
 from steps.modeling import (
     IGNORE_INDEX,
     Encoded,
@@ -51,6 +58,7 @@ from steps.selection.pool import FeaturePool, random_projection
 
 FILES = ("factors", "offsets", "pooled", "n_tokens", "base_loss")
 LABEL_FILES = ("label_factors",)  # with embed.token_weight=label, row for row beside factors
+CHECKSUMS = "checksums.json"  # {"factors.npy": md5, ...}: written last by _consolidate
 log = logging.getLogger(__name__)
 
 
@@ -134,6 +142,22 @@ def load_pool(ref: FeaturesRef) -> FeaturePool:
     )
 
 
+def features_problem(ref: FeaturesRef) -> str | None:
+    """One line naming the first consolidated file that no longer matches the md5 recorded
+    when it was written (or the record itself, when that is gone); None when all match.
+
+    Reads every byte (~1 s per GB): what a cached pass costs before it is trusted again."""
+    folder = Path(ref.features_dir)
+    try:
+        recorded = json.loads((folder / CHECKSUMS).read_text())
+    except (OSError, ValueError) as error:
+        return f"{folder / CHECKSUMS} is unreadable ({error})"
+    for name, md5 in recorded.items():
+        if problem := md5_problem(folder / name, md5):
+            return problem
+    return None
+
+
 def embed_pool(
     table_path: str,
     model_config: ModelConfig,
@@ -179,6 +203,7 @@ def _embed_in_workers(
     hidden = int(settings.hidden_size)
     _start_folder(out_dir, _manifest(examples, hidden, config, device, precision))
     count = len(_chunk_rows(examples, config))
+    _drop_corrupt_chunks(out_dir, count)
     missing = [n for n in range(count) if not _chunk_path(out_dir, n).exists()]
     if 0 < len(missing) < config.num_processes:
         log.warning(
@@ -256,6 +281,7 @@ def embed_encoded(
     hidden = int(model.config.hidden_size)
     _start_folder(out_dir, _manifest(len(encoded), hidden, config, device, precision))
     rows = _chunk_rows(len(encoded), config)
+    _drop_corrupt_chunks(out_dir, len(rows))
     chunks = {number: [encoded[i] for i in chunk] for number, chunk in enumerate(rows)}
     computed, seconds = embed_chunks(model, chunks, pad_id, config, out_dir, device, precision)
     speed = computed / seconds if computed else 0.0
@@ -324,20 +350,45 @@ def _chunk_path(out_dir: Path, number: int) -> Path:
     return out_dir / f"chunk-{number:05d}.npz"
 
 
+def _md5_path(chunk_path: Path) -> Path:
+    return chunk_path.with_suffix(".md5")
+
+
+def _drop_corrupt_chunks(out_dir: Path, chunks: int) -> None:
+    """Deletes, with a warning naming it, each chunk on disk that no longer matches the md5
+    recorded when it was written (truncated, overwritten): it is then missing, so the pass
+    computes it again instead of failing in np.load (or merging wrong numbers) every run."""
+    for number in range(chunks):
+        path = _chunk_path(out_dir, number)
+        if path.exists() and (problem := recorded_md5_problem(path, _md5_path(path))):
+            log.warning("embed: %s; computing that chunk again", problem)
+            path.unlink()
+
+
 def _start_folder(out_dir: Path, manifest: dict) -> None:
     """Chunks left by an interrupted pass are reused only if they were made the same way."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "manifest.json"
-    if path.exists() and json.loads(path.read_text()) != manifest:
-        for stale in out_dir.glob("chunk-*.npz"):
+    if path.exists() and _read_manifest(path) != manifest:
+        for stale in [*out_dir.glob("chunk-*.npz"), *out_dir.glob("chunk-*.md5")]:
             stale.unlink()
     path.write_text(json.dumps(manifest, indent=2))
 
 
+def _read_manifest(path: Path) -> dict | None:
+    """None when unreadable (a damaged manifest): the chunks beside it are then stale."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _save_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write-then-rename: a killed pass never leaves a half chunk that looks complete."""
+    """Write-then-rename, its md5 recorded before the rename: a killed pass never leaves a
+    half chunk that looks complete, and a chunk on disk always has its record."""
     partial = path.with_suffix(".partial.npz")
     np.savez(partial, **arrays)  # type: ignore[arg-type]  # numpy's stub misreads **kwds
+    record_md5(partial, _md5_path(path))
     os.replace(partial, path)
 
 
@@ -385,6 +436,8 @@ def _consolidate(
     for array in out.values():
         array.flush()
     del out
+    checksums = {f"{name}.npy": file_md5(out_dir / f"{name}.npy") for name in shapes}
+    _write_atomic(out_dir / CHECKSUMS, json.dumps(checksums, indent=2))
     ref = FeaturesRef(
         features_dir=str(out_dir),
         examples=n,
@@ -398,3 +451,9 @@ def _consolidate(
     )
     (out_dir / "meta.json").write_text(json.dumps(asdict(ref), indent=2))
     return ref
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    partial = path.with_name(f"{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
