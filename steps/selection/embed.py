@@ -14,11 +14,8 @@ The pass streams: every `chunk_examples` examples are written to disk as one chu
 so memory stays bounded and an interrupted pass resumes at the first missing chunk. The
 finished folder holds FILES as .npy (memory-mappable) plus meta.json.
 
-What proves a cached file whole: each chunk-N.npz has its md5 in chunk-N.md5 beside it, written
-by whoever wrote the chunk (one record per chunk, not a shared manifest: workers write chunks at
-once), and checksums.json holds the md5 of every consolidated .npy. A chunk that no longer
-matches its record is computed again, with a warning naming it; features_problem tells a cached
-result's caller (flows/tasks.py) that its folder was damaged.
+The folder's files, and what proves each whole (an md5 recorded as it is written), are
+steps/selection/embed_files.py: a damaged chunk is computed again, with a warning naming it.
 
 The chunk is also the unit of parallelism: with `num_processes > 1` workers started by
 `accelerate launch` (steps/selection/embed_multiprocess.py) each compute every N-th missing
@@ -29,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,8 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 from transformers import AutoConfig, PreTrainedModel
 
-from steps.hashing import code_fingerprint, file_md5
-from steps.integrity import md5_problem, record_md5, recorded_md5_problem
+from steps.hashing import code_fingerprint
 from steps.modeling import (
     IGNORE_INDEX,
     Encoded,
@@ -52,13 +47,20 @@ from steps.modeling import (
     load_model,
     load_tokenizer,
 )
+from steps.selection.embed_files import (
+    chunk_path,
+    drop_corrupt_chunks,
+    folder_problem,
+    record_checksums,
+    save_chunk,
+    start_folder,
+)
 from steps.selection.embed_multiprocess import run_workers
 from steps.selection.embed_stats import chunk_statistics
 from steps.selection.pool import FeaturePool, random_projection
 
 FILES = ("factors", "offsets", "pooled", "n_tokens", "base_loss")
 LABEL_FILES = ("label_factors",)  # with embed.token_weight=label, row for row beside factors
-CHECKSUMS = "checksums.json"  # {"factors.npy": md5, ...}: written last by _consolidate
 log = logging.getLogger(__name__)
 
 
@@ -143,19 +145,8 @@ def load_pool(ref: FeaturesRef) -> FeaturePool:
 
 
 def features_problem(ref: FeaturesRef) -> str | None:
-    """One line naming the first consolidated file that no longer matches the md5 recorded
-    when it was written (or the record itself, when that is gone); None when all match.
-
-    Reads every byte (~1 s per GB): what a cached pass costs before it is trusted again."""
-    folder = Path(ref.features_dir)
-    try:
-        recorded = json.loads((folder / CHECKSUMS).read_text())
-    except (OSError, ValueError) as error:
-        return f"{folder / CHECKSUMS} is unreadable ({error})"
-    for name, md5 in recorded.items():
-        if problem := md5_problem(folder / name, md5):
-            return problem
-    return None
+    """One line naming a damaged file of a finished pass (embed_files.folder_problem)."""
+    return folder_problem(Path(ref.features_dir))
 
 
 def embed_pool(
@@ -201,10 +192,10 @@ def _embed_in_workers(
         trust_remote_code=model_config.trust_remote_code,
     )
     hidden = int(settings.hidden_size)
-    _start_folder(out_dir, _manifest(examples, hidden, config, device, precision))
+    start_folder(out_dir, _manifest(examples, hidden, config, device, precision))
     count = len(_chunk_rows(examples, config))
-    _drop_corrupt_chunks(out_dir, count)
-    missing = [n for n in range(count) if not _chunk_path(out_dir, n).exists()]
+    drop_corrupt_chunks(out_dir, count)
+    missing = [n for n in range(count) if not chunk_path(out_dir, n).exists()]
     if 0 < len(missing) < config.num_processes:
         log.warning(
             "embed: %d chunk(s) to compute in embed.num_processes=%d; lower "
@@ -279,9 +270,9 @@ def embed_encoded(
 ) -> FeaturesRef:
     """The pass itself over tokenised examples (also what benchmarks/bench_embed.py times)."""
     hidden = int(model.config.hidden_size)
-    _start_folder(out_dir, _manifest(len(encoded), hidden, config, device, precision))
+    start_folder(out_dir, _manifest(len(encoded), hidden, config, device, precision))
     rows = _chunk_rows(len(encoded), config)
-    _drop_corrupt_chunks(out_dir, len(rows))
+    drop_corrupt_chunks(out_dir, len(rows))
     chunks = {number: [encoded[i] for i in chunk] for number, chunk in enumerate(rows)}
     computed, seconds = embed_chunks(model, chunks, pad_id, config, out_dir, device, precision)
     speed = computed / seconds if computed else 0.0
@@ -309,7 +300,7 @@ def embed_chunks(
     started = time.perf_counter()
     with torch.inference_mode(), tqdm(total=sum(sizes.values()), desc="embed", unit="tok") as bar:
         for number, chunk in chunks.items():
-            path = _chunk_path(out_dir, number)
+            path = chunk_path(out_dir, number)
             if not path.exists():
                 stats = chunk_statistics(
                     model,
@@ -322,7 +313,7 @@ def embed_chunks(
                     precision,
                     label_weighted=config.token_weight == "label",
                 )
-                _save_atomic(path, stats)
+                save_chunk(path, stats)
                 computed += sizes[number]
             bar.update(sizes[number])
     return computed, time.perf_counter() - started
@@ -346,57 +337,11 @@ def _chunk_rows(examples: int, config: EmbedConfig) -> list[range]:
     return [range(start, min(start + step, examples)) for start in range(0, examples, step)]
 
 
-def _chunk_path(out_dir: Path, number: int) -> Path:
-    return out_dir / f"chunk-{number:05d}.npz"
-
-
-def _md5_path(chunk_path: Path) -> Path:
-    return chunk_path.with_suffix(".md5")
-
-
-def _drop_corrupt_chunks(out_dir: Path, chunks: int) -> None:
-    """Deletes, with a warning naming it, each chunk on disk that no longer matches the md5
-    recorded when it was written (truncated, overwritten): it is then missing, so the pass
-    computes it again instead of failing in np.load (or merging wrong numbers) every run."""
-    for number in range(chunks):
-        path = _chunk_path(out_dir, number)
-        if path.exists() and (problem := recorded_md5_problem(path, _md5_path(path))):
-            log.warning("embed: %s; computing that chunk again", problem)
-            path.unlink()
-
-
-def _start_folder(out_dir: Path, manifest: dict) -> None:
-    """Chunks left by an interrupted pass are reused only if they were made the same way."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "manifest.json"
-    if path.exists() and _read_manifest(path) != manifest:
-        for stale in [*out_dir.glob("chunk-*.npz"), *out_dir.glob("chunk-*.md5")]:
-            stale.unlink()
-    path.write_text(json.dumps(manifest, indent=2))
-
-
-def _read_manifest(path: Path) -> dict | None:
-    """None when unreadable (a damaged manifest): the chunks beside it are then stale."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _save_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write-then-rename, its md5 recorded before the rename: a killed pass never leaves a
-    half chunk that looks complete, and a chunk on disk always has its record."""
-    partial = path.with_suffix(".partial.npz")
-    np.savez(partial, **arrays)  # type: ignore[arg-type]  # numpy's stub misreads **kwds
-    record_md5(partial, _md5_path(path))
-    os.replace(partial, path)
-
-
 def _consolidate(
     out_dir: Path, chunks: int, hidden: int, tokens_per_second: float, precision: str
 ) -> FeaturesRef:
     """Chunks → one memory-mappable .npy per array, copied chunk by chunk (bounded memory)."""
-    paths = [_chunk_path(out_dir, n) for n in range(chunks)]
+    paths = [chunk_path(out_dir, n) for n in range(chunks)]
     with np.load(paths[0]) as first:  # the manifest made every chunk alike
         token_weight = "label" if "label_factors" in first.files else "none"
     sizes = []
@@ -436,8 +381,7 @@ def _consolidate(
     for array in out.values():
         array.flush()
     del out
-    checksums = {f"{name}.npy": file_md5(out_dir / f"{name}.npy") for name in shapes}
-    _write_atomic(out_dir / CHECKSUMS, json.dumps(checksums, indent=2))
+    record_checksums(out_dir, [f"{name}.npy" for name in shapes])
     ref = FeaturesRef(
         features_dir=str(out_dir),
         examples=n,
@@ -451,9 +395,3 @@ def _consolidate(
     )
     (out_dir / "meta.json").write_text(json.dumps(asdict(ref), indent=2))
     return ref
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    partial = path.with_name(f"{path.name}.partial")
-    partial.write_text(text)
-    os.replace(partial, path)

@@ -65,7 +65,7 @@ def test_a_damaged_chunk_is_computed_again_with_a_warning_and_the_same_bytes(
         shutil.copy(first, second)
     kept = first.stat().st_mtime_ns
 
-    with caplog.at_level(logging.WARNING, logger="steps.selection.embed"):
+    with caplog.at_level(logging.WARNING):
         again = embed_pool(pool_table, MODEL, EMBED, out_dir, "cpu", "fp32")
 
     notices = [r.getMessage() for r in caplog.records if str(second) in r.getMessage()]
@@ -155,7 +155,7 @@ def test_a_damaged_newest_checkpoint_is_discarded_and_training_resumes_from_the_
     (newest / "model.safetensors").write_bytes(os.urandom(4096))
     _truncate(newest / "optimizer.pt")
 
-    with caplog.at_level(logging.WARNING, logger="steps.training.finetune"):
+    with caplog.at_level(logging.WARNING):
         resumed = finetune(path, ids, MODEL, config, out_dir, "cpu", "fp32")
 
     notices = [r.getMessage() for r in caplog.records if "discarding checkpoint" in r.getMessage()]
