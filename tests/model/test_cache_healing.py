@@ -20,7 +20,9 @@ import torch
 from safetensors.torch import save_file
 
 from steps.hashing import file_md5
+from steps.integrity import CorruptArtifactError
 from steps.modeling import ModelConfig
+from steps.registry.register import RegisterConfig, register_model
 from steps.selection.embed import FILES, EmbedConfig, FeaturesRef, embed_pool
 from steps.training.finetune import FinetuneConfig, ModelRef, finetune, model_problem
 from steps.training.job import TrainJob
@@ -100,6 +102,16 @@ def test_model_problem_names_unreadable_and_foreign_weights(tmp_path: Path):
 
     weights.unlink()
     assert model_problem(ref) == f"{weights} is missing"
+
+
+def test_register_refuses_unreadable_weights_in_one_line_before_logging_anything(tmp_path: Path):
+    ref = _model_folder(tmp_path / "model")
+    weights = Path(ref.model_dir) / "model.safetensors"
+    weights.write_bytes(os.urandom(4096))
+    config = RegisterConfig(model_name="sift-unreadable")
+    with pytest.raises(CorruptArtifactError, match="header too large") as raised:
+        register_model(ref.model_dir, "no-run-is-touched", config, {})
+    assert str(raised.value) == f"register: {model_problem(ref)}"
 
 
 def test_finetune_records_the_md5_of_the_weights_it_saved(gsm8k_train, tmp_path: Path):
