@@ -45,6 +45,7 @@ from steps.training.multiprocess import run_workers
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"  # under out_dir; deleted once the final model is saved
+WEIGHTS = "model.safetensors"  # the saved model's weights in out_dir (registered by md5)
 
 
 def finetune(
@@ -78,9 +79,6 @@ def finetune(
     ref = train(job) if config.num_processes == 1 else run_workers(job, job.out_dir / "launch")
     weights = job.out_dir / WEIGHTS  # absent only when save_pretrained sharded (> 50 GB)
     return replace(ref, weights_md5=file_md5(weights) if weights.is_file() else "")
-
-
-WEIGHTS = "model.safetensors"  # the saved model's weights in out_dir (registered by md5)
 
 
 def model_problem(ref: ModelRef) -> str | None:
