@@ -91,8 +91,8 @@ def register_model(
     linked_metrics: tuple[str, ...] = (),
 ) -> ModelVersionRef:
     """Logs the transformers model (safetensors) in run_id and registers it, once per weights."""
+    weights = weights_md5(model_dir)  # first: unreadable weights stop it before any request
     client = MlflowClient()
-    weights = weights_md5(model_dir)
     existing = _find_version(client, config.model_name, weights)
     if existing is None:
         model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True)
