@@ -34,7 +34,7 @@ from steps.selection.embed import FILES, EmbedConfig
 from steps.selection.record import write_selection
 from steps.selection.select import SelectionRef
 from steps.training.finetune import FinetuneConfig
-from tests.conftest import MODEL_DIR, REPO, new_run_id, shifted_model_copy
+from tests.conftest import MODEL_DIR, REPO, shifted_model_copy
 from tests.flows.test_finetune_retry import _uniform_record
 
 # one_torch_thread is a fixture: imported here, pytest finds it in this module.
@@ -58,7 +58,14 @@ def tables(gsm8k_train, gsm8k_test, tmp_path: Path) -> tuple[TableRef, TableRef]
 
 @pytest.fixture
 def context(tmp_path: Path) -> RunContext:
-    return RunContext(tmp_path, tmp_path / "state", "cpu", "fp32", new_run_id("cache-healing"))
+    """A run of its own, in an experiment whose artifacts (the registered model) stay under
+    tmp_path: MLflow's default is ./mlruns of the working directory."""
+    client = MlflowClient()
+    experiment = client.create_experiment(
+        f"cache-healing-{tmp_path.name}", artifact_location=(tmp_path / "artifacts").as_uri()
+    )
+    run_id = client.create_run(experiment).info.run_id
+    return RunContext(tmp_path, tmp_path / "state", "cpu", "fp32", run_id)
 
 
 def test_a_cached_pool_whose_npy_was_damaged_is_merged_again_from_its_chunks(
