@@ -15,7 +15,7 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from flows.caching import cached, key
+from flows.caching import TrainedWeights, cached, healed, key
 from flows.registry_lock import RegistryLockError, registry_lock
 from steps import tracking
 from steps.data.ingest import IngestConfig, IngestResult, TableRef, ingest
@@ -24,6 +24,7 @@ from steps.evaluation.evaluate import EvalConfig, EvalReport, evaluate
 from steps.evaluation.score import Scoring, score_registered, score_source, scored
 from steps.evaluation.suites import BenchmarkPlan
 from steps.hashing import code_fingerprint
+from steps.integrity import CorruptArtifactError
 from steps.modeling import ModelConfig, ModelSource
 from steps.registry.register import (
     ModelVersionRef,
@@ -35,7 +36,7 @@ from steps.registry.register import (
     promote,
     register_model,
 )
-from steps.selection.embed import EmbedConfig, FeaturesRef, embed_pool
+from steps.selection.embed import EmbedConfig, FeaturesRef, embed_pool, features_problem
 from steps.selection.select import (
     PriorRef,
     SelectConfig,
@@ -45,7 +46,13 @@ from steps.selection.select import (
     selected_ids,
 )
 from steps.study.synthetic import SyntheticConfig, run_synthetic
-from steps.training.finetune import FinetuneConfig, ModelRef, NonFiniteLossError, finetune
+from steps.training.finetune import (
+    FinetuneConfig,
+    ModelRef,
+    NonFiniteLossError,
+    finetune,
+    model_problem,
+)
 
 # The step module each cached task runs; its code fingerprint keys the cache and the folder.
 INGEST = "steps.data.ingest"
@@ -106,11 +113,16 @@ def ingest_task(*, config: IngestConfig, source_md5: str, context: RunContext) -
 
 
 @task(name="embed", cache_policy=cached(EMBED), persist_result=True)
-def embed_task(
+def _embed(
     *, table: TableRef, model: ModelSource, config: EmbedConfig, context: RunContext
 ) -> FeaturesRef:
     out_dir = work_dir(context, "features", EMBED, table.md5, model, config)
     return embed_pool(table.path, model.config, config, out_dir, context.device, context.precision)
+
+
+# A hit whose .npy files changed since they were written is embedded again (its intact chunks
+# are reused: only the merge is redone).
+embed_task = healed(_embed, features_problem)
 
 
 @dataclass(frozen=True)
@@ -145,7 +157,7 @@ def select_task(
     retries=1,
     retry_condition_fn=retry_unless(NonFiniteLossError),  # resumes; a divergence won't
 )
-def finetune_task(
+def _finetune(
     *,
     table: TableRef,
     selection: SelectionRef,
@@ -167,7 +179,15 @@ def finetune_task(
     )
 
 
-@task(name="evaluate", cache_policy=cached(EVALUATE), persist_result=True)
+# A hit whose weights are unreadable or not the bytes training saved is trained again; the
+# scores below are keyed on the weights' md5, so the old model's scores never come with it.
+finetune_task = healed(_finetune, model_problem)
+
+# Scores of a fine-tuned folder are keyed on its weights' bytes too (TrainedWeights).
+WEIGHTS_KEYED = TrainedWeights()
+
+
+@task(name="evaluate", cache_policy=cached(EVALUATE) + WEIGHTS_KEYED, persist_result=True)
 def evaluate_task(
     *, model: ModelSource, table: TableRef, config: EvalConfig, context: RunContext
 ) -> EvalReport:
@@ -190,7 +210,12 @@ def data_at_rev_task(*, rev: str, context: RunContext) -> tuple[IngestResult, Da
     return data_at_rev(context.project_dir, rev, context.state_dir / "data-revs" / rev)
 
 
-@task(name="register", **REMOTE_RETRIES, cache_policy=NO_CACHE)
+@task(
+    name="register",
+    **REMOTE_RETRIES,
+    retry_condition_fn=retry_unless(CorruptArtifactError),  # the same bytes on every try
+    cache_policy=NO_CACHE,
+)
 def register_task(
     *,
     model_dir: str,
@@ -202,7 +227,7 @@ def register_task(
     return register_model(model_dir, context.run_id, config, tags, linked_metrics)
 
 
-@task(name="evaluate", cache_policy=cached(SCORE), persist_result=True)
+@task(name="evaluate", cache_policy=cached(SCORE) + WEIGHTS_KEYED, persist_result=True)
 def score_task(
     *,
     model: ModelSource,

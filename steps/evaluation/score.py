@@ -7,7 +7,7 @@ a fine-tuned folder or a registry version, so their numbers are the same code's.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ import pandas as pd
 from steps.evaluation.benchmarks import ModelBenchmarks, run_benchmarks, sample_generations
 from steps.evaluation.evaluate import EvalConfig, EvalReport, evaluation_loss
 from steps.evaluation.suites import BenchmarkPlan
+from steps.hashing import file_md5
 from steps.modeling import ModelConfig, ModelSource, load_model, load_tokenizer
 from steps.registry.gate import Measured, Scored  # not register.py: its edits keep this cached
 
@@ -24,6 +25,10 @@ from steps.registry.gate import Measured, Scored  # not register.py: its edits k
 class Scoring:
     evaluation: EvalReport | None  # None: no eval split given (sift evaluate --eval-data)
     benchmarks: ModelBenchmarks
+    # md5 of the model.safetensors these numbers were measured on, for a model folder; ""
+    # for a hub id or a registry version. A cached Scoring is only ever the one of those bytes
+    # (flows/caching.py TrainedWeights keys the task on them).
+    weights_md5: str = ""
 
 
 def score_model(
@@ -58,9 +63,12 @@ def score_model(
 
 def score_source(source: ModelSource, **kwargs: Any) -> Scoring:
     """A base model (hub id or folder) or a fine-tuned folder."""
-    device = kwargs["device"]
-    model = load_model(source.config, device)
-    return score_model(model, load_tokenizer(source.config), model_config=source.config, **kwargs)
+    weights = Path(source.config.name) / "model.safetensors"
+    measured_on = file_md5(weights) if weights.is_file() else ""  # before loading: what is read
+    model = load_model(source.config, kwargs["device"])
+    scoring = score_model(model, load_tokenizer(source.config), model_config=source.config,
+                          **kwargs)  # fmt: skip
+    return replace(scoring, weights_md5=measured_on)
 
 
 def score_registered(model_uri: str, model_config: ModelConfig, **kwargs: Any) -> Scoring:

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from steps import tracking
 from steps.hashing import file_md5
+from steps.integrity import CorruptArtifactError, safetensors_problem
 from steps.registry.aliases import EVAL_LOSS, EVAL_MD5, move_alias, record_kept
 from steps.registry.gate import (
     BENCH_FINGERPRINT,
@@ -67,7 +68,12 @@ class Promotion:
 
 
 def weights_md5(model_dir: str) -> str:
-    return file_md5(Path(model_dir) / "model.safetensors")
+    """md5 of the weights; CorruptArtifactError naming the file when they cannot be loaded
+    (what from_pretrained would fail on with a traceback), before anything is logged."""
+    path = Path(model_dir) / "model.safetensors"
+    if problem := safetensors_problem(path):
+        raise CorruptArtifactError(f"register: {problem}")
+    return file_md5(path)
 
 
 def _find_version(client: MlflowClient, name: str, weights: str) -> str | None:
@@ -85,8 +91,8 @@ def register_model(
     linked_metrics: tuple[str, ...] = (),
 ) -> ModelVersionRef:
     """Logs the transformers model (safetensors) in run_id and registers it, once per weights."""
+    weights = weights_md5(model_dir)  # first: unreadable weights stop it before any request
     client = MlflowClient()
-    weights = weights_md5(model_dir)
     existing = _find_version(client, config.model_name, weights)
     if existing is None:
         model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True)

@@ -14,6 +14,9 @@ The pass streams: every `chunk_examples` examples are written to disk as one chu
 so memory stays bounded and an interrupted pass resumes at the first missing chunk. The
 finished folder holds FILES as .npy (memory-mappable) plus meta.json.
 
+The folder's files, and what proves each whole (an md5 recorded as it is written), are
+steps/selection/embed_files.py: a damaged chunk is computed again, with a warning naming it.
+
 The chunk is also the unit of parallelism: with `num_processes > 1` workers started by
 `accelerate launch` (steps/selection/embed_multiprocess.py) each compute every N-th missing
 chunk, exactly as one process would, and this process merges them in pool order.
@@ -23,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,6 +46,14 @@ from steps.modeling import (
     encode_examples,
     load_model,
     load_tokenizer,
+)
+from steps.selection.embed_files import (
+    chunk_path,
+    drop_corrupt_chunks,
+    folder_problem,
+    record_checksums,
+    save_chunk,
+    start_folder,
 )
 from steps.selection.embed_multiprocess import run_workers
 from steps.selection.embed_stats import chunk_statistics
@@ -134,6 +144,11 @@ def load_pool(ref: FeaturesRef) -> FeaturePool:
     )
 
 
+def features_problem(ref: FeaturesRef) -> str | None:
+    """One line naming a damaged file of a finished pass (embed_files.folder_problem)."""
+    return folder_problem(Path(ref.features_dir))
+
+
 def embed_pool(
     table_path: str,
     model_config: ModelConfig,
@@ -177,9 +192,10 @@ def _embed_in_workers(
         trust_remote_code=model_config.trust_remote_code,
     )
     hidden = int(settings.hidden_size)
-    _start_folder(out_dir, _manifest(examples, hidden, config, device, precision))
+    start_folder(out_dir, _manifest(examples, hidden, config, device, precision))
     count = len(_chunk_rows(examples, config))
-    missing = [n for n in range(count) if not _chunk_path(out_dir, n).exists()]
+    drop_corrupt_chunks(out_dir, count)
+    missing = [n for n in range(count) if not chunk_path(out_dir, n).exists()]
     if 0 < len(missing) < config.num_processes:
         log.warning(
             "embed: %d chunk(s) to compute in embed.num_processes=%d; lower "
@@ -254,8 +270,9 @@ def embed_encoded(
 ) -> FeaturesRef:
     """The pass itself over tokenised examples (also what benchmarks/bench_embed.py times)."""
     hidden = int(model.config.hidden_size)
-    _start_folder(out_dir, _manifest(len(encoded), hidden, config, device, precision))
+    start_folder(out_dir, _manifest(len(encoded), hidden, config, device, precision))
     rows = _chunk_rows(len(encoded), config)
+    drop_corrupt_chunks(out_dir, len(rows))
     chunks = {number: [encoded[i] for i in chunk] for number, chunk in enumerate(rows)}
     computed, seconds = embed_chunks(model, chunks, pad_id, config, out_dir, device, precision)
     speed = computed / seconds if computed else 0.0
@@ -283,7 +300,7 @@ def embed_chunks(
     started = time.perf_counter()
     with torch.inference_mode(), tqdm(total=sum(sizes.values()), desc="embed", unit="tok") as bar:
         for number, chunk in chunks.items():
-            path = _chunk_path(out_dir, number)
+            path = chunk_path(out_dir, number)
             if not path.exists():
                 stats = chunk_statistics(
                     model,
@@ -296,7 +313,7 @@ def embed_chunks(
                     precision,
                     label_weighted=config.token_weight == "label",
                 )
-                _save_atomic(path, stats)
+                save_chunk(path, stats)
                 computed += sizes[number]
             bar.update(sizes[number])
     return computed, time.perf_counter() - started
@@ -320,32 +337,11 @@ def _chunk_rows(examples: int, config: EmbedConfig) -> list[range]:
     return [range(start, min(start + step, examples)) for start in range(0, examples, step)]
 
 
-def _chunk_path(out_dir: Path, number: int) -> Path:
-    return out_dir / f"chunk-{number:05d}.npz"
-
-
-def _start_folder(out_dir: Path, manifest: dict) -> None:
-    """Chunks left by an interrupted pass are reused only if they were made the same way."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "manifest.json"
-    if path.exists() and json.loads(path.read_text()) != manifest:
-        for stale in out_dir.glob("chunk-*.npz"):
-            stale.unlink()
-    path.write_text(json.dumps(manifest, indent=2))
-
-
-def _save_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write-then-rename: a killed pass never leaves a half chunk that looks complete."""
-    partial = path.with_suffix(".partial.npz")
-    np.savez(partial, **arrays)  # type: ignore[arg-type]  # numpy's stub misreads **kwds
-    os.replace(partial, path)
-
-
 def _consolidate(
     out_dir: Path, chunks: int, hidden: int, tokens_per_second: float, precision: str
 ) -> FeaturesRef:
     """Chunks → one memory-mappable .npy per array, copied chunk by chunk (bounded memory)."""
-    paths = [_chunk_path(out_dir, n) for n in range(chunks)]
+    paths = [chunk_path(out_dir, n) for n in range(chunks)]
     with np.load(paths[0]) as first:  # the manifest made every chunk alike
         token_weight = "label" if "label_factors" in first.files else "none"
     sizes = []
@@ -385,6 +381,7 @@ def _consolidate(
     for array in out.values():
         array.flush()
     del out
+    record_checksums(out_dir, [f"{name}.npy" for name in shapes])
     ref = FeaturesRef(
         features_dir=str(out_dir),
         examples=n,

@@ -2,7 +2,9 @@
 
 Full fine-tuning or LoRA (peft) by config; checkpoints every `checkpoint_steps` into
 `out_dir/checkpoints`, and a re-run with the same out_dir (the flow keys it on the inputs)
-resumes from the newest complete one: weights, optimizer, scheduler, RNG and data order.
+resumes from the newest complete one: weights, optimizer, scheduler, RNG and data order. A
+checkpoint whose files are damaged is discarded, with a warning, for the one before it.
+The saved model's md5 comes back in its ModelRef: model_problem checks a cached one against it.
 With `num_processes > 1` the same recipe runs in workers under `accelerate launch`
 (steps/training/multiprocess.py starts them; each runs steps/training/launch.py).
 """
@@ -14,6 +16,7 @@ import logging
 import math
 import shutil
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,8 @@ import pandas as pd
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
+from steps.hashing import file_md5
+from steps.integrity import md5_problem, safetensors_problem, zip_problem
 from steps.modeling import (
     IGNORE_INDEX,
     ModelConfig,
@@ -40,6 +45,7 @@ from steps.training.multiprocess import run_workers
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"  # under out_dir; deleted once the final model is saved
+WEIGHTS = "model.safetensors"  # the saved model's weights in out_dir (registered by md5)
 
 
 def finetune(
@@ -70,21 +76,71 @@ def finetune(
             "run_id": run_id,
         }
     )
-    if config.num_processes == 1:
-        return train(job)
-    return run_workers(job, job.out_dir / "launch")
+    ref = train(job) if config.num_processes == 1 else run_workers(job, job.out_dir / "launch")
+    weights = job.out_dir / WEIGHTS  # absent only when save_pretrained sharded (> 50 GB)
+    return replace(ref, weights_md5=file_md5(weights) if weights.is_file() else "")
+
+
+def model_problem(ref: ModelRef) -> str | None:
+    """One line naming what is wrong with a trained model's folder before it is used again
+    (a weights file whose header is unreadable, or bytes other than training saved); None
+    when it is whole."""
+    folder = Path(ref.model_dir)
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards:
+        return f"{folder / WEIGHTS} is missing"
+    for path in shards:
+        if problem := safetensors_problem(path):
+            return problem
+    return md5_problem(folder / WEIGHTS, ref.weights_md5) if ref.weights_md5 else None
 
 
 def last_checkpoint(checkpoint_dir: Path) -> Path | None:
     """The newest complete checkpoint. Trainer writes trainer_state.json last, so a folder
     without a readable one was cut off mid-save (it is overwritten when training gets there)."""
+    return next(iter(_complete_checkpoints(checkpoint_dir)), None)
+
+
+def _complete_checkpoints(checkpoint_dir: Path) -> list[Path]:
+    """Checkpoints with a readable trainer_state.json, newest first."""
     found = [p for p in checkpoint_dir.glob("checkpoint-*") if p.name[11:].isdigit()]
+    complete = []
     for path in sorted(found, key=lambda p: int(p.name[11:]), reverse=True):
         try:
             json.loads((path / "trainer_state.json").read_text())
         except (OSError, ValueError):
             continue
-        return path
+        complete.append(path)
+    return complete
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """What would stop Trainer resuming from `checkpoint`: a safetensors file (weights,
+    adapters) whose header or length is wrong, or a torch.save archive (optimizer, scheduler,
+    RNG) that is unreadable or fails its CRCs. Bytes changed inside the weights' tensors pass:
+    no checksum of them is recorded, and Trainer would load them."""
+    for path in sorted(checkpoint.iterdir()):
+        if path.suffix == ".safetensors":
+            problem = safetensors_problem(path)
+        elif path.suffix in (".pt", ".pth", ".bin"):
+            problem = zip_problem(path)
+        else:
+            continue
+        if problem:
+            return problem
+    return None
+
+
+def resume_checkpoint(checkpoint_dir: Path) -> Path | None:
+    """The newest checkpoint that can be resumed from. Damaged ones newer than it are deleted
+    with a warning naming them (else a re-run would fail on the same file every time), so
+    training goes on from the one before, or from the start."""
+    for path in _complete_checkpoints(checkpoint_dir):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        log.warning("finetune: discarding checkpoint %s: %s", path, problem)
+        shutil.rmtree(path, ignore_errors=True)  # several ranks may discard it at once
     return None
 
 
@@ -152,7 +208,7 @@ def train(job: TrainJob) -> ModelRef:
         callbacks=[LogLastStep(), StopOnNonFiniteLoss(), MlflowStepLogger(job.run_id)],
         steps=config.steps,
     )
-    resume = last_checkpoint(out_dir / CHECKPOINTS)
+    resume = resume_checkpoint(out_dir / CHECKPOINTS)
     resumed_from_step = int(resume.name[11:]) if resume else 0
     if resume is not None:
         log.warning("finetune: resuming from %s (global step %d)", resume, resumed_from_step)
@@ -275,5 +331,6 @@ __all__ = [
     "NonFiniteLossError",
     "finetune",
     "last_checkpoint",
+    "model_problem",
     "train",
 ]

@@ -153,6 +153,9 @@ class ModelRef:
     resumed_from_step: int  # 0: trained from scratch
     processes: int  # data-parallel world size
     run_id: str | None  # the MLflow run that trained it (lineage for cached re-runs)
+    # md5 of model_dir/model.safetensors as training saved it: what a cached ModelRef is
+    # checked against before its folder is used again (finetune.model_problem)
+    weights_md5: str = ""
 
 
 class WorkerFailure(BaseModel):

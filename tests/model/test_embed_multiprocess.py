@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from steps.hashing import file_md5
 from steps.modeling import ModelConfig
 from steps.selection.embed import FILES, EmbedConfig, FeaturesRef, embed_pool, load_pool
 from steps.selection.embed_multiprocess import run_workers
@@ -64,7 +65,10 @@ def test_two_processes_write_the_same_pool_and_fisher_picks_the_same(
     two = embed_pool(pool_table, MODEL, TWO, tmp_path / "features", "cpu", "fp32")
     launch = tmp_path / "features" / "launch"
     assert sorted(p.name for p in launch.glob("rank-*.json")) == ["rank-0.json", "rank-1.json"]
-    assert len(list((tmp_path / "features").glob("chunk-*.npz"))) == 5
+    chunks = sorted((tmp_path / "features").glob("chunk-*.npz"))
+    assert len(chunks) == 5
+    # each worker recorded the md5 of every chunk it wrote: what a later pass checks it by
+    assert all(file_md5(p) == p.with_suffix(".md5").read_text() for p in chunks)
     # every per-example statistic, bit for bit: the same chunks, merged in pool order
     assert files(two) == files(one_process)
     assert manifest(two) == manifest(one_process)  # num_processes is not part of it
