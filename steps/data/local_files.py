@@ -114,17 +114,22 @@ def _walk(
     setting: str,
     above: frozenset[Path],
     hidden: bool = False,
-) -> Iterator[tuple[str, Path, Path]]:
+) -> Iterator[tuple[str, Path, Path | None]]:
     """(name under the source folder, path, resolved path) of each file below `folder`,
     sorted, each checked against `roots`; symlinked folders are followed (`above`: the
     resolved folders that hold this one, so that a link back up is an error, not a loop).
-    Hidden names (HIDDEN_PREFIXES) are skipped unless `hidden`."""
+    Hidden names (HIDDEN_PREFIXES) are skipped unless `hidden`, except a hidden file named
+    like a data file ('_part-3.jsonl'): it comes with no resolved path, for the caller to
+    refuse by name."""
     try:
         entries = sorted(folder.iterdir())
     except OSError as error:
         raise IngestError(f"{setting}: cannot list folder {folder} ({one_line(error)})") from None
     for entry in entries:
         if entry.name.startswith(HIDDEN_PREFIXES) and not hidden:
+            if data_format(entry.name) is not None and not entry.is_dir():
+                # named like data but skipped by the rule: said, never silently left out
+                yield f"{prefix}{entry.name}", entry, None
             continue
         target = _inside(entry, roots, setting)
         if target.is_dir():
@@ -147,15 +152,17 @@ def _folder_files(folder: Path, roots: Sequence[Path], setting: str) -> list[Loc
     files, refused = [], []
     for name, entry, target in _walk(folder, "", roots, setting, frozenset({folder.resolve()})):
         kind = data_format(name)
-        if kind is None or not target.is_file():
+        if target is None:
+            refused.append(f"{name} (a data file with a hidden name)")
+        elif kind is None or not target.is_file():
             refused.append(name if target.is_file() else f"{name} (not a regular file)")
         else:
             files.append(LocalFile(target, entry, name, *kind))
     if refused:
         raise IngestError(
-            f"{setting} folder '{folder}' holds {len(refused)} file(s) that are not data: "
-            f"{_listed(refused)}; {DATA_NAMES}: move the others out of the folder (names "
-            f"starting with '.' or '_' are skipped), or set {setting} to one file"
+            f"{setting} folder '{folder}' holds {len(refused)} file(s) it would not read: "
+            f"{_listed(refused)}; {DATA_NAMES}, and names starting with '.' or '_' are "
+            f"skipped: rename them or move them out of the folder, or set {setting} to one file"
         )
     if not files:
         raise IngestError(f"{setting} folder '{folder}' holds no data files ({DATA_NAMES})")
@@ -189,4 +196,4 @@ def all_files(path: Path, roots: Sequence[Path], setting: str) -> list[Path]:
     if not target.is_dir():
         return [target]
     every = _walk(path, "", roots, setting, frozenset({target}), hidden=True)
-    return [resolved for _, _, resolved in every]
+    return [resolved for _, _, resolved in every if resolved is not None]

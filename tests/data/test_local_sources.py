@@ -178,12 +178,19 @@ def test_a_folder_holding_other_files_is_refused_naming_them(project: Path, part
     with pytest.raises(IngestError) as raised:
         _rows(parts, project)
     assert str(raised.value).startswith(
-        f"data.source folder '{parts}' holds 4 file(s) that are not data: LICENSE, README.md, "
+        f"data.source folder '{parts}' holds 4 file(s) it would not read: LICENSE, README.md, "
         "extra.parquet.gz, gone.jsonl (not a regular file); data files end in .jsonl,"
     )
     for name in ("README.md", "LICENSE", "extra.parquet.gz", "gone.jsonl"):
         (parts / name).unlink()
     assert len(_rows(parts, project)) == 40  # hidden names ('.', '_') are skipped
+
+
+def test_a_data_file_with_a_hidden_name_is_refused_not_skipped(project: Path, parts: Path):
+    (parts / "_part-2.jsonl").write_bytes((parts / "good.jsonl").read_bytes())
+    with pytest.raises(IngestError, match=r"holds 1 file\(s\) it would not read: _part-2\.jsonl "
+                       r"\(a data file with a hidden name\)"):  # fmt: skip
+        _rows(parts, project)
 
 
 def test_a_corrupt_parquet_page_is_one_line_naming_the_file(project: Path):
