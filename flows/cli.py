@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -20,13 +21,25 @@ from flows.cli_common import (
     resolve_config,
 )
 from flows.config import ConfigError, PipelineConfig, load_config
-from flows.runtime import configure_environment
+from flows.runtime import configure_environment, is_termination, stop_on_sigterm
+from steps.tracking import MissingStoreError, TrackingConfig, prepare_store, resolve_tracking_uri
 
 app = typer.Typer(
     help="Sift: data-efficient supervised fine-tuning pipelines.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+
+NewStoreOption = Annotated[
+    bool,
+    typer.Option(
+        "--new-store",
+        help="Start a new MLflow store where the configured SQLite file is missing although "
+        "mlflow/artifacts holds earlier runs' artifacts (without it the command stops: the "
+        "registry's versions and alias history would silently start over).",
+    ),
+]
 
 
 @app.command()
@@ -41,15 +54,18 @@ def run(
             "read through dvc.api instead of ingesting: reproduces that run's data and selection."
         ),
     ] = None,
+    new_store: NewStoreOption = False,
 ) -> None:
     """Run the whole pipeline once: ingest → validate → version → embed → select → fine-tune
-    → evaluate → register → promote."""
+    → evaluate → register → promote. SIGTERM stops it (exit 143) with its MLflow run KILLED."""
     resolved, root = load_project(config, set_, project_dir)
+    check_store(resolved.tracking, root, new_store)
     from flows.pipeline import pipeline, summary_rows  # imports Prefect: after the env is set
     from steps.data.ingest import IngestError
 
     try:
-        result = pipeline(resolved, root, data_rev)
+        with stop_on_sigterm():
+            result = pipeline(resolved, root, data_rev, new_store)
     except (ValueError, IngestError) as error:
         # A setting or the data at fault: the message names it (Prefect's log above has the
         # traceback); the run stopped before anything downstream of the failure changed.
@@ -60,10 +76,31 @@ def run(
             raise
         raise fail(f"sift run stopped: {server} did not answer after the task retries: "
                    f"{type(error).__name__}: {error}", 1) from None  # fmt: skip
+    except BaseException as error:
+        if not is_termination(error):
+            raise
+        raise fail(TERMINATED, 128 + signal.SIGTERM) from None
     table = Table(title="Sift pipeline run", show_header=False)
     for name, value in summary_rows(result):
         table.add_row(name, value)
     console.print(table)
+
+
+# What a SIGTERM'd run left: steps end whole or not at all (data.dvc is restored unless the
+# data was pushed; a registry version is created with all its tags in one request).
+TERMINATED = (
+    "sift run stopped by SIGTERM: its MLflow run is marked KILLED; data.dvc and the registry "
+    "hold only what the steps that completed wrote"
+)
+
+
+def check_store(config: TrackingConfig, root: Path, new_store: bool) -> None:
+    """The flow's own store check (tracking.prepare_store), before Prefect starts: a store
+    deleted while its runs' artifacts remain stops the command at once, in one line."""
+    try:
+        prepare_store(resolve_tracking_uri(config, root), root, new_store)
+    except MissingStoreError as error:
+        raise fail(error, 1) from None
 
 
 # A scheduled run does only new work: it stops after validation on the champion's data and
@@ -272,6 +309,7 @@ def study(
     config: ConfigOption = None,
     set_: SetOption = None,
     project_dir: ProjectOption = Path("."),
+    new_store: NewStoreOption = False,
 ) -> None:
     """Data-efficiency study: selectors × budgets × seeds (select → fine-tune → evaluate) and
     the synthetic experiment; tables and plots to MLflow, Prefect and study.results_dir."""
@@ -289,10 +327,11 @@ def study(
             update={"model": resolved.model.model_copy(update={"name": str(root / model)})}
         )
     configure_environment(root)
+    check_store(resolved.tracking, root, new_store)
     from flows.pipeline import summary_rows as study_rows
     from flows.study import study as study_flow
 
-    result = study_flow(resolved, root)
+    result = study_flow(resolved, root, new_store)
     table = Table(title="Sift study", show_header=False)
     for name, value in study_rows(result):
         table.add_row(name, value)
@@ -313,3 +352,7 @@ def show_config(config: ConfigOption = None, set_: SetOption = None) -> None:
 
 for module in (cli_advise, cli_evaluate, cli_lineage, cli_models, cli_serve, cli_server):
     module.add_commands(app)
+
+
+if __name__ == "__main__":  # python -m flows.cli: `sift` with this checkout's code
+    app()
