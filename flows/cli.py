@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -57,41 +59,52 @@ def run(
     new_store: NewStoreOption = False,
 ) -> None:
     """Run the whole pipeline once: ingest → validate → version → embed → select → fine-tune
-    → evaluate → register → promote. SIGTERM stops it (exit 143) with its MLflow run KILLED."""
+    → evaluate → register → promote. SIGTERM stops it (exit 143), its MLflow run KILLED."""
     resolved, root = load_project(config, set_, project_dir)
     check_store(resolved.tracking, root, new_store)
     from flows.pipeline import pipeline, summary_rows  # imports Prefect: after the env is set
     from steps.data.ingest import IngestError
 
-    try:
-        with stop_on_sigterm():
+    with exit_on_sigterm("sift run"):
+        try:
             result = pipeline(resolved, root, data_rev, new_store)
-    except (ValueError, IngestError) as error:
-        # A setting or the data at fault: the message names it (Prefect's log above has the
-        # traceback); the run stopped before anything downstream of the failure changed.
-        raise fail(f"sift run stopped: {error}", 1) from None
-    except Exception as error:
-        server = unreachable_server(error)
-        if server is None:
-            raise
-        raise fail(f"sift run stopped: {server} did not answer after the task retries: "
-                   f"{type(error).__name__}: {error}", 1) from None  # fmt: skip
-    except BaseException as error:
-        if not is_termination(error):
-            raise
-        raise fail(TERMINATED, 128 + signal.SIGTERM) from None
+        except (ValueError, IngestError) as error:
+            # A setting or the data at fault: the message names it (Prefect's log above has
+            # the traceback); the run stopped before anything downstream of the failure changed.
+            raise fail(f"sift run stopped: {error}", 1) from None
+        except Exception as error:
+            server = unreachable_server(error)
+            if server is None:
+                raise
+            raise fail(f"sift run stopped: {server} did not answer after the task retries: "
+                       f"{type(error).__name__}: {error}", 1) from None  # fmt: skip
     table = Table(title="Sift pipeline run", show_header=False)
     for name, value in summary_rows(result):
         table.add_row(name, value)
     console.print(table)
 
 
-# What a SIGTERM'd run left: steps end whole or not at all (data.dvc is restored unless the
-# data was pushed; a registry version is created with all its tags in one request).
-TERMINATED = (
-    "sift run stopped by SIGTERM: its MLflow run is marked KILLED; data.dvc and the registry "
-    "hold only what the steps that completed wrote"
-)
+def sigterm_line(command: str) -> str:
+    """What a command stopped by SIGTERM prints. Steps end whole or not at all: data.dvc is
+    restored unless its data was pushed, a registry version is created with all its tags in
+    one request, and an alias moves in one request."""
+    return (
+        f"{command} stopped by SIGTERM: its MLflow run is marked KILLED (if it had started); "
+        "data.dvc and the registry hold only what completed steps wrote"
+    )
+
+
+@contextlib.contextmanager
+def exit_on_sigterm(command: str) -> Iterator[None]:
+    """SIGTERM stops the body (flows.runtime.stop_on_sigterm) and the command exits 143
+    (128 + SIGTERM, as a shell reports it) with sigterm_line, without a traceback."""
+    try:
+        with stop_on_sigterm():
+            yield
+    except BaseException as error:
+        if not is_termination(error):
+            raise
+        raise fail(sigterm_line(command), 128 + signal.SIGTERM) from None
 
 
 def check_store(config: TrackingConfig, root: Path, new_store: bool) -> None:
@@ -331,7 +344,8 @@ def study(
     from flows.pipeline import summary_rows as study_rows
     from flows.study import study as study_flow
 
-    result = study_flow(resolved, root, new_store)
+    with exit_on_sigterm("sift study"):
+        result = study_flow(resolved, root, new_store)
     table = Table(title="Sift study", show_header=False)
     for name, value in study_rows(result):
         table.add_row(name, value)
