@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -20,13 +23,25 @@ from flows.cli_common import (
     resolve_config,
 )
 from flows.config import DATA_SOURCES, ConfigError, PipelineConfig, check_paths, load_config
-from flows.runtime import configure_environment
+from flows.runtime import configure_environment, is_termination, stop_on_sigterm
+from steps.tracking import MissingStoreError, TrackingConfig, prepare_store, resolve_tracking_uri
 
 app = typer.Typer(
     help="Sift: data-efficient supervised fine-tuning pipelines.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+
+NewStoreOption = Annotated[
+    bool,
+    typer.Option(
+        "--new-store",
+        help="Start a new MLflow store where the configured SQLite file is missing although "
+        "mlflow/artifacts holds earlier runs' artifacts (without it the command stops: the "
+        "registry's versions and alias history would silently start over).",
+    ),
+]
 
 
 @app.command()
@@ -41,30 +56,65 @@ def run(
             "read through dvc.api instead of ingesting: reproduces that run's data and selection."
         ),
     ] = None,
+    new_store: NewStoreOption = False,
 ) -> None:
     """Run the whole pipeline once: ingest → validate → version → embed → select → fine-tune
-    → evaluate → register → promote."""
+    → evaluate → register → promote. SIGTERM stops it (exit 143) with its MLflow run KILLED."""
     unread = DATA_SOURCES if data_rev else ()  # --data-rev: the data comes from DVC
     resolved, root = load_project(config, set_, project_dir, skip=unread)
+    check_store(resolved.tracking, root, new_store)
     from flows.pipeline import pipeline, summary_rows  # imports Prefect: after the env is set
     from steps.data.ingest import IngestError
 
-    try:
-        result = pipeline(resolved, root, data_rev)
-    except (ValueError, IngestError) as error:
-        # A setting or the data at fault: the message names it (Prefect's log above has the
-        # traceback); the run stopped before anything downstream of the failure changed.
-        raise fail(f"sift run stopped: {error}", 1) from None
-    except Exception as error:
-        server = unreachable_server(error)
-        if server is None:
-            raise
-        raise fail(f"sift run stopped: {server} did not answer after the task retries: "
-                   f"{type(error).__name__}: {error}", 1) from None  # fmt: skip
+    with exit_on_sigterm("sift run"):
+        try:
+            result = pipeline(resolved, root, data_rev, new_store)
+        except (ValueError, IngestError) as error:
+            # A setting or the data at fault: the message names it (Prefect's log above has
+            # the traceback); the run stopped before anything downstream of the failure changed.
+            raise fail(f"sift run stopped: {error}", 1) from None
+        except Exception as error:
+            server = unreachable_server(error)
+            if server is None:
+                raise
+            raise fail(f"sift run stopped: {server} did not answer after the task retries: "
+                       f"{type(error).__name__}: {error}", 1) from None  # fmt: skip
     table = Table(title="Sift pipeline run", show_header=False)
     for name, value in summary_rows(result):
         table.add_row(name, value)
     console.print(table)
+
+
+def sigterm_line(command: str) -> str:
+    """What a command stopped by SIGTERM prints. Steps end whole or not at all: data.dvc is
+    restored unless its data was pushed, a registry version is created with all its tags in
+    one request, and an alias moves in one request."""
+    return (
+        f"{command} stopped by SIGTERM: its MLflow run is marked KILLED (if it had started); "
+        "data.dvc and the registry hold only what completed steps wrote"
+    )
+
+
+@contextlib.contextmanager
+def exit_on_sigterm(command: str) -> Iterator[None]:
+    """SIGTERM stops the body (flows.runtime.stop_on_sigterm) and the command exits 143
+    (128 + SIGTERM, as a shell reports it) with sigterm_line, without a traceback."""
+    try:
+        with stop_on_sigterm():
+            yield
+    except BaseException as error:
+        if not is_termination(error):
+            raise
+        raise fail(sigterm_line(command), 128 + signal.SIGTERM) from None
+
+
+def check_store(config: TrackingConfig, root: Path, new_store: bool) -> None:
+    """The flow's own store check (tracking.prepare_store), before Prefect starts: a store
+    deleted while its runs' artifacts remain stops the command at once, in one line."""
+    try:
+        prepare_store(resolve_tracking_uri(config, root), root, new_store)
+    except MissingStoreError as error:
+        raise fail(error, 1) from None
 
 
 # A scheduled run does only new work: it stops after validation on the champion's data and
@@ -275,6 +325,7 @@ def study(
     config: ConfigOption = None,
     set_: SetOption = None,
     project_dir: ProjectOption = Path("."),
+    new_store: NewStoreOption = False,
 ) -> None:
     """Data-efficiency study: selectors × budgets × seeds (select → fine-tune → evaluate) and
     the synthetic experiment; tables and plots to MLflow, Prefect and study.results_dir."""
@@ -293,10 +344,12 @@ def study(
             update={"model": resolved.model.model_copy(update={"name": str(root / model)})}
         )
     configure_environment(root)
+    check_store(resolved.tracking, root, new_store)
     from flows.pipeline import summary_rows as study_rows
     from flows.study import study as study_flow
 
-    result = study_flow(resolved, root)
+    with exit_on_sigterm("sift study"):
+        result = study_flow(resolved, root, new_store)
     table = Table(title="Sift study", show_header=False)
     for name, value in study_rows(result):
         table.add_row(name, value)
@@ -317,3 +370,7 @@ def show_config(config: ConfigOption = None, set_: SetOption = None) -> None:
 
 for module in (cli_advise, cli_evaluate, cli_lineage, cli_models, cli_serve, cli_server):
     module.add_commands(app)
+
+
+if __name__ == "__main__":  # python -m flows.cli: `sift` with this checkout's code
+    app()

@@ -15,6 +15,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
 
+from flows.caching import key
 from flows.config import DATA_SOURCES, PipelineConfig, check_paths, flat_params
 from flows.runtime import state_dir
 from flows.tasks import (
@@ -36,12 +37,19 @@ from flows.tasks import (
 )
 from steps import tracking
 from steps.data.ingest import IngestResult, TableRef, sources_fingerprint
-from steps.data.validate import quarantine_lines, raise_on_failure, validate
+from steps.data.validate import (
+    ValidationReport,
+    quarantine_lines,
+    raise_on_failure,
+    validate_into,
+    validated_report,
+)
 from steps.data.version import DataVersion
 from steps.evaluation.evaluate import EvalReport
 from steps.evaluation.publish import log_scoring, write_run_report
 from steps.evaluation.score import Scoring, scored
 from steps.evaluation.suites import BenchmarkPlan, metric_keys, plan_benchmarks
+from steps.hashing import code_fingerprint
 from steps.modeling import ModelSource, model_source, resolve_hardware, trained_source
 from steps.registry.gate import check_gate_metric
 from steps.registry.lineage import lineage_tags
@@ -51,6 +59,8 @@ from steps.selection.evidence import select_caution
 from steps.selection.select import SelectionRef
 from steps.selection.target_sample import reject_target_in_pipeline
 from steps.training.finetune import ModelRef
+
+VALIDATE = "steps.data.validate"  # the suite's module: its code keys the validated folder
 
 
 @dataclass(frozen=True)
@@ -77,10 +87,12 @@ class PipelineResult:
 
 @flow(name="sift-pipeline", log_prints=True)
 def pipeline(
-    config: PipelineConfig, project_dir: Path, data_rev: str | None = None
+    config: PipelineConfig, project_dir: Path, data_rev: str | None = None, new_store: bool = False
 ) -> PipelineResult:
     """data_rev: a git revision whose data.dvc names the data to use (read through dvc.api,
-    already validated when it was versioned) instead of ingesting data.source."""
+    already validated when it was versioned) instead of ingesting data.source. new_store:
+    create a missing SQLite store although earlier runs' artifacts show one existed
+    (tracking.prepare_store)."""
     project_dir = Path(project_dir).resolve()  # a worker's run gets "." (prefect.yaml)
     reject_target_in_pipeline(config.select)  # before any run is tracked or data read
     # every local path a setting names, in data.allowed_roots (data_rev: the data is DVC's)
@@ -96,6 +108,7 @@ def pipeline(
         tags={"prefect.flow_run_id": str(flow_run.get_id()), "sift.device": device,
               "sift.precision": precision},
         params=flat_params(config),
+        new_store=new_store,
     ) as run_id:  # fmt: skip
         context = RunContext(project_dir, state_dir(project_dir), device, precision, run_id)
         try:
@@ -257,9 +270,7 @@ def _data(
     project_dir = context.project_dir
     source_md5 = sources_fingerprint(config.data, project_dir)  # checks data.allowed_roots
     staged = ingest_task(config=config.data, source_md5=source_md5, context=context)
-    report = validate(
-        staged, config.validation, config.model, context.state_dir / "gx", project_dir / "data"
-    )
+    report = _validated(config, staged, context)
     tracking.log_artifact(context.run_id, str(Path(report.data_docs_path).parent), "data_docs")
     create_link_artifact(
         key="data-docs",
@@ -270,8 +281,24 @@ def _data(
     data = raise_on_failure(report)  # gate: nothing below runs on invalid data
     for line in quarantine_lines(report):
         print(f"quarantined {line}")
-    version = version_task(config=config.version, context=context)
+    accepted_dir = Path(data.train.path).parent
+    version = version_task(source_dir=accepted_dir, config=config.version, context=context)
     return data, version, report.quarantined
+
+
+def _validated(
+    config: PipelineConfig, staged: IngestResult, context: RunContext
+) -> ValidationReport:
+    """The suite's outcome, from a folder of its own keyed on the staged tables, the checks'
+    code, the validation config and the model section (whose tokenizer and context the checks
+    use): a later run on the same data reads it back instead of running the suite again, and
+    the run's tables stay there, never rewritten by another run (data/ is DVC's copy)."""
+    folder = key(staged, code_fingerprint(VALIDATE), config.validation, config.model)
+    final = context.state_dir / "validated" / folder
+    report = validated_report(final)
+    if report is None:
+        report = validate_into(staged, config.validation, config.model, final, context.run_id)
+    return report
 
 
 def _log_data(run_id: str, data: IngestResult, version: DataVersion, quarantined: int) -> None:

@@ -9,10 +9,14 @@ their processes run.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -140,3 +144,57 @@ def process_status(pid: int) -> tuple[str, int] | None:
 @functools.cache
 def _note_once(message: str) -> None:
     print(message, file=sys.stderr)
+
+
+# After a SIGTERM lost in a finaliser, it is sent again this much later: by then the main
+# thread has left the finaliser (microseconds), and a run stops 0.1 s later than it could.
+REDELIVERY_DELAY_S = 0.1
+
+
+class Terminated(BaseException):
+    """SIGTERM stopped the command (a BaseException, as KeyboardInterrupt: no `except
+    Exception` may carry on past it; tracking marks the run KILLED)."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated(f"stopped by {signal.Signals(signum).name}")
+
+
+def is_termination(error: BaseException | None) -> bool:
+    """Terminated, or Prefect's TerminationSignal (looked up, not imported: Prefect reads its
+    settings at import, and a hook must not be the first to import it)."""
+    prefect_signal = getattr(sys.modules.get("prefect.exceptions"), "TerminationSignal", None)
+    return isinstance(error, Terminated) or (
+        prefect_signal is not None and isinstance(error, prefect_signal)
+    )
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """SIGTERM raises Terminated in the main thread, and is never lost on the way.
+
+    A signal handler's exception is raised wherever the main thread is, and one raised inside
+    a finaliser (`__del__`, a weakref callback: Python only prints "Exception ignored in") is
+    gone: Prefect's flow engine handles SIGTERM by raising TerminationSignal, and a SIGTERM
+    landing while asyncio transports were collected was swallowed so, and the run carried on.
+    So the exception of a SIGTERM that Python reports as unraisable sends SIGTERM again, and
+    the handler raises once the main thread runs ordinary code. Prefect's engine, on its own
+    TerminationSignal, restores this handler and sends SIGTERM again, which raises Terminated.
+    """
+    previous_handler = signal.signal(signal.SIGTERM, _raise_terminated)
+    previous_hook = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if is_termination(unraisable.exc_value):
+            # From another thread, a moment later: sent here, the handler would run inside
+            # this hook, whose exceptions are dropped too.
+            threading.Timer(REDELIVERY_DELAY_S, os.kill, (os.getpid(), signal.SIGTERM)).start()
+        else:
+            previous_hook(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous_hook
+        signal.signal(signal.SIGTERM, previous_handler)

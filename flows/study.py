@@ -32,7 +32,12 @@ from flows.tasks import (
 )
 from steps import tracking
 from steps.data.ingest import IngestResult, TableRef, sources_fingerprint, table_ref
-from steps.data.validate import quarantine_lines, raise_on_failure, validate
+from steps.data.validate import (
+    quarantine_lines,
+    raise_on_failure,
+    validate_into,
+    validated_report,
+)
 from steps.modeling import ModelSource, model_source, resolve_hardware, trained_source
 from steps.selection.embed import FeaturesRef, feature_space, load_pool
 from steps.study import report
@@ -82,11 +87,10 @@ class StudyResult:
     out_dir: str
 
 
-QUARANTINE_NOTE = "quarantined.txt"  # beside a study's accepted tables: what the gate printed
-
-
 @flow(name="sift-study", log_prints=True)
-def study(config: lib.StudyConfig, project_dir: Path) -> StudyResult:
+def study(config: lib.StudyConfig, project_dir: Path, new_store: bool = False) -> StudyResult:
+    """new_store: create a missing SQLite store although earlier runs' artifacts show one
+    existed (tracking.prepare_store)."""
     check_paths(config, project_dir)  # before anything is read or tracked, as the pipeline
     device, precision = resolve_hardware(config.model)
     with tracking.tracked_run(
@@ -99,6 +103,7 @@ def study(config: lib.StudyConfig, project_dir: Path) -> StudyResult:
             "device": device,
             "precision": precision,
         },
+        new_store=new_store,
     ) as run_id:
         context = RunContext(project_dir, state_dir(project_dir), device, precision, run_id)
         return _study(config, context)
@@ -180,30 +185,17 @@ def _validated(config: lib.StudyConfig, staged: IngestResult, context: RunContex
     tables, the validation config and the model section (whose tokenizer and context the
     checks use), so later runs' cached trials find the same table. A later run finds them
     there and does not run the suite again; it prints the quarantine lines recorded with
-    them."""
+    them. Each run validates in a folder of its own first (validate_into)."""
     final = (
         context.state_dir / "studies" / "validated" / key(staged, config.validation, config.model)
     )
-    if not (final / QUARANTINE_NOTE).exists():
-        _validate_into(final, config, staged, context.run_id)
-    for line in (final / QUARANTINE_NOTE).read_text().splitlines():
+    report = validated_report(final)
+    if report is None:
+        report = validate_into(staged, config.validation, config.model, final, context.run_id)
+    accepted = raise_on_failure(report)
+    for line in quarantine_lines(report):
         print(f"quarantined {line}")
-    data = final / "data"
-    return IngestResult(table_ref(data / "train.parquet"), table_ref(data / "eval.parquet"))
-
-
-def _validate_into(final: Path, config: lib.StudyConfig, staged: IngestResult, run_id: str) -> None:
-    """Validates in a folder of this run's own (two studies at once must not share a Great
-    Expectations project or write a table the other is reading), then renames it into place;
-    a run that finds the place taken keeps the tables there (the same rows: same key)."""
-    scratch = final.with_name(f"{final.name}.{run_id}")
-    report = validate(staged, config.validation, config.model, scratch / "gx", scratch / "data")
-    raise_on_failure(report)
-    (scratch / QUARANTINE_NOTE).write_text("".join(f"{x}\n" for x in quarantine_lines(report)))
-    try:
-        scratch.rename(final)  # atomic; fails when final exists (another run's)
-    except OSError:
-        shutil.rmtree(scratch)
+    return accepted
 
 
 def _trial(

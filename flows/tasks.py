@@ -201,8 +201,10 @@ def synthetic_task(*, config: SyntheticConfig) -> pd.DataFrame:
 
 # I/O against remotes (DVC push, the MLflow registry) can fail transiently: retry those.
 @task(name="version", **REMOTE_RETRIES, cache_policy=NO_CACHE)
-def version_task(*, config: VersionConfig, context: RunContext) -> DataVersion:
-    return version_data(context.project_dir / "data", context.project_dir, config)
+def version_task(*, source_dir: Path, config: VersionConfig, context: RunContext) -> DataVersion:
+    """The validated tables in source_dir become data/, which DVC versions and pushes."""
+    data_dir = context.project_dir / "data"
+    return version_data(data_dir, context.project_dir, config, source_dir=source_dir)
 
 
 @task(name="data-at-rev", **REMOTE_RETRIES, cache_policy=NO_CACHE)

@@ -6,11 +6,13 @@ runs tasks in worker threads), so nothing here relies on a global "current run".
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import subprocess
 import sys
 import time
+import uuid
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -23,6 +25,7 @@ import pandas as pd
 from mlflow.data.pandas_dataset import from_pandas
 from mlflow.entities import DatasetInput, LoggedModelInput, RunStatus
 from mlflow.exceptions import MlflowException
+from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel, ConfigDict
 
@@ -47,15 +50,69 @@ def resolve_tracking_uri(config: TrackingConfig, project_dir: Path) -> str:
     return f"sqlite:///{(project_dir / 'mlflow' / 'mlflow.db').resolve()}"
 
 
+def sqlite_store_path(tracking_uri: str) -> Path | None:
+    """The file of a SQLite store URI; None for any other store (a server, PostgreSQL)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return Path(tracking_uri.removeprefix("sqlite:///").split("?")[0])
+
+
 def require_store(tracking_uri: str) -> None:
     """ValueError when a SQLite store's file is missing: opening it would create an empty one
     (a typo would leave a stray mlflow.db), and a read-only command must change nothing."""
-    if tracking_uri.startswith("sqlite:///"):
-        path = Path(tracking_uri.removeprefix("sqlite:///").split("?")[0])
-        if not path.is_file():
-            raise ValueError(
-                f"no MLflow store at {tracking_uri} (tracking.tracking_uri): `sift run` creates it"
-            )
+    path = sqlite_store_path(tracking_uri)
+    if path is not None and not path.is_file():
+        raise ValueError(
+            f"no MLflow store at {tracking_uri} (tracking.tracking_uri): `sift run` creates it"
+        )
+
+
+class MissingStoreError(ValueError):
+    """The SQLite store file is gone but the runs it recorded left artifacts behind."""
+
+
+def artifact_root(project_dir: Path) -> Path:
+    """Where runs tracked in a SQLite store keep their artifacts (experiment_id)."""
+    return project_dir / "mlflow" / "artifacts"
+
+
+def prepare_store(tracking_uri: str, project_dir: Path, new_store: bool = False) -> None:
+    """Creates a missing SQLite store, unless earlier runs' artifacts show one existed: a
+    deleted or mistyped mlflow.db would otherwise start an empty registry (its versions and
+    alias history gone, old artifacts orphaned, v1 promoted again). `new_store` says that a
+    new store is what the user wants."""
+    path = sqlite_store_path(tracking_uri)
+    if path is None or path.is_file():
+        return
+    artifacts = artifact_root(project_dir)
+    if not new_store and _holds_files(artifacts):
+        raise MissingStoreError(
+            f"no MLflow store at {path}, but {artifacts} holds artifacts of runs it recorded: "
+            "a new store would lose their registry versions and alias history. Point "
+            "tracking.tracking_uri (or MLFLOW_TRACKING_URI) at the store that recorded them, "
+            "or pass --new-store to start an empty one"
+        )
+    _create_sqlite_store(path, artifacts)
+
+
+def _holds_files(folder: Path) -> bool:
+    return folder.is_dir() and any(p.is_file() for p in folder.rglob("*"))
+
+
+def _create_sqlite_store(path: Path, artifacts: Path) -> None:
+    """Creates the store's tables in a file of this process's own, then links it into place:
+    MLflow migrates an empty file on first open, and two first runs migrating one file at once
+    failed ('no such column: spans.dimension_attributes'). The link fails if another run's
+    store got there first, which is then the store."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    scratch = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+    try:
+        store = SqlAlchemyStore(f"sqlite:///{scratch}", artifacts.resolve().as_uri())
+        store.engine.dispose()  # closes the file before it changes name
+        with contextlib.suppress(FileExistsError):  # another run's store is there: it is the store
+            os.link(scratch, path)  # atomic, and never replaces an existing file
+    finally:
+        scratch.unlink(missing_ok=True)
 
 
 def use_tracking(tracking_uri: str) -> None:
@@ -71,7 +128,7 @@ def experiment_id(name: str, project_dir: Path) -> str:
         return existing.experiment_id
     artifacts = None
     if mlflow.get_tracking_uri().startswith("sqlite:"):
-        artifacts = (project_dir / "mlflow" / "artifacts").resolve().as_uri()
+        artifacts = artifact_root(project_dir).resolve().as_uri()
     try:
         return client.create_experiment(name, artifact_location=artifacts)
     except MlflowException as error:
@@ -142,11 +199,15 @@ def tracked_run(
     run_name: str,
     tags: dict[str, str],
     params: dict[str, object],
+    new_store: bool = False,
 ) -> Iterator[str]:
     """An MLflow run recording config, code and libraries, open for the body: it ends FAILED
-    with an `error` tag when the body raises (KeyboardInterrupt and Prefect's cancellations
-    included), FINISHED otherwise."""
-    use_tracking(resolve_tracking_uri(config, project_dir))
+    with an `error` tag when the body raises an error, KILLED when it is stopped from outside
+    (a signal, Ctrl-C, a Prefect cancellation: BaseExceptions that are not Exceptions),
+    FINISHED otherwise. A missing SQLite store is created (prepare_store, `new_store`)."""
+    tracking_uri = resolve_tracking_uri(config, project_dir)
+    prepare_store(tracking_uri, project_dir, new_store)
+    use_tracking(tracking_uri)
     client = MlflowClient()
     git = git_state(project_dir)
     run = client.create_run(
@@ -174,7 +235,10 @@ def _end_run(run_id: str, error: BaseException | None = None) -> None:
     client = MlflowClient()
     if error is not None:
         client.set_tag(run_id, "error", f"{type(error).__name__}: {error}"[:5000])
-    status = RunStatus.FAILED if error is not None else RunStatus.FINISHED
+    if error is None:
+        status = RunStatus.FINISHED
+    else:
+        status = RunStatus.FAILED if isinstance(error, Exception) else RunStatus.KILLED
     client.set_terminated(run_id, RunStatus.to_string(status))
 
 

@@ -28,6 +28,27 @@ INVISIBLE = (
 # Empty passes here: the length check reports it, so a row gets one reason, not two.
 VISIBLE_OR_EMPTY = rf"\A\Z|[^{INVISIBLE}]"
 BLANK = rf"\A[{INVISIBLE}]*\Z"
+# An expectation's meta key: the regex whose first match its quoted values start near
+# (validate.py), so a character deep in a long text shows in the message.
+QUOTE_FROM = "quote_from"
+# Characters that hide or reorder text: bidi embeddings, overrides and isolates (U+202A-U+202E,
+# U+2066-U+2069: "Trojan Source", CVE-2021-42574, text displayed in another order than it
+# reads), zero-width space, word joiner, invisible operators and a byte-order mark inside
+# text, deprecated format controls, interlinear annotations. None belongs in training text;
+# each can carry instructions a reader does not see, which the model would learn. Zero-width
+# (non-)joiners (U+200C/U+200D) spell Persian and Indic words and join emoji: they count only
+# where they join nothing (next to an edge, whitespace or another invisible character). Tag
+# characters (U+E0020-U+E007F, "ASCII smuggling") count outside an emoji flag's tag sequence.
+HIDDEN = (
+    r"[\u200b\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000e0001]"
+    rf"|(?<![^{INVISIBLE}])[\u200c\u200d]|[\u200c\u200d](?![^{INVISIBLE}])"
+    r"|(?<![\U0001f3f4\U000e0020-\U000e007e])[\U000e0020-\U000e007f]"
+)
+# Hidden characters in text with something visible (text of nothing visible is reported as
+# blank instead: one reason per row).
+HIDDEN_IN_TEXT = rf"\A(?=[\s\S]*[^{INVISIBLE}])[\s\S]*?(?:{HIDDEN})"
+# An unfilled template field: {question}, {{ question }}, ${question}.
+PLACEHOLDER = r"\$?\{\{?[ \t]*[A-Za-z_][\w.-]*[ \t]*\}\}?"
 
 
 def visible(text: str) -> str:
@@ -38,6 +59,14 @@ def same_visible_text(text: str) -> str:
     """A regex matching exactly the strings whose visible characters are those of `text`."""
     gap = f"[{INVISIBLE}]*"
     return r"\A" + gap + "".join(re.escape(char) + gap for char in visible(text)) + r"\Z"
+
+
+def placeholder_only(template_text: str) -> str:
+    """A regex matching the strings whose visible characters are `template_text`'s, with one
+    or more unfilled template fields (PLACEHOLDER) and nothing else between them."""
+    gap = f"(?:[{INVISIBLE}]|{PLACEHOLDER})*"
+    chars = "".join(re.escape(char) + gap for char in visible(template_text))
+    return rf"\A(?=[\s\S]*{PLACEHOLDER})" + gap + chars + r"\Z"
 
 
 def row_suite(max_prompt_tokens: int, empty_prompt: str | None) -> list:
@@ -58,7 +87,20 @@ def row_suite(max_prompt_tokens: int, empty_prompt: str | None) -> list:
     for column in text_columns:
         # pandas 3 string dtype: "str" is the type name GX matches (see docs/stack-notes.md).
         suite.append(gxe.ExpectColumnValuesToBeOfType(column=column, type_="str"))
-        suite.append(gxe.ExpectColumnValuesToNotMatchRegex(column=column, regex=CONTROL_CHARS))
+        suite.append(
+            gxe.ExpectColumnValuesToNotMatchRegex(
+                column=column, regex=CONTROL_CHARS, meta={QUOTE_FROM: CONTROL_CHARS}
+            )
+        )
+        suite.append(
+            gxe.ExpectColumnValuesToNotMatchRegex(
+                column=column,
+                regex=HIDDEN_IN_TEXT,
+                description=f"{column} holds hidden characters: bidi override/isolate, "
+                "zero-width, word joiner, BOM or tag characters",
+                meta={QUOTE_FROM: HIDDEN},
+            )
+        )
     # Last, so that a row failing the checks above keeps its reasons in the same order.
     suite.append(
         gxe.ExpectColumnValuesToMatchRegex(
@@ -73,6 +115,13 @@ def row_suite(max_prompt_tokens: int, empty_prompt: str | None) -> list:
             column="id", regex=BLANK, description="data.id_field id is empty or whitespace"
         )
     )
+    suite.append(
+        gxe.ExpectColumnValuesToNotMatchRegex(
+            column="response",
+            regex=placeholder_only(""),
+            description="response is only an unfilled template field such as '{answer}'",
+        )
+    )
     if empty_prompt is not None:
         suite.append(
             gxe.ExpectColumnValuesToNotMatchRegex(
@@ -80,6 +129,14 @@ def row_suite(max_prompt_tokens: int, empty_prompt: str | None) -> list:
                 regex=same_visible_text(empty_prompt),
                 description="prompt has no text of its own: its data.prompt_field fields are "
                 "empty or whitespace",
+            )
+        )
+        suite.append(
+            gxe.ExpectColumnValuesToNotMatchRegex(
+                column="prompt",
+                regex=placeholder_only(empty_prompt),
+                description="prompt is only unfilled template fields such as '{question}' "
+                "(beside data.prompt_field's own text): placeholders, not an example",
             )
         )
     return suite

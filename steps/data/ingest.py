@@ -11,6 +11,7 @@ group, so a file of any size is never held in memory whole.
 from __future__ import annotations
 
 import hashlib
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -363,7 +364,9 @@ def stream_table(
     rows, plain = 0, False
     render = chat_renderer(config.chat_template)
     targets = [path] if places_path is None else [path, places_path]
-    partials = [target.with_suffix(".partial") for target in targets]  # no half-written tables
+    # No half-written tables, and a name of this call's own: two runs staging the same
+    # sources at once each write their own file, then replace the table atomically.
+    partials = [target.with_suffix(f".{uuid.uuid4().hex[:12]}.partial") for target in targets]
     try:
         with (
             pq.ParquetWriter(partials[0], ARROW_SCHEMA, compression="zstd") as writer,

@@ -10,6 +10,8 @@ row by its source file and 1-based line or record, read from ingest's places tab
 from __future__ import annotations
 
 import logging
+import re
+import shutil
 from bisect import bisect_left
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,13 +26,24 @@ from great_expectations.checkpoint import UpdateDataDocsAction
 from great_expectations.data_context.types.base import ProgressBarsConfig
 from pydantic import BaseModel, ConfigDict, Field
 
-from steps.data.checks import row_suite, split_suite
-from steps.data.ingest import IngestConfig, IngestResult, TableRef, ingest, write_table
+from steps.data.checks import QUOTE_FROM, row_suite, split_suite
+from steps.data.ingest import (
+    IngestConfig,
+    IngestResult,
+    TableRef,
+    ingest,
+    table_ref,
+    write_table,
+)
 from steps.hashing import file_md5
 from steps.modeling import ModelConfig, load_tokenizer
 
 SUITE_NAME = "sift_sft_data"
 CHUNK_ROWS = 50_000  # rows validated per GX run: bounds memory whatever the pool size
+# In a validated folder (validate_into): one line per quarantined row; written last, so a
+# folder holding it holds the whole outcome.
+QUARANTINE_NOTE = "quarantined.txt"
+QUOTE_LEAD = 20  # characters quoted before a hidden or control character deep in a text
 
 
 class ValidateConfig(BaseModel):
@@ -106,7 +119,9 @@ class _Findings:
             found.count += details.get("unexpected_count") or 0
             room = max(examples - len(found.rows), 0)
             found.rows += rows[:room]
-            found.values += (details.get("partial_unexpected_list") or [])[:room]
+            values = (details.get("partial_unexpected_list") or [])[:room]
+            quote_from = (config.meta or {}).get(QUOTE_FROM)
+            found.values += [_near(value, quote_from) for value in values]
             if details.get("observed_value") is not None:
                 found.observed = details["observed_value"]
             found.indexed = found.indexed and bool(rows)
@@ -126,6 +141,17 @@ class _Findings:
             for key, found in self.failures.items()
             if not (unfixable_only and found.indexed)
         ]
+
+
+def _near(value: object, pattern: str | None) -> object:
+    """The value from a little before pattern's first match: messages quote the first 60
+    characters, and a hidden character deep in a long text must show in them."""
+    if pattern is None or not isinstance(value, str):
+        return value
+    found = re.search(pattern, value)
+    if found is None or found.start() < QUOTE_LEAD + 10:
+        return value
+    return "…" + value[found.start() - QUOTE_LEAD :]
 
 
 def _describe(key: _Key, found: _Failure, examples: int, places: dict[int, str]) -> str:
@@ -290,7 +316,7 @@ def validate(
     if unfixable or too_many:
         first = [*found.lines(3, places, unfixable_only=True), *too_many]
         failures = list(dict.fromkeys([*first, *failures]))
-    docs = gx_dir / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
+    docs = _docs_path(gx_dir)
     if failures:
         return ValidationReport(False, tuple(failures), 0, str(docs), accepted=None)
     paths = {split: table.path for split, table in tables.items()}
@@ -301,6 +327,48 @@ def validate(
         for row, reasons in sorted(rows.items())
     )
     return ValidationReport(True, (), quarantined, str(docs), accepted, quarantined_rows=notes)
+
+
+def _docs_path(gx_dir: Path) -> Path:
+    return gx_dir / "gx" / "uncommitted" / "data_docs" / "local_site" / "index.html"
+
+
+def validate_into(
+    staged: IngestResult, config: ValidateConfig, model: ModelConfig, final_dir: Path, run_id: str
+) -> ValidationReport:
+    """Validates in a folder of this run's own (final_dir.<run_id>: its own Great Expectations
+    project and accepted tables), then renames it to final_dir, which the caller keys on all
+    that decides the outcome. Two runs at once shared one GX project and one data/ before:
+    one failed ('ExpectationSuite() argument after ** must be a mapping'). When another run's
+    folder got there first it is kept (same key, same tables) and this run's is removed. On
+    failure the run's folder stays: its Data Docs show what failed."""
+    scratch = final_dir.with_name(f"{final_dir.name}.{run_id}")
+    report = validate(staged, config, model, scratch / "gx", scratch / "data")
+    if not report.success:
+        return report
+    (scratch / QUARANTINE_NOTE).write_text("".join(f"{row}\n" for row in report.quarantined_rows))
+    try:
+        scratch.rename(final_dir)  # atomic; fails when final_dir exists (another run's)
+    except OSError:
+        if not (final_dir / QUARANTINE_NOTE).exists():
+            raise
+        shutil.rmtree(scratch)
+    validated = validated_report(final_dir)
+    assert validated is not None  # the note was written before the rename
+    return validated
+
+
+def validated_report(final_dir: Path) -> ValidationReport | None:
+    """The outcome validate_into left in final_dir (accepted tables, quarantine lines, Data
+    Docs); None when it holds none yet."""
+    note = final_dir / QUARANTINE_NOTE
+    if not note.exists():
+        return None
+    rows = tuple(note.read_text().splitlines())
+    data = final_dir / "data"
+    accepted = IngestResult(table_ref(data / "train.parquet"), table_ref(data / "eval.parquet"))
+    docs = str(_docs_path(final_dir / "gx"))
+    return ValidationReport(True, (), len(rows), docs, accepted, quarantined_rows=rows)
 
 
 def publish(

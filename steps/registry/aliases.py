@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import json
 import secrets
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
@@ -65,9 +69,7 @@ def move_alias(
     if kind not in KINDS:
         raise RegistryError(f"kind={kind!r}: expected one of {', '.join(KINDS)}")
     previous = alias_version(client, name, alias)
-    client.set_registered_model_alias(name, alias, version)
     event = _event(kind, alias, previous, version, reason, numbers or {}, moved=True)
-    append_event(client, name, event)  # first: the move is in the history before anything else
     tags = {
         PROMOTED_BY: event.who,
         PROMOTED_AT: event.at,
@@ -75,9 +77,34 @@ def move_alias(
         PROMOTE_KIND: kind,
         PREVIOUS_CHAMPION: previous or "none",
     }
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
+    with _signals_held():  # a run stopped here left the alias moved with no history entry
+        client.set_registered_model_alias(name, alias, version)
+        append_event(client, name, event)  # first: the move is in the history before the rest
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, value)
     return event
+
+
+@contextmanager
+def _signals_held() -> Iterator[None]:
+    """SIGTERM and SIGINT that arrive in the body take effect when it ends (the handlers in
+    place then run): the writes of one alias move all happen, or none of them. Off the main
+    thread, where Python runs no signal handlers, it changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {
+        signum: signal.signal(signum, lambda number, frame: held.append(number))
+        for signum in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        yield
+    finally:
+        for held_signal, handler in previous.items():
+            signal.signal(held_signal, handler)
+        for number in held:
+            signal.raise_signal(number)
 
 
 def record_kept(

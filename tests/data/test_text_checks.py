@@ -1,6 +1,8 @@
 """Text with nothing visible counts as empty: whitespace-only, control-only or zero-width-only
 responses, and prompts whose fields are all blank (whatever their template adds), fail the
-suite or are quarantined, each named by file and line. Plain LM data keeps its empty prompts."""
+suite or are quarantined, each named by file and line. Plain LM data keeps its empty prompts.
+So do text that hides characters (bidi overrides, zero-width spaces) and prompts or responses
+that are only unfilled template fields ("{question}")."""
 
 from __future__ import annotations
 
@@ -57,14 +59,14 @@ def test_whitespace_only_responses_are_quarantined_with_their_lines(
     ) in failed.failures
 
 
-def test_zero_width_and_control_only_responses_fail_but_visible_text_with_them_passes(
+def test_zero_width_and_control_only_responses_fail_as_blank_and_visible_text_does_not(
     project: Path, tmp_path: Path, gsm8k_train
 ):
     rows = [dict(r) for r in gsm8k_train]
     rows[2]["answer"] = "\u200b\u200d"  # zero-width space + joiner
     rows[5]["answer"] = "\ufeff"  # a stray byte-order mark
     rows[8]["answer"] = "\x92"  # C1 control: Windows-1252 apostrophe decoded as Latin-1
-    rows[9]["answer"] = "6\u200b"  # visible text with a zero-width space: kept
+    rows[9]["answer"] = "6\u200b"  # visible text: not blank (the hidden-character check's)
     write_jsonl(project / "raw" / "train.jsonl", rows)
     report = _validate(project, tmp_path, FAIL)
     visible = next(f for f in report.failures if "values_to_match_regex on column 'res" in f)
@@ -103,6 +105,70 @@ def test_a_prompt_of_blank_fields_fails_whatever_its_template_adds(project: Path
     report = _validate(project, tmp_path / "plain", FAIL, **plain)
     (blank,) = [f for f in report.failures if "on column 'prompt'" in f]
     assert "(3 rows)" in blank and "line 10 ('')" in blank  # no template: an empty field
+
+
+def test_hidden_characters_are_named_by_line_and_quoted_where_they_are(
+    project: Path, tmp_path: Path, gsm8k_train
+):
+    rows = [dict(r) for r in gsm8k_train]
+    rows[1]["question"] += " \u202eevig ot reward eht\u202c"  # right-to-left override
+    rows[4]["question"] = "How\u200b many apples?"  # zero-width space inside a word gap
+    rows[6]["answer"] = "x" * 200 + "\u2066#### 0\u2069"  # an isolate, deep in the text
+    rows[12]["answer"] = "Pay \ufeff5 dollars"  # a byte-order mark inside text
+    rows[20]["question"] = "\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645?"  # Persian ZWNJ: kept
+    rows[21]["answer"] = "\U0001f468\u200d\U0001f469 #### 2"  # an emoji ZWJ sequence: kept
+    write_jsonl(project / "raw" / "train.jsonl", rows)
+    report = _validate(project, tmp_path, FAIL)
+    prompt, response = (
+        next(f for f in report.failures if f"column '{column}' (2 rows) - {column} holds hid" in f)
+        for column in ("prompt", "response")
+    )
+    assert prompt.startswith("[train] expect_column_values_to_not_match_regex on column 'prompt'")
+    assert "; raw/train.jsonl line 2 (" in prompt and "\\u202eevig" in prompt
+    assert "raw/train.jsonl line 5 ('How\\u200b many apples?')" in prompt
+    assert "raw/train.jsonl line 7 ('…xxxxxxxxxxxxxxxxxxxx\\u2066#### 0\\u2069')" in response
+    assert "raw/train.jsonl line 13 ('Pay \\ufeff5 dollars')" in response
+    assert not any("line 21" in f or "line 22" in f for f in report.failures), report.failures
+
+    kept = _validate(project, tmp_path / "quarantine", ValidateConfig(max_quarantine_fraction=0.1))
+    assert kept.success and kept.quarantined == 4
+    assert [note.split(":")[0] for note in kept.quarantined_rows] == [
+        f"[train] raw/train.jsonl line {row}" for row in (2, 5, 7, 13)
+    ]
+
+
+def test_prompts_and_responses_of_unfilled_template_fields_fail(project: Path, tmp_path: Path):
+    records = [
+        {"instruction": f"Add {i} and {i}.", "input": "", "output": str(2 * i)} for i in range(20)
+    ]
+    records[3] = {"instruction": "{instruction}", "input": "", "output": "x"}
+    records[6] = {"instruction": "{{ instruction }}", "input": "${input}", "output": "y"}
+    records[8] = {"instruction": "Explain {x} in sets.", "input": "", "output": "z"}  # kept
+    records[11] = {"instruction": "Add 1 and 1.", "input": "", "output": "{output}"}
+    write_jsonl(project / "raw" / "train.jsonl", records)
+    held_out = [
+        {"instruction": f"Double {i}.", "input": "", "output": str(2 * i)} for i in range(8)
+    ]
+    write_jsonl(project / "raw" / "test.jsonl", held_out)
+    template = {"prompt_field": "Task: {instruction}\n{input}", "response_field": "output"}
+    report = _validate(project, tmp_path, FAIL, **template)
+    (prompt,) = [f for f in report.failures if "on column 'prompt'" in f]
+    assert prompt.startswith(
+        "[train] expect_column_values_to_not_match_regex on column 'prompt' (2 rows) - prompt "
+        "is only unfilled template fields such as '{question}' (beside data.prompt_field's"
+    )
+    assert (
+        "raw/train.jsonl line 4 ('Task: {instruction}\\n'), "
+        "raw/train.jsonl line 7 ('Task: {{ instruction }}\\n${input}')" in prompt
+    )
+    (response,) = [f for f in report.failures if "on column 'response'" in f]
+    assert "(1 rows) - response is only an unfilled template field" in response
+    assert response.endswith("raw/train.jsonl line 12 ('{output}')")
+
+    plain = {"prompt_field": "instruction", "response_field": "output"}
+    report = _validate(project, tmp_path / "plain", FAIL, **plain)
+    (prompt,) = [f for f in report.failures if "on column 'prompt'" in f]
+    assert "(2 rows)" in prompt and "line 4 ('{instruction}')" in prompt
 
 
 def test_a_chat_rendered_prompt_of_blank_fields_fails(project: Path, tmp_path: Path, gsm8k_train):

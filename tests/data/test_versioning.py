@@ -7,11 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
-from steps.data.ingest import IngestConfig, ingest
+from steps.data.ingest import IngestConfig, ingest, write_table
 from steps.data.validate import ValidateConfig, raise_on_failure, validate
 from steps.data.version import DataRevisionError, VersionConfig, data_at_rev, version_data
+from steps.hashing import file_md5
 from steps.modeling import ModelConfig
 from tests.conftest import MODEL_DIR, write_jsonl
 from tests.s3 import moto_s3, object_keys
@@ -78,6 +80,39 @@ def test_a_past_version_is_read_back_by_git_revision(project: Path, tmp_path: Pa
         data_at_rev(project, "HEAD~2", tmp_path / "none")
     with pytest.raises(DataRevisionError, match="--data-rev 'no-such-tag': unknown Git revision"):
         data_at_rev(project, "no-such-tag", tmp_path / "none")
+
+
+def _tables(folder: Path, answer: str) -> dict[str, str]:
+    """train/eval tables as validation publishes them; returns their md5s."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for split in ("train", "eval"):
+        rows = {"id": ["a", "b"], "prompt": ["1+1?", "2+2?"], "response": [answer, answer]}
+        write_table(pd.DataFrame(rows), folder / f"{split}.parquet")
+    return {p.name: file_md5(p) for p in sorted(folder.iterdir())}
+
+
+def test_a_failed_push_leaves_data_dvc_and_data_as_they_were(project: Path, tmp_path: Path):
+    """data.dvc never names data the remote lacks: a push that fails (or a SIGTERM before it
+    completes) puts data.dvc, and data/ when the tables were swapped in, back as they were."""
+    data = project / "data"
+    before = _tables(data, "2")
+    version_data(data, project, VersionConfig(remote_url=str(tmp_path / "remote")))
+    pointer = (project / "data.dvc").read_bytes()
+    (tmp_path / "a-file").write_text("not a folder\n")
+    broken = VersionConfig(remote_url=str(tmp_path / "a-file" / "remote"))
+
+    _tables(data, "4")  # new tables in data/, their push fails
+    with pytest.raises(Exception, match="a-file"):
+        version_data(data, project, broken)
+    assert (project / "data.dvc").read_bytes() == pointer
+
+    assert _tables(data, "2") == before
+    _tables(tmp_path / "accepted", "4")
+    with pytest.raises(Exception, match="a-file"):  # the flow's way: swapped in from a folder
+        version_data(data, project, broken, source_dir=tmp_path / "accepted")
+    assert (project / "data.dvc").read_bytes() == pointer
+    assert {p.name: file_md5(p) for p in sorted(data.iterdir())} == before
+    assert sorted(p.name for p in project.iterdir() if p.name.startswith(".data")) == []
 
 
 @pytest.fixture

@@ -34,6 +34,37 @@ def test_run_with_an_unknown_prior_stops_with_one_line_naming_it(prefect_harness
     assert not (project / "data").exists() and not (project / "data.dvc").exists()
 
 
+def test_a_deleted_store_whose_runs_left_artifacts_stops_run_until_new_store(tmp_path: Path):
+    """Deleting mlflow/mlflow.db used to start an empty registry silently (versions and alias
+    history gone, v1 promoted again): `sift run` now stops before tracking anything."""
+    from steps import tracking
+
+    store = tmp_path / "mlflow" / "mlflow.db"
+    # The first run names the file another way: MLflow keeps an engine per URI in this
+    # process, open on the file deleted below (each `sift run` is a process of its own).
+    first = tracking.TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/mlflow/./mlflow.db")
+    (tmp_path / "note.txt").write_text("an artifact of the first run\n")
+    with tracking.tracked_run(tmp_path, first, "first", {}, {}) as run_id:
+        tracking.log_artifact(run_id, str(tmp_path / "note.txt"))
+    store.unlink()
+
+    config = tracking.TrackingConfig(tracking_uri=f"sqlite:///{store}")
+    setting = f"tracking.tracking_uri={config.tracking_uri}"
+    result = runner.invoke(app, ["run", "--project-dir", str(tmp_path), "--set", setting])
+    assert result.exit_code == 1
+    (line,) = result.output.strip().splitlines()  # rich may wrap: one line unwrapped
+    assert line.startswith(f"no MLflow store at {store}, but {tmp_path / 'mlflow' / 'artifacts'}")
+    assert line.endswith("or pass --new-store to start an empty one")
+    assert not store.exists()
+    second = tracking.tracked_run(tmp_path, config, "second", {}, {})
+    with pytest.raises(tracking.MissingStoreError), second:  # the flow checks too
+        pass
+
+    with tracking.tracked_run(tmp_path, config, "new", {}, {}, new_store=True) as run_id:
+        pass
+    assert store.is_file() and tracking.MlflowClient().get_run(run_id).info.status == "FINISHED"
+
+
 def test_show_config_prints_the_resolved_value():
     result = runner.invoke(app, ["show-config", "--set", "select.selector=uniform"])
     assert result.exit_code == 0 and "selector: uniform" in result.output

@@ -2,8 +2,9 @@
 
 Two real pipeline runs (separate processes, tests/flows/pipeline_driver.py) start together
 against one `mlflow server` — SQLite-backed with the ephemeral Prefect API the two share, and
-PostgreSQL-backed with a Prefect server — and differ only in learning rate, so their eval
-losses differ and both first versions compete for `champion`. A third test holds the
+PostgreSQL-backed with a Prefect server — or in one project on its own SQLite store, and
+differ only in learning rate, so their eval losses differ and both first versions compete
+for `champion`. A third test holds the
 registry lock itself and shows a run's gate waits for it; a fourth stops the MLflow server
 right after a version is created and shows nothing half-registered is left behind.
 """
@@ -19,9 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from flows.registry_lock import registry_lock, registry_lock_name
+from steps.hashing import file_md5
 from steps.registry.aliases import history
 from steps.registry.register import CHALLENGER, CHAMPION, WEIGHTS_TAG
 from tests.conftest import REPO, small_run_overrides, write_jsonl
@@ -103,9 +106,15 @@ def _finish(run: Run) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def _two_runs_at_once(tmp_path: Path, tracking_uri: str, env: dict[str, str], data) -> None:
+def _two_runs_at_once(
+    tmp_path: Path, tracking_uri: str, env: dict[str, str], data, one_project: bool = False
+) -> list[dict]:
+    """Two runs started together, in a project each or both in one; returns their results."""
     train, test = data
-    projects = [_project(tmp_path / f"run-{i}", train, test) for i in range(2)]
+    if one_project:
+        projects = [_project(tmp_path / "run-0", train, test)] * 2
+    else:
+        projects = [_project(tmp_path / f"run-{i}", train, test) for i in range(2)]
     runs = [  # started together: both reach the gate with no champion yet
         _start(project, tracking_uri, env, f"finetune.learning_rate={rate}")
         for project, rate in zip(projects, LEARNING_RATES, strict=True)
@@ -134,6 +143,7 @@ def _two_runs_at_once(tmp_path: Path, tracking_uri: str, env: dict[str, str], da
     assert first.moved and first.from_version is None
     assert second.from_version == first.to_version
     assert second.moved == (second.to_version == str(champion.version))
+    return results
 
 
 def test_two_runs_at_once_on_sqlite_mlflow_and_the_ephemeral_prefect_api_leave_the_better_champion(
@@ -158,6 +168,32 @@ def test_two_runs_at_once_on_postgresql_mlflow_and_a_prefect_server_leave_the_be
         _two_runs_at_once(tmp_path, server.url, env, (gsm8k_train[:40], gsm8k_test[:8]))
         limit = _read_limit(api_url, registry_lock_name(MODEL))
         assert (limit.limit, limit.active_slots) == (1, 0)  # the gates' one slot, released
+
+
+def test_two_runs_at_once_in_one_new_project_both_finish_and_version_one_data(
+    tmp_path: Path, gsm8k_train, gsm8k_test
+):
+    """Two `sift run`s started together in one project with nothing in it yet: one failed in
+    validation on the shared Great Expectations store, and two first runs at once both
+    created the MLflow store. Each now validates in a folder of its own, the store is created
+    once, and data/ and data.dvc are versioned (and pushed) by one run at a time."""
+    project = tmp_path / "run-0"
+    store = f"sqlite:///{project / 'mlflow' / 'mlflow.db'}"  # the default place, not there yet
+    data = (gsm8k_train[:40], gsm8k_test[:8])
+    results = _two_runs_at_once(tmp_path, store, clean_env(), data, one_project=True)
+
+    dir_md5 = yaml.safe_load((project / "data.dvc").read_text())["outs"][0]["md5"]
+    client = mlflow_client(store)
+    assert {client.get_run(r["run_id"]).data.tags["dvc.md5"] for r in results} == {dir_md5}
+    assert (project / "dvc-remote" / "files" / "md5" / dir_md5[:2] / dir_md5[2:]).is_file()
+    manifest = json.loads((project / ".dvc" / "cache" / "files" / "md5" / dir_md5[:2] /
+                           dir_md5[2:]).read_text())  # fmt: skip
+    assert {e["relpath"]: e["md5"] for e in manifest} == {
+        p.name: file_md5(p) for p in (project / "data").iterdir()
+    }
+    (validated,) = (project / ".sift" / "validated").iterdir()  # no run's scratch folder left
+    assert "." not in validated.name
+    assert not [p.name for p in project.iterdir() if p.name.startswith(".data")]
 
 
 def _read_limit(api_url: str, name: str):

@@ -128,23 +128,24 @@ def test_two_runs_validate_apart_and_share_one_accepted_table(
     the same accepted table, at the path later runs' cached trials were keyed on; a later
     run reuses it without running the suite again and prints the same quarantine lines."""
     import flows.study
-    from flows.study import _validate_into, _validated
+    from flows.study import _validated
     from flows.tasks import RunContext
     from steps.data.ingest import ingest
+    from steps.data.validate import validate_into
 
     config = _quick(project, f"sqlite:///{tmp_path / 'unused.db'}")
     staged = ingest(config.data, project, tmp_path / "staging")
     place = tmp_path / "state" / "studies" / "validated"
     final = place / "accepted"
     for run in ("run-a", "run-b"):  # as two runs that both found the place empty
-        _validate_into(final, config, staged, run)
+        validate_into(staged, config.validation, config.model, final, run)
     assert [p.name for p in place.iterdir()] == ["accepted"]  # no run's scratch folder is left
     shutil.rmtree(final)
 
     context = RunContext(project, tmp_path / "state", "cpu", "fp32", "run-a")
     first = _validated(config, staged, context)
     printed = capsys.readouterr().out
-    monkeypatch.setattr(flows.study, "validate", None)  # a second suite run would fail here
+    monkeypatch.setattr(flows.study, "validate_into", None)  # a second suite run fails here
     second = _validated(config, staged, replace(context, run_id="run-b"))
     assert first == second and first.train.rows == staged.train.rows
     assert capsys.readouterr().out == printed
