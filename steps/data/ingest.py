@@ -86,9 +86,12 @@ class IngestConfig(BaseModel):
     # user turn plus the assistant-turn opener. Pair it with model.prompt_template "{prompt}"
     # so that no second template wraps it. None keeps prompts as they are.
     chat_template: str | None = None
-    # Local sources, and every file in a folder source, must resolve (symlinks followed)
-    # inside one of these folders; relative entries are relative to the project. Stops
-    # `../../etc/passwd`-style paths in configs and links to them in data folders.
+    # Every local path a run reads must resolve (symlinks followed) inside one of these
+    # folders: data and eval sources and every file in a folder source, model.name and
+    # data.chat_template folders, select.target, finetune.accelerate_config, eval.suite /
+    # data_dir / include_path and what their YAMLs name, study.results_dir (flows/config.py
+    # check_paths). Relative entries are relative to the project; hub ids are not paths.
+    # Stops `../../etc/passwd`-style paths in configs and links to them in data folders.
     allowed_roots: tuple[str, ...] = (".", "assets")
     # Cap on pool / eval rows (first rows in file order); None keeps all. Small caps make fast runs.
     limit: int | None = Field(default=None, gt=0)
