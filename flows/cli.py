@@ -317,7 +317,7 @@ def validate_command(
         highlight=False,
     )
     for line in quarantine_lines(report):
-        console.print(f"  quarantined {line}", markup=False, highlight=False)
+        console.print(f"  {line}", markup=False, highlight=False)
 
 
 @app.command()

@@ -280,7 +280,7 @@ def _data(
     )
     data = raise_on_failure(report)  # gate: nothing below runs on invalid data
     for line in quarantine_lines(report):
-        print(f"quarantined {line}")
+        print(line)
     accepted_dir = Path(data.train.path).parent
     version = version_task(source_dir=accepted_dir, config=config.version, context=context)
     return data, version, report.quarantined

@@ -194,7 +194,7 @@ def _validated(config: lib.StudyConfig, staged: IngestResult, context: RunContex
         report = validate_into(staged, config.validation, config.model, final, context.run_id)
     accepted = raise_on_failure(report)
     for line in quarantine_lines(report):
-        print(f"quarantined {line}")
+        print(line)
     return accepted
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 import great_expectations.expectations as gxe
+from great_expectations.expectations.metadata_types import FailureSeverity
 
 from steps.data.ingest import SCHEMA
 
@@ -31,22 +32,35 @@ BLANK = rf"\A[{INVISIBLE}]*\Z"
 # An expectation's meta key: the regex whose first match its quoted values start near
 # (validate.py), so a character deep in a long text shows in the message.
 QUOTE_FROM = "quote_from"
-# Characters that hide or reorder text: bidi embeddings, overrides and isolates (U+202A-U+202E,
+# The severity of an expectation whose failing rows are reported and kept (validate.py).
+FLAG = FailureSeverity.WARNING
+# Characters that reorder or hide text: bidi embeddings, overrides and isolates (U+202A-U+202E,
 # U+2066-U+2069: "Trojan Source", CVE-2021-42574, text displayed in another order than it
-# reads), zero-width space, word joiner, invisible operators and a byte-order mark inside
-# text, deprecated format controls, interlinear annotations. None belongs in training text;
-# each can carry instructions a reader does not see, which the model would learn. Zero-width
-# (non-)joiners (U+200C/U+200D) spell Persian and Indic words and join emoji: they count only
-# where they join nothing (next to an edge, whitespace or another invisible character). Tag
-# characters (U+E0020-U+E007F, "ASCII smuggling") count outside an emoji flag's tag sequence.
-HIDDEN = (
-    r"[\u200b\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb\U000e0001]"
-    rf"|(?<![^{INVISIBLE}])[\u200c\u200d]|[\u200c\u200d](?![^{INVISIBLE}])"
+# reads), deprecated format controls, interlinear annotations and tag characters (U+E0020-
+# U+E007F, "ASCII smuggling", counted outside an emoji flag's tag sequence). Each can carry
+# instructions a reader does not see, which the model would learn: such rows fail (or are
+# quarantined, validation.on_invalid).
+REORDERING = (
+    r"[\u202a-\u202e\u2066-\u206f\ufff9-\ufffb\U000e0001]"
     r"|(?<![\U0001f3f4\U000e0020-\U000e007e])[\U000e0020-\U000e007f]"
 )
-# Hidden characters in text with something visible (text of nothing visible is reported as
-# blank instead: one reason per row).
-HIDDEN_IN_TEXT = rf"\A(?=[\s\S]*[^{INVISIBLE}])[\s\S]*?(?:{HIDDEN})"
+# Zero-width characters inside visible text: zero-width space, word joiner, invisible operators,
+# a byte-order mark, and zero-width (non-)joiners where they join nothing (U+200C/U+200D spell
+# Persian and Indic words and join emoji: next to an edge, whitespace or another invisible
+# character they join nothing). They hide nothing of the text's meaning, and real corpora carry
+# them (GSM8K test line 394 has a U+200B), so they are flagged with their lines, not dropped.
+ZERO_WIDTH = (
+    r"[\u200b\u2060-\u2064\ufeff]"
+    rf"|(?<![^{INVISIBLE}])[\u200c\u200d]|[\u200c\u200d](?![^{INVISIBLE}])"
+)
+
+
+def in_visible_text(pattern: str) -> str:
+    """`pattern` found in text with something visible (text of nothing visible is reported as
+    blank instead: one reason per row)."""
+    return rf"\A(?=[\s\S]*[^{INVISIBLE}])[\s\S]*?(?:{pattern})"
+
+
 # An unfilled template field: {question}, {{ question }}, ${question}.
 PLACEHOLDER = r"\$?\{\{?[ \t]*[A-Za-z_][\w.-]*[ \t]*\}\}?"
 
@@ -95,10 +109,20 @@ def row_suite(max_prompt_tokens: int, empty_prompt: str | None) -> list:
         suite.append(
             gxe.ExpectColumnValuesToNotMatchRegex(
                 column=column,
-                regex=HIDDEN_IN_TEXT,
-                description=f"{column} holds hidden characters: bidi override/isolate, "
-                "zero-width, word joiner, BOM or tag characters",
-                meta={QUOTE_FROM: HIDDEN},
+                regex=in_visible_text(REORDERING),
+                description=f"{column} holds characters that reorder or hide text: bidi "
+                "override/isolate, tag or interlinear annotation characters",
+                meta={QUOTE_FROM: REORDERING},
+            )
+        )
+        suite.append(
+            gxe.ExpectColumnValuesToNotMatchRegex(
+                column=column,
+                regex=in_visible_text(ZERO_WIDTH),
+                description=f"{column} holds zero-width characters (zero-width space, word "
+                "joiner, BOM, a joiner that joins nothing); kept, flagged only",
+                meta={QUOTE_FROM: ZERO_WIDTH},
+                severity=FLAG,  # validate.py reports these rows, never drops them
             )
         )
     # Last, so that a row failing the checks above keeps its reasons in the same order.

@@ -26,7 +26,7 @@ from great_expectations.checkpoint import UpdateDataDocsAction
 from great_expectations.data_context.types.base import ProgressBarsConfig
 from pydantic import BaseModel, ConfigDict, Field
 
-from steps.data.checks import QUOTE_FROM, row_suite, split_suite
+from steps.data.checks import FLAG, QUOTE_FROM, row_suite, split_suite
 from steps.data.ingest import (
     IngestConfig,
     IngestResult,
@@ -43,6 +43,7 @@ CHUNK_ROWS = 50_000  # rows validated per GX run: bounds memory whatever the poo
 # In a validated folder (validate_into): one line per quarantined row; written last, so a
 # folder holding it holds the whole outcome.
 QUARANTINE_NOTE = "quarantined.txt"
+FLAGGED_NOTE = "flagged.txt"  # beside it: one line per flagged expectation (kept rows)
 QUOTE_LEAD = 20  # characters quoted before a hidden or control character deep in a text
 
 
@@ -72,14 +73,20 @@ class ValidationReport:
     # One line per quarantined row: split, source place and reasons (quarantine.parquet
     # holds the rows themselves, with their reasons).
     quarantined_rows: tuple[str, ...] = ()
+    # One line per expectation of severity FLAG that rows failed: those rows are kept, and
+    # named here with their source places.
+    flagged: tuple[str, ...] = ()
 
 
 def quarantine_lines(report: ValidationReport, shown: int = 20) -> list[str]:
-    """What to print about the quarantined rows: the first `shown`, then how many more."""
-    lines = list(report.quarantined_rows[:shown])
+    """What to print about the quarantined and flagged rows: "quarantined <row>" for the
+    first `shown` quarantined rows, then how many more, and "flagged <expectation>" for each
+    expectation whose rows were kept but named."""
+    lines = [f"quarantined {row}" for row in report.quarantined_rows[:shown]]
     if len(report.quarantined_rows) > shown:
-        lines.append(f"... and {len(report.quarantined_rows) - shown} more (quarantine.parquet)")
-    return lines
+        more = len(report.quarantined_rows) - shown
+        lines.append(f"quarantined ... and {more} more (quarantine.parquet)")
+    return lines + [f"flagged {line}" for line in report.flagged]
 
 
 class DataValidationError(ValueError):
@@ -107,6 +114,7 @@ Places = dict[str, dict[int, str]]  # split → 0-based row → "raw/train.jsonl
 class _Findings:
     failures: dict[_Key, _Failure] = field(default_factory=dict)
     reasons: dict[str, dict[int, list[str]]] = field(default_factory=dict)  # split → row → why
+    flags: dict[_Key, _Failure] = field(default_factory=dict)  # severity FLAG: rows kept
 
     def add(self, split: str, outcomes: list, examples: int) -> None:
         for outcome in outcomes:
@@ -114,7 +122,8 @@ class _Findings:
                 continue
             config, details = outcome.expectation_config, outcome.result or {}
             key = (split, config.type, config.kwargs.get("column"), config.description)
-            found = self.failures.setdefault(key, _Failure())
+            flag = config.severity == FLAG
+            found = (self.flags if flag else self.failures).setdefault(key, _Failure())
             rows = [int(row) for row in details.get("unexpected_index_list") or []]
             found.count += details.get("unexpected_count") or 0
             room = max(examples - len(found.rows), 0)
@@ -125,15 +134,21 @@ class _Findings:
             if details.get("observed_value") is not None:
                 found.observed = details["observed_value"]
             found.indexed = found.indexed and bool(rows)
-            for row in rows:
+            for row in [] if flag else rows:
                 self.reasons.setdefault(split, {}).setdefault(row, []).append(config.type)
 
     def rows(self) -> dict[str, set[int]]:
         """The rows that messages quote, per split."""
         quoted: dict[str, set[int]] = {}
-        for (split, *_), found in self.failures.items():
+        for (split, *_), found in [*self.failures.items(), *self.flags.items()]:
             quoted.setdefault(split, set()).update(found.rows)
         return quoted
+
+    def flag_lines(self, examples: int, places: Places) -> tuple[str, ...]:
+        return tuple(
+            _describe(key, found, examples, places.get(key[0], {}))
+            for key, found in self.flags.items()
+        )
 
     def lines(self, examples: int, places: Places, unfixable_only: bool = False) -> list[str]:
         return [
@@ -309,6 +324,8 @@ def validate(
             failing = _Findings()
             _check_splits(context, cleaned, config, failing)
     wanted = failing.rows()
+    for split, quoted in found.rows().items():  # the flagged rows' places too
+        wanted.setdefault(split, set()).update(quoted)
     for split, rows in drop.items():
         wanted.setdefault(split, set()).update(rows)
     places = _read_places(tables, wanted)
@@ -326,7 +343,10 @@ def validate(
         for split, rows in drop.items()
         for row, reasons in sorted(rows.items())
     )
-    return ValidationReport(True, (), quarantined, str(docs), accepted, quarantined_rows=notes)
+    flagged = found.flag_lines(config.examples_per_failure, places)
+    return ValidationReport(
+        True, (), quarantined, str(docs), accepted, quarantined_rows=notes, flagged=flagged
+    )
 
 
 def _docs_path(gx_dir: Path) -> Path:
@@ -346,6 +366,7 @@ def validate_into(
     report = validate(staged, config, model, scratch / "gx", scratch / "data")
     if not report.success:
         return report
+    (scratch / FLAGGED_NOTE).write_text("".join(f"{line}\n" for line in report.flagged))
     (scratch / QUARANTINE_NOTE).write_text("".join(f"{row}\n" for row in report.quarantined_rows))
     try:
         scratch.rename(final_dir)  # atomic; fails when final_dir exists (another run's)
@@ -368,7 +389,11 @@ def validated_report(final_dir: Path) -> ValidationReport | None:
     data = final_dir / "data"
     accepted = IngestResult(table_ref(data / "train.parquet"), table_ref(data / "eval.parquet"))
     docs = str(_docs_path(final_dir / "gx"))
-    return ValidationReport(True, (), len(rows), docs, accepted, quarantined_rows=rows)
+    flags = final_dir / FLAGGED_NOTE
+    flagged = tuple(flags.read_text().splitlines()) if flags.exists() else ()
+    return ValidationReport(
+        True, (), len(rows), docs, accepted, quarantined_rows=rows, flagged=flagged
+    )
 
 
 def publish(

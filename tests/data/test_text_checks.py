@@ -16,7 +16,7 @@ import pytest
 
 from steps.data.checks import INVISIBLE
 from steps.data.ingest import IngestConfig, ingest
-from steps.data.validate import ValidateConfig, validate
+from steps.data.validate import ValidateConfig, quarantine_lines, validate
 from steps.modeling import ModelConfig
 from tests.conftest import MODEL_DIR, write_jsonl
 
@@ -120,21 +120,32 @@ def test_hidden_characters_are_named_by_line_and_quoted_where_they_are(
     write_jsonl(project / "raw" / "train.jsonl", rows)
     report = _validate(project, tmp_path, FAIL)
     prompt, response = (
-        next(f for f in report.failures if f"column '{column}' (2 rows) - {column} holds hid" in f)
+        next(f for f in report.failures if f"column '{column}' (1 rows) - {column} holds cha" in f)
         for column in ("prompt", "response")
     )
     assert prompt.startswith("[train] expect_column_values_to_not_match_regex on column 'prompt'")
+    assert "reorder or hide text" in prompt
     assert "; raw/train.jsonl line 2 (" in prompt and "\\u202eevig" in prompt
-    assert "raw/train.jsonl line 5 ('How\\u200b many apples?')" in prompt
     assert "raw/train.jsonl line 7 ('…xxxxxxxxxxxxxxxxxxxx\\u2066#### 0\\u2069')" in response
-    assert "raw/train.jsonl line 13 ('Pay \\ufeff5 dollars')" in response
-    assert not any("line 21" in f or "line 22" in f for f in report.failures), report.failures
+    assert len(report.failures) == 2, report.failures  # zero-width characters only flag
 
     kept = _validate(project, tmp_path / "quarantine", ValidateConfig(max_quarantine_fraction=0.1))
-    assert kept.success and kept.quarantined == 4
+    assert kept.success and kept.quarantined == 2
     assert [note.split(":")[0] for note in kept.quarantined_rows] == [
-        f"[train] raw/train.jsonl line {row}" for row in (2, 5, 7, 13)
+        f"[train] raw/train.jsonl line {row}" for row in (2, 7)
     ]
+    # Zero-width characters in visible text: kept, and named with their lines.
+    flagged_prompt, flagged_response = (
+        next(f for f in kept.flagged if f"on column '{column}'" in f)
+        for column in ("prompt", "response")
+    )
+    assert "on column 'prompt' (1 rows) - prompt holds zero-width characters" in flagged_prompt
+    assert flagged_prompt.endswith("raw/train.jsonl line 5 ('How\\u200b many apples?')")
+    assert flagged_response.endswith("raw/train.jsonl line 13 ('Pay \\ufeff5 dollars')")
+    assert not any("line 21" in f or "line 22" in f for f in kept.flagged), kept.flagged
+    lines = quarantine_lines(kept)
+    assert lines[0].startswith("quarantined [train] raw/train.jsonl line 2: ")
+    assert lines[-2:] == [f"flagged {line}" for line in kept.flagged]
 
 
 def test_prompts_and_responses_of_unfilled_template_fields_fail(project: Path, tmp_path: Path):
