@@ -247,7 +247,8 @@ def compare_lazy_with_plain(
 def gsm8k_pool(n: int) -> FeaturePool:
     """The statistics the embed step keeps for the first n GSM8K training examples under
     stories260K (both bundled in assets/): real hidden states, d=64, T = answer tokens."""
-    from steps.data.ingest import IngestConfig, normalise, read_source, write_table
+    from steps.data.ingest import IngestConfig, normalise, write_table
+    from steps.data.sources import read_source
     from steps.modeling import IGNORE_INDEX, ModelConfig, encode_examples, load_tokenizer
     from steps.selection.embed import FILES, EmbedConfig, embed_pool, load_pool
 

@@ -29,7 +29,8 @@ import torch
 from bench_select import synthetic_pool  # benchmarks/ is this script's sys.path[0]
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from steps.data.ingest import IngestConfig, normalise, read_source, write_table
+from steps.data.ingest import IngestConfig, normalise, write_table
+from steps.data.sources import read_source
 from steps.modeling import ModelConfig, encode_examples, load_tokenizer
 from steps.selection.embed import FILES, EmbedConfig, embed_pool, load_pool
 from steps.selection.pool import FeaturePool, project

@@ -36,7 +36,8 @@ from flows.tasks import (
     version_task,
 )
 from steps import tracking
-from steps.data.ingest import IngestResult, TableRef, sources_fingerprint
+from steps.data.ingest import IngestResult, TableRef
+from steps.data.sources import sources_fingerprint
 from steps.data.validate import (
     ValidationReport,
     quarantine_lines,

@@ -31,7 +31,8 @@ from flows.tasks import (
     synthetic_task,
 )
 from steps import tracking
-from steps.data.ingest import IngestResult, TableRef, sources_fingerprint, table_ref
+from steps.data.ingest import IngestResult, TableRef, table_ref
+from steps.data.sources import sources_fingerprint
 from steps.data.validate import (
     quarantine_lines,
     raise_on_failure,

@@ -10,21 +10,17 @@ group, so a file of any size is never held in memory whole.
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field
 
 from steps.data.fields import (
-    AUTO_ID,
     chat_renderer,
     column_values,
     content_id,
@@ -33,10 +29,10 @@ from steps.data.fields import (
     id_column,
     user_ids,
 )
-from steps.data.local_files import LOCAL_SUFFIXES, all_files, local_files
+from steps.data.ingest_config import IngestConfig
 from steps.data.readers import Batch, IngestError, iter_hub, iter_local
+from steps.data.sources import allowed_roots, check_files, local_source, resolve_local
 from steps.hashing import file_md5
-from steps.paths import PathOutsideRoots, inside_roots, resolved_roots
 
 __all__ = [
     "SCHEMA",
@@ -47,55 +43,12 @@ __all__ = [
     "TableRef",
     "content_id",
     "ingest",
+    "named_source_batches",
 ]
 
 SCHEMA = ["id", "prompt", "response", "source", "split"]
 ARROW_SCHEMA = pa.schema([(name, pa.string()) for name in SCHEMA])
 PLACES_SCHEMA = pa.schema([("place", pa.string()), ("content_id", pa.string())])
-
-
-class IngestConfig(BaseModel):
-    """Where the data comes from and which fields hold prompt and response."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    # A file (.jsonl/.json/.csv/.parquet/.txt, text ones optionally .gz/.bz2/.xz/.zst), a
-    # folder of such files and nothing else (see steps/data/local_files.py), or a hub id.
-    source: str = "assets/data/gsm8k/train.jsonl"
-    # Held-out split for evaluation: a file/folder/hub id; a hub id uses eval_split.
-    eval_source: str = "assets/data/gsm8k/test.jsonl"
-    split: str = "train"
-    eval_split: str = "test"
-    revision: str | None = None  # hub datasets only: pin a commit for reproducibility
-    # auto: local paths are read by Sift's streaming readers, anything else is a hub id.
-    # datasets: always `datasets.load_dataset(source, split, revision)`, e.g. for a local
-    # clone of a hub dataset repo (a folder with train/test files or a loading config).
-    loader: Literal["auto", "datasets"] = "auto"
-    # A column name, or a template over columns such as "{instruction}\n{input}".
-    prompt_field: str = "question"
-    response_field: str = "answer"
-    # Plain LM data: this column becomes the response and the prompt is empty. A .txt file
-    # always reads as one `text` column per non-blank line.
-    text_field: str | None = None
-    # The column holding the user's own example ids, which then name the examples in
-    # selection.json, MLflow and validation messages (they must be unique and non-empty).
-    # "auto": the column `id` when the source has one, else none; null: none. Without ids,
-    # an example's id is the content hash of prompt + response (the dedup key either way).
-    id_field: str | None = AUTO_ID
-    # Render each prompt with this tokenizer's chat template (hub id or local folder): one
-    # user turn plus the assistant-turn opener. Pair it with model.prompt_template "{prompt}"
-    # so that no second template wraps it. None keeps prompts as they are.
-    chat_template: str | None = None
-    # Every local path a run reads must resolve (symlinks followed) inside one of these
-    # folders: data and eval sources and every file in a folder source, model.name and
-    # data.chat_template folders, select.target, finetune.accelerate_config, eval.suite /
-    # data_dir / include_path and what their YAMLs name, study.results_dir (flows/config.py
-    # check_paths). Relative entries are relative to the project; hub ids are not paths.
-    # Stops `../../etc/passwd`-style paths in configs and links to them in data folders.
-    allowed_roots: tuple[str, ...] = (".", "assets")
-    # Cap on pool / eval rows (first rows in file order); None keeps all. Small caps make fast runs.
-    limit: int | None = Field(default=None, gt=0)
-    eval_limit: int | None = Field(default=400, gt=0)
 
 
 @dataclass(frozen=True)
@@ -127,123 +80,6 @@ def table_ref(path: Path) -> TableRef:
 class IngestResult:
     train: TableRef
     eval: TableRef
-
-
-def resolve_local(source: str, project_dir: Path) -> Path | None:
-    """A local path (relative to the project) if the source names one; None for a hub id."""
-    path = Path(source)
-    path = path if path.is_absolute() else project_dir / path
-    if path.exists():
-        return path
-    if path.suffix in LOCAL_SUFFIXES or source.startswith((".", "/")):
-        raise IngestError(f"data source not found: {path}")
-    return None
-
-
-def allowed_roots(config: IngestConfig, project_dir: Path) -> list[Path]:
-    """data.allowed_roots, resolved (relative entries from the project)."""
-    return resolved_roots(config.allowed_roots, project_dir)
-
-
-def check_allowed(path: Path, setting: str, config: IngestConfig, project_dir: Path) -> Path:
-    """The resolved path, if it lies inside data.allowed_roots; an error naming both if not."""
-    try:
-        return inside_roots(path, allowed_roots(config, project_dir), setting)
-    except PathOutsideRoots as error:
-        raise IngestError(str(error)) from None
-
-
-def check_files(path: Path, roots: Sequence[Path], setting: str, config: IngestConfig) -> None:
-    """Every file a local source would be read from resolves inside `roots` (and, for Sift's
-    readers, is a data file): what `datasets` reads of a folder is checked too."""
-    if config.loader == "auto":
-        local_files(path, roots, setting)
-    else:
-        all_files(path, roots, setting)
-
-
-def _looks_local(source: str) -> bool:
-    path = Path(source)
-    return source.startswith((".", "/", "~")) or ".." in path.parts or path.suffix in LOCAL_SUFFIXES
-
-
-def _local_source(source: str, setting: str, config: IngestConfig, project_dir: Path):
-    """The resolved local path of a source, or None for a hub dataset id. It, and each file
-    of a folder, is checked against data.allowed_roots before any read."""
-    path = Path(source) if Path(source).is_absolute() else project_dir / source
-    if path.exists() or _looks_local(source):
-        check_allowed(path, setting, config, project_dir)
-        if not path.exists():
-            raise IngestError(f"{setting} not found: {path} (relative paths start at the project)")
-    if config.loader == "datasets" and not path.exists():
-        return None
-    local = resolve_local(source, project_dir)
-    if local is None:
-        return None
-    check_files(local.resolve(), allowed_roots(config, project_dir), setting, config)
-    return local.resolve()
-
-
-def sources_fingerprint(config: IngestConfig, project_dir: Path) -> str:
-    """A content hash of the local sources (after the allowed-roots check), or the hub ids.
-
-    The flow passes this into the cached ingest task, so editing a file in place
-    invalidates the cache.
-    """
-    parts = []
-    for setting, source in (
-        ("data.source", config.source),
-        ("data.eval_source", config.eval_source),
-    ):
-        _local_source(source, setting, config, project_dir)
-        parts.append(source_fingerprint(source, project_dir, config, setting))
-    return "".join(parts)
-
-
-def source_fingerprint(
-    source: str,
-    project_dir: Path,
-    config: IngestConfig | None = None,
-    setting: str = "data.source",
-) -> str:
-    """A content hash of one local source (file or folder), or the id itself for hub datasets.
-
-    Only files that the read would take are hashed, each checked against data.allowed_roots
-    first (config's, else the defaults): a link in a data folder to /etc/passwd is refused,
-    never hashed."""
-    config = config or IngestConfig()
-    path = resolve_local(source, project_dir)
-    if path is None:
-        return f"hub:{source}"
-    roots = allowed_roots(config, project_dir)
-    if config.loader == "auto":
-        named = [(file.name or path.name, file.path) for file in local_files(path, roots, setting)]
-    else:
-        named = [(p.name, p) for p in all_files(path, roots, setting)]
-    return hashlib.md5("".join(f"{name}:{file_md5(p)}" for name, p in named).encode()).hexdigest()
-
-
-def read_source(
-    source: str,
-    split: str,
-    revision: str | None,
-    project_dir: Path,
-    config: IngestConfig | None = None,
-) -> pd.DataFrame:
-    """A whole local file/folder or hub split as one DataFrame (for small inputs only;
-    `ingest` streams). Local files are checked against config's data.allowed_roots (else
-    the defaults)."""
-    path = resolve_local(source, project_dir)
-    roots = allowed_roots(config or IngestConfig(), project_dir)
-    batches = (
-        iter_local(path, roots, "data.source")
-        if path is not None
-        else iter_hub(source, split, revision)
-    )
-    frames = [batch.frame for batch in batches]
-    if not frames or sum(len(f) for f in frames) == 0:
-        raise IngestError(f"{path or source}: no records")
-    return pd.concat(frames, ignore_index=True)
 
 
 def source_label(source: str, project_dir: Path) -> str:
@@ -330,9 +166,17 @@ def write_table(table: pd.DataFrame, path: Path) -> None:
 
 
 def _batches(source: str, setting: str, split: str, config: IngestConfig, project_dir: Path):
-    path = _local_source(source, setting, config, project_dir)
+    path = local_source(source, setting, config, project_dir)
     return open_batches(path, source, split, config, allowed_roots(config, project_dir), setting)
 
+
+def named_source_batches(data: IngestConfig, project_dir: Path) -> Iterator[Batch]:
+    """data.source read as ingest reads it. The path itself may lie outside data.allowed_roots
+    (`sift select --data` reads what its user named), but what a named folder holds must
+    resolve inside that folder or data.allowed_roots: a link in it to ~/.ssh is not data."""
+    path = resolve_local(data.source, project_dir)
+    roots = allowed_roots(data, project_dir) + ([path.resolve()] if path is not None else [])
+    return open_batches(path, data.source, data.split, data, roots, "data.source")
 
 def open_batches(
     path: Path | None,
@@ -423,7 +267,7 @@ def ingest(config: IngestConfig, project_dir: Path, staging_dir: Path) -> Ingest
         ("eval", "data.eval_source", config.eval_source, config.eval_split, config.eval_limit),
     )
     for _, setting, source, _, _ in sources:  # every path checked before anything is read
-        _local_source(source, setting, config, project_dir)
+        local_source(source, setting, config, project_dir)
     staging_dir.mkdir(parents=True, exist_ok=True)
     refs = {}
     for name, setting, source, split, limit in sources:

@@ -10,11 +10,9 @@ row by its source file and 1-based line or record, read from ingest's places tab
 from __future__ import annotations
 
 import logging
-import re
 import shutil
-from bisect import bisect_left
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -26,7 +24,8 @@ from great_expectations.checkpoint import UpdateDataDocsAction
 from great_expectations.data_context.types.base import ProgressBarsConfig
 from pydantic import BaseModel, ConfigDict, Field
 
-from steps.data.checks import FLAG, QUOTE_FROM, row_suite, split_suite
+from steps.data.checks import row_suite, split_suite
+from steps.data.findings import Findings, place_of, read_places
 from steps.data.ingest import (
     IngestConfig,
     IngestResult,
@@ -44,7 +43,6 @@ CHUNK_ROWS = 50_000  # rows validated per GX run: bounds memory whatever the poo
 # folder holding it holds the whole outcome.
 QUARANTINE_NOTE = "quarantined.txt"
 FLAGGED_NOTE = "flagged.txt"  # beside it: one line per flagged expectation (kept rows)
-QUOTE_LEAD = 20  # characters quoted before a hidden or control character deep in a text
 
 
 class ValidateConfig(BaseModel):
@@ -93,123 +91,6 @@ class DataValidationError(ValueError):
     """The data failed the suite; nothing downstream may run."""
 
 
-@dataclass
-class _Failure:
-    """One failed expectation of one split, summed over chunks."""
-
-    count: int = 0
-    rows: list[int] = field(default_factory=list)
-    values: list[object] = field(default_factory=list)
-    observed: object = None
-    indexed: bool = True  # names offending rows (so quarantine can drop them)
-
-
-# A failed expectation: split, GX type, column, description (two regex checks on one column
-# differ only in the last).
-_Key = tuple[str, str, str | None, str | None]
-Places = dict[str, dict[int, str]]  # split → 0-based row → "raw/train.jsonl line 8"
-
-
-@dataclass
-class _Findings:
-    failures: dict[_Key, _Failure] = field(default_factory=dict)
-    reasons: dict[str, dict[int, list[str]]] = field(default_factory=dict)  # split → row → why
-    flags: dict[_Key, _Failure] = field(default_factory=dict)  # severity FLAG: rows kept
-
-    def add(self, split: str, outcomes: list, examples: int) -> None:
-        for outcome in outcomes:
-            if outcome.success:
-                continue
-            config, details = outcome.expectation_config, outcome.result or {}
-            key = (split, config.type, config.kwargs.get("column"), config.description)
-            flag = config.severity == FLAG
-            found = (self.flags if flag else self.failures).setdefault(key, _Failure())
-            rows = [int(row) for row in details.get("unexpected_index_list") or []]
-            found.count += details.get("unexpected_count") or 0
-            room = max(examples - len(found.rows), 0)
-            found.rows += rows[:room]
-            values = (details.get("partial_unexpected_list") or [])[:room]
-            quote_from = (config.meta or {}).get(QUOTE_FROM)
-            found.values += [_near(value, quote_from) for value in values]
-            if details.get("observed_value") is not None:
-                found.observed = details["observed_value"]
-            found.indexed = found.indexed and bool(rows)
-            for row in [] if flag else rows:
-                self.reasons.setdefault(split, {}).setdefault(row, []).append(config.type)
-
-    def rows(self) -> dict[str, set[int]]:
-        """The rows that messages quote, per split."""
-        quoted: dict[str, set[int]] = {}
-        for (split, *_), found in [*self.failures.items(), *self.flags.items()]:
-            quoted.setdefault(split, set()).update(found.rows)
-        return quoted
-
-    def flag_lines(self, examples: int, places: Places) -> tuple[str, ...]:
-        return tuple(
-            _describe(key, found, examples, places.get(key[0], {}))
-            for key, found in self.flags.items()
-        )
-
-    def lines(self, examples: int, places: Places, unfixable_only: bool = False) -> list[str]:
-        return [
-            _describe(key, found, examples, places.get(key[0], {}))
-            for key, found in self.failures.items()
-            if not (unfixable_only and found.indexed)
-        ]
-
-
-def _near(value: object, pattern: str | None) -> object:
-    """The value from a little before pattern's first match: messages quote the first 60
-    characters, and a hidden character deep in a long text must show in them."""
-    if pattern is None or not isinstance(value, str):
-        return value
-    found = re.search(pattern, value)
-    if found is None or found.start() < QUOTE_LEAD + 10:
-        return value
-    return "…" + value[found.start() - QUOTE_LEAD :]
-
-
-def _describe(key: _Key, found: _Failure, examples: int, places: dict[int, str]) -> str:
-    split, kind, column, description = key
-    where = f" on column '{column}'" if column else ""
-    counted = f" ({found.count} rows)" if found.count else ""
-    what = f" - {description}" if description else ""
-    if found.rows:
-        evidence = "; " + ", ".join(
-            f"{_place(row, places)} ({value!r:.60})"
-            for row, value in zip(found.rows[:examples], found.values, strict=False)
-        )
-    elif found.observed is not None:
-        evidence = f"; observed {found.observed!r:.200}"
-    else:
-        evidence = ""
-    return f"[{split}] {kind}{where}{counted}{what}{evidence}"
-
-
-def _place(row: int, places: dict[int, str]) -> str:
-    # A table that ingest did not stage (no places) is named by its own row numbers.
-    return places.get(row) or f"staged row {row} (0-based)"
-
-
-def _read_places(tables: dict[str, TableRef], wanted: dict[str, set[int]]) -> Places:
-    """The source places of the wanted rows, in one streaming pass per places table."""
-    places: Places = {}
-    for split, table in tables.items():
-        rows = wanted.get(split, set())
-        places[split] = {}
-        if table.staged is None or not rows:
-            continue
-        ordered, offset = sorted(rows), 0  # each batch takes its slice: no rescan per batch
-        batches = pq.ParquetFile(table.staged.places_path).iter_batches(columns=["place"])
-        for batch in batches:
-            column = batch.column(0)
-            start, end = bisect_left(ordered, offset), bisect_left(ordered, offset + len(column))
-            for row in ordered[start:end]:
-                places[split][row] = column[row - offset].as_py()
-            offset += len(column)
-    return places
-
-
 def _chunks(path: str) -> Iterator[pd.DataFrame]:
     """A staged table in chunks whose index is the row's position in the whole file."""
     offset = 0
@@ -255,7 +136,7 @@ def _run_suite(context, name: str, frame: pd.DataFrame, expectations: list) -> l
 
 
 def _check_splits(
-    context, keys: dict[str, pd.DataFrame], config: ValidateConfig, found: _Findings
+    context, keys: dict[str, pd.DataFrame], config: ValidateConfig, found: Findings
 ) -> None:
     """Whole-split expectations; eval's leakage check uses the (possibly cleaned) train keys."""
     leaked = sorted(set(keys["train"].content_id) & set(keys["eval"].content_id))
@@ -278,7 +159,7 @@ def _keys(table: TableRef, ids: pd.Series) -> pd.DataFrame:
 
 
 def _check_rows(
-    context, split: str, table: TableRef, model: ModelConfig, tokenizer, config, found: _Findings
+    context, split: str, table: TableRef, model: ModelConfig, tokenizer, config, found: Findings
 ) -> pd.DataFrame:
     """Row-level expectations, chunk by chunk; returns the split's keys for _check_splits."""
     empty_prompt = table.staged.empty_prompt if table.staged is not None else None
@@ -301,7 +182,7 @@ def validate(
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
     tokenizer = load_tokenizer(model)
     tables = {"train": staged.train, "eval": staged.eval}
-    found = _Findings()
+    found = Findings()
     keys = {
         split: _check_rows(context, split, table, model, tokenizer, config, found)
         for split, table in tables.items()
@@ -321,14 +202,14 @@ def validate(
         if not (unfixable or too_many):
             # Rows that failed row-level checks are gone; the whole-split checks must now pass.
             cleaned = {split: keys[split].drop(index=sorted(drop[split])) for split in tables}
-            failing = _Findings()
+            failing = Findings()
             _check_splits(context, cleaned, config, failing)
     wanted = failing.rows()
     for split, quoted in found.rows().items():  # the flagged rows' places too
         wanted.setdefault(split, set()).update(quoted)
     for split, rows in drop.items():
         wanted.setdefault(split, set()).update(rows)
-    places = _read_places(tables, wanted)
+    places = read_places(tables, wanted)
     failures = failing.lines(config.examples_per_failure, places)
     if unfixable or too_many:
         first = [*found.lines(3, places, unfixable_only=True), *too_many]
@@ -339,7 +220,7 @@ def validate(
     paths = {split: table.path for split, table in tables.items()}
     accepted, quarantined = publish(paths, drop, data_dir)
     notes = tuple(
-        f"[{split}] {_place(row, places[split])}: {'; '.join(reasons)}"
+        f"[{split}] {place_of(row, places[split])}: {'; '.join(reasons)}"
         for split, rows in drop.items()
         for row, reasons in sorted(rows.items())
     )

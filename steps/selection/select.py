@@ -9,7 +9,6 @@ fisher-label's warm start selects against (steps/selection/warm_start.py).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -21,14 +20,7 @@ from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global sta
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from steps.data.ingest import (
-    IngestConfig,
-    allowed_roots,
-    open_batches,
-    resolve_local,
-    stream_table,
-)
-from steps.data.readers import Batch
+from steps.data.ingest import IngestConfig, named_source_batches, stream_table
 from steps.hashing import file_md5
 from steps.modeling import ModelConfig, model_fingerprint
 from steps.selection.embed import EmbedConfig, FeaturesRef, embed_pool, feature_space, load_pool
@@ -392,16 +384,8 @@ def embed_file(
     work_dir.mkdir(parents=True, exist_ok=True)
     table_path = work_dir / "pool.parquet"
     stream_table(
-        _source_batches(data, project_dir), data, data.source, "train", data.limit, table_path
+        named_source_batches(data, project_dir), data, data.source, "train", data.limit, table_path
     )
     features = embed_pool(str(table_path), model, embed, work_dir / "features", device, precision)
     return table_path, features
 
-
-def _source_batches(data: IngestConfig, project_dir: Path) -> Iterator[Batch]:
-    """data.source read as ingest reads it. The path itself may lie outside data.allowed_roots
-    (`sift select --data` reads what its user named), but what a named folder holds must
-    resolve inside that folder or data.allowed_roots: a link in it to ~/.ssh is not data."""
-    path = resolve_local(data.source, project_dir)
-    roots = allowed_roots(data, project_dir) + ([path.resolve()] if path is not None else [])
-    return open_batches(path, data.source, data.split, data, roots, "data.source")

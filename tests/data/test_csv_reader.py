@@ -8,7 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from steps.data.ingest import IngestError, read_source
+from steps.data.ingest import IngestError
+from steps.data.sources import read_source
 
 
 @pytest.fixture

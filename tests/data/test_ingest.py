@@ -3,7 +3,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from steps.data.ingest import IngestConfig, IngestError, ingest, source_fingerprint
+from steps.data.ingest import IngestConfig, IngestError, ingest
+from steps.data.sources import source_fingerprint
 from tests.conftest import read_jsonl, write_jsonl
 
 

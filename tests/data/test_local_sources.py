@@ -14,7 +14,8 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from steps.data.ingest import IngestConfig, IngestError, ingest, read_source, sources_fingerprint
+from steps.data.ingest import IngestConfig, IngestError, ingest
+from steps.data.sources import read_source, sources_fingerprint
 
 COMPRESSORS = {
     "gz": gzip.compress,
@@ -101,19 +102,19 @@ def test_sift_select_and_a_target_read_a_named_folder_but_no_link_out_of_it(
 ):
     """`sift select --data` and select.target may name a folder outside the roots; what the
     folder holds must still lie inside it (or the roots)."""
-    from steps.selection.select import _source_batches
+    from steps.data.ingest import named_source_batches
     from steps.selection.target_sample import read_target_prompts
 
     data = outside / "pool"
     data.mkdir()
     (data / "a.jsonl").write_text(_jsonl([{"question": "q?", "answer": "a."}]))
     config = IngestConfig(source=str(data))
-    assert len(next(iter(_source_batches(config, project))).frame) == 1
+    assert len(next(iter(named_source_batches(config, project))).frame) == 1
     assert read_target_prompts(config, str(data), project) == ["q?"]
     (data / "b.txt").symlink_to(outside / "secret.txt")
     message = _outside_message("data.source", data / "b.txt", outside / "secret.txt")
     with pytest.raises(IngestError, match=message):
-        _source_batches(config, project)
+        named_source_batches(config, project)
     with pytest.raises(IngestError, match=message.replace("data\\.source", "select\\.target")):
         read_target_prompts(config, str(data), project)
 

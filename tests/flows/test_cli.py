@@ -50,8 +50,9 @@ def test_a_deleted_store_whose_runs_left_artifacts_stops_run_until_new_store(tmp
 
     config = tracking.TrackingConfig(tracking_uri=f"sqlite:///{store}")
     setting = f"tracking.tracking_uri={config.tracking_uri}"
-    result = runner.invoke(app, ["run", "--project-dir", str(tmp_path), "--set", setting])
-    assert result.exit_code == 1
+    overrides = ["--set", setting, "--set", ALLOW_REPO_ASSETS]  # the checkout's model
+    result = runner.invoke(app, ["run", "--project-dir", str(tmp_path), *overrides])
+    assert result.exit_code == 1, result.output
     (line,) = result.output.strip().splitlines()  # rich may wrap: one line unwrapped
     assert line.startswith(f"no MLflow store at {store}, but {tmp_path / 'mlflow' / 'artifacts'}")
     assert line.endswith("or pass --new-store to start an empty one")
