@@ -29,6 +29,14 @@ from steps.data.ingest import IngestConfig, IngestError, ingest
 from tests.conftest import GSM8K_DIR, read_jsonl
 
 EXAMPLES = 60  # per format and test: 480 in all, ~5 s on one core
+# Reproducible in CI: derandomized, no example database, no time limit per example.
+FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 ROWS = read_jsonl(GSM8K_DIR / "train.jsonl", 6)
 COMPRESSORS = {
     "gz": gzip.compress,
@@ -140,13 +148,7 @@ def fuzz_project(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("form", ["jsonl", "json", "csv", "txt", "parquet"])
 def test_any_bytes_give_rows_or_one_line_naming_the_file(fuzz_project: Path, form: str):
-    @settings(
-        max_examples=EXAMPLES,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
+    @FUZZ
     @given(_files(form))
     def check(file: tuple[str, bytes]) -> None:
         name, data = file
@@ -186,22 +188,16 @@ def _write_records(path: Path, records: list[dict]) -> bool:
         ]
         pd.DataFrame.from_records(cells).to_csv(path, index=False)
     else:
-        try:  # pyarrow infers one type per column: mixed columns do not fit
+        try:  # pyarrow infers one type per column: mixed columns (or ints past 64 bits) do not fit
             pq.write_table(pa.Table.from_pylist(records), path)
-        except (pa.ArrowException, ValueError, TypeError):
+        except (pa.ArrowException, ValueError, TypeError, OverflowError):
             return False
     return True
 
 
 @pytest.mark.parametrize("form", ["jsonl", "csv", "parquet"])
 def test_odd_records_under_any_fields_give_rows_or_one_line(fuzz_project: Path, form: str):
-    @settings(
-        max_examples=EXAMPLES,
-        deadline=None,
-        derandomize=True,
-        database=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-    )
+    @FUZZ
     @given(
         _RECORDS,
         st.sampled_from([None, "id", "auto"]),

@@ -30,6 +30,18 @@ def _validate(project: Path, tmp_path: Path, config: ValidateConfig, **data):
     return validate(staged, config, MODEL, tmp_path / "gx", tmp_path / "data")
 
 
+def _validate_instructions(project: Path, tmp_path: Path, records: list[dict]):
+    """Instruction records as the pool, eight held-out ones, prompts "Task: {instruction}\n
+    {input}", validated with validation.on_invalid=fail."""
+    write_jsonl(project / "raw" / "train.jsonl", records)
+    held_out = [
+        {"instruction": f"Double {i}.", "input": "", "output": str(2 * i)} for i in range(8)
+    ]
+    write_jsonl(project / "raw" / "test.jsonl", held_out)
+    template = {"prompt_field": "Task: {instruction}\n{input}", "response_field": "output"}
+    return _validate(project, tmp_path, FAIL, **template)
+
+
 def test_whitespace_only_responses_are_quarantined_with_their_lines(
     project: Path, tmp_path: Path, gsm8k_train
 ):
@@ -84,13 +96,7 @@ def test_a_prompt_of_blank_fields_fails_whatever_its_template_adds(project: Path
     records[4] = {"instruction": "", "input": "", "output": "x"}
     records[7] = {"instruction": "  ", "input": "\t", "output": "y"}
     records[9] = {"instruction": "", "input": "3 and 4", "output": "7"}  # input alone: kept
-    write_jsonl(project / "raw" / "train.jsonl", records)
-    held_out = [
-        {"instruction": f"Double {i}.", "input": "", "output": str(2 * i)} for i in range(8)
-    ]
-    write_jsonl(project / "raw" / "test.jsonl", held_out)
-    template = {"prompt_field": "Task: {instruction}\n{input}", "response_field": "output"}
-    report = _validate(project, tmp_path, FAIL, **template)
+    report = _validate_instructions(project, tmp_path, records)
     (blank,) = [f for f in report.failures if "on column 'prompt'" in f]
     assert blank.startswith(
         "[train] expect_column_values_to_not_match_regex on column 'prompt' (2 rows) - prompt "
@@ -156,13 +162,7 @@ def test_prompts_and_responses_of_unfilled_template_fields_fail(project: Path, t
     records[6] = {"instruction": "{{ instruction }}", "input": "${input}", "output": "y"}
     records[8] = {"instruction": "Explain {x} in sets.", "input": "", "output": "z"}  # kept
     records[11] = {"instruction": "Add 1 and 1.", "input": "", "output": "{output}"}
-    write_jsonl(project / "raw" / "train.jsonl", records)
-    held_out = [
-        {"instruction": f"Double {i}.", "input": "", "output": str(2 * i)} for i in range(8)
-    ]
-    write_jsonl(project / "raw" / "test.jsonl", held_out)
-    template = {"prompt_field": "Task: {instruction}\n{input}", "response_field": "output"}
-    report = _validate(project, tmp_path, FAIL, **template)
+    report = _validate_instructions(project, tmp_path, records)
     (prompt,) = [f for f in report.failures if "on column 'prompt'" in f]
     assert prompt.startswith(
         "[train] expect_column_values_to_not_match_regex on column 'prompt' (2 rows) - prompt "

@@ -15,21 +15,7 @@ from typer.testing import CliRunner
 from flows.cli import app
 from flows.config import load_config, resolve_paths
 from steps.paths import PathOutsideRoots
-
-TASK = """task: escape_task
-dataset_path: json
-dataset_name: null
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{ctx}}}}"
-doc_to_choice: "{{{{endings}}}}"
-doc_to_target: label
-metric_list:
-  - metric: acc
-"""
+from tests.flows.test_evaluate_cli import CUSTOM_TASK  # a task reading one data file
 
 
 def test_evaluate_refuses_a_task_whose_data_lies_outside_before_building_it(tmp_path: Path):
@@ -38,9 +24,10 @@ def test_evaluate_refuses_a_task_whose_data_lies_outside_before_building_it(tmp_
     outside.mkdir()
     row = {"ctx": "The cat sat on the", "endings": [" mat.", " sky."], "label": 0}
     (outside / "private.jsonl").write_text(json.dumps(row) + "\n")
-    (project / "tasks" / "escape.yaml").write_text(TASK.format(data=outside / "private.jsonl"))
+    task = CUSTOM_TASK.format(data=outside / "private.jsonl")
+    (project / "tasks" / "escape.yaml").write_text(task)
     args = ["evaluate", "--project-dir", str(project), "--model", str(project / "no-model"),
-            "--suite", "none", "--tasks", "escape_task",
+            "--suite", "none", "--tasks", "tiny_cloze",
             "--set", "eval.include_path=tasks"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2, result.output
