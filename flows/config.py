@@ -23,11 +23,11 @@ from steps.data.version import VersionConfig
 from steps.evaluation.evaluate import EvalConfig
 from steps.evaluation.task_paths import check_benchmark_paths
 from steps.modeling import ModelConfig
-from steps.paths import PathOutsideRoots, resolved_roots
+from steps.paths import PathOutsideRoots, resolved_roots, tree_inside_roots
 from steps.registry.register import RegisterConfig
 from steps.selection.embed import EmbedConfig
 from steps.selection.select import SelectConfig, check_embed_for
-from steps.setting_paths import check_tree, named_paths
+from steps.setting_paths import named_paths
 from steps.study.study import StudyConfig
 from steps.tracking import TrackingConfig
 from steps.training.finetune import FinetuneConfig
@@ -132,7 +132,7 @@ def check_paths(
             continue
         for path in named_paths(value, project_dir, working_dir_too=working_dir_too):
             try:
-                check_tree(path, roots, setting)
+                tree_inside_roots(path, roots, setting)
             except PathOutsideRoots as error:
                 if setting in DATA_SOURCES:  # the type ingest's own check raises for them
                     raise IngestError(str(error)) from None

@@ -28,7 +28,7 @@ from typing import IO
 
 import pyarrow as pa
 
-from steps.paths import PathOutsideRoots, inside_roots
+from steps.paths import PathOutsideRoots, inside_roots, tree_inside_roots
 
 FORMATS = (".jsonl", ".json", ".csv", ".txt", ".parquet")
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
@@ -113,12 +113,11 @@ def _walk(
     roots: Sequence[Path],
     setting: str,
     above: frozenset[Path],
-    hidden: bool = False,
 ) -> Iterator[tuple[str, Path, Path | None]]:
     """(name under the source folder, path, resolved path) of each file below `folder`,
     sorted, each checked against `roots`; symlinked folders are followed (`above`: the
     resolved folders that hold this one, so that a link back up is an error, not a loop).
-    Hidden names (HIDDEN_PREFIXES) are skipped unless `hidden`, except a hidden file named
+    Hidden names (HIDDEN_PREFIXES) are skipped, except a hidden file named
     like a data file ('_part-3.jsonl'): it comes with no resolved path, for the caller to
     refuse by name."""
     try:
@@ -126,7 +125,7 @@ def _walk(
     except OSError as error:
         raise IngestError(f"{setting}: cannot list folder {folder} ({one_line(error)})") from None
     for entry in entries:
-        if entry.name.startswith(HIDDEN_PREFIXES) and not hidden:
+        if entry.name.startswith(HIDDEN_PREFIXES):
             if data_format(entry.name) is not None and not entry.is_dir():
                 # named like data but skipped by the rule: said, never silently left out
                 yield f"{prefix}{entry.name}", entry, None
@@ -138,7 +137,7 @@ def _walk(
                     f"{setting} '{entry}' links to {target}, a folder that holds it (a loop)"
                 )
             inner = f"{prefix}{entry.name}/"
-            yield from _walk(entry, inner, roots, setting, above | {target}, hidden)
+            yield from _walk(entry, inner, roots, setting, above | {target})
         else:
             yield f"{prefix}{entry.name}", entry, target
 
@@ -191,9 +190,8 @@ def local_files(path: Path, roots: Sequence[Path], setting: str) -> list[LocalFi
 
 def all_files(path: Path, roots: Sequence[Path], setting: str) -> list[Path]:
     """Every file of a local source, hidden ones too (what `datasets.load_dataset` may read of
-    a folder), resolved and checked against `roots` like local_files."""
-    target = _inside(path, roots, setting)
-    if not target.is_dir():
-        return [target]
-    every = _walk(path, "", roots, setting, frozenset({target}), hidden=True)
-    return [resolved for _, _, resolved in every if resolved is not None]
+    a folder), resolved and checked against `roots` (steps/paths.py tree_inside_roots)."""
+    try:
+        return tree_inside_roots(path, roots, setting)
+    except PathOutsideRoots as error:
+        raise IngestError(str(error)) from None

@@ -24,8 +24,8 @@ import yaml
 
 from steps import config_files
 from steps.evaluation.suites import NAMED_SUITES, REPO_ROOT, SUITES_DIR, BenchmarkError
-from steps.paths import inside_roots
-from steps.setting_paths import check_tree, named_paths
+from steps.paths import inside_roots, tree_inside_roots
+from steps.setting_paths import named_paths
 
 
 def check_benchmark_paths(config: Any, project_dir: Path, roots: Sequence[Path]) -> None:
@@ -42,7 +42,7 @@ def check_benchmark_paths(config: Any, project_dir: Path, roots: Sequence[Path])
                 setting = f"eval.suite {suite} task {member.get('task')}"
                 _check_dataset(member, data_dir, data_roots, setting)
     for include in named_paths(config.include_path, project_dir, working_dir_too=False):
-        check_tree(include, roots, "eval.include_path")
+        tree_inside_roots(include, roots, "eval.include_path")
         seen: set[Path] = set()
         for task_yaml in sorted(include.rglob("*.yaml")):  # the YAMLs suites._user_tasks loads
             _check_task_yaml(task_yaml, roots, "eval.include_path", seen)
@@ -114,7 +114,7 @@ def _check_dataset(task: dict[str, Any], base: Path, roots: Sequence[Path], sett
     dataset_path = task.get("dataset_path")
     if isinstance(dataset_path, str):
         for path in named_paths(dataset_path, base, working_dir_too=True):
-            check_tree(path, roots, f"{setting} dataset_path")
+            tree_inside_roots(path, roots, f"{setting} dataset_path")
             bases.append(path)
     kwargs = task.get("dataset_kwargs")
     if not isinstance(kwargs, dict):
@@ -123,7 +123,7 @@ def _check_dataset(task: dict[str, Any], base: Path, roots: Sequence[Path], sett
         for name in _strings(kwargs.get(key)):
             for folder in bases:
                 for path in _matches(folder / Path(name).expanduser()):
-                    check_tree(path, roots, f"{setting} dataset_kwargs.{key}")
+                    tree_inside_roots(path, roots, f"{setting} dataset_kwargs.{key}")
 
 
 def _matches(path: Path) -> list[Path]:
