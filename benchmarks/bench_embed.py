@@ -9,13 +9,14 @@ Both loops see the same tokenised examples and count real (unpadded) tokens per 
   torch.inference_mode — what one writes first;
 - plain loop on the pass's own length-sorted batches (same padding as the pass, no
   statistics): isolates the cost of forming the statistics;
-- the pass itself (steps.selection.embed.embed_encoded): length-sorted batches, loss-token states,
-  factors and per-token losses, written to disk in chunks; once with embed.token_weight=none
-  (the plain statistics) and once with =label (the default: fisher-label's ‖p − e_y‖²-weighted
-  factors too, a vocabulary softmax per loss token);
-- with --processes N: embed_pool with embed.num_processes=N (steps/selection/embed_multiprocess.py),
-  timed from the call (worker start-up and model loading included) and by the workers' own
-  loops (FeaturesRef.tokens_per_second); needs at least N chunks (--chunk-examples).
+- the pass itself (steps.selection.embedding.embed.embed_encoded): length-sorted batches,
+  loss-token states, factors and per-token losses, written to disk in chunks; once with
+  embed.token_weight=none (the plain statistics) and once with =label (the default:
+  fisher-label's ‖p − e_y‖²-weighted factors too, a vocabulary softmax per loss token);
+- with --processes N: embed_pool with embed.num_processes=N
+  (steps/selection/embedding/multiprocess.py), timed from the call (worker start-up and model
+  loading included) and by the workers' own loops (FeaturesRef.tokens_per_second); needs at
+  least N chunks (--chunk-examples).
 Each is run twice and the faster run kept (the first warms caches and allocators).
 MFU = real tokens/s × forward FLOPs per token ÷ --peak-tflops (default on CUDA: 989, dense
 bf16 of an H100/H200 SXM; on CPU only when given), with forward FLOPs ≈ 2 × the parameters
@@ -46,7 +47,7 @@ from steps.modeling import (
     pad_batch,
     resolve_precision,
 )
-from steps.selection.embed import EmbedConfig, embed_encoded, embed_pool
+from steps.selection.embedding.embed import EmbedConfig, embed_encoded, embed_pool
 
 REPO = Path(__file__).resolve().parents[1]
 

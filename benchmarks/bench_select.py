@@ -50,7 +50,9 @@ import numpy as np
 import torch
 
 from steps.selection.baselines import first_best
-from steps.selection.design import Design
+from steps.selection.greedy.design import Design
+from steps.selection.greedy.settings import GreedySettings
+from steps.selection.greedy.torch_design import TorchDesign
 from steps.selection.pool import FeaturePool, factor_from_tokens, project, random_projection
 from steps.selection.selectors import (
     DEFAULT_RIDGE,
@@ -60,8 +62,6 @@ from steps.selection.selectors import (
     plain_greedy_fisher,
     select,
 )
-from steps.selection.settings import GreedySettings
-from steps.selection.torch_design import TorchDesign
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -250,7 +250,7 @@ def gsm8k_pool(n: int) -> FeaturePool:
     from steps.data.ingest import IngestConfig, normalise, write_table
     from steps.data.sources import read_source
     from steps.modeling import IGNORE_INDEX, ModelConfig, encode_examples, load_tokenizer
-    from steps.selection.embed import FILES, EmbedConfig, embed_pool, load_pool
+    from steps.selection.embedding.embed import FILES, EmbedConfig, embed_pool, load_pool
 
     source = REPO / "assets/data/gsm8k/train.jsonl"
     fields = IngestConfig(source=str(source), prompt_field="question", response_field="answer")

@@ -32,7 +32,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from steps.data.ingest import IngestConfig, normalise, write_table
 from steps.data.sources import read_source
 from steps.modeling import ModelConfig, encode_examples, load_tokenizer
-from steps.selection.embed import FILES, EmbedConfig, embed_pool, load_pool
+from steps.selection.embedding.embed import FILES, EmbedConfig, embed_pool, load_pool
 from steps.selection.pool import FeaturePool, project
 from steps.selection.selectors import fisher_objective, select
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from steps.selection.embed import FeaturesRef, load_pool
+from steps.selection.embedding.embed import FeaturesRef, load_pool
 from steps.selection.pool import FeaturePool
 from steps.selection.selectors import select
 from steps.study.study import length_normalised, parse_arm, selection_profile

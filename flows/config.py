@@ -25,7 +25,7 @@ from steps.evaluation.task_paths import check_benchmark_paths
 from steps.modeling import ModelConfig
 from steps.paths import PathOutsideRoots, resolved_roots, tree_inside_roots
 from steps.registry.register import RegisterConfig
-from steps.selection.embed import EmbedConfig
+from steps.selection.embedding.embed import EmbedConfig
 from steps.selection.select import SelectConfig, check_embed_for
 from steps.setting_paths import named_paths
 from steps.study.study import StudyConfig

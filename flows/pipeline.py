@@ -55,7 +55,7 @@ from steps.modeling import ModelSource, model_source, resolve_hardware, trained_
 from steps.registry.gate import check_gate_metric
 from steps.registry.lineage import lineage_tags
 from steps.registry.register import ModelVersionRef, Promotion, champion_data_md5
-from steps.selection.embed import feature_space
+from steps.selection.embedding.embed import feature_space
 from steps.selection.evidence import select_caution
 from steps.selection.select import SelectionRef
 from steps.selection.target_sample import reject_target_in_pipeline

@@ -40,9 +40,8 @@ from steps.data.validate import (
     validated_report,
 )
 from steps.modeling import ModelSource, model_source, resolve_hardware, trained_source
-from steps.selection.embed import FeaturesRef, feature_space, load_pool
-from steps.study import report
-from steps.study import study as lib
+from steps.selection.embedding.embed import FeaturesRef, feature_space, load_pool
+from steps.study import report, study as lib
 
 METRICS = [
     "eval_loss",

@@ -36,7 +36,7 @@ from steps.registry.register import (
     promote,
     register_model,
 )
-from steps.selection.embed import EmbedConfig, FeaturesRef, embed_pool, features_problem
+from steps.selection.embedding.embed import EmbedConfig, FeaturesRef, embed_pool, features_problem
 from steps.selection.select import (
     PriorRef,
     SelectConfig,
@@ -56,7 +56,7 @@ from steps.training.finetune import (
 
 # The step module each cached task runs; its code fingerprint keys the cache and the folder.
 INGEST = "steps.data.ingest"
-EMBED = "steps.selection.embed"
+EMBED = "steps.selection.embedding.embed"
 SELECT = "steps.selection.select"
 FINETUNE = "steps.training.launch"  # the worker entry point: it imports finetune and all it runs
 EVALUATE = "steps.evaluation.evaluate"

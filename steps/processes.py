@@ -1,7 +1,8 @@
 """Child processes the steps start: `accelerate launch` command lines and orphan protection.
 
-Fine-tuning (steps/training/multiprocess.py) and embedding (steps/selection/embed_multiprocess.py)
-launch their workers the same way; the served model (steps/registry/serve.py) is a child too.
+Fine-tuning (steps/training/multiprocess.py) and embedding
+(steps/selection/embedding/multiprocess.py) launch their workers the same way; the served
+model (steps/registry/serve.py) is a child too.
 """
 
 from __future__ import annotations

@@ -263,7 +263,7 @@ def download_selection(run_id: str, dst_dir: Path, setting: str) -> Path:
     label_design.npy when it logged one) into dst_dir; returns the selection.json path.
     ValueError naming `setting` when the run is missing or has no design.npy (runs from
     before selections recorded their design). A missing label_design.npy is fisher-label's
-    concern only (steps/selection/warm_start.py label_prior_for)."""
+    concern only (steps/selection/greedy/warm_start.py label_prior_for)."""
     client = MlflowClient()
     try:
         client.get_run(run_id)

@@ -43,7 +43,7 @@ def write_pool_features(out_dir: Path, n: int = 40, d: int = 6, seed: int = 0):
     import numpy as np
     import pandas as pd
 
-    from steps.selection.embed import FILES, FeaturesRef
+    from steps.selection.embedding.embed import FILES, FeaturesRef
     from steps.selection.pool import pool_from_tokens
 
     rng = np.random.default_rng(seed)

@@ -15,10 +15,10 @@ import pandas as pd
 
 from steps.evaluation.benchmarks import ModelBenchmarks, run_benchmarks, sample_generations
 from steps.evaluation.evaluate import EvalConfig, EvalReport, evaluation_loss
+from steps.evaluation.results import Measured, Scored
 from steps.evaluation.suites import BenchmarkPlan
 from steps.hashing import file_md5
 from steps.modeling import ModelConfig, ModelSource, load_model, load_tokenizer
-from steps.registry.gate import Measured, Scored  # not register.py: its edits keep this cached
 
 
 @dataclass(frozen=True)

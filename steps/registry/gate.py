@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-EVAL_LOSS_METRIC = "eval_loss"
+from steps.evaluation.results import EVAL_LOSS_METRIC, Measured
+
 # Version tags: what the version was scored on, and its benchmark scores.
 BENCH_FINGERPRINT, BENCH_SCORES = "sift.bench_fingerprint", "sift.bench_scores"
 EVAL_LOSS_STDERR = "sift.eval_loss_stderr"
@@ -34,38 +35,10 @@ class GateConfig(BaseModel):
 
 
 @dataclass(frozen=True)
-class Measured:
-    value: float
-    stderr: float | None = None
-
-
-@dataclass(frozen=True)
 class Decision:
     promote: bool
     reason: str
     numbers: dict[str, float]
-
-
-@dataclass(frozen=True)
-class Scored:
-    """A model's scores on one eval split (by DVC md5) and one benchmark plan."""
-
-    loss: float
-    eval_md5: str
-    bench_fingerprint: str = ""  # "": no benchmarks
-    loss_stderr: float | None = None
-    bench: dict[str, Measured] = field(default_factory=dict)  # task/metric[/filter] → score
-    higher_is_better: dict[str, bool] = field(default_factory=dict)
-
-    def measured(self, metric: str) -> Measured:
-        if metric == EVAL_LOSS_METRIC:
-            return Measured(self.loss, self.loss_stderr)
-        if metric not in self.bench:
-            raise ValueError(
-                f"registry.gate.metric={metric!r}: not scored (scores: eval_loss, "
-                f"{', '.join(sorted(self.bench)) or 'no benchmarks'})"
-            )
-        return self.bench[metric]
 
 
 def check_gate_metric(config: GateConfig, benchmark_keys: set[str]) -> None:

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from steps import tracking
+from steps.evaluation.results import Scored
 from steps.hashing import file_md5
 from steps.integrity import CorruptArtifactError, safetensors_problem
 from steps.registry.aliases import EVAL_LOSS, EVAL_MD5, move_alias, record_kept
@@ -30,7 +31,6 @@ from steps.registry.gate import (
     GATE_DECISION,
     Decision,
     GateConfig,
-    Scored,
     decide,
     lower_is_better,
     parse_scores_tag,

@@ -36,12 +36,12 @@ from tqdm import tqdm
 
 from steps.data.ingest import IngestConfig
 from steps.modeling import ModelConfig
-from steps.selection.design import Array
-from steps.selection.embed import EmbedConfig, load_pool
+from steps.selection.embedding.embed import EmbedConfig, load_pool
+from steps.selection.greedy.design import Array
+from steps.selection.greedy.settings import GreedySettings
 from steps.selection.pool import FeaturePool
 from steps.selection.select import SelectConfig, check_embed_for, embed_file, resolve_backend
 from steps.selection.selectors import DEFAULT_RIDGE, Selection, design_of, select
-from steps.selection.settings import GreedySettings
 
 # Selectors whose budget always counts loss tokens: refused, the curves step one example.
 TOKEN_SELECTORS = ("fisher-per-token",)

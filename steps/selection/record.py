@@ -2,7 +2,7 @@
 
 Every selection (the pipeline's, the study's, `sift select`'s) writes one; fine-tuning reads
 train_ids from it, the study reads rows, and a warm start reads feature_space, train_ids,
-design_md5 and label_design_md5 (steps/selection/warm_start.py load_prior).
+design_md5 and label_design_md5 (steps/selection/greedy/warm_start.py load_prior).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class SelectionRecord(BaseModel):
     selector: str
     budget: int  # the resolved count of new picks, or of their loss tokens (budget_kind)
     ridge: float
-    feature_space: str  # steps.selection.embed.feature_space: where the design lives
+    feature_space: str  # steps.selection.embedding.embed.feature_space: where the design lives
     ids: list[str]  # the new picks, in pick order
     rows: list[int]  # their positions in the pool table (file order)
     train_ids: list[str]  # what fine-tuning trains on: the prior's ids in this pool + ids

@@ -4,7 +4,7 @@ The math is in steps/selection/selectors.py; this wraps it with budgets, ids and
 with warm starts: an earlier selection's design V0 = Σ FᵀF (design.npy, written by every selection)
 joins the objective, log det(λI + V0 + V_S), so the new picks add what it lacks. A selection
 on a pool with label factors also writes label_design.npy, the label-weighted L0 that
-fisher-label's warm start selects against (steps/selection/warm_start.py).
+fisher-label's warm start selects against (steps/selection/greedy/warm_start.py).
 """
 
 from __future__ import annotations
@@ -23,23 +23,30 @@ from pydantic_core import PydanticCustomError
 from steps.data.ingest import IngestConfig, named_source_batches, stream_table
 from steps.hashing import file_md5
 from steps.modeling import ModelConfig, model_fingerprint
-from steps.selection.embed import EmbedConfig, FeaturesRef, embed_pool, feature_space, load_pool
-from steps.selection.record import (
-    SelectionRecord,
-    read_selection,
-    write_selection,
+from steps.selection.embedding.embed import (
+    EmbedConfig,
+    FeaturesRef,
+    embed_pool,
+    feature_space,
+    load_pool,
 )
+from steps.selection.greedy.settings import GreedySettings
+from steps.selection.greedy.warm_start import (  # PriorRef, load_prior: callers import them here
+    PriorRef as PriorRef,
+    WarmStart,
+    label_prior_for,
+    load_prior as load_prior,
+    save_label_design,
+    warm_start,
+)
+from steps.selection.record import SelectionRecord, read_selection, write_selection
 from steps.selection.selectors import DEFAULT_RIDGE, SELECTORS, design_of, select
-from steps.selection.settings import GreedySettings
 from steps.selection.target_sample import (
     embed_targets,
     read_target_prompts,
     target_mismatch,
     target_states_for,
 )
-from steps.selection.warm_start import PriorRef as PriorRef  # re-exported: callers import it here
-from steps.selection.warm_start import WarmStart, label_prior_for, save_label_design, warm_start
-from steps.selection.warm_start import load_prior as load_prior
 
 DEFAULT_BUDGET = 0.1  # of the pool's examples, when neither budget key is set
 
@@ -75,7 +82,7 @@ class SelectConfig(BaseModel):
     prior: str = ""
     # Where the fisher selectors compute: "numpy" (CPU), "torch" (on the run's device: cuda,
     # or cpu) or "auto" (torch on CUDA, numpy otherwise). The picks are the same on each
-    # (steps/selection/torch_design.py); only the time differs.
+    # (steps/selection/greedy/torch_design.py); only the time differs.
     backend: Literal["auto", "numpy", "torch"] = "auto"
     # Device memory the torch backend may use, in MiB: the factors stay on the device when
     # they fit in half of it (else they stream from the memory-mapped pool per batch).
@@ -209,8 +216,8 @@ def select_subset(
     """Pick config.budget new examples (or config.budget_tokens loss tokens of new
     examples), warm-started from `prior` when one is given.
 
-    space: steps.selection.embed.feature_space of `features`, recorded in selection.json; a
-    prior must have been selected in the same space. The prior's examples found in this pool
+    space: embedding.embed.feature_space of `features`, recorded in selection.json; a prior
+    must have been selected in the same space. The prior's examples found in this pool
     (by id) are not candidates; train_ids lists them, in the prior's order, then the new
     picks. device: the run's resolved device (model.device), where select.backend=torch (or
     auto, on CUDA) computes. target: select.target's states (embed_targets, same model and

@@ -24,7 +24,7 @@ at, one that does not (a knapsack fill). Each stops only once no unpicked exampl
 
 `fisher-label` weights each loss token's x x^T by w = ||p - e_y||^2 = 1 - 2 p_y + sum_c p_c^2
 (p: the base model's prediction there, y: the true token), the token's share of the last
-layer's empirical Fisher (p - e_y)(p - e_y)^T (x) x x^T (steps/selection/embed_stats.py
+layer's empirical Fisher (p - e_y)(p - e_y)^T (x) x x^T (steps/selection/embedding/stats.py
 computes w). Tokens the model already predicts add nothing. It picks by lazy greedy on
 log det(ridge*I + label_prior + sum_i sum_j w_ij x_ij x_ij^T) (pool.label_factors), where
 label_prior is the label-weighted counterpart of `prior` (a warm start's label_design.npy).
@@ -62,11 +62,11 @@ from numpy.typing import NDArray
 from tqdm import tqdm
 
 from steps.selection.baselines import PICK_ORDERS, PickOrder, fill_tokens
-from steps.selection.design import Array, Design, GreedySettings, design_logdet
-from steps.selection.greedy import GreedyDesign, lazy_greedy, plain_greedy
+from steps.selection.greedy.design import Array, Design, GreedySettings, design_logdet
+from steps.selection.greedy.search import GreedyDesign, lazy_greedy, plain_greedy
+from steps.selection.greedy.torch_design import TorchDesign
 from steps.selection.pool import FeaturePool, budget_costs, check_prior, check_ridge, fail_at
 from steps.selection.targeted import target_greedy, target_moment
-from steps.selection.torch_design import TorchDesign
 
 DEFAULT_RIDGE = 1e-3
 

@@ -20,7 +20,7 @@ from steps.data.ingest import IngestConfig
 from steps.data.readers import iter_local
 from steps.data.sources import allowed_roots, resolve_local
 from steps.modeling import IGNORE_INDEX, Encoded, ModelConfig, load_model, load_tokenizer
-from steps.selection.embed import EmbedConfig, FeaturesRef, embed_encoded, load_pool
+from steps.selection.embedding.embed import EmbedConfig, FeaturesRef, embed_encoded, load_pool
 from steps.selection.pool import FeaturePool
 from steps.selection.targeted import target_rows
 

@@ -23,7 +23,7 @@ from steps.data.ingest import IngestConfig, write_table
 from steps.data.validate import ValidateConfig
 from steps.evaluation.evaluate import EvalConfig
 from steps.modeling import ModelConfig
-from steps.selection.embed import FILES, LABEL_FILES, EmbedConfig, FeaturesRef
+from steps.selection.embedding.embed import FILES, LABEL_FILES, EmbedConfig, FeaturesRef
 from steps.selection.pool import FeaturePool
 from steps.selection.record import read_selection
 from steps.selection.select import EMBED_NEEDS, SelectConfig

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from flows.cli import app
+from flows.cli.main import app
 from tests.conftest import ALLOW_REPO_ASSETS, MODEL_DIR, write_jsonl
 
 runner = CliRunner()

@@ -30,7 +30,7 @@ from steps.hashing import file_md5
 from steps.modeling import ModelConfig, ModelSource, model_source, trained_source
 from steps.registry.aliases import EVAL_LOSS
 from steps.registry.register import WEIGHTS_TAG, RegisterConfig
-from steps.selection.embed import FILES, EmbedConfig
+from steps.selection.embedding.embed import FILES, EmbedConfig
 from steps.selection.record import write_selection
 from steps.selection.select import SelectionRef
 from steps.training.finetune import FinetuneConfig

@@ -21,7 +21,7 @@ from prefect import flow
 from flows.tasks import RunContext, embed_task
 from steps.data.ingest import IngestConfig, ingest
 from steps.modeling import ModelConfig, model_source
-from steps.selection.embed import EmbedConfig, feature_space, load_pool
+from steps.selection.embedding.embed import EmbedConfig, feature_space, load_pool
 from tests.conftest import MODEL_DIR, REPO, small_run_overrides
 
 pytestmark = pytest.mark.slow
@@ -95,7 +95,7 @@ def test_a_registry_edit_serves_embed_select_and_finetune_from_cache_an_embed_ed
     assert after_registry_edit["eval_loss"] == first["eval_loss"]
     assert _chunks(copy) == chunks_before  # not one chunk rewritten
 
-    _edit(copy, "steps/selection/embed.py")
+    _edit(copy, "steps/selection/embedding/embed.py")
     after_embed_edit = _run(copy)
     states = after_embed_edit["states"]
     assert states["embed"] == ["Completed"] and states["select"] == ["Completed"], states

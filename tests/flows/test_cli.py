@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import app
+from flows.cli.main import app
 from steps.data.ingest import content_id
 from tests.conftest import ALLOW_REPO_ASSETS, MODEL_DIR, write_jsonl
 
@@ -205,7 +205,7 @@ def test_a_run_failing_on_an_unreachable_server_names_it():
     import httpx
     import mlflow
 
-    from flows.cli import unreachable_server
+    from flows.cli.main import unreachable_server
 
     before = mlflow.get_tracking_uri()
     mlflow.set_tracking_uri("http://127.0.0.1:9")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import app
+from flows.cli.main import app
 from steps.evaluation.suites import REPO_ROOT
 from tests.conftest import MODEL_DIR
 

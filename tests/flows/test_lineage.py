@@ -14,7 +14,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from flows.cli import app
+from flows.cli.main import app
 from flows.config import PipelineConfig, load_config, resolve_paths
 from steps.modeling import model_fingerprint
 from steps.registry.lineage import as_overrides, config_from_run, config_md5

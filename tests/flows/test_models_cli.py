@@ -20,9 +20,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from flows.cli import app
+from flows.cli.main import app
+from steps.evaluation.results import Scored
 from steps.registry.aliases import history
-from steps.registry.register import RegisterConfig, Scored, promote, register_model
+from steps.registry.register import RegisterConfig, promote, register_model
 from tests.conftest import REPO, shifted_model_copy
 
 pytestmark = pytest.mark.slow

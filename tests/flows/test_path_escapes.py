@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import app
+from flows.cli.main import app
 from flows.config import load_config, resolve_paths
 from steps.paths import PathOutsideRoots
 from tests.flows.test_evaluate_cli import CUSTOM_TASK  # a task reading one data file

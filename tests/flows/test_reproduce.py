@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from flows.config import load_config, resolve_paths
 from steps.data.version import data_at_rev
-from steps.selection.embed import embed_pool
+from steps.selection.embedding.embed import embed_pool
 from steps.selection.select import select_subset, selected_ids
 from tests.conftest import ALLOW_REPO_ASSETS, MODEL_DIR, write_jsonl
 

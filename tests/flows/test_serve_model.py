@@ -19,7 +19,7 @@ import transformers
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from flows.cli import app
+from flows.cli.main import app
 from steps.registry.register import RegisterConfig, register_model
 from steps.registry.serve import (
     ServeError,

@@ -4,7 +4,7 @@ started, and bad settings stop `up` before anything starts.
 
 The shared servers come from the `sift` executable in a subprocess, as in a shell: they
 outlive the command that started them. The other tests run the CLI in-process (typer's
-CliRunner, as tests/flows/test_cli.py does), which saves the ~10 s `import flows.cli` costs.
+CliRunner, as tests/flows/test_cli.py does), which saves the ~10 s `import flows.cli.main` costs.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner, Result
 
 from flows import servers
-from flows.cli import app
+from flows.cli.main import app
 from flows.runtime import process_status, servers_dir, servers_state_path
 from tests.conftest import REPO
 from tests.flows.registry_servers import POSTGRES, clean_env, free_port, postgres_database

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.cli import sigterm_line
+from flows.cli.main import sigterm_line
 from steps.training.finetune import CHECKPOINTS, last_checkpoint
 from tests.conftest import REPO, small_run_overrides, write_jsonl
 from tests.flows.registry_servers import clean_env, mlflow_client

@@ -23,7 +23,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from flows.cli import app
+from flows.cli.main import app
 from flows.runtime import servers_state_path, state_dir
 from tests.conftest import small_run_overrides, write_jsonl
 from tests.flows.registry_servers import POSTGRES, clean_env, mlflow_client

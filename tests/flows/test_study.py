@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from typer.testing import CliRunner
 
-from flows.cli import app
+from flows.cli.main import app
 from steps.study.study import load_study_config
 from tests.conftest import MODEL_DIR, REPO, REPO_ASSETS_ROOTS
 

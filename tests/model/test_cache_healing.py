@@ -23,7 +23,7 @@ from steps.hashing import file_md5
 from steps.integrity import CorruptArtifactError
 from steps.modeling import ModelConfig
 from steps.registry.register import RegisterConfig, register_model
-from steps.selection.embed import FILES, EmbedConfig, FeaturesRef, embed_pool
+from steps.selection.embedding.embed import FILES, EmbedConfig, FeaturesRef, embed_pool
 from steps.training.finetune import FinetuneConfig, ModelRef, finetune, model_problem
 from steps.training.job import TrainJob
 from tests.conftest import MODEL_DIR, REPO

@@ -19,7 +19,7 @@ from steps.modeling import (
     pad_batch,
     trained_source,
 )
-from steps.selection.embed import EmbedConfig, embed_pool, load_pool
+from steps.selection.embedding.embed import EmbedConfig, embed_pool, load_pool
 from steps.training.finetune import FinetuneConfig, finetune
 from tests.conftest import MODEL_DIR, new_run_id
 

@@ -12,8 +12,8 @@ import pytest
 
 from steps.hashing import file_md5
 from steps.modeling import ModelConfig
-from steps.selection.embed import FILES, EmbedConfig, FeaturesRef, embed_pool, load_pool
-from steps.selection.embed_multiprocess import run_workers
+from steps.selection.embedding.embed import FILES, EmbedConfig, FeaturesRef, embed_pool, load_pool
+from steps.selection.embedding.multiprocess import run_workers
 from steps.selection.selectors import select
 from tests.conftest import MODEL_DIR
 from tests.model.conftest import write_train_table

@@ -9,7 +9,7 @@ import pytest
 
 from steps.data.ingest import IngestConfig, ingest, write_table
 from steps.modeling import ModelConfig
-from steps.selection.embed import FILES, EmbedConfig, embed_pool, load_pool
+from steps.selection.embedding.embed import FILES, EmbedConfig, embed_pool, load_pool
 from steps.selection.pool import project
 from steps.selection.selectors import fisher_objective, select
 from tests.conftest import MODEL_DIR

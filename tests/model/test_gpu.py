@@ -12,7 +12,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from steps.modeling import ModelConfig
-from steps.selection.embed import EmbedConfig, embed_pool, load_pool
+from steps.selection.embedding.embed import EmbedConfig, embed_pool, load_pool
 from steps.training.finetune import FinetuneConfig, finetune
 from tests.conftest import MODEL_DIR, new_run_id
 from tests.model.conftest import write_train_table
@@ -80,9 +80,9 @@ def test_a_bf16_embed_pass_in_two_gpu_processes_equals_one_process(gsm8k_train, 
 
 @pytest.mark.parametrize("d", [48, 320])  # 320: the numpy design screens in float32 too
 def test_the_torch_backend_on_cuda_picks_what_numpy_picks(d: int) -> None:
+    from steps.selection.greedy.settings import GreedySettings
     from steps.selection.pool import pool_from_tokens
     from steps.selection.selectors import plain_greedy_fisher, select
-    from steps.selection.settings import GreedySettings
 
     rng = np.random.default_rng(d)
     scale = (1.0 + np.arange(d)) ** -0.75

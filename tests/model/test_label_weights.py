@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from steps.modeling import IGNORE_INDEX, ModelConfig, encode_examples, load_model, load_tokenizer
-from steps.selection.embed import FILES, EmbedConfig, embed_pool, load_pool
+from steps.selection.embedding.embed import FILES, EmbedConfig, embed_pool, load_pool
 from steps.selection.selectors import select
 from tests.conftest import MODEL_DIR
 from tests.model.conftest import write_train_table

@@ -6,7 +6,8 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from steps.registry.register import RegisterConfig, Scored, promote, register_model
+from steps.evaluation.results import Scored
+from steps.registry.register import RegisterConfig, promote, register_model
 from tests.conftest import shifted_model_copy
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from steps.modeling import ModelConfig
-from steps.selection.embed import EmbedConfig, embed_pool, load_pool
+from steps.selection.embedding.embed import EmbedConfig, embed_pool, load_pool
 from steps.selection.pool import FeaturePool, project
 from steps.selection.selectors import fisher_objective, select
 from tests.conftest import MODEL_DIR

@@ -9,7 +9,7 @@ import torch
 
 from steps.data.ingest import IngestConfig
 from steps.modeling import ModelConfig, load_model, load_tokenizer
-from steps.selection.embed import EmbedConfig, FeaturesRef, load_pool
+from steps.selection.embedding.embed import EmbedConfig, FeaturesRef, load_pool
 from steps.selection.record import read_selection
 from steps.selection.select import SelectConfig, select_from_file
 from steps.selection.target_sample import embed_targets

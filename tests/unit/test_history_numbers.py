@@ -1,9 +1,9 @@
 """`sift models --history`'s loss column: the two losses compared, whatever else the gate
-recorded beside them (flows/cli_models.py)."""
+recorded beside them (flows/cli/models.py)."""
 
 from __future__ import annotations
 
-from flows.cli_models import _to_vs_from
+from flows.cli.models import _to_vs_from
 
 
 def test_the_gate_event_shows_its_two_losses_not_its_margin_and_stderr():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flows.config import ConfigError, load_config
-from steps.selection.embed_stats import label_weights
+from steps.selection.embedding.stats import label_weights
 from steps.selection.pool import FeaturePool, pool_from_tokens, project
 from steps.selection.selectors import fisher_objective, select
 from tests.unit.test_selectors import token_states

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from steps.selection.embed import EmbedConfig
+from steps.selection.embedding.embed import EmbedConfig
 from steps.selection.select import EMBED_NEEDS, SelectConfig
 from steps.study.ranking import chosen_default, rank_selectors, read_trials
 from tests.conftest import REPO

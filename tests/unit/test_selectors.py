@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from steps.selection.design import Design, GreedySettings
+from steps.selection.greedy.design import Design, GreedySettings
 from steps.selection.pool import FeaturePool, factor_from_tokens, pool_from_tokens, project
 from steps.selection.selectors import SELECTORS, fisher_objective, plain_greedy_fisher, select
 
@@ -141,7 +141,7 @@ def test_pool_and_baselines_import_without_the_selectors_above_them() -> None:
     # The layering has no cycle: pool <- baselines, settings/screen <- design <- greedy <-
     # selectors (torch_design, above greedy's protocol, loads only with selectors).
     code = (
-        "import sys; import steps.selection.baselines, steps.selection.greedy; "
+        "import sys; import steps.selection.baselines, steps.selection.greedy.search; "
         "print(sorted(m for m in sys.modules if m.startswith('steps.selection.')))"
     )
     out = subprocess.run(
@@ -150,11 +150,12 @@ def test_pool_and_baselines_import_without_the_selectors_above_them() -> None:
     loaded = ast.literal_eval(out.stdout.strip())
     assert loaded == [
         "steps.selection.baselines",
-        "steps.selection.design",
         "steps.selection.greedy",
+        "steps.selection.greedy.design",
+        "steps.selection.greedy.screen",
+        "steps.selection.greedy.search",
+        "steps.selection.greedy.settings",
         "steps.selection.pool",
-        "steps.selection.screen",
-        "steps.selection.settings",
     ]
 
 

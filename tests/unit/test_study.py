@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from steps.selection.embed import FeaturesRef, load_pool
+from steps.selection.embedding.embed import FeaturesRef, load_pool
 from steps.selection.pool import pool_from_tokens
 from steps.study.report import (
     aggregate,

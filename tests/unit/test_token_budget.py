@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from flows.config import ConfigError, load_config
 from steps.selection.baselines import fill_tokens
-from steps.selection.design import GreedySettings
+from steps.selection.greedy.design import GreedySettings
 from steps.selection.pool import FeaturePool
 from steps.selection.select import SelectConfig, select_subset
 from steps.selection.selectors import SELECTORS, plain_greedy_fisher, select

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from flows.config import load_config
-from steps.selection.design import Design
-from steps.selection.greedy import lazy_greedy
+from steps.selection.greedy.design import Design
+from steps.selection.greedy.search import lazy_greedy
+from steps.selection.greedy.settings import GreedySettings
+from steps.selection.greedy.torch_design import MAX_PADDING, TorchDesign
 from steps.selection.pool import FeaturePool, pool_from_tokens
 from steps.selection.select import SelectConfig, load_prior, resolve_backend, select_subset
 from steps.selection.selectors import plain_greedy_fisher, select
-from steps.selection.settings import GreedySettings
-from steps.selection.torch_design import MAX_PADDING, TorchDesign
 from tests.conftest import write_pool_features
 
 # Every example by the low-rank route and screened, so the float32 tier decides what is

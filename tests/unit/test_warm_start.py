@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from steps.selection.embed import FILES, LABEL_FILES, FeaturesRef, load_pool
+from steps.selection.embedding.embed import FILES, LABEL_FILES, FeaturesRef, load_pool
 from steps.selection.pool import pool_from_tokens
 from steps.selection.select import SelectConfig, load_prior, select_subset, selected_ids
 from tests.conftest import write_pool_features

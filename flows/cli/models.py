@@ -12,7 +12,7 @@ import typer
 from mlflow.tracking import MlflowClient
 from rich.table import Table
 
-from flows.cli_common import ConfigOption, ProjectOption, SetOption, console, fail, load_project
+from flows.cli.common import ConfigOption, ProjectOption, SetOption, console, fail, load_project
 from steps.registry.aliases import (
     EVAL_LOSS,
     EVAL_MD5,

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from flows.cli_common import ConfigOption, ProjectOption, SetOption, console, fail, resolve_config
+from flows.cli.common import ConfigOption, ProjectOption, SetOption, console, fail, resolve_config
 from flows.runtime import configure_environment, use_recorded_servers
 from steps.registry import serve
 from steps.tracking import require_store, resolve_tracking_uri, use_tracking

@@ -3,7 +3,7 @@
 For example i with loss-bearing states x_i1..x_iT (after the final norm; the state at position
 t predicts token t+1), FisherSFT needs only Σ_j x_ij x_ijᵀ. We store a factor F_i with
 F_iᵀF_i equal to it (at most d rows), never all N·T·d token states; the forward pass and
-that math are steps/selection/embed_stats.py, this module runs them over the pool.
+that math are stats.py, this module runs them over the pool.
 
 Large hidden sizes get a documented sketch (EmbedConfig): states wider than `sketch_dim` are
 projected by a seeded Gaussian matrix P (x → Pᵀx, Johnson–Lindenstrauss; the same P as
@@ -15,10 +15,10 @@ so memory stays bounded and an interrupted pass resumes at the first missing chu
 finished folder holds FILES as .npy (memory-mappable) plus meta.json.
 
 The folder's files, and what proves each whole (an md5 recorded as it is written), are
-steps/selection/embed_files.py: a damaged chunk is computed again, with a warning naming it.
+files.py: a damaged chunk is computed again, with a warning naming it.
 
 The chunk is also the unit of parallelism: with `num_processes > 1` workers started by
-`accelerate launch` (steps/selection/embed_multiprocess.py) each compute every N-th missing
+`accelerate launch` (multiprocess.py) each compute every N-th missing
 chunk, exactly as one process would, and this process merges them in pool order.
 """
 
@@ -47,7 +47,7 @@ from steps.modeling import (
     load_model,
     load_tokenizer,
 )
-from steps.selection.embed_files import (
+from steps.selection.embedding.files import (
     chunk_path,
     drop_corrupt_chunks,
     folder_problem,
@@ -55,8 +55,8 @@ from steps.selection.embed_files import (
     save_chunk,
     start_folder,
 )
-from steps.selection.embed_multiprocess import run_workers
-from steps.selection.embed_stats import chunk_statistics
+from steps.selection.embedding.multiprocess import run_workers
+from steps.selection.embedding.stats import chunk_statistics
 from steps.selection.pool import FeaturePool, random_projection
 
 FILES = ("factors", "offsets", "pooled", "n_tokens", "base_loss")
@@ -93,7 +93,7 @@ class EmbedConfig(BaseModel):
 
 class EmbedJob(BaseModel):
     """One multi-process pass: the chunks still missing of the pool at table_path, computed
-    by the workers (steps/selection/embed_launch.py reads this from JSON and validates it)."""
+    by the workers (launch.py reads this from JSON and validates it)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -12,8 +12,15 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from flows import cli_advise, cli_evaluate, cli_lineage, cli_models, cli_serve, cli_server
-from flows.cli_common import (
+from flows.cli import (
+    advise as advise_commands,
+    evaluate as evaluate_commands,
+    lineage as lineage_commands,
+    models as models_commands,
+    serve as serve_commands,
+    server as server_commands,
+)
+from flows.cli.common import (
     ConfigOption,
     ProjectOption,
     SetOption,
@@ -368,9 +375,12 @@ def show_config(config: ConfigOption = None, set_: SetOption = None) -> None:
     console.print(yaml.safe_dump(loaded.model_dump(), sort_keys=False))
 
 
-for module in (cli_advise, cli_evaluate, cli_lineage, cli_models, cli_serve, cli_server):
-    module.add_commands(app)
-
-
-if __name__ == "__main__":  # python -m flows.cli: `sift` with this checkout's code
-    app()
+for commands in (
+    advise_commands,
+    evaluate_commands,
+    lineage_commands,
+    models_commands,
+    serve_commands,
+    server_commands,
+):
+    commands.add_commands(app)

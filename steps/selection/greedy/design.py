@@ -3,7 +3,7 @@
 Pure numpy, no I/O. `Design` keeps V = ridge*I + prior + sum of the picked F_i^T F_i (the
 matrix whose log det is the objective of docs/fishersft.md) with V^{-1} current, and
 evaluates, batched, each candidate's gain and upper bounds on it, tuned by a
-`GreedySettings` (steps/selection/settings.py).
+`GreedySettings` (settings.py).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from numpy.typing import NDArray
 from scipy.linalg import lapack, solve_triangular
 from threadpoolctl import ThreadpoolController
 
+from steps.selection.greedy.screen import Float32Screen
+from steps.selection.greedy.settings import GreedySettings
 from steps.selection.pool import FeaturePool
-from steps.selection.screen import Float32Screen
-from steps.selection.settings import GreedySettings
 
 Array = NDArray[np.float64]
 
@@ -46,7 +46,7 @@ class Design:
       built once when it fits in gram_cache_bytes, else is formed on the fly (2 r d^2 more
       flops). Only cached examples get cheap bounds (see bounds).
     For d >= screen_min_d, `screen` first scores low-rank examples in float32, with a bound
-    on the error (steps/selection/screen.py); lazy greedy asks `gains` only near the top.
+    on the error (screen.py); lazy greedy asks `gains` only near the top.
     """
 
     def __init__(

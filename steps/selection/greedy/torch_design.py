@@ -2,7 +2,7 @@
 
 The numpy `Design` (design.py) computed with torch, on `device` (cuda or cpu), for the same
 lazy greedy (greedy.py) and so the same picks. V, V^{-1} and R = chol(V^{-1}) stay in float64
-on the device; `screen` evaluates gains in float32 (Z = F R, as steps/selection/screen.py,
+on the device; `screen` evaluates gains in float32 (Z = F R, as screen.py,
 with its error margins) and `gains` in float64, which lazy greedy asks for only where a
 screened interval still reaches the best gain's tie floor. A pick updates V^{-1} in place
 (Woodbury, as Design), with a fresh inverse from a Cholesky once the picks add up to rank d.
@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 
-from steps.selection.design import Array, design_logdet
+from steps.selection.greedy.design import Array, design_logdet
+from steps.selection.greedy.screen import screen_margins
+from steps.selection.greedy.settings import GreedySettings
 from steps.selection.pool import FeaturePool
-from steps.selection.screen import screen_margins
-from steps.selection.settings import GreedySettings
 
 # Unit roundoff of float32 matmuls under torch's matmul precision: "high" allows TF32 (10
 # mantissa bits) and "medium" bfloat16 (7), so the margins hold under any setting.

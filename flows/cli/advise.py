@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from flows.cli_common import ConfigOption, SetOption, console, fail, resolve_config
+from flows.cli.common import ConfigOption, SetOption, console, fail, resolve_config
 from flows.runtime import state_dir
 
 

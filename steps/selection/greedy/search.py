@@ -22,7 +22,7 @@ with the same Design route (chosen by the example's rank alone), so the scores c
 bit-identical and so are the picks.
 
 A design that `screens` (d >= GreedySettings.screen_min_d, or the torch design) first scores
-stale candidates in float32 with an error margin (steps/selection/screen.py): a screened
+stale candidates in float32 with an error margin (screen.py): a screened
 score is an interval, its top a bound like any other and its bottom a score the step's best
 is known to reach, which prunes the stale bounds below it. Only candidates whose interval
 still reaches the tie floor get the float64 gain, so the pick and every score that could tie
@@ -39,9 +39,9 @@ from numpy.typing import NDArray
 from tqdm import tqdm
 
 from steps.selection.baselines import first_best, tie_floor
-from steps.selection.design import Array, Design
+from steps.selection.greedy.design import Array, Design
+from steps.selection.greedy.settings import GreedySettings
 from steps.selection.pool import FeaturePool
-from steps.selection.settings import GreedySettings
 
 
 class GreedyDesign(Protocol):

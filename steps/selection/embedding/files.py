@@ -1,4 +1,4 @@
-"""The embedding pass's folder on disk (steps/selection/embed.py computes what goes in it).
+"""The embedding pass's folder on disk (embed.py computes what goes in it).
 
 chunk-N.npz holds the statistics of the N-th `chunk_examples` examples, written then renamed,
 so a killed pass never leaves a half chunk that looks complete; chunk-N.md5 beside it holds its

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from flows import servers
-from flows.cli_common import ConfigOption, ProjectOption, SetOption, console, fail
+from flows.cli.common import ConfigOption, ProjectOption, SetOption, console, fail
 
 server_app = typer.Typer(
     help="Prefect and MLflow servers on this machine (127.0.0.1); while they run, `sift` "

@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from flows.cli_common import ConfigOption, ProjectOption, SetOption, console, fail, load_project
+from flows.cli.common import ConfigOption, ProjectOption, SetOption, console, fail, load_project
 
 
 def evaluate_command(

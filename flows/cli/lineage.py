@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from flows.cli_common import ConfigOption, ProjectOption, SetOption, console, fail, resolve_config
+from flows.cli.common import ConfigOption, ProjectOption, SetOption, console, fail, resolve_config
 from flows.config import PipelineConfig
 from flows.runtime import use_recorded_servers
 from steps import tracking

@@ -3,7 +3,7 @@
 For example i with loss-bearing states x_i1..x_iT (after the final norm; the state at position
 t predicts token t+1), FisherSFT needs only Σ_j x_ij x_ijᵀ: `chunk_statistics` returns a factor
 F_i with F_iᵀF_i equal to it (at most d rows, fewer with max_rank), the mean state, the token
-count and the mean base-model loss of each example. steps/selection/embed.py runs it chunk by
+count and the mean base-model loss of each example. embed.py runs it chunk by
 chunk, writes the results and merges them.
 
 With label_weighted it also returns each example's factor of Σ_j w_j x_j x_jᵀ, where

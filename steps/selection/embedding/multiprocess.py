@@ -1,7 +1,7 @@
 """Multi-process embedding, the parent side: `accelerate launch` N workers and wait.
 
-embed_pool (steps/selection/embed.py) writes the chunk folder's manifest and an EmbedJob naming
-the chunks still missing, then calls run_workers; each worker (steps/selection/embed_launch.py)
+embed_pool (embed.py) writes the chunk folder's manifest and an EmbedJob naming
+the chunks still missing, then calls run_workers; each worker (launch.py)
 computes every N-th of them and reports its tokens and seconds in RANK_REPORT; embed_pool then
 merges all chunks in pool order, as after a one-process pass. The launcher is fine-tuning's
 (steps/processes.py: torch.distributed under accelerate, NCCL on GPUs, gloo on CPU), shared
@@ -21,8 +21,8 @@ import torch
 
 from steps.processes import accelerate_launch, die_with_parent
 
-REPO_DIR = Path(__file__).resolve().parents[2]
-WORKER_MODULE = "steps.selection.embed_launch"
+REPO_DIR = Path(__file__).resolve().parents[3]
+WORKER_MODULE = "steps.selection.embedding.launch"
 RANK_REPORT = "rank-{rank}.json"  # in the launch folder, one per worker that finished
 
 

@@ -1,10 +1,10 @@
 """Multi-process embedding, the worker side: what `accelerate launch` runs in each process.
 
-    python -m steps.selection.embed_launch SPEC.json LAUNCH_DIR
+    python -m steps.selection.embedding.launch SPEC.json LAUNCH_DIR
 
-SPEC.json is an EmbedJob (steps/selection/embed.py), validated here. Worker r of N computes
+SPEC.json is an EmbedJob (embed.py), validated here. Worker r of N computes
 chunks[r::N] on its own GPU (or the CPU) and writes its WorkerReport to LAUNCH_DIR; the parent
-(steps/selection/embed_multiprocess.py) waits for all of them, then merges the chunks.
+(multiprocess.py) waits for all of them, then merges the chunks.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from pathlib import Path
 from accelerate import PartialState
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from steps.selection.embed import EmbedJob, embed_shard
-from steps.selection.embed_multiprocess import WorkerReport, write_report
+from steps.selection.embedding.embed import EmbedJob, embed_shard
+from steps.selection.embedding.multiprocess import WorkerReport, write_report
 
 
 @record  # the launcher's failure summary, the end of workers.log, then quotes the traceback
