@@ -6,7 +6,7 @@ labels and training:
 - the held-out leverage lev(k) = mean over the loss tokens t of a seeded held-out sample of
   pool examples (never candidates) of x_t (λI + V_{S_k})⁻¹ x_t = tr((λI + V_{S_k})⁻¹ G) / T,
   G = Σ FᵀF of the held-out examples: the variance term of the error bound of
-  docs/fishersft.md, measured on states the selection did not see.
+  docs/concepts/fishersft.md, measured on states the selection did not see.
 
 The rule (one, with fixed references so the knee does not move with how far the curve is
 walked): the suggested budget is the smallest k such that

@@ -4,7 +4,7 @@ Each function returns pool indices in pick order; `steps.selection.selectors` wr
 `Selection` and scores every order with the same token-level objective, so curves compare.
 Under a token budget `fill_tokens` keeps the examples of an order that fit.
 `pooled_fisher_order` is the sentence-level design of the DataFlex reimplementation
-(docs/fishersft.md, "Known variants"): one L2-normalised mean vector per example.
+(docs/concepts/fishersft.md, "Known variants"): one L2-normalised mean vector per example.
 """
 
 from __future__ import annotations

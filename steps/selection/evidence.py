@@ -18,6 +18,7 @@ from steps.selection.select import SelectConfig
 
 BASELINE = "uniform"  # the selector every edge is measured against
 RESULTS = "docs/results/*/table.md"  # where the committed study results are
+RESULTS_PAGE = "docs/results/selection-studies.md"  # the page that reads them
 BUDGET_KINDS = {"examples": "number of examples", "tokens": "token budget"}
 
 # (selector, budget kind) -> the measured edge over uniform, with the file it comes from.
@@ -47,7 +48,7 @@ def caution(selector: str, budget_kind: str) -> str | None:
         return None
     return (
         f"caution: {selector} has no measured edge over {BASELINE} at an equal "
-        f"{BUDGET_KINDS[budget_kind]} ({RESULTS}); see README Results"
+        f"{BUDGET_KINDS[budget_kind]} ({RESULTS}); see {RESULTS_PAGE}"
     )
 
 

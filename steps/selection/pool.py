@@ -1,7 +1,7 @@
 """The candidate pool: per-example sufficient statistics every selector reads.
 
 Pure numpy, no I/O. `FeaturePool` holds each example's low-rank factor of its loss-token
-Gram (docs/fishersft.md, "Algorithm": the pool streams sufficient statistics, never every
+Gram (docs/concepts/fishersft.md, "Algorithm": the pool streams sufficient statistics, never every
 token's state); `pool_from_tokens` builds one from raw states, and `project` /
 `random_projection` sketch it to fewer dimensions. `check_prior`, `check_ridge` and
 `budget_costs` check the arguments every selector of selectors.py takes with a pool.

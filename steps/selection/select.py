@@ -54,8 +54,8 @@ DEFAULT_BUDGET = 0.1  # of the pool's examples, when neither budget key is set
 class SelectConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # One of steps.selection.selectors.SELECTORS: fisher-label (the default: README "The
-    # default selector"; needs embed.token_weight=label, embed's default), fisher,
+    # One of steps.selection.selectors.SELECTORS: fisher-label (the default, chosen in
+    # docs/results/selection-studies.md; needs embed.token_weight=label, embed's default), fisher,
     # fisher-pooled, fisher-per-token, fisher-target (needs select.target), uniform, ...
     selector: str = "fisher-label"
     # A count of examples (>= 1), or a fraction of the pool (0 < budget < 1); null (or

@@ -1,6 +1,6 @@
 """FisherSFT selection: pick the examples whose hidden states carry the most information.
 
-Pure math over numpy arrays, no I/O. From docs/fishersft.md, the objective is
+Pure math over numpy arrays, no I/O. From docs/concepts/fishersft.md, the objective is
 
     f(S) = log det(ridge*I + prior + V_S),   V_S = sum_{i in S} F_i^T F_i,
 

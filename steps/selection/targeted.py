@@ -5,8 +5,8 @@ expects (never the eval split), `fisher-target` greedily minimises their mean le
 
     g(S) = (1/m) sum_t z_t^T V^{-1} z_t = trace(V^{-1} C),   V = ridge*I + prior + V_S,
 
-with C = Z^T Z / m (V-optimal design; the error bound of docs/fishersft.md is stated in these
-leverages), instead of maximising log det V. By Woodbury, adding example i (factor F, r x d)
+with C = Z^T Z / m (V-optimal design; the error bound of docs/concepts/fishersft.md is stated in
+these leverages), instead of maximising log det V. By Woodbury, adding example i (factor F, r x d)
 lowers g by
 
     gain_i = trace((I_r + F V^{-1} F^T)^{-1} F A F^T),   A = V^{-1} C V^{-1}.

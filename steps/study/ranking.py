@@ -3,7 +3,7 @@ over the committed studies' cells (dataset × budget) at one budget kind, and th
 picks the default from them.
 
     python -m steps.study.ranking docs/results/gsm8k-cost docs/results/alpaca-cost \
-        docs/results/llamafactory-cost            # the table in README "The default selector"
+        docs/results/llamafactory-cost            # the table in docs/results/selection-studies.md
 
 The rule: among arms that beat uniform with an interval excluding 0 on at least two datasets
 (the bar evidence.MEASURED_EDGES sets), the lowest mean Δ over all cells, each cell weighted

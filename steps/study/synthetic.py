@@ -1,5 +1,5 @@
 """The FisherSFT paper's synthetic experiment: does information-gain selection lower the
-prediction error of a refitted multinomial logit? (docs/fishersft.md, "Known variants")
+prediction error of a refitted multinomial logit? (docs/concepts/fishersft.md, "Known variants")
 
 Sentences are sets of token vectors x_ij ∈ R^d; each token's label is drawn from a known
 multinomial logit, y ~ softmax(Θ x). A selector picks n sentences from a pool (it sees

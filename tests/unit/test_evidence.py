@@ -17,7 +17,8 @@ def test_a_selector_without_a_measured_edge_gets_one_caution_line():
     line = caution("fisher", "tokens")
     assert line is not None and "\n" not in line
     assert line.startswith("caution: fisher has no measured edge over uniform at an equal token")
-    assert "docs/results/" in line and line.endswith("see README Results")
+    assert "docs/results/" in line and line.endswith("see docs/results/selection-studies.md")
+    assert (REPO / "docs/results/selection-studies.md").is_file()  # the page it points to
     assert "equal number of examples" in str(caution("fisher-pooled", "examples"))
 
 

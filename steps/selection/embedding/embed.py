@@ -72,7 +72,8 @@ class EmbedConfig(BaseModel):
     # States wider than this are projected to this many dimensions before their statistics
     # are formed (a d x d Gram per example is too big at d >= 1k); 0 never does. At d=768
     # (benchmarks/bench_sketch.py) 32 / 64 / 128 / 256 dims kept 0.994 / 0.997 / 0.998 / 1.000
-    # of the exact picks' gain: 64 is the smallest within 0.5% (README, "Selection speed").
+    # of the exact picks' gain: 64 is the smallest within 0.5% (docs/results/benchmarks.md,
+    # "How faithful the sketch is").
     sketch_dim: int = Field(default=64, ge=0)
     # Keep at most this many factor rows per example (its top eigen-directions); 0 keeps
     # all (<= the state width). Bounds the statistics at N x max_rank x width floats.

@@ -1,7 +1,7 @@
 """The design matrix V of a greedy FisherSFT selection: its gains, bounds and updates.
 
 Pure numpy, no I/O. `Design` keeps V = ridge*I + prior + sum of the picked F_i^T F_i (the
-matrix whose log det is the objective of docs/fishersft.md) with V^{-1} current, and
+matrix whose log det is the objective of docs/concepts/fishersft.md) with V^{-1} current, and
 evaluates, batched, each candidate's gain and upper bounds on it, tuned by a
 `GreedySettings` (settings.py).
 """

@@ -6,7 +6,7 @@ token budget; the score is the gain (`fisher`, `fisher-label`: under a token bud
 gain among the examples that still fit) or gain / cost (per_cost, `fisher-per-token`).
 
 Lazy greedy (Minoux 1978, "Accelerated greedy algorithms for maximizing submodular set
-functions"; the paper's "greedy with cached gains", docs/fishersft.md) keeps, for every
+functions"; the paper's "greedy with cached gains", docs/concepts/fishersft.md) keeps, for every
 candidate, a cached score that upper-bounds its current score: f is submodular, so a gain
 only shrinks as V grows, and Design's trace and Fischer bounds are valid for the current V
 and every larger one. A score made exact at this step ("fresh") that is at least every
