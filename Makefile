@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint run ui lock clean
+.PHONY: demo test test-fast lint docs docs-check run ui lock clean
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,7 +16,7 @@ $(STAMP): requirements.lock pyproject.toml
 demo: $(STAMP)  ## set up, then run the pipeline on the bundled model and GSM8K slice
 	$(BIN)/sift run --config configs/demo.yaml
 
-test: $(STAMP) lint  ## set up, lint, type-check, then run the whole test suite
+test: $(STAMP) lint docs-check  ## set up, lint, type-check, build the docs, then run the whole test suite
 	$(BIN)/python -m pytest
 
 test-fast: $(STAMP)  ## the inner loop: the unit tier without slow tests (< 60 s), no lint
@@ -25,6 +25,15 @@ test-fast: $(STAMP)  ## the inner loop: the unit tier without slow tests (< 60 s
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+
+# mkdocs-material prints a banner about its successor on every build; the site does not need it.
+MKDOCS := NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs
+
+docs: $(STAMP)  ## the documentation site at http://127.0.0.1:8000 (rebuilds as pages change)
+	$(MKDOCS) serve --dev-addr 127.0.0.1:8000
+
+docs-check: $(STAMP)  ## build the site with --strict: a broken link or a page left out of the nav fails
+	$(MKDOCS) build --strict --site-dir $(CURDIR)/site
 
 run: $(STAMP)  ## the pipeline on the full defaults; add ARGS='--set select.budget=0.05'
 	$(BIN)/sift run $(ARGS)
@@ -39,4 +48,4 @@ lock: $(STAMP)  ## re-resolve pyproject.toml's dependencies into requirements.lo
 	mv requirements.lock.new requirements.lock
 
 clean:  ## remove caches and run state (keeps mlflow/ and data/)
-	rm -rf .sift .pytest_cache .ruff_cache .mypy_cache
+	rm -rf .sift .pytest_cache .ruff_cache .mypy_cache site

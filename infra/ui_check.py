@@ -10,7 +10,8 @@ the version page's data md5 (`dvc.md5`), git SHA (`git.sha`) and links to the so
 logged model; the run page's datasets with their DVC digests. Exits 1 naming what is missing.
 
 Not a pytest test: CI has no Chromium, and the UI is a React app whose markup is MLflow's to
-change; this is the documented check behind README "Registry and lineage".
+change; this is the documented check behind docs/concepts/registry-and-lineage.md ("Where
+to look in the MLflow UI").
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ def main() -> int:
     parser.add_argument("--model", default="sift-gsm8k")
     parser.add_argument("--alias", default="champion")
     parser.add_argument("--out", type=Path, default=Path(".sift/ui-check"))
-    parser.add_argument("--docs-dir", type=Path, help="also save cropped PNGs here (README)")
+    parser.add_argument("--docs-dir", type=Path, help="also save cropped PNGs here (docs/registry)")
     parser.add_argument("--chromium", default=shutil.which("chromium") or "chromium")
     args = parser.parse_args()
     if shutil.which(args.chromium) is None:
@@ -150,7 +151,7 @@ def main() -> int:
             print(f"{page.name} page: {page.url} → {args.out / page.name}.png")
             if args.docs_dir:
                 saved = save_for_docs(args.out / f"{page.name}.png", args.docs_dir, page.name)
-                print(f"  for the README: {saved}")
+                print(f"  for the docs: {saved}")
             for what, text in page.expected.items():
                 found = text is not None and text in dom
                 shown = text if text is not None else "(not tagged in the registry)"
