@@ -54,44 +54,61 @@ DEFAULT_BUDGET = 0.1  # of the pool's examples, when neither budget key is set
 class SelectConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # One of steps.selection.selectors.SELECTORS: fisher-label (the default: README "The
-    # default selector"; needs embed.token_weight=label, embed's default), fisher,
-    # fisher-pooled, fisher-per-token, fisher-target (needs select.target), uniform, ...
-    selector: str = "fisher-label"
-    # A count of examples (>= 1), or a fraction of the pool (0 < budget < 1); null (or
-    # unset) means 0.1 unless budget_tokens is set. For fisher-per-token the count/fraction
-    # is of loss tokens, not examples (as budget_tokens). With a prior it counts new picks
-    # only, and a fraction is of the candidates left.
-    budget: float | None = Field(default=None, gt=0)
-    # Instead of budget: a count of loss tokens (>= 1) or a fraction of the pool's (0 < x
-    # < 1), filled by every selector (steps/selection/selectors.py says how). Equal tokens
-    # compare selectors at equal training cost; equal examples favour long-example pickers.
-    budget_tokens: float | None = Field(default=None, gt=0)
-    # Ridge λ in log det(λI + V_S): keeps the objective finite before d tokens are chosen;
-    # small against hidden-state norms so it barely moves the picks once V_S is full rank.
-    ridge: float = Field(default=DEFAULT_RIDGE, gt=0)
-    seed: int = 0
-    # Warm start from what an earlier model was trained on: its design joins the objective,
-    # its examples are not picked again, and they are trained on again next to the new picks
-    # (fine-tuning always starts from the base model, so the new model must see them too).
-    # Fewer new examples reach the same objective; the training set grows with every run.
-    # "" = none (a cold start); "champion" = the run that trained registry.model_name's
-    # current @champion (a cold start while there is none yet); anything else = the MLflow
-    # run id of an earlier pipeline run. Its statistics must come from the same model,
+    selector: str = Field(
+        default="fisher-label",
+        description="A name from the selector registry (reference/selectors.md); fisher-label "
+        "needs embed.token_weight=label, fisher-target needs select.target.",
+    )
+    # null means DEFAULT_BUDGET unless budget_tokens is set (_one_budget). With a prior a
+    # fraction is of the candidates left.
+    budget: float | None = Field(
+        default=None,
+        gt=0,
+        description="Examples to pick: a count (>= 1) or a fraction of the pool (< 1); loss "
+        "tokens for fisher-per-token; with a prior, new picks only. Default 0.1.",
+    )
+    budget_tokens: float | None = Field(
+        default=None,
+        gt=0,
+        description="Instead of budget: loss tokens to fill, a count or a fraction of the pool's; "
+        "equal tokens compare selectors at equal training cost.",
+    )
+    ridge: float = Field(
+        default=DEFAULT_RIDGE,
+        gt=0,
+        description="λ in log det(λI + V_S): keeps the objective finite before d tokens are "
+        "picked; small against hidden-state norms, so it barely moves the picks.",
+    )
+    seed: int = Field(
+        default=0, description="Seed of the randomised selectors (uniform, k-center)."
+    )
+    # Its examples are not picked again and are trained on again next to the new picks:
+    # fine-tuning always starts from the base model, so the new model must see them too. Fewer
+    # new examples reach the same objective; the training set grows with every run. "champion"
+    # is a cold start while there is none yet. Its statistics must come from the same model,
     # width and sketch seed (selection.json's feature_space).
-    prior: str = ""
-    # Where the fisher selectors compute: "numpy" (CPU), "torch" (on the run's device: cuda,
-    # or cpu) or "auto" (torch on CUDA, numpy otherwise). The picks are the same on each
-    # (steps/selection/greedy/torch_design.py); only the time differs.
-    backend: Literal["auto", "numpy", "torch"] = "auto"
-    # Device memory the torch backend may use, in MiB: the factors stay on the device when
-    # they fit in half of it (else they stream from the memory-mapped pool per batch).
-    device_memory_mb: int = Field(default=4096, gt=0)
-    # fisher-target only (and required by it): a JSONL/JSON/CSV/Parquet file of prompts the
-    # fine-tuned model should serve, read with data.prompt_field (no responses needed), never
-    # the eval split. fisher-target picks the examples that most lower the mean leverage of
-    # these prompts' states; a few hundred prompts pin a 64-dim design (d states suffice).
-    target: str = ""
+    prior: str = Field(
+        default="",
+        description='Warm start: "" none; "champion": the run behind registry.model_name\'s '
+        "@champion; else an MLflow run id. Its picks join the objective and the training set.",
+    )
+    backend: Literal["auto", "numpy", "torch"] = Field(
+        default="auto",
+        description="Where the fisher selectors compute: numpy (CPU), torch (the run's device) or "
+        "auto (torch on CUDA, else numpy); same picks, only the time differs.",
+    )
+    device_memory_mb: int = Field(
+        default=4096,
+        gt=0,
+        description="MiB of device memory the torch backend may use: the factors stay on the "
+        "device when they fit in half of it, else stream from the pool per batch.",
+    )
+    # A few hundred prompts pin a 64-dim design (d states suffice).
+    target: str = Field(
+        default="",
+        description="fisher-target only (and required by it): a JSONL/JSON/CSV/Parquet file of "
+        "prompts the model should serve, read with data.prompt_field; never the eval split.",
+    )
 
     @model_validator(mode="after")
     def _target_for_selector(self) -> SelectConfig:
