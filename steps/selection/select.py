@@ -65,7 +65,8 @@ class SelectConfig(BaseModel):
         default=None,
         gt=0,
         description="Examples to pick: a count (>= 1) or a fraction of the pool (< 1); loss "
-        "tokens for fisher-per-token; with a prior, new picks only. Default 0.1.",
+        "tokens for fisher-per-token; with a prior, new picks only. Unset: 0.1 unless "
+        "budget_tokens is set.",
     )
     budget_tokens: float | None = Field(
         default=None,

@@ -362,7 +362,8 @@ SELECTOR_CARDS: dict[str, SelectorCard] = {
         "Fisher (p − e_y)(p − e_y)ᵀ ⊗ x xᵀ",
         needs="The embedding pass with embed.token_weight=label (a vocabulary softmax per loss "
         "token and a second factor per example).",
-        cost="As fisher, on the label-weighted factors" + _SCORED + " on the plain ones.",
+        cost="As fisher, on the label-weighted factors; the plain objective after each pick "
+        "then costs k serial rank-r updates, O(k r d^2).",
     ),
     "fisher-target": SelectorCard(
         summary="The examples that most lower the mean leverage of a target sample's states.",
