@@ -296,7 +296,7 @@ def command_section(command: Any, path: list[str]) -> list[str]:
 
 
 def cli_page() -> str:
-    root = typer.main.get_command(app)
+    root: Any = typer.main.get_command(app)  # a group: its commands, in registration order
     body = [
         "Every `sift` command, its options and their defaults, in the order `sift --help` "
         "lists them. `python -m flows.cli` runs the same commands from a checkout.",

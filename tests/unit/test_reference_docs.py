@@ -4,6 +4,7 @@ every config field describes itself; the pages say what the code does."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import typer
@@ -56,7 +57,7 @@ def test_every_config_field_has_a_one_line_description() -> None:
         f"{root.__name__}: {key}"
         for root in ROOTS
         for key, description in config_fields(root)
-        if not (description or "").strip() or "\n" in description
+        if not (description or "").strip() or "\n" in (description or "")
     ]
     assert not missing, (
         "config fields need a one-line Field(description=...) (docs/reference/config.md is "
@@ -90,7 +91,7 @@ def test_config_page_shows_study_defaults_that_differ_from_the_pipeline() -> Non
 
 def test_cli_page_documents_every_command_and_option() -> None:
     text = reference.render()["cli.md"]
-    root = typer.main.get_command(app)
+    root: Any = typer.main.get_command(app)
     for name, command in root.commands.items():
         assert f"## `sift {name}`" in text
         for param in command.params:
