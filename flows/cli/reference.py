@@ -29,7 +29,8 @@ from flows.cli.main import app
 from flows.config import PipelineConfig
 from flows.servers import ServerFile
 from steps.selection import evidence
-from steps.selection.selectors import SELECTOR_CARDS, SELECTORS
+from steps.selection.cards import SELECTOR_CARDS
+from steps.selection.selectors import SELECTORS
 from steps.study.study import StudyConfig
 
 COMMAND = "python -m flows.cli.reference"
@@ -336,7 +337,8 @@ def evidence_text(selector: str) -> str:
 def selectors_page() -> str:
     body = [
         "The selectors `select.selector` (and `study.arms`, `synthetic.selectors`) can name: "
-        "`SELECTORS` in `steps/selection/selectors.py`, each with its card (`SELECTOR_CARDS`) "
+        "`SELECTORS` in `steps/selection/selectors.py`, each with its card "
+        "(`steps/selection/cards.py`) "
         "and the study evidence of `steps/selection/evidence.py`. N is the pool's examples, "
         "k the picks, d the (sketched) state width (`embed.sketch_dim`), r an example's "
         "factor rank (`embed.max_rank`). Every selector reports the same token-level "

@@ -14,7 +14,8 @@ from flows.cli import reference
 from flows.cli.main import app
 from flows.config import PipelineConfig
 from flows.servers import ServerFile
-from steps.selection.selectors import SELECTOR_CARDS, SELECTORS
+from steps.selection.cards import SELECTOR_CARDS
+from steps.selection.selectors import SELECTORS
 from steps.study.study import StudyConfig
 
 ROOTS: tuple[type[BaseModel], ...] = (PipelineConfig, StudyConfig, ServerFile)
