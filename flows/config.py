@@ -36,24 +36,62 @@ from steps.training.finetune import FinetuneConfig
 class ScheduleConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # Stop after validation when the data is the champion's (on in deployments: prefect.yaml).
-    skip_unchanged: bool = False
+    skip_unchanged: bool = Field(
+        default=False,
+        description="Stop after validation when the data is the champion's (on in scheduled "
+        "deployments: prefect.yaml, `sift serve`).",
+    )
 
 
 class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    data: IngestConfig = Field(default_factory=IngestConfig)
-    validation: ValidateConfig = Field(default_factory=ValidateConfig)
-    version: VersionConfig = Field(default_factory=VersionConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    embed: EmbedConfig = Field(default_factory=EmbedConfig)
-    select: SelectConfig = Field(default_factory=SelectConfig)
-    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    registry: RegisterConfig = Field(default_factory=RegisterConfig)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    data: IngestConfig = Field(
+        default_factory=IngestConfig,
+        description="Ingest: where the pool and the eval split come from and which fields hold "
+        "prompt and response.",
+    )
+    validation: ValidateConfig = Field(
+        default_factory=ValidateConfig,
+        description="Validate: the Great Expectations gate and what happens to rows that fail it.",
+    )
+    version: VersionConfig = Field(
+        default_factory=VersionConfig,
+        description="Version: the DVC remote the validated data is pushed to.",
+    )
+    model: ModelConfig = Field(
+        default_factory=ModelConfig,
+        description="The base model, how examples are shown to it, and the hardware it runs on.",
+    )
+    embed: EmbedConfig = Field(
+        default_factory=EmbedConfig,
+        description="Embed: the forward pass that turns each example into selection statistics.",
+    )
+    select: SelectConfig = Field(
+        default_factory=SelectConfig,
+        description="Select: which selector picks the training subset, its budget and warm start.",
+    )
+    finetune: FinetuneConfig = Field(
+        default_factory=FinetuneConfig,
+        description="Fine-tune: the training run on the selected examples (full or LoRA, one or "
+        "more processes).",
+    )
+    eval: EvalConfig = Field(
+        default_factory=EvalConfig,
+        description="Evaluate: held-out loss (always) and lm-eval benchmarks.",
+    )
+    registry: RegisterConfig = Field(
+        default_factory=RegisterConfig,
+        description="Register and promote: the MLflow registered model and the promotion gate.",
+    )
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig,
+        description="Where MLflow records runs.",
+    )
+    schedule: ScheduleConfig = Field(
+        default_factory=ScheduleConfig,
+        description="Scheduled runs (`sift serve`, `sift deploy`).",
+    )
 
     @model_validator(mode="after")
     def _embed_serves_select(self) -> PipelineConfig:

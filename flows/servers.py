@@ -54,16 +54,35 @@ class ServerError(ValueError):
 class ServerConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # 0: a free port, picked at `up`; a configured port already in use is an error.
-    prefect_port: int = Field(default=0, ge=0, le=65535)
-    mlflow_port: int = Field(default=0, ge=0, le=65535)
-    # None: SQLite (see the module docstring). postgresql://USER[:PASSWORD]@HOST:PORT/NAME: the
-    # databases NAME_prefect and NAME_mlflow (PGPASSWORD works too, and keeps it out of files).
-    database_url: str | None = None
-    # None: <project>/mlflow/artifacts. s3://BUCKET/PREFIX for a shared store.
-    artifacts_uri: str | None = None
+    prefect_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Port of the Prefect server; 0: a free one picked at `up` (a configured port "
+        "in use is an error).",
+    )
+    mlflow_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="Port of the MLflow server; 0: a free one picked at `up`.",
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="null: SQLite; postgresql://USER@HOST:PORT/NAME: databases NAME_prefect and "
+        "NAME_mlflow (PGPASSWORD keeps a password out of files).",
+    )
+    artifacts_uri: str | None = Field(
+        default=None,
+        description="MLflow artifact store; null: <project>/mlflow/artifacts; s3://BUCKET/PREFIX "
+        "or an absolute path for a shared one.",
+    )
     # Each server answered its health check after 3–11 s here; a loaded 2-core box is slower.
-    start_timeout_s: float = Field(default=120.0, gt=0)
+    start_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="Seconds `up` waits for each server's health check before failing.",
+    )
 
     @field_validator("database_url")
     @classmethod
@@ -87,7 +106,10 @@ class ServerFile(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    server: ServerConfig = Field(default_factory=ServerConfig)
+    server: ServerConfig = Field(
+        default_factory=ServerConfig,
+        description="The Prefect and MLflow servers `sift server up` starts on 127.0.0.1.",
+    )
 
 
 def load_server_config(path: Path | None, overrides: list[str]) -> ServerConfig:

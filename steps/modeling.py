@@ -32,18 +32,42 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # Hugging Face hub id (e.g. Qwen/Qwen2.5-0.5B) or a local folder; the bundled default
-    # is tiny (260k parameters) so the whole pipeline runs on a laptop CPU in minutes.
-    name: str = "assets/models/stories260K"
-    revision: str | None = None
-    # Remote code runs arbitrary Python from the hub: off unless you trust the model's authors.
-    trust_remote_code: bool = False
-    # How a prompt is shown; the response follows directly and ends with the EOS token.
-    prompt_template: str = "Question: {prompt}\nAnswer: "
-    # Longer examples are cut from the right; must not exceed the model's context.
-    max_length: int = Field(default=512, gt=8)
-    device: Device = "auto"
-    precision: Precision = "auto"
+    # The bundled default is tiny (260k parameters) so the whole pipeline runs on a laptop
+    # CPU in minutes.
+    name: str = Field(
+        default="assets/models/stories260K",
+        description="The base model: a Hugging Face hub id (e.g. Qwen/Qwen2.5-0.5B) or a local "
+        "folder.",
+    )
+    revision: str | None = Field(
+        default=None, description="Hub models only: the commit, branch or tag to load."
+    )
+    trust_remote_code: bool = Field(
+        default=False,
+        description="Run the model's own Python from the hub: arbitrary code, so off unless you "
+        "trust its authors.",
+    )
+    prompt_template: str = Field(
+        default="Question: {prompt}\nAnswer: ",
+        description="How a prompt is shown; the response follows directly and ends with the EOS "
+        "token.",
+    )
+    max_length: int = Field(
+        default=512,
+        gt=8,
+        description="Tokens per example; longer examples are cut from the right. Must not exceed "
+        "the model's context.",
+    )
+    device: Device = Field(
+        default="auto",
+        description="auto: CUDA when present, else CPU; cuda without a visible GPU is an error, "
+        "not a fallback.",
+    )
+    precision: Precision = Field(
+        default="auto",
+        description="auto: bf16 on GPUs that support it, else fp32 (CPU bf16 training is slow); "
+        "fp16 needs CUDA.",
+    )
 
 
 def resolve_device(device: Device) -> str:

@@ -27,7 +27,7 @@ from mlflow.entities import DatasetInput, LoggedModelInput, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 from mlflow.tracking import MlflowClient
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 LIBRARIES = ("torch", "transformers", "prefect", "mlflow", "dvc", "great-expectations", "numpy")
 
@@ -35,10 +35,12 @@ LIBRARIES = ("torch", "transformers", "prefect", "mlflow", "dvc", "great-expecta
 class TrackingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # None: $MLFLOW_TRACKING_URI if set, else SQLite at <project>/mlflow/mlflow.db.
-    # A server such as http://mlflow:5000 (backed by PostgreSQL + S3) works the same.
-    tracking_uri: str | None = None
-    experiment: str = "sift"
+    tracking_uri: str | None = Field(
+        default=None,
+        description="MLflow store; null: $MLFLOW_TRACKING_URI if set, else SQLite at "
+        "mlflow/mlflow.db. A server such as http://mlflow:5000 works the same.",
+    )
+    experiment: str = Field(default="sift", description="MLflow experiment runs are logged to.")
 
 
 def resolve_tracking_uri(config: TrackingConfig, project_dir: Path) -> str:

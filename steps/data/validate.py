@@ -48,17 +48,34 @@ FLAGGED_NOTE = "flagged.txt"  # beside it: one line per flagged expectation (kep
 class ValidateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # fail: any failed expectation stops the run. quarantine: rows failing row-level
-    # expectations move to data/quarantine.parquet with the reason, and the run goes on only
-    # if that is at most max_quarantine_fraction of a split (real corpora have a few bad rows:
-    # GSM8K train has 2 questions longer than stories260K's 512-token context).
-    on_invalid: Literal["fail", "quarantine"] = "quarantine"
-    max_quarantine_fraction: float = Field(default=0.01, ge=0.0, le=1.0)
-    # Fewer rows than this cannot support a meaningful selection/fine-tune.
-    min_train_rows: int = Field(default=10, gt=0)
-    min_eval_rows: int = Field(default=5, gt=0)
-    # Offending rows quoted per failed expectation in the error message.
-    examples_per_failure: int = Field(default=3, ge=0)
+    # Real corpora have a few bad rows (GSM8K train has 2 questions longer than stories260K's
+    # 512-token context), hence quarantine by default.
+    on_invalid: Literal["fail", "quarantine"] = Field(
+        default="quarantine",
+        description="fail: any failed expectation stops the run; quarantine: rows failing "
+        "row-level checks move to data/quarantine.parquet with the reason and the run goes on.",
+    )
+    max_quarantine_fraction: float = Field(
+        default=0.01,
+        ge=0.0,
+        le=1.0,
+        description="Quarantine mode: the run stops when more than this fraction of a split is "
+        "quarantined.",
+    )
+    min_train_rows: int = Field(
+        default=10,
+        gt=0,
+        description="Fewest pool rows validation accepts: fewer cannot support a meaningful "
+        "selection and fine-tune.",
+    )
+    min_eval_rows: int = Field(
+        default=5, gt=0, description="Fewest evaluation rows validation accepts."
+    )
+    examples_per_failure: int = Field(
+        default=3,
+        ge=0,
+        description="Offending rows quoted per failed expectation in the error message.",
+    )
 
 
 @dataclass(frozen=True)

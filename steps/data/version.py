@@ -17,7 +17,7 @@ import yaml
 from dvc.exceptions import InitError
 from dvc.repo import Repo, lock_repo
 from dvc.scm import RevError
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from steps.data.ingest import IngestResult, TableRef
 from steps.hashing import file_md5
@@ -26,14 +26,25 @@ from steps.hashing import file_md5
 class VersionConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # A folder (relative to the project) or any DVC remote URL (s3://bucket/prefix, ...).
     # Written to .dvc/config.local, so a user's remote never lands in git.
-    remote_url: str = ".sift/dvc-remote"
-    remote_name: str = "sift"
-    # S3-compatible stores other than AWS (MinIO, Ceph, moto): their endpoint URL.
-    # Credentials come from the usual AWS variables, never from this file.
-    endpoint_url: str | None = None
-    push: bool = True
+    remote_url: str = Field(
+        default=".sift/dvc-remote",
+        description="Where the versioned data is pushed: a folder (project-relative) or any DVC "
+        "remote URL (s3://bucket/prefix, ...).",
+    )
+    remote_name: str = Field(
+        default="sift", description="Name of that DVC remote in .dvc/config.local."
+    )
+    endpoint_url: str | None = Field(
+        default=None,
+        description="Endpoint of an S3-compatible store other than AWS (MinIO, Ceph, moto); "
+        "credentials come from the usual AWS variables, never from this file.",
+    )
+    push: bool = Field(
+        default=True,
+        description="Push the data to the remote after `dvc add`; false keeps it in the local "
+        "DVC cache only.",
+    )
 
 
 @dataclass(frozen=True)

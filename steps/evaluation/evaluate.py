@@ -28,19 +28,44 @@ class EvalConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    batch_tokens: int = Field(default=16384, gt=0)
-    # none | quick | standard | a path to an lm-eval group YAML listing tasks
-    suite: str = "quick"
-    # Where the suite's data_files are looked up: the bundled 40-row slices by default;
-    # a full conversion (assets/eval/README.md) gives numbers comparable with published ones.
-    data_dir: str = "assets/eval"
-    tasks: tuple[str, ...] = ()  # more tasks: in include_path, or built-in (hub data)
-    include_path: str | None = None  # a folder of the user's own lm-eval task YAMLs
-    limit: int | None = Field(default=None, gt=0)  # documents per task (None: all)
-    num_fewshot: int | None = Field(default=None, ge=0)  # None: each task's own default
-    batch_size: int = Field(default=16, gt=0)
-    generations: int = Field(default=3, ge=0)  # eval prompts answered by each model
-    max_new_tokens: int = Field(default=48, gt=0)  # per sample generation
+    batch_tokens: int = Field(
+        default=16384,
+        gt=0,
+        description="Padded tokens per forward batch of the held-out loss: larger is faster "
+        "until memory runs out.",
+    )
+    suite: str = Field(
+        default="quick",
+        description="lm-eval benchmarks: none, quick, standard, or a path to an lm-eval group "
+        "YAML listing tasks.",
+    )
+    data_dir: str = Field(
+        default="assets/eval",
+        description="Where the suite's data_files are looked up: the bundled 40-row slices, or a "
+        "full conversion (assets/eval/README.md) for numbers comparable with published ones.",
+    )
+    tasks: tuple[str, ...] = Field(
+        default=(),
+        description="More lm-eval tasks: in include_path, or built-in ones (hub data).",
+    )
+    include_path: str | None = Field(
+        default=None, description="A folder of your own lm-eval task YAMLs."
+    )
+    limit: int | None = Field(
+        default=None, gt=0, description="Documents per benchmark task; null: all."
+    )
+    num_fewshot: int | None = Field(
+        default=None, ge=0, description="Few-shot examples per prompt; null: each task's own."
+    )
+    batch_size: int = Field(default=16, gt=0, description="lm-eval's batch size.")
+    generations: int = Field(
+        default=3,
+        ge=0,
+        description="Eval prompts each model answers, logged as sample generations; 0: none.",
+    )
+    max_new_tokens: int = Field(
+        default=48, gt=0, description="Tokens generated per sample generation at most."
+    )
 
 
 @dataclass(frozen=True)

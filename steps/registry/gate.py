@@ -28,10 +28,23 @@ GATE_DECISION = "sift.gate"
 class GateConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    metric: str = EVAL_LOSS_METRIC
-    # auto: lower for eval_loss and perplexity-like metrics, else lm-eval's higher_is_better
-    direction: Literal["auto", "lower", "higher"] = "auto"
-    min_margin: float = Field(default=0.0, ge=0.0)
+    metric: str = Field(
+        default=EVAL_LOSS_METRIC,
+        description="What decides: eval_loss (held-out loss) or a benchmark score as task/metric "
+        "(task/metric/filter where lm-eval filters).",
+    )
+    # auto reads lm-eval's higher_is_better for benchmark metrics.
+    direction: Literal["auto", "lower", "higher"] = Field(
+        default="auto",
+        description="Which way is better; auto: lower for eval_loss and perplexity-like "
+        "metrics, else lm-eval's own.",
+    )
+    min_margin: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="Promote only when the challenger beats champion by more than this and by "
+        "more than the combined standard error.",
+    )
 
 
 @dataclass(frozen=True)

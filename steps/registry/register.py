@@ -45,11 +45,22 @@ WEIGHTS_TAG = "sift.weights_md5"
 class RegisterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model_name: str = "sift-gsm8k"
-    # False: register and tag challenger, but never move champion (e.g. for manual review).
-    promote: bool = True
-    max_new_tokens: int = 128  # generation default stored with the model (MLflow needs one)
-    gate: GateConfig = Field(default_factory=GateConfig)  # what moves champion
+    model_name: str = Field(
+        default="sift-gsm8k", description="MLflow registered model the run's model is added to."
+    )
+    promote: bool = Field(
+        default=True,
+        description="false: register and tag challenger but never move champion (e.g. for "
+        "manual review).",
+    )
+    max_new_tokens: int = Field(
+        default=128,
+        description="Generation default stored with the registered model (MLflow needs one); "
+        "caps a served completion.",
+    )
+    gate: GateConfig = Field(
+        default_factory=GateConfig, description="The promotion gate: what moves champion."
+    )
 
 
 @dataclass(frozen=True)

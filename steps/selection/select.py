@@ -11,14 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
 import torch
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from pydantic_core import PydanticCustomError
 
 from steps.data.ingest import IngestConfig, named_source_batches, stream_table
 from steps.hashing import file_md5
@@ -40,107 +37,13 @@ from steps.selection.greedy.warm_start import (  # PriorRef, load_prior: callers
     warm_start,
 )
 from steps.selection.record import SelectionRecord, read_selection, write_selection
-from steps.selection.selectors import DEFAULT_RIDGE, SELECTORS, design_of, select
+from steps.selection.select_config import SelectConfig
+from steps.selection.selectors import design_of, select
 from steps.selection.target_sample import (
     embed_targets,
     read_target_prompts,
-    target_mismatch,
     target_states_for,
 )
-
-DEFAULT_BUDGET = 0.1  # of the pool's examples, when neither budget key is set
-
-
-class SelectConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    # One of steps.selection.selectors.SELECTORS: fisher-label (the default, chosen in
-    # docs/results/selection-studies.md; needs embed.token_weight=label, embed's default), fisher,
-    # fisher-pooled, fisher-per-token, fisher-target (needs select.target), uniform, ...
-    selector: str = "fisher-label"
-    # A count of examples (>= 1), or a fraction of the pool (0 < budget < 1); null (or
-    # unset) means 0.1 unless budget_tokens is set. For fisher-per-token the count/fraction
-    # is of loss tokens, not examples (as budget_tokens). With a prior it counts new picks
-    # only, and a fraction is of the candidates left.
-    budget: float | None = Field(default=None, gt=0)
-    # Instead of budget: a count of loss tokens (>= 1) or a fraction of the pool's (0 < x
-    # < 1), filled by every selector (steps/selection/selectors.py says how). Equal tokens
-    # compare selectors at equal training cost; equal examples favour long-example pickers.
-    budget_tokens: float | None = Field(default=None, gt=0)
-    # Ridge λ in log det(λI + V_S): keeps the objective finite before d tokens are chosen;
-    # small against hidden-state norms so it barely moves the picks once V_S is full rank.
-    ridge: float = Field(default=DEFAULT_RIDGE, gt=0)
-    seed: int = 0
-    # Warm start from what an earlier model was trained on: its design joins the objective,
-    # its examples are not picked again, and they are trained on again next to the new picks
-    # (fine-tuning always starts from the base model, so the new model must see them too).
-    # Fewer new examples reach the same objective; the training set grows with every run.
-    # "" = none (a cold start); "champion" = the run that trained registry.model_name's
-    # current @champion (a cold start while there is none yet); anything else = the MLflow
-    # run id of an earlier pipeline run. Its statistics must come from the same model,
-    # width and sketch seed (selection.json's feature_space).
-    prior: str = ""
-    # Where the fisher selectors compute: "numpy" (CPU), "torch" (on the run's device: cuda,
-    # or cpu) or "auto" (torch on CUDA, numpy otherwise). The picks are the same on each
-    # (steps/selection/greedy/torch_design.py); only the time differs.
-    backend: Literal["auto", "numpy", "torch"] = "auto"
-    # Device memory the torch backend may use, in MiB: the factors stay on the device when
-    # they fit in half of it (else they stream from the memory-mapped pool per batch).
-    device_memory_mb: int = Field(default=4096, gt=0)
-    # fisher-target only (and required by it): a JSONL/JSON/CSV/Parquet file of prompts the
-    # fine-tuned model should serve, read with data.prompt_field (no responses needed), never
-    # the eval split. fisher-target picks the examples that most lower the mean leverage of
-    # these prompts' states; a few hundred prompts pin a 64-dim design (d states suffice).
-    target: str = ""
-
-    @model_validator(mode="after")
-    def _target_for_selector(self) -> SelectConfig:
-        # Both ways: a target that no selector reads would be ignored silently.
-        if message := target_mismatch(self.selector, self.target):
-            raise PydanticCustomError("target_for_selector", "{message}", {"message": message})
-        return self
-
-    @model_validator(mode="before")
-    @classmethod
-    def _one_budget(cls, data: Any) -> Any:
-        # Before the fields: the default example budget applies only when neither is set.
-        if not isinstance(data, dict):
-            return data
-        budget, tokens = data.get("budget"), data.get("budget_tokens")
-        if budget is not None and tokens is not None:
-            raise PydanticCustomError(
-                "two_budgets",
-                "select.budget={budget} and select.budget_tokens={tokens} are exclusive: set "
-                "one, the other to null",
-                {"budget": budget, "tokens": tokens},
-            )
-        return {**data, "budget": DEFAULT_BUDGET} if budget is None and tokens is None else data
-
-    @property
-    def counts_tokens(self) -> bool:
-        """Whether the budget is of loss tokens: budget_tokens, or fisher-per-token's budget."""
-        return self.budget_tokens is not None or self.selector == "fisher-per-token"
-
-    @property
-    def budget_setting(self) -> tuple[str, float]:
-        """The budget key in use and its value, for resolving and for errors."""
-        if self.budget_tokens is not None:
-            return "select.budget_tokens", self.budget_tokens
-        return "select.budget", self.budget or DEFAULT_BUDGET  # set by _one_budget
-
-    @field_validator("selector")
-    @classmethod
-    def _known_selector(cls, selector: str) -> str:
-        # Checked when the config loads, so a typo stops `sift run` before ingest and the DVC
-        # push, not at the select step. A custom error: no "Value error, " prefix on the line.
-        if selector not in SELECTORS:
-            raise PydanticCustomError(
-                "unknown_selector",
-                "unknown selector '{selector}'; choose one of: {choices}",
-                {"selector": selector, "choices": ", ".join(SELECTORS)},
-            )
-        return selector
-
 
 # Selectors that read statistics the embed pass makes only when asked: selector -> (the
 # EmbedConfig field, the value that makes them).

@@ -69,34 +69,57 @@ def parse_arm(spec: str, default_ridge: float) -> Arm:
 class StudySection(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # Selection methods: registry names, optionally with options (see parse_arm). An empty
-    # list skips the real-data part (synthetic only).
     arms: list[str] = Field(
-        default_factory=lambda: ["fisher", "fisher-pooled", "fisher-per-token", "uniform"]
+        default_factory=lambda: ["fisher", "fisher-pooled", "fisher-per-token", "uniform"],
+        description='Selection methods compared: registry names, optionally with options '
+        '("fisher:mean,ridge=10"); an empty list runs the synthetic part only.',
     )
-    # Fractions of the pool (< 1) or counts; for fisher-per-token (and for every arm under
-    # budget kind "tokens") of loss tokens.
-    budgets: list[float] = Field(default_factory=lambda: [0.01, 0.05, 0.1, 0.2])
-    # What each budget holds equal across arms. "examples": select.budget (long-example
-    # pickers then train on more tokens). "tokens": the fraction (or count) of the pool's loss
-    # tokens as select.budget_tokens for every arm, and finetune.steps for every arm = the
-    # optimiser steps uniform's equal-examples run at that fraction takes (equal_steps), so few
-    # long examples and many short ones get equal tokens and equal steps. Costs a trial each.
-    budget_kinds: list[BudgetKind] = ["examples"]  # pydantic copies a mutable default
-    # Each seed varies the selection (uniform, k-center) and the training order. The
-    # training-order seed (finetune.seed) is the trial's seed for every arm: common random
+    budgets: list[float] = Field(
+        default_factory=lambda: [0.01, 0.05, 0.1, 0.2],
+        description="Fractions of the pool (< 1) or counts; of loss tokens for fisher-per-token "
+        'and under budget kind "tokens".',
+    )
+    # "tokens" sets select.budget_tokens for every arm and finetune.steps = the optimiser steps
+    # uniform's equal-examples run at that fraction takes (equal_steps), so few long examples
+    # and many short ones get equal tokens and equal steps.
+    budget_kinds: list[BudgetKind] = Field(
+        default=["examples"],  # pydantic copies a mutable default
+        description="What each budget holds equal across arms: examples (long-example pickers "
+        "then train on more tokens) or tokens (equal loss tokens and steps); each costs trials.",
+    )
+    # The training-order seed (finetune.seed) is the trial's seed for every arm: common random
     # numbers, so a paired difference at one seed measures the selection, not the shuffle
     # (training order moves eval loss about as much as uniform's subset draw).
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
-    ridge: float = Field(default=DEFAULT_RIDGE, gt=0)  # λ for arms that set none
-    # > 0: the last `holdout` rows of the ingested pool become the eval split and are never
-    # selected. Tune here (a split of the training data), never on data.eval_source.
-    holdout: int = Field(default=0, ge=0)
-    confidence: float = Field(default=0.95, gt=0, lt=1)
-    # Where the table, CSV and plots are also written (project-relative); None: only MLflow
-    # and .sift/studies/.
-    results_dir: str | None = None
-    name: str = "study"
+    seeds: list[int] = Field(
+        default_factory=lambda: [0, 1, 2],
+        description="Seeds per arm and budget: each varies the selection (uniform, k-center) "
+        "and the training order, shared by all arms.",
+    )
+    ridge: float = Field(
+        default=DEFAULT_RIDGE, gt=0, description="Ridge λ for arms that set none."
+    )
+    holdout: int = Field(
+        default=0,
+        ge=0,
+        description="> 0: the pool's last `holdout` rows become the eval split, never selected: "
+        "tune here, never on data.eval_source.",
+    )
+    confidence: float = Field(
+        default=0.95,
+        gt=0,
+        lt=1,
+        description="Level of the t-intervals over seeds and of the paired differences vs "
+        "uniform.",
+    )
+    results_dir: str | None = Field(
+        default=None,
+        description="Where the table, CSV and plots are also written (project-relative); null: "
+        "only MLflow and .sift/studies/.",
+    )
+    name: str = Field(
+        default="study",
+        description="Names the study's MLflow run and its folder under .sift/studies/.",
+    )
 
     @field_validator("arms")
     @classmethod
@@ -124,18 +147,35 @@ class StudyConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    data: IngestConfig = Field(default_factory=lambda: IngestConfig(limit=2000, eval_limit=400))
-    validation: ValidateConfig = Field(default_factory=ValidateConfig)  # the pipeline's gate
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    embed: EmbedConfig = Field(default_factory=EmbedConfig)
-    # One epoch keeps the study's 48 trials inside ~30 min on 2 CPU cores.
-    finetune: FinetuneConfig = Field(default_factory=lambda: FinetuneConfig(epochs=1.0))
-    eval: EvalConfig = Field(default_factory=EvalConfig)
-    tracking: TrackingConfig = Field(
-        default_factory=lambda: TrackingConfig(experiment="sift-study")
+    data: IngestConfig = Field(
+        default_factory=lambda: IngestConfig(limit=2000, eval_limit=400),
+        description="Ingest, as in the pipeline; a 2,000-row pool by default.",
     )
-    study: StudySection = Field(default_factory=StudySection)
-    synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    validation: ValidateConfig = Field(
+        default_factory=ValidateConfig, description="The pipeline's validation gate."
+    )
+    model: ModelConfig = Field(default_factory=ModelConfig, description="The base model.")
+    embed: EmbedConfig = Field(
+        default_factory=EmbedConfig, description="The embedding pass every arm reads."
+    )
+    # One epoch keeps the study's 48 trials inside ~30 min on 2 CPU cores.
+    finetune: FinetuneConfig = Field(
+        default_factory=lambda: FinetuneConfig(epochs=1.0),
+        description="Each trial's fine-tune; one epoch by default.",
+    )
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="Each trial's evaluation.")
+    tracking: TrackingConfig = Field(
+        default_factory=lambda: TrackingConfig(experiment="sift-study"),
+        description="Where MLflow records the study; experiment sift-study by default.",
+    )
+    study: StudySection = Field(
+        default_factory=StudySection,
+        description="Arms × budgets × seeds on real data, and how the results are summarised.",
+    )
+    synthetic: SyntheticConfig = Field(
+        default_factory=SyntheticConfig,
+        description="The FisherSFT paper's synthetic experiment (runs = 0 skips it).",
+    )
 
     def arms(self) -> list[Arm]:
         return [parse_arm(spec, self.study.ridge) for spec in self.study.arms]

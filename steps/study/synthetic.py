@@ -29,27 +29,58 @@ class SyntheticConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    # Independent repetitions (fresh Θ, pool and test set each); the paper averages 20.
-    runs: int = Field(default=20, ge=0)
-    dim: int = Field(default=16, gt=0)  # d, the token-vector dimension
-    classes: int = Field(default=4, ge=2)  # L, the multinomial logit's categories
-    pool_sentences: int = Field(default=400, gt=0)
-    # Tokens per sentence ~ U{min_tokens..max_tokens}: unequal lengths, as real sentences.
-    min_tokens: int = Field(default=2, gt=0)
-    max_tokens: int = Field(default=20, gt=0)
-    # Per-coordinate scale decays as (1 + k)^-spectrum_decay: a few directions are rare in the
-    # pool, which is where a design (fisher) and a random sample (uniform) differ most.
-    spectrum_decay: float = Field(default=1.0, ge=0)
-    # Size of Θ's entries: larger makes the logit sharper (probabilities nearer 0/1).
-    theta_scale: float = Field(default=3.0, gt=0)
-    test_tokens: int = Field(default=4000, gt=0)
-    sentences: list[int] = Field(default_factory=lambda: [5, 10, 20, 40, 80])  # n, selected
-    selectors: list[str] = Field(
-        default_factory=lambda: ["fisher", "uniform", "fisher-pooled", "k-center", "longest"]
+    runs: int = Field(
+        default=20,
+        ge=0,
+        description="Independent repetitions (fresh Θ, pool and test set each); the paper "
+        "averages 20; 0 skips the experiment.",
     )
-    ridge: float = Field(default=DEFAULT_RIDGE, gt=0)  # λ of the selection objective
-    fit_ridge: float = Field(default=1e-2, gt=0)  # L2 penalty of the refit, on sum-loss scale
-    fit_steps: int = Field(default=200, gt=0)  # LBFGS iterations of the refit
+    dim: int = Field(default=16, gt=0, description="d, the token-vector dimension.")
+    classes: int = Field(
+        default=4, ge=2, description="L, the multinomial logit's number of categories."
+    )
+    pool_sentences: int = Field(
+        default=400, gt=0, description="Sentences in the pool the selectors pick from."
+    )
+    min_tokens: int = Field(
+        default=2,
+        gt=0,
+        description="Fewest tokens per sentence (lengths ~ U{min_tokens..max_tokens}, unequal "
+        "as real sentences).",
+    )
+    max_tokens: int = Field(default=20, gt=0, description="Most tokens per sentence.")
+    # A few directions are rare in the pool, which is where a design (fisher) and a random
+    # sample (uniform) differ most.
+    spectrum_decay: float = Field(
+        default=1.0,
+        ge=0,
+        description="Per-coordinate scale decays as (1 + k)^-spectrum_decay: larger makes some "
+        "directions rarer.",
+    )
+    theta_scale: float = Field(
+        default=3.0,
+        gt=0,
+        description="Size of Θ's entries: larger makes the logit sharper (probabilities nearer "
+        "0/1).",
+    )
+    test_tokens: int = Field(
+        default=4000, gt=0, description="Held-out token vectors the refitted model is scored on."
+    )
+    sentences: list[int] = Field(
+        default_factory=lambda: [5, 10, 20, 40, 80],
+        description="Numbers of sentences selected (n), one point of the error curve each.",
+    )
+    selectors: list[str] = Field(
+        default_factory=lambda: ["fisher", "uniform", "fisher-pooled", "k-center", "longest"],
+        description="Registry selectors compared.",
+    )
+    ridge: float = Field(
+        default=DEFAULT_RIDGE, gt=0, description="λ of the selection objective."
+    )
+    fit_ridge: float = Field(
+        default=1e-2, gt=0, description="L2 penalty of the refit, on the sum-loss scale."
+    )
+    fit_steps: int = Field(default=200, gt=0, description="LBFGS iterations of the refit.")
 
     @field_validator("selectors")
     @classmethod
@@ -59,7 +90,9 @@ class SyntheticConfig(BaseModel):
             raise ValueError(f"unknown selector(s) {unknown}; choose from {sorted(SELECTORS)}")
         return selectors
 
-    seed: int = 0
+    seed: int = Field(
+        default=0, description="Seed of every run's Θ, pool, test set and random selectors."
+    )
 
 
 @dataclass(frozen=True)

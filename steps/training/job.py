@@ -33,51 +33,104 @@ NON_FINITE_LOSS_EXIT = 3
 class FinetuneConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    epochs: float = Field(default=3.0, gt=0)
-    # Instead of batch_size batches: one pass (epochs must be 1) in exactly this many optimiser
-    # steps, the examples split into batches whose sizes differ by at most 1 (times
-    # gradient_accumulation_steps micro-batches per step). Compares subsets of different sizes
-    # at equal steps (the study's equal-token arms); None: batches of batch_size.
-    steps: int | None = Field(default=None, gt=0)
-    # Tiny models tolerate (and need) a large learning rate; use ~1e-5–1e-4 for real LLMs
-    # (LoRA: ~1e-4–1e-3).
-    learning_rate: float = Field(default=2e-3, gt=0)
-    batch_size: int = Field(default=16, gt=0)  # per process
-    gradient_accumulation_steps: int = Field(default=1, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    # One of LR_SCHEDULERS (transformers' SchedulerType); kept a plain string so the resolved
-    # config logs and hashes as it did.
-    lr_scheduler: str = "cosine"
-    warmup_steps: int = Field(default=0, ge=0)
-    max_grad_norm: float = Field(default=1.0, gt=0)
-    # Batches of similar length waste less compute on padding than random batches.
-    group_by_length: bool = True
-    # Recompute activations in the backward pass: ~30% slower, far less activation memory.
-    gradient_checkpointing: bool = False
-    logging_steps: int = Field(default=10, gt=0)
-    seed: int = 0
-    # full: every weight trains. lora: low-rank adapters only (less memory, smaller
-    # optimizer state), merged into the weights before saving, so the saved model is a
-    # plain one that evaluate and register load like a full fine-tune.
-    method: Literal["full", "lora"] = "full"
-    lora_r: int = Field(default=16, gt=0)
-    lora_alpha: int = Field(default=32, gt=0)
-    lora_dropout: float = Field(default=0.05, ge=0, lt=1)
-    # "all-linear" = every linear layer but the output head (peft's shorthand).
-    lora_target_modules: str | tuple[str, ...] = "all-linear"
-    # A checkpoint (weights, optimizer, scheduler, RNG, step) every N optimizer steps, for
-    # resuming after a crash; 0 = none. Frequent saves cost time on big models.
-    checkpoint_steps: int = Field(default=50, ge=0)
-    checkpoints_kept: int = Field(default=2, gt=0)
-    # > 1: data-parallel training in that many processes via `accelerate launch` (GPUs: one
-    # per process; CPU: gloo). Batch size is per process.
-    num_processes: int = Field(default=1, gt=0)
-    # Shard parameters, gradients and optimizer state over the processes (FSDP) for models
-    # that do not fit one GPU; plain DDP replicates the model in each process.
-    fsdp: bool = False
-    # An `accelerate config` file for clusters (machines, ranks, main address, FSDP options);
-    # it overrides the launch flags above except num_processes.
-    accelerate_config: str | None = None
+    epochs: float = Field(
+        default=3.0, gt=0, description="Passes over the selected examples (may be fractional)."
+    )
+    # Compares subsets of different sizes at equal steps (the study's equal-token arms).
+    steps: int | None = Field(
+        default=None,
+        gt=0,
+        description="Instead of batch_size batches: one pass (epochs=1) in exactly this many "
+        "optimiser steps, batch sizes differing by at most 1; null: batches of batch_size.",
+    )
+    learning_rate: float = Field(
+        default=2e-3,
+        gt=0,
+        description="Peak learning rate: tiny models tolerate (and need) a large one; ~1e-5–1e-4 "
+        "for real LLMs, ~1e-4–1e-3 with LoRA.",
+    )
+    batch_size: int = Field(
+        default=16, gt=0, description="Examples per micro-batch, per process."
+    )
+    gradient_accumulation_steps: int = Field(
+        default=1,
+        gt=0,
+        description="Micro-batches summed into each optimiser step (a larger effective batch "
+        "at the same memory).",
+    )
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    # Kept a plain string, not a Literal, so the resolved config logs and hashes as it did.
+    lr_scheduler: str = Field(
+        default="cosine",
+        description="Learning-rate schedule: one of transformers' SchedulerType values (linear, "
+        "cosine, constant, ...).",
+    )
+    warmup_steps: int = Field(
+        default=0, ge=0, description="Optimiser steps of linear warm-up before the schedule."
+    )
+    max_grad_norm: float = Field(
+        default=1.0, gt=0, description="Gradients are clipped to this global L2 norm."
+    )
+    group_by_length: bool = Field(
+        default=True,
+        description="Batch examples of similar length: less compute wasted on padding than "
+        "random batches.",
+    )
+    gradient_checkpointing: bool = Field(
+        default=False,
+        description="Recompute activations in the backward pass: ~30% slower, far less "
+        "activation memory.",
+    )
+    logging_steps: int = Field(
+        default=10, gt=0, description="Log the training loss every this many optimiser steps."
+    )
+    seed: int = Field(
+        default=0, description="Seed of the training order, dropout and adapter initialisation."
+    )
+    # LoRA adapters are merged into the weights before saving, so the saved model is a plain
+    # one that evaluate and register load like a full fine-tune.
+    method: Literal["full", "lora"] = Field(
+        default="full",
+        description="full: every weight trains; lora: low-rank adapters only (less memory, "
+        "smaller optimizer state), merged before saving.",
+    )
+    lora_r: int = Field(default=16, gt=0, description="LoRA rank of each adapter.")
+    lora_alpha: int = Field(
+        default=32, gt=0, description="LoRA scaling numerator (updates scale by alpha / r)."
+    )
+    lora_dropout: float = Field(
+        default=0.05, ge=0, lt=1, description="Dropout on the LoRA adapters' input."
+    )
+    lora_target_modules: str | tuple[str, ...] = Field(
+        default="all-linear",
+        description='Modules that get adapters: names, or "all-linear" (every linear layer but '
+        "the output head, peft's shorthand).",
+    )
+    checkpoint_steps: int = Field(
+        default=50,
+        ge=0,
+        description="Save a resumable checkpoint (weights, optimizer, scheduler, RNG) every N "
+        "optimizer steps; 0: none. Frequent saves cost time on big models.",
+    )
+    checkpoints_kept: int = Field(
+        default=2, gt=0, description="Most recent checkpoints kept on disk."
+    )
+    num_processes: int = Field(
+        default=1,
+        gt=0,
+        description="> 1: data-parallel training in that many processes via `accelerate "
+        "launch` (GPUs: one each; CPU: gloo); batch_size is per process.",
+    )
+    fsdp: bool = Field(
+        default=False,
+        description="Shard parameters, gradients and optimizer state over the processes (FSDP) "
+        "for models that do not fit one GPU; off: DDP replicates the model.",
+    )
+    accelerate_config: str | None = Field(
+        default=None,
+        description="An `accelerate config` file for clusters (machines, ranks, FSDP options); "
+        "it overrides the launch flags above except num_processes.",
+    )
 
     @field_validator("lr_scheduler")
     @classmethod

@@ -34,7 +34,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 from tqdm.auto import tqdm
 from transformers import AutoConfig, PreTrainedModel
 
@@ -47,6 +47,7 @@ from steps.modeling import (
     load_model,
     load_tokenizer,
 )
+from steps.selection.embedding.config import EmbedConfig
 from steps.selection.embedding.files import (
     chunk_path,
     drop_corrupt_chunks,
@@ -62,34 +63,6 @@ from steps.selection.pool import FeaturePool, random_projection
 FILES = ("factors", "offsets", "pooled", "n_tokens", "base_loss")
 LABEL_FILES = ("label_factors",)  # with embed.token_weight=label, row for row beside factors
 log = logging.getLogger(__name__)
-
-
-class EmbedConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    # Padded tokens per forward batch: larger is faster until memory runs out.
-    batch_tokens: int = Field(default=16384, gt=0)
-    # States wider than this are projected to this many dimensions before their statistics
-    # are formed (a d x d Gram per example is too big at d >= 1k); 0 never does. At d=768
-    # (benchmarks/bench_sketch.py) 32 / 64 / 128 / 256 dims kept 0.994 / 0.997 / 0.998 / 1.000
-    # of the exact picks' gain: 64 is the smallest within 0.5% (docs/results/benchmarks.md,
-    # "How faithful the sketch is").
-    sketch_dim: int = Field(default=64, ge=0)
-    # Keep at most this many factor rows per example (its top eigen-directions); 0 keeps
-    # all (<= the state width). Bounds the statistics at N x max_rank x width floats.
-    max_rank: int = Field(default=0, ge=0)
-    # Seed of the projection: fixed, so a re-run or another budget sees the same sketch.
-    sketch_seed: int = 0
-    # Examples per chunk on disk: the unit of streaming and of resuming.
-    chunk_examples: int = Field(default=4096, gt=0)
-    # > 1: that many processes via `accelerate launch` (GPUs: one each, NCCL; CPU: gloo), each
-    # computing every N-th missing chunk; the pool is the one a single process makes. Workers
-    # beyond the number of chunks idle: a pool of P examples keeps P / chunk_examples busy.
-    num_processes: int = Field(default=1, gt=0)
-    # "label": also each example's factor of Σ_j w_j x_j x_jᵀ, w = ‖p − e_y‖² (embed_stats.py),
-    # for fisher-label (the default selector), beside the unchanged plain statistics. Costs a
-    # vocabulary softmax per loss token and a second factor per example; "none" skips both.
-    token_weight: Literal["none", "label"] = "label"
 
 
 class EmbedJob(BaseModel):
