@@ -76,8 +76,8 @@ def test_validate_json_holds_the_counts_and_nothing_else(project: Path):
 
 
 def test_library_logs_show_with_verbose_only(project: Path):
-    """A real process with stdout a pipe: transformers' INFO ("loading file ...", as it
-    reads the tokenizer) reaches stderr with --verbose and not by default."""
+    """A real process with stdout a pipe: transformers' INFO ("loading configuration file",
+    reads the model folder) reaches stderr with --verbose and not by default."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     env.pop("TRANSFORMERS_VERBOSITY", None)
     command = [sys.executable, "-m", "flows.cli", *_validate(project)]
@@ -95,5 +95,5 @@ def test_library_logs_show_with_verbose_only(project: Path):
     for done in runs.values():
         assert done.returncode == 0, done.stderr
         assert done.stdout.startswith("valid: 80 pool and 16 eval rows")
-    assert "loading file" not in runs[False].stderr, runs[False].stderr
-    assert "loading file" in runs[True].stderr
+    assert "loading configuration file" not in runs[False].stderr, runs[False].stderr
+    assert "loading configuration file" in runs[True].stderr
