@@ -46,6 +46,8 @@ def print_table(
 ) -> None:
     """A table on stdout: folded to the terminal's width there, one line per row elsewhere."""
     out = Console()
+    if not out.is_terminal:  # print(width=) is capped at the console's width: set it here
+        out = Console(width=UNWRAPPED_WIDTH)
     table = Table(*(header or ()), title=title, show_header=header is not None)
     if header is None:
         for _ in rows[0] if rows else ():
@@ -54,7 +56,7 @@ def print_table(
         column.overflow = "fold"  # full names and numbers, wrapped rather than cut
     for row in rows:
         table.add_row(*(str(cell) for cell in row))
-    out.print(table, width=None if out.is_terminal else UNWRAPPED_WIDTH)
+    out.print(table)
 
 
 def print_json(document: Any) -> None:
