@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import logging
 import os
 import signal
 import sys
@@ -48,16 +49,11 @@ def configure_environment(project_dir: Path) -> None:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         # The ephemeral API's 20 s start-up limit was missed on a loaded 2-core machine.
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
-        # A quiet console without PREFECT_LOGGING_LEVEL=WARNING, which also kept INFO records
-        # (log_prints lines) from the API: "This run didn't generate logs". Handler levels are
-        # overridable as PREFECT_LOGGING_[PATH]_[KEY] (prefect/logging/logging.yml).
-        "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "WARNING",
         "DVC_NO_ANALYTICS": "1",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "DO_NOT_TRACK": "true",
         "GX_ANALYTICS_ENABLED": "false",
         "TOKENIZERS_PARALLELISM": "false",
-        "TRANSFORMERS_VERBOSITY": "error",
         # lm-eval reads benchmark data through `datasets` (its Arrow cache) and keeps its own
         # request cache (unused by Sift) in site-packages unless told otherwise: both here.
         "HF_DATASETS_CACHE": str(state / "hf-datasets"),
@@ -65,7 +61,55 @@ def configure_environment(project_dir: Path) -> None:
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
+    for key, (quiet, _) in LOG_LEVEL_ENV.items():  # unless configure_logging chose already
+        os.environ.setdefault(key, quiet)
     use_recorded_servers(project_dir)
+
+
+# The libraries' own log levels, by the variables each reads (in this process and in the
+# workers it starts): their warnings by default, their INFO chatter with --verbose.
+# Prefect's console handler rather than PREFECT_LOGGING_LEVEL=WARNING, which also kept INFO
+# records (log_prints lines) from the API: "This run didn't generate logs". Handler levels
+# are overridable as PREFECT_LOGGING_[PATH]_[KEY] (prefect/logging/logging.yml).
+LOG_LEVEL_ENV = {
+    "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": ("WARNING", "INFO"),
+    "MLFLOW_LOGGING_LEVEL": ("WARNING", "INFO"),
+    "TRANSFORMERS_VERBOSITY": ("warning", "info"),
+}
+# Loggers of libraries imported before a command runs (the variables above come too late
+# for them: each reads its level once, at import) or that log through the root logger.
+LIBRARY_LOGGERS = ("mlflow", "transformers", "dvc", "great_expectations", "lm_eval", "lm-eval")
+
+
+def configure_logging(verbose: bool) -> None:
+    """Library logs on stderr: warnings only, or (verbose) INFO records too. A variable
+    already in the environment wins over the default, never over --verbose."""
+    for key, (quiet, loud) in LOG_LEVEL_ENV.items():
+        if verbose:
+            os.environ[key] = loud
+        else:
+            os.environ.setdefault(key, quiet)
+    level = logging.INFO if verbose else logging.WARNING
+    for name in LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(level)
+        if verbose and not logger.handlers:  # without one, only the root's WARNING+ show
+            handler = _StderrHandler()
+            handler.setFormatter(logging.Formatter("%(name)s %(levelname)s: %(message)s"))
+            logger.addHandler(handler)
+            logger.propagate = False
+    if "transformers" in sys.modules:  # its own handler reads TRANSFORMERS_VERBOSITY once
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity(level)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the sys.stderr of the moment (a test runner may have swapped it since)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
 
 
 def use_recorded_servers(project_dir: Path) -> None:

@@ -151,13 +151,33 @@ def encode_example(
     tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, template: str, max_length: int
 ) -> Encoded:
     """Prompt and response are tokenized apart so the boundary is exact, then cut to max_length."""
-    prompt_ids = tokenizer(template.format(prompt=prompt), add_special_tokens=True)["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    prompt_ids = leading_ids(tokenizer, template.format(prompt=prompt), max_length, True)
+    response_ids = leading_ids(tokenizer, response, max_length, False)
     if tokenizer.eos_token_id is not None:
         response_ids = [*response_ids, tokenizer.eos_token_id]
     input_ids = (prompt_ids + response_ids)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
     return Encoded(input_ids=input_ids, labels=labels)
+
+
+def leading_ids(
+    tokenizer: PreTrainedTokenizerBase, text: str, max_length: int, add_special_tokens: bool
+) -> list[int]:
+    """The first ids of tokenizing text whole: at least its first max_length (all, if fewer).
+
+    Tokenizing whole and cutting made transformers warn that a text past the model's context
+    "will result in indexing errors", though nothing past max_length ever reaches the model.
+    Truncation cuts the tokens of the whole text (never re-tokenizes), keeping room for the
+    special tokens it adds: with that room added to max_length, the first max_length ids are
+    the whole text's. A tokenizer that truncates on the left keeps the last tokens instead:
+    its texts are tokenized whole (and may warn)."""
+    if tokenizer.truncation_side != "right":
+        return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+    room = tokenizer.num_special_tokens_to_add(pair=False) if add_special_tokens else 0
+    encoded = tokenizer(
+        text, add_special_tokens=add_special_tokens, truncation=True, max_length=max_length + room
+    )
+    return list(encoded["input_ids"])
 
 
 def encode_examples(

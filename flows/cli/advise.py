@@ -10,6 +10,7 @@ from typing import Annotated
 import typer
 
 from flows.cli.common import ConfigOption, SetOption, console, fail, resolve_config
+from flows.cli.output import JsonOption, VerboseOption, print_json, set_verbosity
 from flows.runtime import state_dir
 
 
@@ -31,6 +32,8 @@ def advise_command(
     ] = None,
     config: ConfigOption = None,
     set_: SetOption = None,
+    verbose: VerboseOption = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Suggest a selection budget from the information curve of select.selector over one
     file and the leverage of held-out pool examples, before any training (the data, model,
@@ -41,6 +44,7 @@ def advise_command(
     from steps.modeling import resolve_hardware
     from steps.selection.advise import advise_file, write_advice
 
+    set_verbosity(verbose)
     root = Path.cwd()
     overrides = [*(set_ or []), f"data.source={json.dumps(str(data))}"]
     resolved = resolve_config(config, overrides, root, skip=("data.source",))  # --data: chosen
@@ -68,6 +72,14 @@ def advise_command(
     except (ValueError, IngestError) as error:
         raise fail(error, 2) from None
     json_path, plot_path = write_advice(advice, out_dir)
+    if as_json:
+        numbers = {
+            key: value
+            for key, value in vars(advice).items()
+            if isinstance(value, str | int | float | bool)
+        }  # the curves: advice.json
+        print_json({**numbers, "advice": str(json_path), "plot": str(plot_path)})  # fmt: skip
+        return
     verdict = "suggested budget" if advice.flattened else "no knee found; walked"
     console.print(
         f"{verdict}: {advice.examples} examples ({advice.loss_tokens} loss tokens) of "

@@ -12,7 +12,9 @@ from rich.console import Console
 from flows.config import PipelineConfig, check_paths, load_config, resolve_paths
 from flows.runtime import configure_environment
 
-console = Console()
+# soft_wrap: a line is never broken by rich (a log or a pipe keeps it whole; a terminal
+# wraps it itself); tables fold to the width (flows/cli/output.py print_table).
+console = Console(soft_wrap=True)
 
 ConfigOption = Annotated[
     Path | None,

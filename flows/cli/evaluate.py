@@ -5,13 +5,21 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from flows.cli.common import ConfigOption, ProjectOption, SetOption, console, fail, load_project
+from flows.cli.common import ConfigOption, ProjectOption, SetOption, fail, load_project
+from flows.cli.output import (
+    JsonOption,
+    VerboseOption,
+    note,
+    print_json,
+    print_table,
+    set_verbosity,
+)
 
 
 def evaluate_command(
@@ -36,10 +44,13 @@ def evaluate_command(
     config: ConfigOption = None,
     set_: SetOption = None,
     project_dir: ProjectOption = Path("."),
+    verbose: VerboseOption = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Score a model on the configured benchmark suite and print a per-task table; writes
     lm-eval's results JSON, its per-sample log and an HTML report. Every task, its YAML and
     data are checked before the model is loaded."""
+    set_verbosity(verbose)
     overrides = list(set_ or [])
     if suite is not None:
         overrides.append(f"eval.suite={json.dumps(suite)}")
@@ -77,15 +88,20 @@ def evaluate_command(
         raise fail(f"sift evaluate: --model {model}: {error}", 1) from None
     files = write_report([scoring.benchmarks], destination, f"{model}: benchmarks")
     rows = score_table_rows([scoring.benchmarks])
-    table = Table(*rows[0], title=f"sift evaluate {model}")
-    for column in table.columns:
-        column.overflow = "fold"  # full task names and scores, wrapped rather than cut
-    for row in rows[1:]:
-        table.add_row(*row)
-    console.print(table)
-    for note in report_notes([scoring.benchmarks]):
-        console.print(note, markup=False, highlight=False, soft_wrap=True)
-    console.print(f"report {files.html_path}", markup=False, highlight=False)
+    notes = report_notes([scoring.benchmarks])
+    if as_json:
+        header = rows[0]
+        report = scoring.benchmarks.report
+        print_json({"model": model,
+                    "scores": [asdict(score) for score in report.scores] if report else [],
+                    "loss": scoring.evaluation.loss if scoring.evaluation else None,
+                    "rows": [dict(zip(header, row, strict=True)) for row in rows[1:]],
+                    "notes": notes, "report": str(files.html_path)})  # fmt: skip
+        return
+    print_table(rows[1:], f"sift evaluate {model}", header=rows[0])
+    for line in notes:
+        note(line)
+    note(f"report {files.html_path}")
 
 
 def _local(model: str, root: Path) -> str:

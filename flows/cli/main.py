@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from flows.cli import (
     advise as advise_commands,
@@ -28,6 +27,14 @@ from flows.cli.common import (
     fail,
     load_project,
     resolve_config,
+)
+from flows.cli.output import (
+    JsonOption,
+    VerboseOption,
+    print_json,
+    print_table,
+    set_verbosity,
+    stage_lines,
 )
 from flows.config import DATA_SOURCES, ConfigError, PipelineConfig, check_paths, load_config
 from flows.runtime import configure_environment, is_termination, stop_on_sigterm
@@ -64,16 +71,19 @@ def run(
         ),
     ] = None,
     new_store: NewStoreOption = False,
+    verbose: VerboseOption = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Run the whole pipeline once: ingest → validate → version → embed → select → fine-tune
     → evaluate → register → promote. SIGTERM stops it (exit 143) with its MLflow run KILLED."""
+    set_verbosity(verbose)
     unread = DATA_SOURCES if data_rev else ()  # --data-rev: the data comes from DVC
     resolved, root = load_project(config, set_, project_dir, skip=unread)
     check_store(resolved.tracking, root, new_store)
     from flows.pipeline import pipeline, summary_rows  # imports Prefect: after the env is set
     from steps.data.ingest import IngestError
 
-    with exit_on_sigterm("sift run"):
+    with exit_on_sigterm("sift run"), stage_lines(verbose):
         try:
             result = pipeline(resolved, root, data_rev, new_store)
         except (ValueError, IngestError) as error:
@@ -86,10 +96,10 @@ def run(
                 raise
             raise fail(f"sift run stopped: {server} did not answer after the task retries: "
                        f"{type(error).__name__}: {error}", 1) from None  # fmt: skip
-    table = Table(title="Sift pipeline run", show_header=False)
-    for name, value in summary_rows(result):
-        table.add_row(name, value)
-    console.print(table)
+    if as_json:
+        print_json(vars(result))
+    else:
+        print_table(summary_rows(result), "Sift pipeline run")
 
 
 def sigterm_line(command: str) -> str:
@@ -227,6 +237,8 @@ def select_command(
     ] = None,
     config: ConfigOption = None,
     set_: SetOption = None,
+    verbose: VerboseOption = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Pick a subset of one file with the config's data, model, embed and select sections,
     without the pipeline (no Prefect, MLflow or DVC): writes ordered ids/rows, per-pick gains
@@ -241,6 +253,7 @@ def select_command(
     from steps.selection.evidence import select_caution
     from steps.selection.select import load_prior, select_from_file
 
+    set_verbosity(verbose)
     root = Path.cwd()
     overrides = [*(set_ or []), f"data.source={json.dumps(str(data))}"]
     resolved = resolve_config(config, overrides, root, skip=("data.source",))  # --data: chosen
@@ -277,10 +290,19 @@ def select_command(
                 shutil.copyfile(ref.label_design_path, out.parent / "label_design.npy")
     except (ValueError, IngestError) as error:
         raise fail(error, 2) from None
+    if as_json:
+        print_json({"examples": ref.examples, "loss_tokens": ref.loss_tokens,
+                    "train_examples": ref.train_examples, "selector": ref.selector,
+                    "objective": ref.objective, "selection": str(out),
+                    "design": str(out.parent / "design.npy")})  # fmt: skip
+        return
     console.print(
         f"{ref.examples} examples ({ref.loss_tokens} loss tokens) selected by "
         f"{ref.selector}; final objective {ref.objective:.4f} → {out}"
-        + (f" (trains on {ref.train_examples} with the prior's)" if prior is not None else "")
+        + (f" (trains on {ref.train_examples} with the prior's)" if prior is not None else ""),
+        markup=False,
+        highlight=False,
+        soft_wrap=True,
     )
 
 
@@ -293,9 +315,12 @@ def validate_command(
     config: ConfigOption = None,
     set_: SetOption = None,
     project_dir: ProjectOption = Path("."),
+    verbose: VerboseOption = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Ingest + the validation suite alone (the pipeline's code); exits 1 naming each failed
     expectation. Leaves data/, data.dvc and the DVC remote alone."""
+    set_verbosity(verbose)
     sources = [f"data.source={json.dumps(data)}"]
     if eval_data is not None:
         sources.append(f"data.eval_source={json.dumps(eval_data)}")
@@ -316,6 +341,13 @@ def validate_command(
         accepted = raise_on_failure(report)
     except (IngestError, DataValidationError) as error:
         raise fail(error, 1) from None
+    if as_json:
+        print_json({"valid": True, "pool_rows": accepted.train.rows,
+                    "eval_rows": accepted.eval.rows, "quarantined": report.quarantined,
+                    "accepted_dir": str(Path(accepted.train.path).parent),
+                    "data_docs": str(report.data_docs_path),
+                    "quarantine": quarantine_lines(report)})  # fmt: skip
+        return
     console.print(
         f"valid: {accepted.train.rows} pool and {accepted.eval.rows} eval rows "
         f"({report.quarantined} quarantined); accepted tables in "
@@ -333,11 +365,15 @@ def study(
     set_: SetOption = None,
     project_dir: ProjectOption = Path("."),
     new_store: NewStoreOption = False,
+    verbose: VerboseOption = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Data-efficiency study: selectors × budgets × seeds (select → fine-tune → evaluate) and
     the synthetic experiment; tables and plots to MLflow, Prefect and study.results_dir."""
     from flows.config import parse_override
     from steps.study.study import load_study_config
+
+    set_verbosity(verbose)
 
     root = project_dir.resolve()
     try:
@@ -355,12 +391,12 @@ def study(
     from flows.pipeline import summary_rows as study_rows
     from flows.study import study as study_flow
 
-    with exit_on_sigterm("sift study"):
+    with exit_on_sigterm("sift study"), stage_lines(verbose):
         result = study_flow(resolved, root, new_store)
-    table = Table(title="Sift study", show_header=False)
-    for name, value in study_rows(result):
-        table.add_row(name, value)
-    console.print(table)
+    if as_json:
+        print_json(vars(result))
+    else:
+        print_table(study_rows(result), "Sift study")
 
 
 @app.command("show-config")

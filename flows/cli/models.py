@@ -10,9 +10,9 @@ from typing import Annotated
 
 import typer
 from mlflow.tracking import MlflowClient
-from rich.table import Table
 
 from flows.cli.common import ConfigOption, ProjectOption, SetOption, console, fail, load_project
+from flows.cli.output import print_table
 from steps.registry.aliases import (
     EVAL_LOSS,
     EVAL_MD5,
@@ -73,12 +73,9 @@ def models_command(
     if not rows:
         console.print(f"{title}: none")
         return
-    table = Table(title=title)
-    for column in rows[0]:
-        table.add_column(column.replace("_", " "))
-    for row in rows:
-        table.add_row(*(_cell(column, value) for column, value in row.items()))
-    console.print(table)
+    header = [column.replace("_", " ") for column in rows[0]]
+    cells = [[_cell(column, value) for column, value in row.items()] for row in rows]
+    print_table(cells, title, header=header)
 
 
 def promote_command(

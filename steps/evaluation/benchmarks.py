@@ -118,7 +118,7 @@ def run_benchmarks(
     started = time.perf_counter()
     try:
         with _cpu_threads(device), _serial_bootstrap(), quiet_harness():
-            lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer),
+            lm = HFLM(pretrained=model, tokenizer=_harness_tokenizer(tokenizer),
                       batch_size=batch_size, device=device)  # fmt: skip
             results = simple_evaluate(
                 model=lm,
@@ -216,6 +216,17 @@ def _write(
                 line = {"task": task, **row}
                 handle.write(json.dumps(line, default=handle_non_serializable) + "\n")
     return results_path, samples_path
+
+
+def _harness_tokenizer(tokenizer: Any) -> Any:
+    """A copy for HFLM (it sets its pad token). lm-eval tokenizes a context whole and keeps
+    its last max_length tokens itself (the report counts them: `truncated`), so transformers'
+    once-per-tokenizer notice that a sequence past the model's context "will result in
+    indexing errors" is false there: the copy starts as transformers leaves a tokenizer
+    after giving it."""
+    harness = copy.deepcopy(tokenizer)
+    harness.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
+    return harness
 
 
 def sample_generations(

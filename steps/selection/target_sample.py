@@ -19,7 +19,14 @@ from steps.data.fields import chat_renderer, column_values
 from steps.data.ingest import IngestConfig
 from steps.data.readers import iter_local
 from steps.data.sources import allowed_roots, resolve_local
-from steps.modeling import IGNORE_INDEX, Encoded, ModelConfig, load_model, load_tokenizer
+from steps.modeling import (
+    IGNORE_INDEX,
+    Encoded,
+    ModelConfig,
+    leading_ids,
+    load_model,
+    load_tokenizer,
+)
 from steps.selection.embedding.embed import EmbedConfig, FeaturesRef, embed_encoded, load_pool
 from steps.selection.pool import FeaturePool
 from steps.selection.targeted import target_rows
@@ -89,8 +96,8 @@ def encode_target(tokenizer: PreTrainedTokenizerBase, prompt: str, config: Model
     content. The first is left out: a state after one token (often BOS) says nothing of
     the prompt. The labels' values reach only base_loss, which fisher-target never reads.
     """
-    ids = tokenizer(config.prompt_template.format(prompt=prompt), add_special_tokens=True)
-    prompt_ids = list(ids["input_ids"])[: config.max_length - 1]
+    text = config.prompt_template.format(prompt=prompt)
+    prompt_ids = leading_ids(tokenizer, text, config.max_length, True)[: config.max_length - 1]
     end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
     input_ids = [*prompt_ids, int(end)]
     return Encoded(input_ids=input_ids, labels=[IGNORE_INDEX, IGNORE_INDEX, *input_ids[2:]])

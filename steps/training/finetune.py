@@ -196,7 +196,7 @@ def train(job: TrainJob) -> ModelRef:
     config, model_config, out_dir = job.finetune, job.model, job.out_dir
     frame = pd.read_parquet(job.train_path).set_index("id").loc[job.selected_ids]
     tokenizer = load_tokenizer(model_config)
-    model = _prepare_model(load_model(model_config, job.device), config)
+    model = _prepare_model(_pads_as(load_model(model_config, job.device), tokenizer), config)
     examples = encode_examples(tokenizer, list(frame.prompt), list(frame.response), model_config)
     collator = PaddingCollator(tokenizer.pad_token_id)
     trainer = SiftTrainer(
@@ -231,6 +231,16 @@ def train(job: TrainJob) -> ModelRef:
         processes=trainer.args.world_size,
         run_id=job.run_id,
     )
+
+
+def _pads_as(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """The model's config and generation config name the tokenizer's pad id (load_tokenizer
+    pads with EOS where the tokenizer has none): the Trainer would set the same values and
+    warn that the tokenizer's tokens "differ from the model config"."""
+    model.config.get_text_config().pad_token_id = tokenizer.pad_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model
 
 
 def _prepare_model(model: PreTrainedModel, config: FinetuneConfig):
