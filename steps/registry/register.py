@@ -36,6 +36,7 @@ from steps.registry.gate import (
     parse_scores_tag,
     scores_tag,
 )
+from steps.registry.model_card import model_card
 
 CHALLENGER, CHAMPION = "challenger", "champion"
 # Identifies a model's weights, so a cached re-run finds its version instead of adding one.
@@ -114,6 +115,7 @@ def register_model(
                 transformers_model={"model": model, "tokenizer": tokenizer},
                 name="model",
                 task="text-generation",
+                model_card=model_card(config.model_name, tags),  # no hub look-up
                 # Pinned explicitly: inference would otherwise look for torchvision.
                 pip_requirements=[
                     f"torch=={_version('torch')}",
