@@ -39,7 +39,7 @@ def _string_cell(value: object, place: str, column: str, setting: str) -> str | 
     if not isinstance(value, str):
         raise IngestError(
             f"{place}: field '{column}' ({setting}) is {type(value).__name__} "
-            f"{value!r:.60}, expected a string"
+            f"{' '.join(repr(value).split())[:60]}, expected a string"  # one line, whatever it is
         )
     return value
 
