@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -258,11 +259,12 @@ def test_a_run_registers_but_moves_no_alias_to_champion_while_another_holds_the_
     project = _project(tmp_path / "run", gsm8k_train[:40], gsm8k_test[:8])
     client = mlflow_client(sqlite_server.url)
     with registry_lock(model, wait_seconds=30):
+        started = datetime.now(UTC)
         run = _start(project, sqlite_server.url, _harness_env(), model=model)
         try:
             aliases = _aliases_once_registered(client, run.process, model)
             assert CHALLENGER in aliases
-            _wait_for_running_task("promote", run.process)  # the gate is at the lock now
+            _wait_for_running_task("promote", started, run.process)  # the gate is at the lock
             time.sleep(HELD_AFTER_PROMOTE_STARTS_S)
             assert run.process.poll() is None, "the run finished while the lock was held"
             assert CHAMPION not in _aliases(client, model)
@@ -288,16 +290,18 @@ def _aliases_once_registered(
     raise AssertionError(f"no alias set before the run ended ({process.poll()})")
 
 
-def _wait_for_running_task(name: str, process: subprocess.Popen) -> None:
-    """Until a task run called name-… is RUNNING on the session's Prefect harness (the only
-    run on it now is the test's)."""
+def _wait_for_running_task(name: str, since: datetime, process: subprocess.Popen) -> None:
+    """Until a task run called name-…, started after `since`, is RUNNING on the session's
+    Prefect harness (the test's run is the only one on it now)."""
     from prefect.settings import PREFECT_API_URL
 
     query = {"task_runs": {"name": {"like_": f"{name}-"},
+                           "start_time": {"after_": since.isoformat()},
                            "state": {"type": {"any_": ["RUNNING"]}}}}  # fmt: skip
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
         found = httpx.post(f"{PREFECT_API_URL.value()}/task_runs/filter", json=query, timeout=10)
+        found.raise_for_status()  # a filter the API rejects must not read as "found"
         if found.json():
             return
         time.sleep(0.2)
