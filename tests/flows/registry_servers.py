@@ -163,18 +163,31 @@ def postgres_database() -> Iterator[str]:
 
 class OutageProxy:
     """An HTTP relay in front of an MLflow server that, once `trip` is true of a request it
-    has relayed, calls `on_trip` (e.g. stop the server) before answering the client: the
-    registry goes down at one exact point of a client's sequence of requests. `target` can
-    be re-pointed at a restarted server; while nothing listens there the client sees 503."""
+    has relayed, calls `on_trip` before answering the client: the registry goes down at one
+    exact point of a client's sequence of requests. `on_trip` may stop the server (`target`
+    can be re-pointed at a restarted one) or set `down`; either way the client sees 503 for
+    every later request until the registry is back: while `down` is set the relay answers
+    503 itself, as it does while nothing listens at `target`. `refused` counts those 503s.
+    `down` spares a test the server's restart (seconds of start-up) and keeps a shared
+    server serving other tests' models."""
 
     def __init__(self, target: str, trip: Callable[[str, str], bool], on_trip: Callable[[], None]):
         self.target, self.trip, self.on_trip = target, trip, on_trip
         self.tripped = threading.Event()
+        self.down = threading.Event()
+        self.refused = 0
         proxy = self
 
         class Relay(BaseHTTPRequestHandler):
+            def _refuse(self) -> None:
+                proxy.refused += 1
+                self.send_error(503, "registry down")
+
             def _relay(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if proxy.down.is_set():
+                    self._refuse()
+                    return
                 headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
                 host = proxy.target.removeprefix("http://")
                 upstream = http.client.HTTPConnection(host, timeout=120)
@@ -183,7 +196,7 @@ class OutageProxy:
                     reply = upstream.getresponse()
                     status, reply_headers, data = reply.status, reply.getheaders(), reply.read()
                 except OSError:
-                    self.send_error(503, "registry down")
+                    self._refuse()
                     return
                 finally:
                     upstream.close()

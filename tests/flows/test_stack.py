@@ -172,11 +172,12 @@ def _local_files(found: StackRun, project: Path) -> None:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, gsm8k_train, gsm8k_test) -> Iterator[StackRun]:
     admin = _admin()
-    # The `project` fixture's repo and slice (that fixture is per test; this run is shared).
+    # A repo as the `project` fixture makes (that fixture is per test; this run is shared),
+    # on the half slice the other server tests run: what is checked is where things land.
     project = tmp_path_factory.mktemp("stack")
     subprocess.run(["git", "init", "-q", str(project)], check=True)
-    write_jsonl(project / "raw" / "train.jsonl", gsm8k_train)
-    write_jsonl(project / "raw" / "test.jsonl", gsm8k_test)
+    write_jsonl(project / "raw" / "train.jsonl", gsm8k_train[:40])
+    write_jsonl(project / "raw" / "test.jsonl", gsm8k_test[:8])
     base = f"sift_stack_{uuid.uuid4().hex[:10]}"
     found = StackRun(prefect_db=f"{base}_prefect", mlflow_db=f"{base}_mlflow")
     try:
@@ -199,7 +200,7 @@ def stack(tmp_path_factory, gsm8k_train, gsm8k_test) -> Iterator[StackRun]:
             servers = json.loads(found.texts["state.json"])["servers"]
             # No tracking.tracking_uri: the run must find the MLflow server in state.json.
             small = small_run_overrides(project, remote=Path("-"), model_name=MODEL_NAME,
-                                        tracking_uri="")  # fmt: skip
+                                        tracking_uri="", budget="8")  # fmt: skip
             overrides = [
                 *(item for item in small if not item.startswith(("tracking.", "version."))),
                 f"version.remote_url=s3://{BUCKET}/dvc",
