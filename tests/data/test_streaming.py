@@ -27,23 +27,20 @@ def _measure(tmp_path: Path, megabytes: float) -> tuple[dict, int]:
 
 @pytest.mark.slow
 def test_peak_memory_is_flat_in_the_file_size(tmp_path: Path):
+    """Flat, not merely small: 275 MiB more data may cost 20 MiB more peak at most. Memory
+    that grew with the data at 0.07 MiB per MiB (what the former 1 GiB check, < 150 MiB over
+    the baseline, allowed) fails here too, in a third of the bytes; so does per-row state
+    such as a set of row ids (~100 bytes a row: +50 MiB over these 500 K rows). Measured on
+    2 shared cores: 25 and 300 MiB within ±7 MiB of each other, ~+80 MiB over the baseline."""
     baseline, _ = _measure(tmp_path, 0.05)
     small, _ = _measure(tmp_path, 25)
-    large, rows = _measure(tmp_path, 150)
-    assert large["rows"] == rows
+    large, rows = _measure(tmp_path, 300)
+    assert large["rows"] == rows > 500_000
     growth = large["peak_rss_mb"] - baseline["peak_rss_mb"]
-    # Read whole, 150 MiB of JSON is >400 MiB of Python objects; streamed, a few batches.
+    # Read whole, 300 MiB of JSON is >800 MiB of Python objects; streamed, a few batches.
     assert growth < 120, (baseline, small, large)
-    assert large["peak_rss_mb"] - small["peak_rss_mb"] < 40, (small, large)
-
-
-@pytest.mark.slow
-def test_a_one_gigabyte_file_is_ingested_in_bounded_memory(tmp_path: Path):
-    baseline, _ = _measure(tmp_path, 0.05)
-    big, rows = _measure(tmp_path, 1024)
-    assert big["rows"] == rows > 1_500_000
-    assert big["peak_rss_mb"] - baseline["peak_rss_mb"] < 150, (baseline, big)
-    print(json.dumps({"baseline": baseline, "1GiB": big}))
+    assert large["peak_rss_mb"] - small["peak_rss_mb"] < 20, (small, large)
+    print(json.dumps({"baseline": baseline, "25MiB": small, "300MiB": large}))
 
 
 def test_a_malformed_line_deep_in_a_large_file_is_named(tmp_path: Path):

@@ -105,7 +105,9 @@ def test_chunked_validation_sums_failures_and_quarantines_across_chunks(
         tmp_path / "gx",
         tmp_path / "whole",
     )
-    monkeypatch.setattr(steps.data.validate, "CHUNK_ROWS", 7)  # 80 rows: 12 chunks
+    # 80 rows: 4 chunks. Rows 2 and 3 in the first, the second clean, 50 in the third and 70
+    # (a copy of row 2) in the last: failures summed over chunks apart, lines offset by chunk.
+    monkeypatch.setattr(steps.data.validate, "CHUNK_ROWS", 20)
     failed = validate(
         _staged(project, tmp_path / "b"),
         ValidateConfig(on_invalid="fail"),

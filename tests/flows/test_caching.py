@@ -46,9 +46,15 @@ def copy(tmp_path_factory, gsm8k_train, gsm8k_test) -> Path:
 
 
 def _run(root: Path) -> dict:
+    from prefect.settings import PREFECT_API_URL
+
     project = root / "project"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env.update(PYTHONPATH=str(root / "code"), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    # The session's Prefect API (the harness): each run would start and migrate an ephemeral
+    # server of its own otherwise. Task caches are not in the API: they are the result files
+    # under the project's .sift/prefect (pipeline_driver's configure_environment).
+    env["PREFECT_API_URL"] = str(PREFECT_API_URL.value())
     overrides = small_run_overrides(
         project,
         remote=root / "remote",
@@ -81,7 +87,7 @@ def _edit(root: Path, module: str) -> None:
 
 
 def test_a_registry_edit_serves_embed_select_and_finetune_from_cache_an_embed_edit_re_embeds(
-    copy: Path,
+    prefect_harness, copy: Path
 ):
     first = _run(copy)
     assert all(first["states"][name] == ["Completed"] for name in EXPENSIVE), first["states"]

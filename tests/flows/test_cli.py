@@ -21,8 +21,10 @@ def test_run_rejects_an_unknown_key_before_doing_anything(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_run_with_an_unknown_prior_stops_with_one_line_naming_it(prefect_harness, project: Path):
-    store = f"sqlite:///{project / 'mlflow.db'}"
+def test_run_with_an_unknown_prior_stops_with_one_line_naming_it(
+    prefect_harness, project: Path, empty_store
+):
+    store = empty_store(project / "mlflow.db")  # a store of its own, not the one under test
     args = ["run", "--project-dir", str(project), "--set", f"tracking.tracking_uri={store}"]
     sources = [f"data.source={project / 'raw' / 'train.jsonl'}", f"model.name={MODEL_DIR}",
                ALLOW_REPO_ASSETS]  # fmt: skip

@@ -150,9 +150,9 @@ def test_lineage_names_data_code_and_run_and_the_version_reproduces_from_it(
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> str:
+def store(tmp_path: Path, empty_store) -> str:
     """A real MLflow store holding one registered model with one version (no champion)."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = empty_store(tmp_path / "mlflow.db")
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     client.create_registered_model("m")
     client.create_model_version("m", source=(tmp_path / "model").as_uri())

@@ -16,8 +16,8 @@ from tests.unit.test_warm_start import write_label_pool_features
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> str:
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def store(tmp_path: Path, empty_store) -> str:
+    uri = empty_store(tmp_path / "mlflow.db")
     tracking.use_tracking(uri)
     return uri
 

@@ -14,11 +14,12 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def own_registry(tmp_path: Path):
+def own_registry(tmp_path: Path, empty_store):
     """A registry of this test's own; the URIs are process-wide, so later tests get theirs back."""
     before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    mlflow.set_registry_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    uri = empty_store(tmp_path / "mlflow.db")
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
     yield
     mlflow.set_tracking_uri(before[0])
     mlflow.set_registry_uri(before[1])

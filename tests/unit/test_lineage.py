@@ -196,8 +196,8 @@ def test_git_state_is_dirty_only_for_changes_to_tracked_files(tmp_path: Path):
     assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.user"]
 
 
-def test_resolve_version_names_the_missing_model_alias_or_version(tmp_path: Path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_resolve_version_names_the_missing_model_alias_or_version(tmp_path: Path, empty_store):
+    uri = empty_store(tmp_path / "mlflow.db")
     before = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)

@@ -49,8 +49,10 @@ class _StoppedRightAfterTheAliasMoves(MlflowClient):
         signal.raise_signal(signal.SIGTERM)
 
 
-def test_a_sigterm_during_an_alias_move_takes_effect_once_the_move_is_recorded(tmp_path: Path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+def test_a_sigterm_during_an_alias_move_takes_effect_once_the_move_is_recorded(
+    tmp_path: Path, empty_store
+):
+    uri = empty_store(tmp_path / "mlflow.db")
     client = _StoppedRightAfterTheAliasMoves(tracking_uri=uri, registry_uri=uri)
     client.create_registered_model("sift-sigterm")
     client.create_model_version("sift-sigterm", source=str(tmp_path))
