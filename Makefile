@@ -16,8 +16,14 @@ $(STAMP): requirements.lock pyproject.toml
 demo: $(STAMP)  ## set up, then run the pipeline on the bundled model and GSM8K slice
 	$(BIN)/sift run --config configs/demo.yaml
 
+# The suite in two pytest-xdist workers, a test file each at a time (--dist loadfile: a file's
+# module-scoped servers start once): many tests wait on servers, subprocesses and retries.
+# One BLAS/OpenMP thread per process, so two workers do not oversubscribe two cores.
+TEST_WORKERS ?= 2
+TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
+
 test: $(STAMP) lint docs-check  ## set up, lint, type-check, build the docs, then run the whole test suite
-	$(BIN)/python -m pytest
+	$(TEST_ENV) $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: $(STAMP)  ## the inner loop: the unit tier without slow tests (< 60 s), no lint
 	$(BIN)/python -m pytest tests/unit -m "not slow"

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -105,17 +106,40 @@ def _run_seconds() -> float | None:
     return (datetime.now(UTC) - start).total_seconds()
 
 
+class FlowNotes(logging.Handler):
+    """The lines Sift's flows print (a selector's caution, quarantined rows, why a run
+    stopped): log_prints sends them to Prefect's run logger, whose console shows only
+    warnings by default; these are for the person watching, so they go to stderr."""
+
+    FLOWS_DIR = str(Path(__file__).resolve().parents[1])
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # print_as_log logs with stacklevel=2: the record's path is the print's caller
+        if record.levelno < logging.WARNING and record.pathname.startswith(self.FLOWS_DIR):
+            note(record.getMessage())
+
+
 @contextmanager
 def stage_lines(verbose: bool) -> Iterator[None]:
-    """Stage lines for the body (Prefect flows), unless --verbose shows Prefect's own log."""
-    logger = logging.getLogger("prefect.task_runs")
-    handler = None if verbose else StageLines()
-    if handler is not None:
+    """Stage lines and the flows' own notes for the body (Prefect flows), unless --verbose
+    shows Prefect's own log (which holds both)."""
+    handlers = (
+        ()
+        if verbose
+        else (
+            (logging.getLogger("prefect.task_runs"), StageLines()),
+            (logging.getLogger("prefect.flow_runs"), FlowNotes()),
+        )
+    )
+    for logger, handler in handlers:
         logger.addHandler(handler)
     try:
         yield
     finally:
-        if handler is not None:
+        for logger, handler in handlers:
             logger.removeHandler(handler)
 
 

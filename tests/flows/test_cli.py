@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from flows.cli.main import app
 from steps.data.ingest import content_id
+from steps.selection.evidence import caution
 from tests.conftest import ALLOW_REPO_ASSETS, MODEL_DIR, write_jsonl
 
 runner = CliRunner()
@@ -28,11 +29,14 @@ def test_run_with_an_unknown_prior_stops_with_one_line_naming_it(
     args = ["run", "--project-dir", str(project), "--set", f"tracking.tracking_uri={store}"]
     sources = [f"data.source={project / 'raw' / 'train.jsonl'}", f"model.name={MODEL_DIR}",
                ALLOW_REPO_ASSETS]  # fmt: skip
-    for override in [*sources, "select.prior=0123abcd"]:
+    for override in [*sources, "select.prior=0123abcd", "select.budget_tokens=2000"]:
         args += ["--set", override]
     result = runner.invoke(app, args)
     assert result.exit_code == 1
     assert "sift run stopped: select.prior='0123abcd': no such MLflow run" in result.output
+    # The flow's own printed note (log_prints) reaches the console without --verbose, once.
+    line = caution("fisher-label", "tokens")
+    assert line is not None and result.stderr.count(line) == 1, result.stderr
     assert not (project / "data").exists() and not (project / "data.dvc").exists()
 
 
