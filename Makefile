@@ -19,11 +19,10 @@ demo: $(STAMP)  ## set up, then run the pipeline on the bundled model and GSM8K 
 	$(BIN)/sift run --config configs/demo.yaml
 
 # The suite in pytest-xdist workers, a test file each at a time (--dist loadfile: a file's
-# module-scoped servers start once). Each worker is one busy thread most of the time and idle
-# while its test waits on a server, a subprocess or a retry's back-off, so a third worker
-# fills those gaps on two cores (pytest: 781 s with two workers on the 2-core CI machine).
+# module-scoped servers start once). On the 2-core CI machine pytest took 1,163 s in one
+# process, 781 s in two workers, and over 1,000 s in three (the cores are busy, not idle).
 # One BLAS/OpenMP thread per process, so the workers do not oversubscribe the cores.
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 2
 TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
 test: $(STAMP) lint docs-check  ## set up, lint, type-check, build the docs, then run the whole test suite
