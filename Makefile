@@ -6,12 +6,10 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: demo test test-fast lint docs docs-check run ui lock clean
 
-# --no-compile: byte-compiling the lock's 28k Python files takes ~85 s of set-up; Python
-# compiles what a command imports, once, on first use.
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade "pip==25.3"
-	$(BIN)/pip install --quiet --no-compile -r requirements.lock
+	$(BIN)/pip install --quiet -r requirements.lock
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -20,7 +18,9 @@ demo: $(STAMP)  ## set up, then run the pipeline on the bundled model and GSM8K 
 
 # The suite in pytest-xdist workers, a test file each at a time (--dist loadfile: a file's
 # module-scoped servers start once). On the 2-core CI machine pytest took 1,163 s in one
-# process, 781 s in two workers, and over 1,000 s in three (the cores are busy, not idle).
+# process and 781 s in two workers.
+# The lock's files are byte-compiled at set-up (~85 s): where PYTHONDONTWRITEBYTECODE=1, as on
+# the CI machine, Python would otherwise compile every import anew (pytest took 1,295 s).
 # One BLAS/OpenMP thread per process, so the workers do not oversubscribe the cores.
 TEST_WORKERS ?= 2
 TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
