@@ -10,8 +10,8 @@ from typing import Annotated
 import typer
 
 from flows.cli.common import ConfigOption, SetOption, console, fail, resolve_config
-from flows.cli.output import JsonOption, VerboseOption, print_json, set_verbosity
-from flows.runtime import state_dir
+from flows.cli.output import JsonOption, VerboseOption, print_json
+from flows.runtime import configure_logging, state_dir
 
 
 def advise_command(
@@ -44,7 +44,7 @@ def advise_command(
     from steps.modeling import resolve_hardware
     from steps.selection.advise import advise_file, write_advice
 
-    set_verbosity(verbose)
+    configure_logging(verbose)
     root = Path.cwd()
     overrides = [*(set_ or []), f"data.source={json.dumps(str(data))}"]
     resolved = resolve_config(config, overrides, root, skip=("data.source",))  # --data: chosen

@@ -18,8 +18,8 @@ from flows.cli.output import (
     note,
     print_json,
     print_table,
-    set_verbosity,
 )
+from flows.runtime import configure_logging
 
 
 def evaluate_command(
@@ -50,7 +50,7 @@ def evaluate_command(
     """Score a model on the configured benchmark suite and print a per-task table; writes
     lm-eval's results JSON, its per-sample log and an HTML report. Every task, its YAML and
     data are checked before the model is loaded."""
-    set_verbosity(verbose)
+    configure_logging(verbose)
     overrides = list(set_ or [])
     if suite is not None:
         overrides.append(f"eval.suite={json.dumps(suite)}")

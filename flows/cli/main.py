@@ -33,11 +33,10 @@ from flows.cli.output import (
     VerboseOption,
     print_json,
     print_table,
-    set_verbosity,
     stage_lines,
 )
 from flows.config import DATA_SOURCES, ConfigError, PipelineConfig, check_paths, load_config
-from flows.runtime import configure_environment, is_termination, stop_on_sigterm
+from flows.runtime import configure_environment, configure_logging, is_termination, stop_on_sigterm
 from steps.tracking import MissingStoreError, TrackingConfig, prepare_store, resolve_tracking_uri
 
 app = typer.Typer(
@@ -76,7 +75,7 @@ def run(
 ) -> None:
     """Run the whole pipeline once: ingest → validate → version → embed → select → fine-tune
     → evaluate → register → promote. SIGTERM stops it (exit 143) with its MLflow run KILLED."""
-    set_verbosity(verbose)
+    configure_logging(verbose)
     unread = DATA_SOURCES if data_rev else ()  # --data-rev: the data comes from DVC
     resolved, root = load_project(config, set_, project_dir, skip=unread)
     check_store(resolved.tracking, root, new_store)
@@ -253,7 +252,7 @@ def select_command(
     from steps.selection.evidence import select_caution
     from steps.selection.select import load_prior, select_from_file
 
-    set_verbosity(verbose)
+    configure_logging(verbose)
     root = Path.cwd()
     overrides = [*(set_ or []), f"data.source={json.dumps(str(data))}"]
     resolved = resolve_config(config, overrides, root, skip=("data.source",))  # --data: chosen
@@ -320,7 +319,7 @@ def validate_command(
 ) -> None:
     """Ingest + the validation suite alone (the pipeline's code); exits 1 naming each failed
     expectation. Leaves data/, data.dvc and the DVC remote alone."""
-    set_verbosity(verbose)
+    configure_logging(verbose)
     sources = [f"data.source={json.dumps(data)}"]
     if eval_data is not None:
         sources.append(f"data.eval_source={json.dumps(eval_data)}")
@@ -373,7 +372,7 @@ def study(
     from flows.config import parse_override
     from steps.study.study import load_study_config
 
-    set_verbosity(verbose)
+    configure_logging(verbose)
 
     root = project_dir.resolve()
     try:

@@ -17,8 +17,6 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from flows.runtime import configure_logging
-
 VerboseOption = Annotated[
     bool,
     typer.Option(
@@ -142,7 +140,3 @@ def stage_lines(verbose: bool) -> Iterator[None]:
         for logger, handler in handlers:
             logger.removeHandler(handler)
 
-
-def set_verbosity(verbose: bool) -> None:
-    """Library log levels for this command (flows.runtime.configure_logging)."""
-    configure_logging(verbose)
