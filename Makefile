@@ -25,7 +25,9 @@ demo: $(STAMP)  ## set up, then run the pipeline on the bundled model and GSM8K 
 TEST_WORKERS ?= 2
 TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
-test: $(STAMP) lint docs-check  ## set up, lint, type-check, build the docs, then run the whole test suite
+# ruff, mypy and the strict docs build are tests too (tests/unit/test_static_checks.py): they
+# run in a worker beside the rest rather than before it.
+test: $(STAMP)  ## set up, then run the whole test suite (with ruff, mypy and the strict docs build)
 	$(TEST_ENV) $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: $(STAMP)  ## the inner loop: the unit tier without slow tests (< 60 s), no lint

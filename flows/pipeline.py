@@ -21,6 +21,7 @@ from flows.runtime import state_dir
 from flows.tasks import (
     ChampionRef,
     RunContext,
+    T,
     TimedSelection,
     champion_task,
     data_at_rev_task,
@@ -34,6 +35,7 @@ from flows.tasks import (
     score_task,
     select_task,
     version_task,
+    with_remote_retries,
 )
 from steps import tracking
 from steps.data.ingest import IngestResult, TableRef
@@ -130,7 +132,7 @@ def _steps(config: PipelineConfig, context: RunContext, data_rev: str | None) ->
     # Every benchmark task, its YAML and data checked before anything is computed or loaded.
     plan = plan_benchmarks(config.eval, context.project_dir)
     check_gate_metric(config.registry.gate, metric_keys(plan))
-    prior, prior_run = prior_task(
+    prior, prior_run = _remote(prior_task, config)(
         named=config.select.prior, model_name=config.registry.model_name, context=context
     )
     tracking.log_tags(run_id, {"select.prior_run": prior_run})
@@ -172,7 +174,7 @@ def _steps(config: PipelineConfig, context: RunContext, data_rev: str | None) ->
     _log_training(run_id, tuned, base_eval, tuned_eval)
     bench_keys = log_scoring(run_id, base, challenger)
 
-    version_ref = register_task(
+    version_ref = _remote(register_task, config)(
         model_dir=tuned.model_dir,
         config=config.registry,
         tags=_lineage_tags(
@@ -182,7 +184,8 @@ def _steps(config: PipelineConfig, context: RunContext, data_rev: str | None) ->
         context=context,
     )
     champion = _champion(config, context, version_ref, data.eval, plan)
-    promotion = promote_task(  # under the registered model's lock: one gate at a time
+    # under the registered model's lock: one gate at a time
+    promotion = _remote(promote_task, config)(
         version=version_ref,
         scores=scored(challenger, version.eval_md5),
         champion=champion,
@@ -205,6 +208,11 @@ def _steps(config: PipelineConfig, context: RunContext, data_rev: str | None) ->
     return result
 
 
+def _remote(task: T, config: PipelineConfig) -> T:
+    """A task that talks to a remote, retried after tracking.remote_retry_delays."""
+    return with_remote_retries(task, config.tracking.remote_retry_delays)
+
+
 def _loss(scoring: Scoring) -> EvalReport:
     if scoring.evaluation is None:
         raise RuntimeError("the eval split was not scored")
@@ -220,7 +228,7 @@ def _champion(
 ) -> tuple[ChampionRef, Scoring] | None:
     """The current champion scored beside the challenger (on the same data and plan)."""
     name = config.registry.model_name
-    champion = champion_task(model_name=name)
+    champion = _remote(champion_task, config)(model_name=name)
     if champion is None or champion.version == challenger.version:
         return None
     scoring = score_champion_task(
@@ -241,7 +249,7 @@ def _unchanged(
 ) -> PipelineResult | None:
     """schedule.skip_unchanged: the champion was trained on exactly this data → stop here."""
     name = config.registry.model_name
-    champion = champion_task(model_name=name)
+    champion = _remote(champion_task, config)(model_name=name)
     if champion is None or champion_data_md5(name, champion.version) != version.dir_md5:
         return None
     reason = f"no new data: the validated data (DVC md5 {version.dir_md5}) is champion " \
@@ -265,7 +273,7 @@ def _data(
 ) -> tuple[IngestResult, DataVersion, int]:
     """Validated, versioned data: ingest → validate (gate) → DVC, or a past version by rev."""
     if data_rev is not None:
-        data, version = data_at_rev_task(rev=data_rev, context=context)
+        data, version = _remote(data_at_rev_task, config)(rev=data_rev, context=context)
         tracking.log_tags(context.run_id, {"dvc.data_rev": data_rev})
         return data, version, 0
     project_dir = context.project_dir
@@ -283,7 +291,9 @@ def _data(
     for line in quarantine_lines(report):
         print(line)
     accepted_dir = Path(data.train.path).parent
-    version = version_task(source_dir=accepted_dir, config=config.version, context=context)
+    version = _remote(version_task, config)(
+        source_dir=accepted_dir, config=config.version, context=context
+    )
     return data, version, report.quarantined
 
 

@@ -8,11 +8,13 @@ code, another device or another precision.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar, cast
 
 import pandas as pd
-from prefect import task
+from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.caching import TrainedWeights, cached, healed, key
@@ -46,6 +48,7 @@ from steps.selection.select import (
     selected_ids,
 )
 from steps.study.synthetic import SyntheticConfig, run_synthetic
+from steps.tracking import TrackingConfig
 from steps.training.finetune import (
     FinetuneConfig,
     ModelRef,
@@ -62,6 +65,8 @@ FINETUNE = "steps.training.launch"  # the worker entry point: it imports finetun
 EVALUATE = "steps.evaluation.evaluate"
 SCORE = "steps.evaluation.score"
 SYNTHETIC = "steps.study.synthetic"
+
+T = TypeVar("T", bound=Task)
 
 
 @dataclass(frozen=True)
@@ -86,8 +91,16 @@ def work_dir(context: RunContext, kind: str, module: str, *inputs: object) -> Pa
 
 
 # A remote (MLflow, DVC remote, Prefect API) down for a few seconds up to ~a minute is
-# survived by these retries; one that stays down fails the task with its error.
-REMOTE_RETRIES: dict = {"retries": 3, "retry_delay_seconds": [5, 15, 30]}
+# survived by these retries; one that stays down fails the task with its error. A run sets
+# its own waits from tracking.remote_retry_delays (with_remote_retries).
+_REMOTE_DELAYS = list(TrackingConfig().remote_retry_delays)
+REMOTE_RETRIES: dict = {"retries": len(_REMOTE_DELAYS), "retry_delay_seconds": _REMOTE_DELAYS}
+
+
+def with_remote_retries(task: T, delays: Sequence[float]) -> T:
+    """A remote task retried after each of these waits (tracking.remote_retry_delays)."""
+    retried = task.with_options(retries=len(delays), retry_delay_seconds=list(delays))
+    return cast(T, retried)  # with_options returns the same kind of task
 
 
 def retry_unless(*final: type[BaseException]):

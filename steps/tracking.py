@@ -41,6 +41,13 @@ class TrackingConfig(BaseModel):
         "mlflow/mlflow.db. A server such as http://mlflow:5000 works the same.",
     )
     experiment: str = Field(default="sift", description="MLflow experiment runs are logged to.")
+    # A remote down for a few seconds up to ~a minute is survived; one that stays down fails
+    # the task with its error once the last wait is over.
+    remote_retry_delays: tuple[float, ...] = Field(
+        default=(5.0, 15.0, 30.0),
+        description="Seconds to wait before each retry of a task that talks to a remote (the "
+        "MLflow registry, the DVC remote); one retry per entry, [] for none.",
+    )
 
 
 def resolve_tracking_uri(config: TrackingConfig, project_dir: Path) -> str:

@@ -59,6 +59,8 @@ LINEAGE_TAGS = ("git.sha", "dvc.md5", "dvc.train_md5", "mlflow.source_run", WEIG
 # after its failure (flows/tasks.py REMOTE_RETRIES), so the outage must outlast the failed
 # attempt's remaining requests and is still there for some of them.
 OUTAGE_S = 3.0
+# A run meeting an outage that lasts: the default waits (5 + 15 + 30 s) would only idle.
+SHORT_RETRIES = "tracking.remote_retry_delays=[1, 1, 1]"
 # How long the lock test holds the lock once the run's promote task runs: an unlocked gate
 # moves champion within a second of that (a read, a compare, an alias write).
 HELD_AFTER_PROMOTE_STARTS_S = 5.0
@@ -327,7 +329,9 @@ def test_an_outage_right_after_a_version_is_created_leaves_no_half_version_and_a
     proxy = OutageProxy(sqlite_server.url, trip=_creates_a_version,
                         on_trip=lambda: proxy.down.set())  # fmt: skip
     with proxy.running():
-        returncode, _, log = _wait(_start(project, proxy.url, env, model=model))
+        # The registry stays down, so every retry fails too: short waits, the same outcome.
+        failing = _start(project, proxy.url, env, SHORT_RETRIES, model=model)
+        returncode, _, log = _wait(failing)
         assert proxy.tripped.is_set(), "the run never reached model-version creation"
         assert proxy.refused, "no request of the run met the outage"
         assert returncode != 0, "the run succeeded although the registry went down"
