@@ -55,8 +55,9 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 STORIES = REPO / "assets" / "models" / "stories260K"
 # Random-init Llama configs (hidden, layers, heads): ~125M parameters for GPUs, ~3M for CPUs
+# (~30M: a middle width for bench_precision.py)
 # (where stories260K's 260k parameters make per-step overhead, not tokens, the cost).
-LLAMA_SIZES = {"llama-125m": (768, 13, 12), "llama-3m": (256, 4, 8)}
+LLAMA_SIZES = {"llama-125m": (768, 13, 12), "llama-30m": (512, 8, 8), "llama-3m": (256, 4, 8)}
 
 
 def build_model(name: str, work_dir: Path) -> Path:
