@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
+from flows.runtime import state_dir
 from steps import config_files
 from steps.data.ingest import IngestConfig, IngestError
 from steps.data.validate import ValidateConfig
@@ -197,7 +198,8 @@ def check_local_gguf(model: ModelConfig, project_dir: Path) -> None:
     if not found and model.gguf_file is not None:
         return
     name = str(found[0]) if found else model.name
-    check_checkpoint(named_checkpoint(name, model.gguf_file, model.revision))
+    checkpoint = named_checkpoint(name, model.gguf_file, model.revision)
+    check_checkpoint(checkpoint, state_dir(project_dir))  # converted there: no config load
 
 
 def _path_settings(config: PipelineConfig | StudyConfig) -> Iterator[tuple[str, str | None, bool]]:

@@ -80,19 +80,24 @@ def _hub_file(repo_id: str, filename: str, revision: str | None) -> Path:
         ) from None
 
 
-def check_checkpoint(checkpoint: GgufCheckpoint) -> str:
-    """The file's architecture, after reading its header and tensor table (no tensor data)
-    and transformers' config from it; else a GgufError naming the file and the setting:
-    not a GGUF (magic bytes), truncated or damaged, an architecture transformers cannot read."""
-    with checkpoint.path.open("rb") as handle:
-        magic = handle.read(len(GGUF_MAGIC))
-    if len(magic) < len(GGUF_MAGIC):
-        raise GgufError(f"{checkpoint} is truncated: {len(magic)} bytes, not even a GGUF header")
-    if magic != GGUF_MAGIC:
-        raise GgufError(
-            f"{checkpoint} is not a GGUF file: it starts with {magic!r}, not {GGUF_MAGIC!r}"
-        )
-    architecture = _read_architecture(checkpoint)
+def check_checkpoint(checkpoint: GgufCheckpoint, state_dir: Path | None = None) -> str:
+    """The file's architecture, once its header, tensor table and size agree and
+    transformers builds a config from it; else a GgufError naming the file and the setting:
+    not a GGUF (magic bytes), truncated or damaged, an architecture transformers cannot read.
+    Reads no tensor data. The config try-load (seconds for a 49k vocabulary) is skipped
+    where state_dir holds this file's finished conversion, and its verdict kept per file
+    (path, size, mtime) for the process: `sift run` checks before its flow and again in it."""
+    stat = checkpoint.path.stat()
+    architecture = _architecture_if_whole(checkpoint, stat.st_size)
+    if state_dir is not None and complete(_folder(state_dir, gguf_md5(checkpoint))):
+        return architecture  # converted with this code and transformers: it loads
+    _loads_config(checkpoint, architecture, stat.st_size, stat.st_mtime_ns)
+    return architecture
+
+
+@cache
+def _loads_config(checkpoint: GgufCheckpoint, architecture: str, size: int, mtime_ns: int) -> None:
+    """transformers builds a config from the file; else a GgufError naming it."""
     from transformers import AutoConfig, __version__
 
     try:  # transformers' own verdict: the architectures it maps move with its version
@@ -102,25 +107,36 @@ def check_checkpoint(checkpoint: GgufCheckpoint) -> str:
             f"{checkpoint}: transformers {__version__} cannot load GGUF architecture "
             f"{architecture!r} ({type(error).__name__}: {error})"
         ) from None
-    return architecture
 
 
-def _read_architecture(checkpoint: GgufCheckpoint) -> str:
-    """general.architecture, from a full parse of the header and tensor table: a tensor whose
-    data runs past the end of the file fails the parse (a truncated download)."""
-    from gguf import GGUFReader
+def _architecture_if_whole(checkpoint: GgufCheckpoint, size: int) -> str:
+    """general.architecture, once the header and tensor table parse and the tensor data they
+    describe ends within the file (a download cut short does not). transformers' own reader
+    of them (integrations/gguf/reader.py): metadata arrays are walked, not decoded, so a
+    49k-token vocabulary costs milliseconds (the gguf package's GGUFReader took 2.5 s)."""
+    from transformers.integrations.gguf.reader import GgufHeader
 
+    with checkpoint.path.open("rb") as handle:
+        magic = handle.read(len(GGUF_MAGIC))
+    if len(magic) < len(GGUF_MAGIC):
+        raise GgufError(f"{checkpoint} is truncated: {size} bytes, not even a GGUF header")
+    if magic != GGUF_MAGIC:
+        raise GgufError(
+            f"{checkpoint} is not a GGUF file: it starts with {magic!r}, not {GGUF_MAGIC!r}"
+        )
     try:
-        reader = GGUFReader(checkpoint.path)
-        field = reader.fields["general.architecture"]
-        return bytes(field.parts[field.data[0]]).decode()
-    except KeyError:
-        raise GgufError(f"{checkpoint} names no general.architecture") from None
-    except Exception as error:  # the reader's IndexError/ValueError on missing bytes
+        header = GgufHeader.from_file(str(checkpoint.path))
+    except Exception as error:  # struct.error, IndexError, ValueError on missing bytes
         raise GgufError(
             f"{checkpoint} is truncated or damaged: reading its header and tensor table failed "
             f"({type(error).__name__}: {error})"
         ) from None
+    needed = header.data_start + max((t.offset + t.nbytes for t in header.tensors), default=0)
+    if size < needed:
+        raise GgufError(
+            f"{checkpoint} is truncated: its tensors end at byte {needed}, the file has {size}"
+        )
+    return header.architecture
 
 
 @cache
@@ -131,11 +147,15 @@ def conversion_key() -> str:
     return text_md5(f"{code_fingerprint(__name__)} transformers=={__version__}")[:8]
 
 
+def _folder(state_dir: Path, md5: str) -> Path:
+    return state_dir / "gguf" / f"{md5}-{conversion_key()}"
+
+
 def converted_folder(checkpoint: GgufCheckpoint, md5: str, state_dir: Path) -> Path:
     """The checkpoint (whose file md5 is `md5`) as a transformers folder under
     state_dir/gguf/, converted now unless an earlier conversion finished there. One line on
     stderr says which (in a flow, Prefect's log_prints records it)."""
-    folder = state_dir / "gguf" / f"{md5}-{conversion_key()}"
+    folder = _folder(state_dir, md5)
     if complete(folder):
         print(f"{checkpoint}: using {folder}, converted before (md5 {md5})", file=sys.stderr)
         return folder

@@ -140,7 +140,18 @@ def autocast(device: str, precision: str) -> torch.autocast:
     )
 
 
+def _loadable(config: ModelConfig) -> None:
+    """A GGUF is loaded as the folder model_source converts it to, never directly (each
+    load would dequantize it again, and a tokenizer would not load from a .gguf path)."""
+    if names_gguf(config.name, config.gguf_file):
+        raise ValueError(
+            f"model.name={config.name!r} (model.gguf_file={config.gguf_file!r}) names a GGUF "
+            "checkpoint: load model_source(config, state_dir).config, its converted folder"
+        )
+
+
 def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
+    _loadable(config)
     tokenizer = AutoTokenizer.from_pretrained(
         config.name, revision=config.revision, trust_remote_code=config.trust_remote_code
     )
@@ -152,6 +163,7 @@ def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
 
 def load_model(config: ModelConfig, device: str) -> PreTrainedModel:
     """Weights stay fp32 in memory; reduced precision comes from autocast (CPU and GPU)."""
+    _loadable(config)
     model = AutoModelForCausalLM.from_pretrained(
         config.name,
         revision=config.revision,

@@ -124,11 +124,20 @@ def _damaged(gguf_dir: Path, tmp_path: Path) -> dict[str, tuple[Path, str]]:
     whole = (gguf_dir / "stories260K.F32.gguf").read_bytes()
     truncated = tmp_path / "truncated.gguf"
     truncated.write_bytes(whole[: len(whole) - 1000])  # the last tensor's data cut short
+    cut_header = tmp_path / "cut-header.gguf"
+    cut_header.write_bytes(whole[:3000])  # inside the vocabulary's metadata
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"")
     foreign = tmp_path / "foreign.gguf"
     foreign.write_bytes(b"GGML" + whole[4:])
     unknown = write_gguf(MODEL_DIR, tmp_path / "unknown.gguf", architecture="sift-unknown")
     return {
-        "truncated": (truncated, "is truncated or damaged"),
+        "truncated": (
+            truncated,
+            rf"is truncated: its tensors end at byte \d+, the file has {len(whole) - 1000}$",
+        ),
+        "truncated header": (cut_header, "is truncated or damaged: reading its header"),
+        "empty": (empty, "is truncated: 0 bytes"),
         "wrong magic": (foreign, "is not a GGUF file: it starts with b'GGML', not b'GGUF'"),
         "unknown architecture": (unknown, "cannot load GGUF architecture 'sift-unknown'"),
         "missing": (tmp_path / "missing.gguf", "no such file"),
@@ -187,3 +196,10 @@ def test_a_gguf_outside_the_allowed_roots_is_refused_as_a_folder_is(gguf_dir: Pa
 def test_model_gguf_file_must_name_a_gguf_inside_model_name(overrides, says):
     with pytest.raises(ValueError, match=says):
         load_config(None, overrides)
+
+
+def test_a_gguf_config_is_never_loaded_around_its_conversion(gguf_dir: Path):
+    config = ModelConfig(name=str(gguf_dir / "stories260K.F32.gguf"))
+    for load in (load_tokenizer, lambda c: load_model(c, "cpu")):
+        with pytest.raises(ValueError, match="names a GGUF checkpoint: load model_source"):
+            load(config)
