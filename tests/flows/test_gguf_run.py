@@ -1,18 +1,22 @@
-"""The pipeline with model.name naming a GGUF file: converted once, trained, registered, and
-the version's lineage names the GGUF and its md5."""
+"""The pipeline and the CLI with model.name naming a GGUF file: converted once, trained,
+registered, the version's lineage naming the GGUF and its md5; a bad file stops `sift run`
+before anything."""
 
+import json
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
+from typer.testing import CliRunner
 
+from flows.cli.main import app
 from flows.config import load_config, resolve_paths
 from steps.evaluation.evaluate import EvalConfig, evaluate
 from steps.hashing import file_md5
 from steps.modeling import ModelConfig, model_source
-from tests.conftest import MODEL_DIR, small_run_overrides
+from tests.conftest import ALLOW_REPO_ASSETS, MODEL_DIR, small_run_overrides
 from tests.gguf_files import write_gguf
 
 MODEL_NAME = "sift-gguf"
@@ -56,3 +60,43 @@ def test_a_run_on_a_gguf_base_trains_and_records_the_gguf_md5(prefect_harness, p
     assert served.model.config.hidden_size == 64 and "quantization_config" not in (
         served.model.config.to_dict()
     )
+
+
+def _select(data: Path, out: Path, model: str):
+    """`sift select` as tests/flows/test_cli.py runs it, on `model` (the bundled folder lies
+    outside the project: ALLOW_REPO_ASSETS)."""
+    args = ["select", "--data", str(data), "--out", str(out), "--set", f"model.name={model}",
+            "--set", "model.device=cpu", "--set", "select.budget=8",
+            "--set", ALLOW_REPO_ASSETS]  # fmt: skip
+    return CliRunner().invoke(app, args)
+
+
+@pytest.mark.slow
+def test_select_on_a_gguf_picks_as_the_folder_model_in_the_gguf_md5s_space(
+    project: Path, tmp_path: Path, monkeypatch
+):
+    """`sift select` works in the working directory: the conversion goes to its .sift/."""
+    monkeypatch.chdir(project)
+    (project / "models").mkdir()
+    gguf = write_gguf(MODEL_DIR, project / "models" / "stories260K.gguf")
+    data = project / "raw" / "train.jsonl"
+    on_gguf = _select(data, tmp_path / "gguf" / "picked.json", "models/stories260K.gguf")
+    assert on_gguf.exit_code == 0, on_gguf.output
+    on_folder = _select(data, tmp_path / "folder" / "picked.json", str(MODEL_DIR))
+    assert on_folder.exit_code == 0, on_folder.output
+    picked, reference = (
+        json.loads((tmp_path / kind / "picked.json").read_text()) for kind in ("gguf", "folder")
+    )
+    assert picked["ids"] == reference["ids"]  # identical logits, identical statistics
+    assert picked["feature_space"].startswith(f"model={file_md5(gguf)} ")
+    assert any((project / ".sift" / "gguf").glob(f"{file_md5(gguf)}-*"))
+
+
+def test_run_with_a_truncated_gguf_exits_2_naming_it_before_anything(tmp_path: Path):
+    gguf = write_gguf(MODEL_DIR, tmp_path / "m.gguf")
+    gguf.write_bytes(gguf.read_bytes()[:-100])
+    args = ["run", "--project-dir", str(tmp_path), "--set", "model.name=m.gguf"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert f"model.name '{gguf}' is truncated: its tensors end at byte" in result.output
+    assert not (tmp_path / ".sift").exists() and not (tmp_path / "data.dvc").exists()
