@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from steps.modeling import resolve_hardware
+from steps.modeling import model_source, resolve_hardware
 from steps.selection.advise import AdviseSettings, advise_file, write_advice
 from steps.selection.select import SelectConfig
 from steps.study.study import load_study_config
@@ -75,7 +75,7 @@ def run(name: str, config_path: str, work: Path) -> tuple[list[dict], dict]:
     device, precision = resolve_hardware(config.model)
     advice = advise_file(
         config.data,
-        config.model,
+        model_source(config.model, REPO / ".sift").config,  # a GGUF: its converted folder
         config.embed,
         SelectConfig(selector="fisher", ridge=config.study.ridge),
         work / name,

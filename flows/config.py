@@ -16,12 +16,14 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
+from flows.runtime import state_dir
 from steps import config_files
 from steps.data.ingest import IngestConfig, IngestError
 from steps.data.validate import ValidateConfig
 from steps.data.version import VersionConfig
 from steps.evaluation.evaluate import EvalConfig
 from steps.evaluation.task_paths import check_benchmark_paths
+from steps.gguf import check_checkpoint, named_checkpoint, names_gguf
 from steps.modeling import ModelConfig
 from steps.paths import PathOutsideRoots, resolved_roots, tree_inside_roots
 from steps.registry.register import RegisterConfig
@@ -163,7 +165,9 @@ def check_paths(
     link and its target, before anything reads one or any run is tracked. Hub ids name
     nothing local and pass. skip: settings the caller does not read from the config: one a
     command's own option fills (`sift select --data`: a path its user chose on purpose), the
-    data sources when --data-rev reads the data from DVC instead."""
+    data sources when --data-rev reads the data from DVC instead. A local GGUF checkpoint
+    (model.name=*.gguf, model.gguf_file) is read too: a missing, truncated or foreign file
+    or an architecture transformers cannot load is a GgufError (a ValueError) here."""
     roots = resolved_roots(config.data.allowed_roots, project_dir)
     for setting, value, working_dir_too in _path_settings(config):
         if setting in skip:
@@ -175,10 +179,27 @@ def check_paths(
                 if setting in DATA_SOURCES:  # the type ingest's own check raises for them
                     raise IngestError(str(error)) from None
                 raise
+    if "model.name" not in skip:
+        check_local_gguf(config.model, project_dir)
     check_benchmark_paths(config.eval, project_dir, roots)
     for path in named_paths(config.finetune.accelerate_config, project_dir, working_dir_too=True):
         # accelerate parses it: the same limits as a config of Sift's own
         config_files.read_yaml(path, "finetune.accelerate_config")
+
+
+def check_local_gguf(model: ModelConfig, project_dir: Path) -> None:
+    """The header of the GGUF file the model section names, read where model.name is found
+    (project first, then the working directory, as check_paths looks); a missing file is
+    an error. A hub repo's model.gguf_file is checked once fetched (steps/modeling.py
+    model_source): nothing is downloaded here."""
+    if not names_gguf(model.name, model.gguf_file):
+        return
+    found = named_paths(model.name, project_dir, working_dir_too=True)
+    if not found and model.gguf_file is not None:
+        return
+    name = str(found[0]) if found else model.name
+    checkpoint = named_checkpoint(name, model.gguf_file, model.revision)
+    check_checkpoint(checkpoint, state_dir(project_dir))  # converted there: no config load
 
 
 def _path_settings(config: PipelineConfig | StudyConfig) -> Iterator[tuple[str, str | None, bool]]:

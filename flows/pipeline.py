@@ -53,7 +53,13 @@ from steps.evaluation.publish import log_scoring, write_run_report
 from steps.evaluation.score import Scoring, scored
 from steps.evaluation.suites import BenchmarkPlan, metric_keys, plan_benchmarks
 from steps.hashing import code_fingerprint
-from steps.modeling import ModelSource, model_source, resolve_hardware, trained_source
+from steps.modeling import (
+    ModelConfig,
+    ModelSource,
+    model_source,
+    resolve_hardware,
+    trained_source,
+)
 from steps.registry.gate import check_gate_metric
 from steps.registry.lineage import lineage_tags
 from steps.registry.register import ModelVersionRef, Promotion, champion_data_md5
@@ -136,14 +142,16 @@ def _steps(config: PipelineConfig, context: RunContext, data_rev: str | None) ->
         named=config.select.prior, model_name=config.registry.model_name, context=context
     )
     tracking.log_tags(run_id, {"select.prior_run": prior_run})
-    data, version, quarantined = _data(config, context, data_rev)
+    # before any data is read: a GGUF checkpoint is converted (once) to the folder that
+    # validation's tokenizer and every later step load
+    model = model_source(config.model, context.state_dir)
+    data, version, quarantined = _data(config, model.config, context, data_rev)
     _log_data(run_id, data, version, quarantined)
     if config.schedule.skip_unchanged:
         unchanged = _unchanged(config, run_id, data, version, quarantined)
         if unchanged is not None:
             return unchanged
 
-    model = model_source(config.model)
     features = embed_task(table=data.train, model=model, config=config.embed, context=context)
     space = feature_space(features, model.fingerprint, config.embed)
     timed = select_task(
@@ -269,9 +277,11 @@ def _unchanged(
 
 
 def _data(
-    config: PipelineConfig, context: RunContext, data_rev: str | None
+    config: PipelineConfig, model: ModelConfig, context: RunContext, data_rev: str | None
 ) -> tuple[IngestResult, DataVersion, int]:
-    """Validated, versioned data: ingest → validate (gate) → DVC, or a past version by rev."""
+    """Validated, versioned data: ingest → validate (gate) → DVC, or a past version by rev.
+    model: the model section as loaded (a GGUF's converted folder), whose tokenizer the
+    checks use."""
     if data_rev is not None:
         data, version = _remote(data_at_rev_task, config)(rev=data_rev, context=context)
         tracking.log_tags(context.run_id, {"dvc.data_rev": data_rev})
@@ -279,7 +289,7 @@ def _data(
     project_dir = context.project_dir
     source_md5 = sources_fingerprint(config.data, project_dir)  # checks data.allowed_roots
     staged = ingest_task(config=config.data, source_md5=source_md5, context=context)
-    report = _validated(config, staged, context)
+    report = _validated(config, model, staged, context)
     tracking.log_artifact(context.run_id, str(Path(report.data_docs_path).parent), "data_docs")
     create_link_artifact(
         key="data-docs",
@@ -298,17 +308,17 @@ def _data(
 
 
 def _validated(
-    config: PipelineConfig, staged: IngestResult, context: RunContext
+    config: PipelineConfig, model: ModelConfig, staged: IngestResult, context: RunContext
 ) -> ValidationReport:
     """The suite's outcome, from a folder of its own keyed on the staged tables, the checks'
     code, the validation config and the model section (whose tokenizer and context the checks
     use): a later run on the same data reads it back instead of running the suite again, and
     the run's tables stay there, never rewritten by another run (data/ is DVC's copy)."""
-    folder = key(staged, code_fingerprint(VALIDATE), config.validation, config.model)
+    folder = key(staged, code_fingerprint(VALIDATE), config.validation, model)
     final = context.state_dir / "validated" / folder
     report = validated_report(final)
     if report is None:
-        report = validate_into(staged, config.validation, config.model, final, context.run_id)
+        report = validate_into(staged, config.validation, model, final, context.run_id)
     return report
 
 

@@ -39,7 +39,13 @@ from steps.data.validate import (
     validate_into,
     validated_report,
 )
-from steps.modeling import ModelSource, model_source, resolve_hardware, trained_source
+from steps.modeling import (
+    ModelConfig,
+    ModelSource,
+    model_source,
+    resolve_hardware,
+    trained_source,
+)
 from steps.selection.embedding.embed import FeaturesRef, feature_space, load_pool
 from steps.study import report, study as lib
 
@@ -140,9 +146,12 @@ def _study(config: lib.StudyConfig, context: RunContext) -> StudyResult:
 
 
 def _real_data(config: lib.StudyConfig, context: RunContext) -> tuple[float, list[dict]]:
+    # before any data is read: a GGUF checkpoint is converted (once) to the folder that
+    # validation's tokenizer and every later step load
+    model = model_source(config.model, context.state_dir)
     source_md5 = sources_fingerprint(config.data, context.project_dir)
     staged = ingest_task(config=config.data, source_md5=source_md5, context=context)
-    staged = _validated(config, staged, context)
+    staged = _validated(config, model.config, staged, context)
     train, heldout_table = staged.train, staged.eval
     if config.study.holdout:
         train_path, eval_path = lib.split_holdout(
@@ -153,7 +162,6 @@ def _real_data(config: lib.StudyConfig, context: RunContext) -> tuple[float, lis
         train, heldout_table = table_ref(Path(train_path)), table_ref(Path(eval_path))
     parent_id = context.run_id
     tracking.log_tags(parent_id, {"data.train_md5": train.md5, "data.eval_md5": heldout_table.md5})
-    model = model_source(config.model)
     features = embed_task(table=train, model=model, config=config.embed, context=context)
     heldout = embed_task(table=heldout_table, model=model, config=config.embed, context=context)
     tracking.log_tags(  # where benchmarks/study_profiles.py finds the statistics
@@ -178,20 +186,21 @@ def _real_data(config: lib.StudyConfig, context: RunContext) -> tuple[float, lis
     return base.loss, records
 
 
-def _validated(config: lib.StudyConfig, staged: IngestResult, context: RunContext) -> IngestResult:
+def _validated(
+    config: lib.StudyConfig, model: ModelConfig, staged: IngestResult, context: RunContext
+) -> IngestResult:
     """The pipeline's gate: a row the pipeline would quarantine (e.g. a prompt that fills the
     context, leaving no loss token) is not in the study's pool either. The accepted tables go
     under .sift/, never to the project's DVC-tracked data/, at a path keyed on the staged
-    tables, the validation config and the model section (whose tokenizer and context the
-    checks use), so later runs' cached trials find the same table. A later run finds them
+    tables, the validation config and the model section as loaded (whose tokenizer and
+    context the checks use; a GGUF's converted folder), so later runs' cached trials find
+    the same table. A later run finds them
     there and does not run the suite again; it prints the quarantine lines recorded with
     them. Each run validates in a folder of its own first (validate_into)."""
-    final = (
-        context.state_dir / "studies" / "validated" / key(staged, config.validation, config.model)
-    )
+    final = context.state_dir / "studies" / "validated" / key(staged, config.validation, model)
     report = validated_report(final)
     if report is None:
-        report = validate_into(staged, config.validation, config.model, final, context.run_id)
+        report = validate_into(staged, config.validation, model, final, context.run_id)
     accepted = raise_on_failure(report)
     for line in quarantine_lines(report):
         print(line)

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -19,6 +19,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from steps.gguf import GGUF_SUFFIX, converted_folder, gguf_md5, named_checkpoint, names_gguf
 from steps.hashing import file_md5
 
 IGNORE_INDEX = -100  # label value that torch's cross-entropy skips: prompt tokens carry no loss
@@ -36,8 +37,13 @@ class ModelConfig(BaseModel):
     # CPU in minutes.
     name: str = Field(
         default="assets/models/stories260K",
-        description="The base model: a Hugging Face hub id (e.g. Qwen/Qwen2.5-0.5B) or a local "
-        "folder.",
+        description="The base model: a Hugging Face hub id (e.g. Qwen/Qwen2.5-0.5B), a local "
+        "folder, or a local .gguf file (converted once to an fp32 folder under .sift/gguf/).",
+    )
+    gguf_file: str | None = Field(
+        default=None,
+        description="A .gguf file inside model.name (a local folder or a hub repo) to load "
+        "instead of its transformers weights; converted once, as a .gguf model.name is.",
     )
     revision: str | None = Field(
         default=None, description="Hub models only: the commit, branch or tag to load."
@@ -68,6 +74,28 @@ class ModelConfig(BaseModel):
         description="auto: bf16 on GPUs that support it, else fp32 (CPU bf16 training is slow); "
         "fp16 needs CUDA.",
     )
+
+    @model_validator(mode="after")
+    def _one_gguf_setting(self) -> ModelConfig:
+        """model.gguf_file names a file inside model.name: a path that stays there."""
+        file = self.gguf_file
+        if file is None:
+            return self
+        if self.name.lower().endswith(GGUF_SUFFIX):
+            raise ValueError(
+                f"model.gguf_file={file!r} with model.name={self.name!r}, a .gguf file already: "
+                "name the file in one of them"
+            )
+        if (
+            not file.lower().endswith(GGUF_SUFFIX)
+            or Path(file).is_absolute()
+            or ".." in Path(file).parts
+        ):
+            raise ValueError(
+                f"model.gguf_file={file!r}: a .gguf file's path inside model.name, e.g. "
+                "'model.Q4_K_M.gguf'"
+            )
+        return self
 
 
 def resolve_device(device: Device) -> str:
@@ -112,7 +140,18 @@ def autocast(device: str, precision: str) -> torch.autocast:
     )
 
 
+def _loadable(config: ModelConfig) -> None:
+    """A GGUF is loaded as the folder model_source converts it to, never directly (each
+    load would dequantize it again, and a tokenizer would not load from a .gguf path)."""
+    if names_gguf(config.name, config.gguf_file):
+        raise ValueError(
+            f"model.name={config.name!r} (model.gguf_file={config.gguf_file!r}) names a GGUF "
+            "checkpoint: load model_source(config, state_dir).config, its converted folder"
+        )
+
+
 def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
+    _loadable(config)
     tokenizer = AutoTokenizer.from_pretrained(
         config.name, revision=config.revision, trust_remote_code=config.trust_remote_code
     )
@@ -124,6 +163,7 @@ def load_tokenizer(config: ModelConfig) -> PreTrainedTokenizerBase:
 
 def load_model(config: ModelConfig, device: str) -> PreTrainedModel:
     """Weights stay fp32 in memory; reduced precision comes from autocast (CPU and GPU)."""
+    _loadable(config)
     model = AutoModelForCausalLM.from_pretrained(
         config.name,
         revision=config.revision,
@@ -223,10 +263,13 @@ def length_sorted_batches(lengths: list[int], max_tokens: int) -> list[list[int]
 
 
 def model_fingerprint(config: ModelConfig) -> str:
-    """Content hash of a local model folder, or 'hub id@revision' for hub models.
+    """Content hash of a local model folder, the md5 of a GGUF file, or 'hub id@revision'
+    for hub models.
 
     Cached steps key on this, so retraining a local checkpoint in place invalidates them.
     """
+    if names_gguf(config.name, config.gguf_file):
+        return gguf_md5(named_checkpoint(config.name, config.gguf_file, config.revision))
     path = Path(config.name)
     if not path.is_dir():
         return f"{config.name}@{config.revision or 'main'}"
@@ -242,13 +285,26 @@ class ModelSource:
     fingerprint: str
 
 
-def model_source(config: ModelConfig) -> ModelSource:
-    return ModelSource(config, model_fingerprint(config))
+def model_source(config: ModelConfig, state_dir: Path | None = None) -> ModelSource:
+    """The model every step loads. A GGUF checkpoint becomes the transformers folder it is
+    converted to under state_dir (the project's .sift/; steps/gguf.py), fingerprinted by
+    the GGUF's md5: embed, fine-tune, evaluate and the registry see an ordinary folder, and
+    lineage records the file the user named. GgufError (a ValueError) names a bad file."""
+    if not names_gguf(config.name, config.gguf_file):
+        return ModelSource(config, model_fingerprint(config))
+    if state_dir is None:
+        raise ValueError(f"model.name={config.name!r}: a GGUF model needs the state folder "
+                         "to convert it into (model_source(config, state_dir))")  # fmt: skip
+    checkpoint = named_checkpoint(config.name, config.gguf_file, config.revision)
+    md5 = gguf_md5(checkpoint)
+    folder = converted_folder(checkpoint, md5, state_dir)
+    update = {"name": str(folder), "gguf_file": None, "revision": None}
+    return ModelSource(config.model_copy(update=update), md5)
 
 
 def trained_source(base: ModelConfig, model_dir: str) -> ModelSource:
     """A fine-tuned folder shown to the model the way `base` is (template, max_length); the
-    hub revision no longer applies. Its fingerprint is the folder's name: the work-folder
-    key of everything that made it (flows/tasks.py work_dir)."""
-    update = {"name": model_dir, "revision": None}
+    hub revision (and a GGUF file) no longer applies. Its fingerprint is the folder's name:
+    the work-folder key of everything that made it (flows/tasks.py work_dir)."""
+    update = {"name": model_dir, "revision": None, "gguf_file": None}
     return ModelSource(base.model_copy(update=update), Path(model_dir).name)

@@ -41,7 +41,7 @@ def advise_command(
     Prints the budget and the reason; writes advice.json (curves, the rule's numbers) and
     advice.png. Paths are relative to the working directory."""
     from steps.data.ingest import IngestError
-    from steps.modeling import resolve_hardware
+    from steps.modeling import model_source, resolve_hardware
     from steps.selection.advise import advise_file, write_advice
 
     configure_logging(verbose)
@@ -56,10 +56,11 @@ def advise_command(
     out_dir = out if out is not None else state_dir(root) / "advise"
     try:
         device, precision = resolve_hardware(resolved.model)
+        model = model_source(resolved.model, state_dir(root)).config  # a GGUF: its folder
         with tempfile.TemporaryDirectory(prefix="sift-advise-") as work:
             advice = advise_file(
                 resolved.data,
-                resolved.model,
+                model,
                 resolved.embed,
                 resolved.select,
                 Path(work),

@@ -26,8 +26,8 @@ def evaluate_command(
     model: Annotated[
         str,
         typer.Option(
-            help="A local folder, a hub id, or a registry version: models:/NAME@ALIAS or "
-            "models:/NAME/VERSION (read from the config's MLflow store)."
+            help="A local folder, a .gguf file, a hub id, or a registry version: "
+            "models:/NAME@ALIAS or models:/NAME/VERSION (read from the config's MLflow store)."
         ),
     ],
     suite: Annotated[
@@ -64,6 +64,7 @@ def evaluate_command(
     from steps.evaluation.report import report_notes, score_table_rows, write_report
     from steps.evaluation.score import score_source
     from steps.evaluation.suites import BenchmarkError, plan_benchmarks
+    from steps.gguf import GgufError
     from steps.modeling import model_source, resolve_hardware
 
     try:
@@ -82,9 +83,13 @@ def evaluate_command(
         if model.startswith("models:/"):
             scoring = _registered(model, resolved, root, common)
         else:
-            source = model_source(resolved.model.model_copy(update={"name": _local(model, root)}))
+            # --model is the whole choice: a config's model.gguf_file does not follow it
+            chosen = resolved.model.model_copy(
+                update={"name": _local(model, root), "gguf_file": None}
+            )
+            source = model_source(chosen, state_dir(root))  # a .gguf: its converted folder
             scoring = score_source(source, **common)
-    except OSError as error:  # a folder that is no model, a hub id offline
+    except (OSError, GgufError) as error:  # a folder that is no model, a hub id offline
         raise fail(f"sift evaluate: --model {model}: {error}", 1) from None
     files = write_report([scoring.benchmarks], destination, f"{model}: benchmarks")
     rows = score_table_rows([scoring.benchmarks])

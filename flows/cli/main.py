@@ -247,8 +247,9 @@ def select_command(
     import shutil
     import tempfile
 
+    from flows.runtime import state_dir
     from steps.data.ingest import IngestError
-    from steps.modeling import resolve_hardware
+    from steps.modeling import model_source, resolve_hardware
     from steps.selection.evidence import select_caution
     from steps.selection.select import load_prior, select_from_file
 
@@ -269,10 +270,11 @@ def select_command(
     try:
         device, precision = resolve_hardware(resolved.model)
         prior_ref = None if prior is None else load_prior(prior, str(prior), "--prior")
+        model = model_source(resolved.model, state_dir(root))  # a GGUF: converted once
         with tempfile.TemporaryDirectory(prefix="sift-select-") as work:
             ref = select_from_file(
                 resolved.data,
-                resolved.model,
+                model,
                 resolved.embed,
                 resolved.select,
                 Path(work),
@@ -332,10 +334,16 @@ def validate_command(
         quarantine_lines,
         raise_on_failure,
     )
+    from steps.gguf import GgufError
+    from steps.modeling import model_source
 
+    try:  # the tokenizer the checks use: a GGUF's is its converted folder's
+        model = model_source(resolved.model, state_dir(root)).config
+    except GgufError as error:
+        raise fail(error, 2) from None
     try:
         report = ingest_and_validate(
-            resolved.data, resolved.validation, resolved.model, root, state_dir(root) / "validate"
+            resolved.data, resolved.validation, model, root, state_dir(root) / "validate"
         )
         accepted = raise_on_failure(report)
     except (IngestError, DataValidationError) as error:

@@ -75,7 +75,7 @@ def lineage_tags(
         "mlflow.source_run": run_id,
         "model.base": config.model.name,
         "model.base_revision": config.model.revision or "none",
-        "model.base_md5": base_model_md5,  # steps.modeling.model_fingerprint
+        "model.base_md5": base_model_md5,  # steps.modeling.model_source: a GGUF's file md5
         "dvc.md5": data.dir_md5,
         "dvc.train_md5": data.train_md5,
         "dvc.eval_md5": data.eval_md5,
@@ -94,6 +94,8 @@ def lineage_tags(
         "eval.loss_base": repr(base_evaluation.loss),
         "eval.tokens": str(evaluation.tokens),
     }
+    if config.model.gguf_file:  # the file inside model.base (a folder or hub repo) it was
+        tags["model.base_gguf_file"] = config.model.gguf_file
     if flow_run_url:
         tags["prefect.flow_run_url"] = flow_run_url
     return tags

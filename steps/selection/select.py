@@ -19,7 +19,7 @@ from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global sta
 
 from steps.data.ingest import IngestConfig, named_source_batches, stream_table
 from steps.hashing import file_md5
-from steps.modeling import ModelConfig, model_fingerprint
+from steps.modeling import ModelConfig, ModelSource
 from steps.selection.embedding.embed import (
     EmbedConfig,
     FeaturesRef,
@@ -239,7 +239,7 @@ def _plot_objective(
 
 def select_from_file(
     data: IngestConfig,
-    model: ModelConfig,
+    model: ModelSource,
     embed: EmbedConfig,
     config: SelectConfig,
     work_dir: Path,
@@ -251,7 +251,9 @@ def select_from_file(
 ) -> SelectionRef:
     """Selection without the pipeline: data.source → ingest's field mapping → embed with
     `model` → pick with `config`, warm-started from `prior` when given (an earlier selection
-    over the same model's statistics).
+    over the same model's statistics). `model`: steps/modeling.py model_source, whose
+    fingerprint names the feature space as the pipeline's does (a GGUF's md5, not its
+    converted folder's), so a pipeline run's selection warm-starts this one.
 
     The sections are the pipeline's own (flows/config.py PipelineConfig), so a file maps
     and embeds as `sift run` would: data.prompt_field/response_field templates, text_field,
@@ -259,14 +261,20 @@ def select_from_file(
     design.npy (and label_design.npy, see select_subset) beside it.
     """
     table_path, features = embed_file(
-        data, model, embed, work_dir, device=device, precision=precision, project_dir=project_dir
+        data,
+        model.config,
+        embed,
+        work_dir,
+        device=device,
+        precision=precision,
+        project_dir=project_dir,
     )
-    space = feature_space(features, model_fingerprint(model), embed)
+    space = feature_space(features, model.fingerprint, embed)
     target = None
     if config.target:
         prompts = read_target_prompts(data, config.target, project_dir)
         target_dir = work_dir / "target_features"
-        target = embed_targets(prompts, model, embed, target_dir, device, precision)
+        target = embed_targets(prompts, model.config, embed, target_dir, device, precision)
     return select_subset(
         features,
         str(table_path),

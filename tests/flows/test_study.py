@@ -143,10 +143,10 @@ def test_two_runs_validate_apart_and_share_one_accepted_table(
     shutil.rmtree(final)
 
     context = RunContext(project, tmp_path / "state", "cpu", "fp32", "run-a")
-    first = _validated(config, staged, context)
+    first = _validated(config, config.model, staged, context)
     printed = capsys.readouterr().out
     monkeypatch.setattr(flows.study, "validate_into", None)  # a second suite run fails here
-    second = _validated(config, staged, replace(context, run_id="run-b"))
+    second = _validated(config, config.model, staged, replace(context, run_id="run-b"))
     assert first == second and first.train.rows == staged.train.rows
     assert capsys.readouterr().out == printed
     folders = list(place.iterdir())

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from steps.data.ingest import IngestConfig
-from steps.modeling import ModelConfig, load_model, load_tokenizer
+from steps.modeling import ModelConfig, load_model, load_tokenizer, model_source
 from steps.selection.embedding.embed import EmbedConfig, FeaturesRef, load_pool
 from steps.selection.record import read_selection
 from steps.selection.select import SelectConfig, select_from_file
@@ -43,7 +43,7 @@ def test_select_from_file_with_a_target_sample(tmp_path, gsm8k_train, gsm8k_test
     config = SelectConfig(selector="fisher-target", budget=5, target=str(target_path))
     ref = select_from_file(
         IngestConfig(source=str(pool_path)),
-        MODEL,
+        model_source(MODEL),
         EmbedConfig(batch_tokens=2048, sketch_dim=16),  # sketched: targets get the same P
         config,
         tmp_path / "work",
