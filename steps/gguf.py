@@ -95,6 +95,17 @@ def check_checkpoint(checkpoint: GgufCheckpoint, state_dir: Path | None = None) 
     return architecture
 
 
+def gguf_width(checkpoint: GgufCheckpoint) -> int | None:
+    """The hidden size: the width of the token embedding table (llama.cpp names it
+    token_embd.weight in every architecture), read from the header alone."""
+    from transformers.integrations.gguf.reader import GgufHeader
+
+    header = GgufHeader.from_file(str(checkpoint.path))
+    shapes = {tensor.name: tensor.shape for tensor in header.tensors}
+    shape = shapes.get("token_embd.weight")
+    return int(shape[-1]) if shape else None
+
+
 @cache
 def _loads_config(checkpoint: GgufCheckpoint, architecture: str, size: int, mtime_ns: int) -> None:
     """transformers builds a config from the file; else a GgufError naming it."""

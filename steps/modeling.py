@@ -13,13 +13,21 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
-from steps.gguf import GGUF_SUFFIX, converted_folder, gguf_md5, named_checkpoint, names_gguf
+from steps.gguf import (
+    GGUF_SUFFIX,
+    converted_folder,
+    gguf_md5,
+    gguf_width,
+    named_checkpoint,
+    names_gguf,
+)
 from steps.hashing import file_md5
 
 IGNORE_INDEX = -100  # label value that torch's cross-entropy skips: prompt tokens carry no loss
@@ -71,8 +79,8 @@ class ModelConfig(BaseModel):
     )
     precision: Precision = Field(
         default="auto",
-        description="auto: bf16 on GPUs that support it, else fp32 (CPU bf16 training is slow); "
-        "fp16 needs CUDA.",
+        description="auto: bf16 on GPUs that support it and on CPUs with bf16 instructions "
+        "(AVX512-BF16, AMX) for models of hidden size >= 256, else fp32; fp16 needs CUDA.",
     )
 
     @model_validator(mode="after")
@@ -107,15 +115,49 @@ def resolve_device(device: Device) -> str:
     return device
 
 
-def resolve_precision(precision: Precision, device: str) -> str:
-    """'auto' is bf16 on GPUs that support it and fp32 elsewhere (CPU bf16 training is slow)."""
+# bf16 autocast on a CPU, measured with benchmarks/bench_precision.py (docs/results/benchmarks.md,
+# "Precision on the CPU"): on a CPU with bf16 instructions, training ran 1.64x (hidden size
+# 256), 1.95x (512) and 1.80x (SmolLM2-135M, 576) as fast as fp32, the loss curves within
+# 0.008 nats of each other over 8 steps; at hidden size 64 (stories260K) the casts cost more
+# than the narrow matmuls save (0.86x). Without the instructions bf16 is emulated, and slow.
+CPU_BF16_MIN_WIDTH = 256
+CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # Linux /proc/cpuinfo flag names
+
+
+def cpu_has_native_bf16() -> bool:
+    """The CPU lists bf16 instructions (AVX512-BF16 or AMX-BF16). Read from Linux's
+    /proc/cpuinfo; elsewhere False, so `auto` stays fp32 there."""
+    cpuinfo = Path("/proc/cpuinfo")
+    return cpuinfo.is_file() and not CPU_BF16_FLAGS.isdisjoint(cpuinfo.read_text().split())
+
+
+def resolve_precision(precision: Precision, device: str, width: int | None = None) -> str:
+    """'auto' is bf16 on GPUs that support it, and on CPUs with bf16 instructions for models
+    at least CPU_BF16_MIN_WIDTH wide (`width`: the hidden size); fp32 elsewhere."""
     if precision != "auto":
         if precision == "fp16" and device == "cpu":
             raise ValueError("model.precision 'fp16' needs a CUDA device; use fp32 or bf16 on CPU")
         return precision
     if device == "cuda" and torch.cuda.is_bf16_supported():
         return "bf16"
+    if device == "cpu" and width is not None and width >= CPU_BF16_MIN_WIDTH:
+        return "bf16" if cpu_has_native_bf16() else "fp32"
     return "fp32"
+
+
+def model_width(config: ModelConfig) -> int | None:
+    """The model's hidden size from its config (a GGUF: its embedding table), no weights
+    loaded; None where it cannot be read (a hub model neither cached nor reachable)."""
+    if names_gguf(config.name, config.gguf_file):
+        return gguf_width(named_checkpoint(config.name, config.gguf_file, config.revision))
+    try:
+        loaded = AutoConfig.from_pretrained(
+            config.name, revision=config.revision, trust_remote_code=config.trust_remote_code
+        )
+    except (OSError, ValueError):
+        return None
+    width = getattr(loaded, "hidden_size", None)
+    return width if isinstance(width, int) else None
 
 
 def resolve_hardware(config: ModelConfig) -> tuple[str, str]:
@@ -124,7 +166,9 @@ def resolve_hardware(config: ModelConfig) -> tuple[str, str]:
     Embed, fine-tune and evaluate all take these resolved values, so one run computes in one
     precision throughout."""
     device = resolve_device(config.device)
-    return device, resolve_precision(config.precision, device)
+    cpu_auto = device == "cpu" and config.precision == "auto" and cpu_has_native_bf16()
+    width = model_width(config) if cpu_auto else None
+    return device, resolve_precision(config.precision, device, width)
 
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
