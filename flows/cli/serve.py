@@ -10,6 +10,7 @@ import typer
 
 from flows.cli.common import ConfigOption, ProjectOption, SetOption, console, fail, resolve_config
 from flows.runtime import configure_environment, use_recorded_servers
+from steps.modeling import ModelConfig, load_tokenizer, prompt_shape
 from steps.registry import serve
 from steps.tracking import require_store, resolve_tracking_uri, use_tracking
 
@@ -19,6 +20,15 @@ EXAMPLE_QUESTION = "Tom has 3 apples and buys 5 more. How many apples does he ha
 
 def say(text: str) -> None:
     console.print(text, markup=False, highlight=False, soft_wrap=True)  # copies as printed
+
+
+def example_prompt(model: ModelConfig) -> str:
+    """EXAMPLE_QUESTION shown as training showed prompts (steps/modeling.py prompt_shape).
+    Only the chat format needs the base model's tokenizer (its chat template), so only it
+    loads one."""
+    if model.prompt_format == "template":
+        return model.prompt_template.format(prompt=EXAMPLE_QUESTION)
+    return prompt_shape(load_tokenizer(model), model).text(EXAMPLE_QUESTION)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -59,7 +69,7 @@ def serve_model(
 
     configure_environment(root)  # only now: a refused model leaves the project untouched
     url = serve.base_url(host, port)
-    prompt = resolved.model.prompt_template.format(prompt=EXAMPLE_QUESTION)
+    prompt = example_prompt(resolved.model)
     say(f"serving {served.describe()} (run {served.run_id}) at {url}")
     process = serve.start_server(
         serve.serve_command(served, host, port), serve.server_env(tracking_uri)

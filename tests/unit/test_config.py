@@ -82,3 +82,9 @@ def test_an_unknown_lr_scheduler_fails_at_load_naming_the_key_and_the_choices():
     assert "'cosine_wrong'" in str(raised.value)
     assert "cosine_with_restarts" in str(raised.value)  # the choices are listed
     assert load_config(None, ["finetune.lr_scheduler=linear"]).finetune.lr_scheduler == "linear"
+
+
+def test_a_data_chat_template_with_the_chat_prompt_format_is_an_error_naming_both():
+    with pytest.raises(ConfigError, match=r"data\.chat_template .* model\.prompt_format=chat"):
+        load_config(None, ["data.chat_template=assets/models/stories260K",
+                           "model.prompt_format=chat"])  # fmt: skip
