@@ -79,7 +79,6 @@ class ModelConfig(BaseModel):
         "fp16 needs CUDA.",
     )
 
-
     @model_validator(mode="after")
     def _template_only_in_template_format(self) -> ModelConfig:
         # Checked, not ignored: a template someone wrote would silently not apply.
@@ -173,7 +172,7 @@ class PromptShape:
     """model.prompt_format resolved against one tokenizer: how a prompt becomes text, whether
     the tokenizer adds its special tokens (BOS) to that text, and the ids every response ends
     with. Every place a prompt is shown (embed, fine-tune, held-out loss, sample generations,
-    validation's token counts, the serving example) takes it from here."""
+    validation's token counts, a target sample, the chat serving example) takes it from here."""
 
     text: Callable[[str], str]
     add_special_tokens: bool
