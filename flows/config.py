@@ -104,6 +104,16 @@ class PipelineConfig(BaseModel):
             raise PydanticCustomError("embed_for_select", str(error)) from None
         return self
 
+    @model_validator(mode="after")
+    def _one_chat_template(self) -> PipelineConfig:
+        if self.data.chat_template is not None and self.model.prompt_format == "chat":
+            raise PydanticCustomError(
+                "two_chat_templates",
+                "data.chat_template renders prompts at ingest and model.prompt_format=chat "
+                "renders them again as they are shown to the model: set one of them",
+            )
+        return self
+
 
 class ConfigError(ValueError):
     pass

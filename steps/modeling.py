@@ -6,6 +6,7 @@ Shared by embed, finetune and evaluate, so all three see exactly the same tokens
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -34,6 +35,8 @@ IGNORE_INDEX = -100  # label value that torch's cross-entropy skips: prompt toke
 
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+PromptFormat = Literal["template", "chat"]
+DEFAULT_PROMPT_TEMPLATE = "Question: {prompt}\nAnswer: "
 
 
 class ModelConfig(BaseModel):
@@ -61,10 +64,17 @@ class ModelConfig(BaseModel):
         description="Run the model's own Python from the hub: arbitrary code, so off unless you "
         "trust its authors.",
     )
+    prompt_format: PromptFormat = Field(
+        default="template",
+        description="template: the prompt shown through model.prompt_template, the response "
+        "ending with the EOS token; chat: the tokenizer's chat template renders the prompt as a "
+        "user turn and the response ends with the template's end-of-turn token (Instruct "
+        "models).",
+    )
     prompt_template: str = Field(
-        default="Question: {prompt}\nAnswer: ",
-        description="How a prompt is shown; the response follows directly and ends with the EOS "
-        "token.",
+        default=DEFAULT_PROMPT_TEMPLATE,
+        description="prompt_format template only: how a prompt is shown; the response follows "
+        "directly and ends with the EOS token.",
     )
     max_length: int = Field(
         default=512,
@@ -102,6 +112,16 @@ class ModelConfig(BaseModel):
             raise ValueError(
                 f"model.gguf_file={file!r}: a .gguf file's path inside model.name, e.g. "
                 "'model.Q4_K_M.gguf'"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _template_only_in_template_format(self) -> ModelConfig:
+        # Checked, not ignored: a template someone wrote would silently not apply.
+        if self.prompt_format == "chat" and self.prompt_template != DEFAULT_PROMPT_TEMPLATE:
+            raise ValueError(
+                "model.prompt_template applies to model.prompt_format=template only; with chat "
+                "the prompt is the user turn as it is (data.prompt_field can add text around it)"
             )
         return self
 
@@ -231,14 +251,80 @@ class Encoded:
         return sum(1 for label in self.labels[1:] if label != IGNORE_INDEX)
 
 
+@dataclass(frozen=True)
+class PromptShape:
+    """model.prompt_format resolved against one tokenizer: how a prompt becomes text, whether
+    the tokenizer adds its special tokens (BOS) to that text, and the ids every response ends
+    with. Every place a prompt is shown (embed, fine-tune, held-out loss, sample generations,
+    validation's token counts, a target sample, the chat serving example) takes it from here."""
+
+    text: Callable[[str], str]
+    add_special_tokens: bool
+    end_ids: tuple[int, ...]
+    # Generation stops at these; empty: at the model's own generation config (template).
+    stop_ids: tuple[int, ...] = ()
+
+
+# Stands for the reply in a rendered conversation: what the template writes after it closes
+# the assistant's turn. Plain letters, so no template's filters change it.
+_REPLY_MARK = "SiftReplyMark7c1e"
+
+
+def prompt_shape(tokenizer: PreTrainedTokenizerBase, config: ModelConfig) -> PromptShape:
+    if config.prompt_format == "chat":
+        return _chat_shape(tokenizer, config.name)
+    eos = tokenizer.eos_token_id
+    return PromptShape(
+        text=lambda prompt: config.prompt_template.format(prompt=prompt),
+        add_special_tokens=True,
+        end_ids=(eos,) if eos is not None else (),
+    )
+
+
+def _chat_shape(tokenizer: PreTrainedTokenizerBase, name: str) -> PromptShape:
+    """The prompt as a user turn followed by the assistant's opener (add_generation_prompt),
+    tokenized without the tokenizer's special tokens: the template writes those it wants, as
+    apply_chat_template(tokenize=True) does. The response ends with what the template writes
+    after the assistant's reply (SmolLM2: "<|im_end|>\n"), trailing whitespace dropped."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            f"model.prompt_format=chat: the tokenizer of {name!r} has no chat template; "
+            "use model.prompt_format=template"
+        )
+
+    def text(prompt: str) -> str:
+        turn = [{"role": "user", "content": prompt}]
+        return str(tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True))
+
+    conversation = [{"role": "user", "content": "?"}, {"role": "assistant", "content": _REPLY_MARK}]
+    rendered = str(tokenizer.apply_chat_template(conversation, tokenize=False))
+    _, found, after = rendered.partition(_REPLY_MARK)
+    if not found:
+        raise ValueError(
+            f"model.prompt_format=chat: the chat template of {name!r} leaves out the "
+            "assistant's reply, so a response has no place in it; use model.prompt_format=template"
+        )
+    end_of_turn = after.rstrip()
+    if not end_of_turn:
+        raise ValueError(
+            f"model.prompt_format=chat: the chat template of {name!r} writes nothing after the "
+            "assistant's reply, so no end-of-turn token ends a response; use "
+            "model.prompt_format=template"
+        )
+    end_ids = tuple(tokenizer(end_of_turn, add_special_tokens=False)["input_ids"])
+    return PromptShape(text, add_special_tokens=False, end_ids=end_ids, stop_ids=end_ids[:1])
+
+
 def encode_example(
-    tokenizer: PreTrainedTokenizerBase, prompt: str, response: str, template: str, max_length: int
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    response: str,
+    shape: PromptShape,
+    max_length: int,
 ) -> Encoded:
     """Prompt and response are tokenized apart so the boundary is exact, then cut to max_length."""
-    prompt_ids = leading_ids(tokenizer, template.format(prompt=prompt), max_length, True)
-    response_ids = leading_ids(tokenizer, response, max_length, False)
-    if tokenizer.eos_token_id is not None:
-        response_ids = [*response_ids, tokenizer.eos_token_id]
+    prompt_ids = leading_ids(tokenizer, shape.text(prompt), max_length, shape.add_special_tokens)
+    response_ids = [*leading_ids(tokenizer, response, max_length, False), *shape.end_ids]
     input_ids = (prompt_ids + response_ids)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
     return Encoded(input_ids=input_ids, labels=labels)
@@ -270,8 +356,9 @@ def encode_examples(
     responses: list[str],
     config: ModelConfig,
 ) -> list[Encoded]:
+    shape = prompt_shape(tokenizer, config)
     return [
-        encode_example(tokenizer, p, r, config.prompt_template, config.max_length)
+        encode_example(tokenizer, p, r, shape, config.max_length)
         for p, r in zip(prompts, responses, strict=True)
     ]
 

@@ -31,7 +31,7 @@ def evaluate_command(
         ),
     ],
     suite: Annotated[
-        str | None, typer.Option(help="none | quick | standard | a group YAML (eval.suite).")
+        str | None, typer.Option(help="none | quick | standard | real | a group YAML (eval.suite).")
     ] = None,
     tasks: Annotated[
         str | None, typer.Option(help="More tasks, comma-separated (eval.tasks).")

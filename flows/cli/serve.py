@@ -9,7 +9,8 @@ from typing import Annotated
 import typer
 
 from flows.cli.common import ConfigOption, ProjectOption, SetOption, console, fail, resolve_config
-from flows.runtime import configure_environment, use_recorded_servers
+from flows.runtime import configure_environment, state_dir, use_recorded_servers
+from steps.modeling import ModelConfig, load_tokenizer, model_source, prompt_shape
 from steps.registry import serve
 from steps.tracking import require_store, resolve_tracking_uri, use_tracking
 
@@ -19,6 +20,16 @@ EXAMPLE_QUESTION = "Tom has 3 apples and buys 5 more. How many apples does he ha
 
 def say(text: str) -> None:
     console.print(text, markup=False, highlight=False, soft_wrap=True)  # copies as printed
+
+
+def example_prompt(model: ModelConfig, root: Path) -> str:
+    """EXAMPLE_QUESTION shown as training showed prompts (steps/modeling.py prompt_shape).
+    Only the chat format needs the base model's tokenizer (its chat template), so only it
+    loads one (a GGUF's from its converted folder)."""
+    if model.prompt_format == "template":
+        return model.prompt_template.format(prompt=EXAMPLE_QUESTION)
+    base = model_source(model, state_dir(root)).config
+    return prompt_shape(load_tokenizer(base), model).text(EXAMPLE_QUESTION)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -59,7 +70,7 @@ def serve_model(
 
     configure_environment(root)  # only now: a refused model leaves the project untouched
     url = serve.base_url(host, port)
-    prompt = resolved.model.prompt_template.format(prompt=EXAMPLE_QUESTION)
+    prompt = example_prompt(resolved.model, root)
     say(f"serving {served.describe()} (run {served.run_id}) at {url}")
     process = serve.start_server(
         serve.serve_command(served, host, port), serve.server_env(tracking_uri)

@@ -35,7 +35,7 @@ from steps.data.ingest import (
     write_table,
 )
 from steps.hashing import file_md5
-from steps.modeling import ModelConfig, load_tokenizer
+from steps.modeling import ModelConfig, load_tokenizer, prompt_shape
 
 SUITE_NAME = "sift_sft_data"
 CHUNK_ROWS = 50_000  # rows validated per GX run: bounds memory whatever the pool size
@@ -119,14 +119,14 @@ def _chunks(path: str) -> Iterator[pd.DataFrame]:
 
 
 def _with_token_counts(frame: pd.DataFrame, model: ModelConfig, tokenizer) -> pd.DataFrame:
-    prompts = [
-        model.prompt_template.format(prompt=p) if isinstance(p, str) else "" for p in frame.prompt
-    ]
+    shape = prompt_shape(tokenizer, model)
+    prompts = [shape.text(p) if isinstance(p, str) else "" for p in frame.prompt]
     counts: list[int] = []
     for start in range(0, len(prompts), 10_000):  # batches: token id lists are large
         # verbose=False: a prompt past the model's context is what the check finds and reports
         # (with its true length), not a mistake for transformers to warn of as it counts.
-        batch = tokenizer(prompts[start : start + 10_000], verbose=False)["input_ids"]
+        batch = tokenizer(prompts[start : start + 10_000], verbose=False,
+                          add_special_tokens=shape.add_special_tokens)["input_ids"]  # fmt: skip
         counts += [len(ids) for ids in batch]
     return frame.assign(prompt_tokens=counts)
 

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from steps.evaluation.suites import BenchmarkPlan, quiet_harness, task_manager, tasks_to_run
+from steps.modeling import PromptShape
 
 
 @dataclass(frozen=True)
@@ -233,7 +234,7 @@ def sample_generations(
     model: Any,
     tokenizer: Any,
     prompts: list[str],
-    template: str,
+    shape: PromptShape,
     max_new_tokens: int,
     device: str,
 ) -> list[str]:
@@ -241,15 +242,20 @@ def sample_generations(
     answers = []
     was_training = model.training
     model.eval()
+    stop = {"eos_token_id": list(shape.stop_ids)} if shape.stop_ids else {}
     try:
         with torch.inference_mode(), _cpu_threads(device):
             for prompt in prompts:
-                encoded = tokenizer(template.format(prompt=prompt), return_tensors="pt").to(device)
+                text = shape.text(prompt)
+                encoded = tokenizer(
+                    text, return_tensors="pt", add_special_tokens=shape.add_special_tokens
+                ).to(device)
                 output = model.generate(
                     **encoded,
                     max_new_tokens=max_new_tokens,
                     do_sample=False,
                     pad_token_id=tokenizer.pad_token_id,
+                    **stop,
                 )
                 new_tokens = output[0, encoded["input_ids"].shape[1] :]
                 answers.append(tokenizer.decode(new_tokens, skip_special_tokens=True))

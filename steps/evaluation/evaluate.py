@@ -36,13 +36,15 @@ class EvalConfig(BaseModel):
     )
     suite: str = Field(
         default="quick",
-        description="lm-eval benchmarks: none, quick, standard, or a path to an lm-eval group "
+        description="lm-eval benchmarks: none, quick (40 rows a task), standard (quick + "
+        "OpenBookQA, GSM8K), real (quick's tasks on 500 rows), or a path to an lm-eval group "
         "YAML listing tasks.",
     )
     data_dir: str = Field(
         default="assets/eval",
-        description="Where the suite's data_files are looked up: the bundled 40-row slices, or a "
-        "full conversion (assets/eval/README.md) for numbers comparable with published ones.",
+        description="Where the suite's data_files are looked up: the bundled slices (40 rows; "
+        "500/ holds real's), or a full conversion (assets/eval/README.md) for numbers "
+        "comparable with published ones.",
     )
     tasks: tuple[str, ...] = Field(
         default=(),

@@ -18,7 +18,7 @@ from steps.evaluation.evaluate import EvalConfig, EvalReport, evaluation_loss
 from steps.evaluation.results import Measured, Scored
 from steps.evaluation.suites import BenchmarkPlan
 from steps.hashing import file_md5
-from steps.modeling import ModelConfig, ModelSource, load_model, load_tokenizer
+from steps.modeling import ModelConfig, ModelSource, load_model, load_tokenizer, prompt_shape
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,9 @@ def score_model(
     generations: tuple[tuple[str, str], ...] = ()
     if eval_path is not None and config.generations:
         prompts = list(pd.read_parquet(eval_path, columns=["prompt"]).prompt[: config.generations])
-        answers = sample_generations(model, tokenizer, prompts, model_config.prompt_template,
-                                     config.max_new_tokens, device)  # fmt: skip
+        shape = prompt_shape(tokenizer, model_config)
+        answers = sample_generations(model, tokenizer, prompts, shape, config.max_new_tokens,
+                                     device)  # fmt: skip
         generations = tuple(zip(prompts, answers, strict=True))
     benchmarks = ModelBenchmarks(role, label, loss.loss if loss else None, report, generations)
     return Scoring(loss, benchmarks)

@@ -32,7 +32,7 @@ from steps import config_files
 from steps.hashing import file_md5, text_md5
 
 SUITES_DIR = Path(__file__).parent / "suites"
-NAMED_SUITES = ("quick", "standard")
+NAMED_SUITES = ("quick", "standard", "real")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 

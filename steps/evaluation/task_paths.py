@@ -8,7 +8,7 @@ YAMLs they `include:`, the Python files their `!function` tags import (lm-eval t
 before it is parsed or read; each YAML passes steps/config_files.py's size and alias limits.
 What is otherwise wrong with a YAML (syntax, shape) is left to suites.plan_benchmarks, which
 names the task and file.
-Sift's own suites (quick, standard) and lm-eval's built-in tasks are code, not settings;
+Sift's own suites (quick, standard, real) and lm-eval's built-in tasks are code, not settings;
 eval.data_dir falling back to the Sift checkout's bundled slices (suites.resolve_data_dir)
 is allowed as that folder, and data files named from it must stay inside it or the roots.
 """

@@ -23,9 +23,11 @@ from steps.modeling import (
     IGNORE_INDEX,
     Encoded,
     ModelConfig,
+    PromptShape,
     leading_ids,
     load_model,
     load_tokenizer,
+    prompt_shape,
 )
 from steps.selection.embedding.embed import EmbedConfig, FeaturesRef, embed_encoded, load_pool
 from steps.selection.pool import FeaturePool
@@ -72,7 +74,9 @@ def embed_targets(
     prompt's factor sums x xᵀ over those states. One process (a sample is small).
     """
     tokenizer = load_tokenizer(model_config)
-    encoded = [encode_target(tokenizer, prompt, model_config) for prompt in prompts]
+    shape = prompt_shape(tokenizer, model_config)
+    max_length = model_config.max_length
+    encoded = [encode_target(tokenizer, prompt, shape, max_length) for prompt in prompts]
     short = [i for i, e in enumerate(encoded) if e.n_loss_tokens == 0]
     if short:
         raise ValueError(
@@ -85,7 +89,9 @@ def embed_targets(
     return embed_encoded(model, encoded, pad_id, one_process, out_dir, device, precision)
 
 
-def encode_target(tokenizer: PreTrainedTokenizerBase, prompt: str, config: ModelConfig) -> Encoded:
+def encode_target(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, shape: PromptShape, max_length: int
+) -> Encoded:
     """A templated prompt whose states at positions 1..T-1 are all "loss-bearing".
 
     Position t's state predicts token t+1 (embed_stats), so one token (EOS, any would do:
@@ -96,8 +102,9 @@ def encode_target(tokenizer: PreTrainedTokenizerBase, prompt: str, config: Model
     content. The first is left out: a state after one token (often BOS) says nothing of
     the prompt. The labels' values reach only base_loss, which fisher-target never reads.
     """
-    text = config.prompt_template.format(prompt=prompt)
-    prompt_ids = leading_ids(tokenizer, text, config.max_length, True)[: config.max_length - 1]
+    text = shape.text(prompt)
+    prompt_ids = leading_ids(tokenizer, text, max_length, shape.add_special_tokens)
+    prompt_ids = prompt_ids[: max_length - 1]
     end = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
     input_ids = [*prompt_ids, int(end)]
     return Encoded(input_ids=input_ids, labels=[IGNORE_INDEX, IGNORE_INDEX, *input_ids[2:]])

@@ -3,8 +3,10 @@ from pathlib import Path
 import pytest
 
 from flows.config import ConfigError, load_config, parse_override, resolve_paths
+from steps.packaged_model import PACKAGED_MODELS
 from steps.selection.select import resolve_budget
 from steps.selection.selectors import SELECTORS
+from tests.conftest import REPO
 
 
 def test_defaults_name_the_documented_keys():
@@ -82,3 +84,17 @@ def test_an_unknown_lr_scheduler_fails_at_load_naming_the_key_and_the_choices():
     assert "'cosine_wrong'" in str(raised.value)
     assert "cosine_with_restarts" in str(raised.value)  # the choices are listed
     assert load_config(None, ["finetune.lr_scheduler=linear"]).finetune.lr_scheduler == "linear"
+
+
+def test_a_data_chat_template_with_the_chat_prompt_format_is_an_error_naming_both():
+    with pytest.raises(ConfigError, match=r"data\.chat_template .* model\.prompt_format=chat"):
+        load_config(None, ["data.chat_template=assets/models/stories260K",
+                           "model.prompt_format=chat"])  # fmt: skip
+
+
+def test_the_smollm2_config_names_the_file_make_smollm2_fetches():
+    config = load_config(REPO / "configs" / "smollm2.yaml")
+    smollm2 = PACKAGED_MODELS["smollm2"]
+    assert config.model.name == f"{smollm2.out_dir}/{Path(smollm2.member).name}"
+    assert config.model.prompt_format == "chat"
+    assert config.eval.suite == "real"

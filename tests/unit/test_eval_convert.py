@@ -21,6 +21,9 @@ from steps.evaluation.convert import CONVERTERS, SPLITS, convert_all, convert_ta
 from tests.conftest import REPO
 
 BUNDLED_DIR = REPO / "assets" / "eval"
+# The "real" suite's 500-row slices of the quick suite's tasks (steps/evaluation/suites/real.yaml).
+BUNDLED_500_DIR = BUNDLED_DIR / "500"
+TASKS_500 = ["arc_easy", "arc_challenge", "piqa", "boolq", "lambada_openai", "winogrande"]
 SHARED_DATA = REPO.parent / "shared" / "data"
 BUILTIN_YAMLS = {
     "arc_easy": "arc/arc_easy.yaml",
@@ -257,11 +260,15 @@ def test_every_task_has_a_fixture_and_a_builtin_yaml() -> None:
     assert set(FIXTURES) == set(BUILTIN_YAMLS) == set(EXPECTED) == set(CONVERTERS)
 
 
-@pytest.mark.parametrize("task", sorted(CONVERTERS))
-def test_bundled_rows_have_the_original_schema(task: str) -> None:
+@pytest.mark.parametrize(
+    ("task", "folder", "rows"),
+    [(task, BUNDLED_DIR, 40) for task in sorted(CONVERTERS)]
+    + [(task, BUNDLED_500_DIR, 500) for task in TASKS_500],
+)
+def test_bundled_rows_have_the_original_schema(task: str, folder: Path, rows: int) -> None:
     for split in SPLITS[task]:
-        lines = (BUNDLED_DIR / task / f"{split}.jsonl").read_text().splitlines()
-        assert len(lines) == 40, f"{task}/{split}.jsonl"
+        lines = (folder / task / f"{split}.jsonl").read_text().splitlines()
+        assert len(lines) == rows, f"{folder}/{task}/{split}.jsonl"
         for number, line in enumerate(lines, start=1):
             try:
                 _assert_original_schema(task, json.loads(line))
@@ -388,3 +395,16 @@ def test_bundled_files_equal_a_fresh_conversion_with_limit_40(tmp_path: Path) ->
     for relative in fresh:
         assert (BUNDLED_DIR / relative).read_bytes() == (tmp_path / relative).read_bytes(), relative
     assert len(fresh) == 1 + sum(len(splits) for splits in SPLITS.values())
+
+
+@pytest.mark.skipif(
+    not (SHARED_DATA / "llmfoundry_eval").is_dir(),
+    reason="needs ../shared/data (the full llm-foundry files), absent outside dev",
+)
+def test_bundled_500_row_files_equal_a_fresh_conversion_with_limit_500(tmp_path: Path) -> None:
+    """assets/eval/500/ is exactly what assets/eval/README.md's command writes."""
+    convert_all(SHARED_DATA / "llmfoundry_eval", SHARED_DATA / "gsm8k", tmp_path, TASKS_500, 500)
+    fresh = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    for relative in fresh:
+        assert (BUNDLED_500_DIR / relative).read_bytes() == (tmp_path / relative).read_bytes()
+    assert len(fresh) == 1 + len(TASKS_500)

@@ -68,6 +68,23 @@ def test_quick_plan_lists_builtin_tasks_on_bundled_files(quick_plan: BenchmarkPl
         assert list(overrides["dataset_kwargs"]["data_files"].values()) == [str(data_file)]
 
 
+def test_the_real_suite_plans_the_quick_tasks_on_the_500_row_slices(
+    quick_plan: BenchmarkPlan, tmp_path: Path
+):
+    """eval.suite=real with eval.data_dir at its default reads assets/eval/500/; each quick
+    slice is the first 40 rows of its 500-row slice."""
+    plan = _plan(tmp_path, suite="real")
+    assert plan.names == QUICK
+    assert metric_keys(plan) == metric_keys(quick_plan)
+    for spec, quick in zip(plan.tasks, quick_plan.tasks, strict=True):
+        [data_file] = map(Path, spec.data_files)
+        assert data_file.parent == BUNDLED / "500" / spec.name
+        rows = data_file.read_text().splitlines()
+        assert len(rows) == 500
+        assert rows[:40] == Path(quick.data_files[0]).read_text().splitlines()
+    assert plan.fingerprint != quick_plan.fingerprint
+
+
 def test_fingerprint_is_stable_across_plans(quick_plan: BenchmarkPlan, tmp_path: Path):
     again = _plan(tmp_path)
     assert again.fingerprint == quick_plan.fingerprint
