@@ -30,7 +30,8 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from steps.modeling import model_source, resolve_hardware
+from steps.hardware import resolve_hardware
+from steps.modeling import model_source
 from steps.selection.advise import AdviseSettings, advise_file, write_advice
 from steps.selection.select import SelectConfig
 from steps.study.study import load_study_config

@@ -36,16 +36,15 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from steps.hardware import autocast, resolve_precision
 from steps.modeling import (
     Encoded,
     ModelConfig,
-    autocast,
     encode_examples,
     length_sorted_batches,
     load_model,
     load_tokenizer,
     pad_batch,
-    resolve_precision,
 )
 from steps.selection.embedding.embed import EmbedConfig, embed_encoded, embed_pool
 

@@ -52,14 +52,9 @@ from steps.evaluation.evaluate import EvalReport
 from steps.evaluation.publish import log_scoring, write_run_report
 from steps.evaluation.score import Scoring, scored
 from steps.evaluation.suites import BenchmarkPlan, metric_keys, plan_benchmarks
+from steps.hardware import resolve_hardware
 from steps.hashing import code_fingerprint
-from steps.modeling import (
-    ModelConfig,
-    ModelSource,
-    model_source,
-    resolve_hardware,
-    trained_source,
-)
+from steps.modeling import ModelConfig, ModelSource, model_source, trained_source
 from steps.registry.gate import check_gate_metric
 from steps.registry.lineage import lineage_tags
 from steps.registry.register import ModelVersionRef, Promotion, champion_data_md5

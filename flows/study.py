@@ -39,13 +39,8 @@ from steps.data.validate import (
     validate_into,
     validated_report,
 )
-from steps.modeling import (
-    ModelConfig,
-    ModelSource,
-    model_source,
-    resolve_hardware,
-    trained_source,
-)
+from steps.hardware import resolve_hardware
+from steps.modeling import ModelConfig, ModelSource, model_source, trained_source
 from steps.selection.embedding.embed import FeaturesRef, feature_space, load_pool
 from steps.study import report, study as lib
 

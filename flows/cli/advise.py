@@ -41,7 +41,8 @@ def advise_command(
     Prints the budget and the reason; writes advice.json (curves, the rule's numbers) and
     advice.png. Paths are relative to the working directory."""
     from steps.data.ingest import IngestError
-    from steps.modeling import model_source, resolve_hardware
+    from steps.hardware import resolve_hardware
+    from steps.modeling import model_source
     from steps.selection.advise import advise_file, write_advice
 
     configure_logging(verbose)

@@ -65,7 +65,8 @@ def evaluate_command(
     from steps.evaluation.score import score_source
     from steps.evaluation.suites import BenchmarkError, plan_benchmarks
     from steps.gguf import GgufError
-    from steps.modeling import model_source, resolve_hardware
+    from steps.hardware import resolve_hardware
+    from steps.modeling import model_source
 
     try:
         plan = plan_benchmarks(resolved.eval, root)

@@ -249,7 +249,8 @@ def select_command(
 
     from flows.runtime import state_dir
     from steps.data.ingest import IngestError
-    from steps.modeling import model_source, resolve_hardware
+    from steps.hardware import resolve_hardware
+    from steps.modeling import model_source
     from steps.selection.evidence import select_caution
     from steps.selection.select import load_prior, select_from_file
 

@@ -10,11 +10,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
+from steps.hardware import autocast
 from steps.modeling import (
     IGNORE_INDEX,
     ModelConfig,
     ModelSource,
-    autocast,
     encode_examples,
     length_sorted_batches,
     load_model,

@@ -253,12 +253,17 @@ def test_a_path_typed_as_a_commands_own_option_is_its_users_choice(layout):
 
 
 def test_the_repos_own_configs_and_assets_pass():
+    """Every path the bundled configs name is in the clone, but for a model that `make
+    smollm2` fetches into models/ (not in git): until fetched, its setting is left out."""
     repo = MODEL_DIR.parents[2]
     for path in sorted((repo / "configs").glob("*.yaml")):
         if path.name.startswith("study"):
             check_paths(load_study_config(path, [], repo), repo)
-        else:
-            check_paths(resolve_paths(load_config(path), repo), repo)
+            continue
+        config = resolve_paths(load_config(path), repo)
+        model = repo / config.model.name
+        unfetched = model.is_relative_to(repo / "models") and not model.exists()
+        check_paths(config, repo, skip={"model.name"} if unfetched else ())
 
 
 # -- config files ----------------------------------------------------------------------

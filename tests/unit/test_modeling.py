@@ -1,5 +1,6 @@
 import pytest
 
+from steps.hardware import resolve_device
 from steps.modeling import (
     IGNORE_INDEX,
     ModelConfig,
@@ -9,7 +10,6 @@ from steps.modeling import (
     load_tokenizer,
     pad_batch,
     prompt_shape,
-    resolve_device,
 )
 from tests.conftest import MODEL_DIR
 

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from steps import modeling
-from steps.modeling import ModelConfig, model_width, resolve_hardware, resolve_precision
+from steps import hardware
+from steps.hardware import model_width, resolve_hardware, resolve_precision
+from steps.modeling import ModelConfig
 from tests.conftest import MODEL_DIR
 from tests.gguf_files import write_gguf
 
@@ -17,7 +18,7 @@ def native_bf16(monkeypatch: pytest.MonkeyPatch):
     """A CPU that lists bf16 instructions, or one that does not, whatever this machine is."""
 
     def set_to(present: bool) -> None:
-        monkeypatch.setattr(modeling, "cpu_has_native_bf16", lambda: present)
+        monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: present)
 
     return set_to
 

@@ -92,7 +92,7 @@ class FeaturesRef:
     padding_fraction: float
     hidden_size: int = 0  # the model's d, before any sketch
     tokens_per_second: float = 0.0  # of this pass (0 when every chunk came from disk)
-    precision: str = "fp32"  # what the forward passes computed in (see modeling.autocast)
+    precision: str = "fp32"  # what the forward passes computed in (see hardware.autocast)
     token_weight: str = "none"  # "label": LABEL_FILES are there too (EmbedConfig.token_weight)
 
 

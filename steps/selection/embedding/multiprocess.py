@@ -44,7 +44,7 @@ def write_report(launch_dir: Path, rank: int, report: WorkerReport) -> None:
 
 def launch_command(spec_path: Path, launch_dir: Path, num_processes: int) -> list[str]:
     """`accelerate launch` of the workers on this machine: the pass runs its own autocast
-    (steps.modeling.autocast), not accelerate's."""
+    (steps.hardware.autocast), not accelerate's."""
     return accelerate_launch(num_processes, "no", WORKER_MODULE, [spec_path, launch_dir])
 
 

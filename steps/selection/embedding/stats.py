@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from steps.modeling import IGNORE_INDEX, Encoded, autocast, length_sorted_batches, pad_batch
+from steps.hardware import autocast
+from steps.modeling import IGNORE_INDEX, Encoded, length_sorted_batches, pad_batch
 
 
 def chunk_statistics(
