@@ -3,6 +3,13 @@
     python benchmarks/bench_embed.py                      # stories260K, 2,000 GSM8K examples
     python benchmarks/bench_embed.py --model <id|path> --examples 5000 --device cuda  # bf16
     python benchmarks/bench_embed.py --processes 2 --chunk-examples 250  # + embed_pool, 2 procs
+    python benchmarks/bench_embed.py --model models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
+        --prompt-format chat --max-length 256 --examples 32 --batch-size 16 \
+        --batch-tokens 4096 --precision bf16 --threads 1     # a GGUF: converted once, .sift/gguf/
+
+--model is what model.name takes (a folder, a hub id, a .gguf file: benchmarks/model_arguments.py);
+--precision auto resolves as model.precision does (bf16 on CPUs with bf16 instructions for
+models of hidden size >= 256). --threads sets torch's CPU threads (default: torch's own).
 
 Both loops see the same tokenised examples and count real (unpadded) tokens per second:
 - plain loop: batches of --batch-size examples in file order, padded to the longest, under
@@ -17,7 +24,9 @@ Both loops see the same tokenised examples and count real (unpadded) tokens per 
   (steps/selection/embedding/multiprocess.py), timed from the call (worker start-up and model
   loading included) and by the workers' own loops (FeaturesRef.tokens_per_second); needs at
   least N chunks (--chunk-examples).
-Each is run twice and the faster run kept (the first warms caches and allocators).
+Each is run --repeats times (default 2), the arms in turn, and the fastest run kept (the first
+warms caches and allocators); beside wall seconds, the process's CPU seconds (best of the
+repeats; one thread: what neighbours on a shared box disturb least, as bench_evaluate.py does).
 MFU = real tokens/s × forward FLOPs per token ÷ --peak-tflops (default on CUDA: 989, dense
 bf16 of an H100/H200 SXM; on CPU only when given), with forward FLOPs ≈ 2 × the parameters
 that multiply (all but the input-embedding lookup; a tied output head counts): attention's
@@ -35,11 +44,11 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from model_arguments import add_model_arguments, benchmark_model, benchmark_precision
 
-from steps.hardware import autocast, resolve_precision
+from steps.hardware import autocast
 from steps.modeling import (
     Encoded,
-    ModelConfig,
     encode_examples,
     length_sorted_batches,
     load_model,
@@ -108,11 +117,16 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     parser.add_argument("--processes", type=int, default=1, help="> 1: also embed_pool in N")
     parser.add_argument("--peak-tflops", type=float, default=None, help="for MFU (CUDA: 989)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each arm; best kept")
+    add_model_arguments(parser)
     args = parser.parse_args()
-    precision = resolve_precision(args.precision, args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model_config = benchmark_model(args.model, args)
+    precision = benchmark_precision(args.precision, args.device, model_config)
     peak = args.peak_tflops or (989.0 if args.device == "cuda" else None)
 
-    model_config = ModelConfig(name=args.model)
     tokenizer = load_tokenizer(model_config)
     model = load_model(model_config, args.device).eval()
     prompts, responses = read_pool(Path(args.data), args.examples)
@@ -139,25 +153,34 @@ def main() -> None:
         [encoded[i] for i in rows] for rows in length_sorted_batches(lengths, args.batch_tokens)
     ]
     results: dict[str, tuple[float, float]] = {}
+    cpu_seconds: dict[str, float] = {}  # the in-process arms only
 
-    def keep(name: str, seconds: float, padding: float) -> None:
+    def keep(name: str, seconds: float, padding: float, cpu: float | None = None) -> None:
         if name not in results or seconds < results[name][0]:
             results[name] = (seconds, padding)
+        if cpu is not None:
+            cpu_seconds[name] = min(cpu, cpu_seconds.get(name, math.inf))
 
-    for _ in range(2):
+    for _ in range(args.repeats):
         for name, batches in [
             ("plain loop, file order", file_order),
             ("plain loop, length-sorted", sorted_batches),
         ]:
+            cpu = time.process_time()
             seconds, padded = plain_loop(model, batches, pad_id, args.device, precision)
-            keep(name, seconds, padded / (padded + tokens))
+            keep(name, seconds, padded / (padded + tokens), time.process_time() - cpu)
         for name, weighted in passes.items():
             with tempfile.TemporaryDirectory() as out:
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 ref = embed_encoded(
                     model, encoded, pad_id, weighted, Path(out), args.device, precision
                 )
-                keep(name, time.perf_counter() - start, ref.padding_fraction)
+                keep(
+                    name,
+                    time.perf_counter() - start,
+                    ref.padding_fraction,
+                    time.process_time() - cpu,
+                )
     if args.processes > 1:
         chunks = math.ceil(len(encoded) / args.chunk_examples)
         if chunks < args.processes:
@@ -195,16 +218,31 @@ def main() -> None:
         + "\n"
     )
     mfu_header = " MFU |" if peak else ""
-    print(f"| loop | seconds | tokens/s | padding | vs plain, file order |{mfu_header}")
-    print("|---|---:|---:|---:|---:|" + ("---:|" if peak else ""))
+    print(
+        "| loop | seconds | tokens/s | padding | vs plain, file order "
+        f"| vs plain, same batches | CPU s | vs plain, same batches, by CPU s |{mfu_header}"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if peak else ""))
     baseline = results["plain loop, file order"][0]
+    same_batches = results["plain loop, length-sorted"][0]
+    same_batches_cpu = cpu_seconds["plain loop, length-sorted"]
     for name, (seconds, padding) in results.items():
         rate = tokens / seconds
         mfu = f" {rate * per_token / (peak * 1e12):.2%} |" if peak else ""
+        used = cpu_seconds.get(name)
+        by_cpu = ("| – | – |" if used is None
+                  else f"| {used:.2f} | {same_batches_cpu / used:.2f}x |")  # fmt: skip
         print(
             f"| {name} | {seconds:.2f} | {rate:,.0f} | {padding:.1%} "
-            f"| {baseline / seconds:.2f}x |{mfu}"
+            f"| {baseline / seconds:.2f}x | {same_batches / seconds:.2f}x {by_cpu}{mfu}"
         )
+    none, label = passes
+    vocabulary = model.get_output_embeddings().weight.shape[0]
+    print(
+        f"\ntoken_weight=label / none: {results[none][0] / results[label][0]:.2f}x the tokens/s "
+        f"({cpu_seconds[none] / cpu_seconds[label]:.2f}x by CPU time; a softmax over "
+        f"{vocabulary:,} vocabulary entries per loss token)"
+    )
 
 
 if __name__ == "__main__":

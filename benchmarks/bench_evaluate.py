@@ -2,10 +2,15 @@
 
     python benchmarks/bench_evaluate.py                       # arc_easy + piqa, 200 docs each
     python benchmarks/bench_evaluate.py --tasks arc_easy --limit 50 --repeats 1
+    python benchmarks/bench_evaluate.py --model models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
+        --tasks quick --limit 20                            # the quick suite's six tasks
 
-Both score the bundled stories260K on the same local files (the FULL llm-foundry copies,
-converted into a temporary folder by steps.evaluation.convert), the same task, limit and
-batch size, on the CPU with one torch thread:
+Both score the same model (--model: the bundled stories260K unless given; what model.name takes,
+a .gguf file converted once into .sift/gguf/ by benchmarks/model_arguments.py, the folder both
+sides then load) on the same local files (the FULL llm-foundry copies, converted into a
+temporary folder by steps.evaluation.convert), the same task, limit and batch size, on the CPU
+with one torch thread, in fp32 (Sift's benchmarks score the fp32 model whatever
+model.precision says, so there is no --precision here):
 (a) Sift: plan_benchmarks on a one-task suite (the member of suites/quick.yaml) and
     run_benchmarks on the model loaded by steps.modeling;
 (b) direct: lm_eval.simple_evaluate(model="hf", ...) on a plain task YAML that includes the
@@ -33,6 +38,7 @@ from typing import Any
 
 import torch
 import yaml
+from model_arguments import benchmark_model
 
 from steps.evaluation.benchmarks import BenchmarkReport, run_benchmarks
 from steps.evaluation.convert import convert_task
@@ -60,6 +66,14 @@ def suite_member(task: str) -> dict[str, Any]:
         if found is not None:
             return found
     raise SystemExit(f"--tasks: {task!r} is in neither the quick nor the standard suite")
+
+
+def suite_tasks(names: str) -> list[str]:
+    """--tasks: a suite's name stands for its tasks, in the suite's order."""
+    suite = SUITES_DIR / f"{names}.yaml"
+    if suite.is_file():
+        return [member["task"] for member in yaml.safe_load(suite.read_text())["task"]]
+    return names.split(",")
 
 
 def write_task_files(task: str, data_dir: Path, work_dir: Path) -> tuple[Path, Path]:
@@ -97,7 +111,7 @@ def run_sift(
     started, cpu = time.perf_counter(), time.process_time()
     config = EvalConfig(suite=str(suite_path), data_dir=str(data_dir), limit=args.limit)
     plan = plan_benchmarks(config, REPO)
-    model_config = ModelConfig(name=str(MODEL_DIR))
+    model_config = ModelConfig(name=args.model_dir)
     model, tokenizer = load_model(model_config, "cpu"), load_tokenizer(model_config)
     report = run_benchmarks(model, tokenizer, plan, out, "cpu", args.batch_size)
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
@@ -115,7 +129,7 @@ def run_direct(task: str, include_dir: Path, args: argparse.Namespace) -> Timed:
     with quiet_harness():  # as Sift's run: lm-eval's INFO lines off the console
         results = simple_evaluate(
             model="hf",
-            model_args={"pretrained": str(MODEL_DIR), "dtype": "float32"},
+            model_args={"pretrained": args.model_dir, "dtype": "float32"},
             tasks=[task],
             limit=args.limit,
             batch_size=args.batch_size,
@@ -162,7 +176,12 @@ def compare_task(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--limit", type=int, default=200, help="documents per task")
-    parser.add_argument("--tasks", default="arc_easy,piqa", help="comma-separated lm-eval tasks")
+    parser.add_argument("--model", default=str(MODEL_DIR), help="model.name: folder, hub id, .gguf")
+    parser.add_argument(
+        "--tasks",
+        default="arc_easy,piqa",
+        help="comma-separated lm-eval tasks, or a suite's name (quick, standard): all its tasks",
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument(
         "--llmfoundry-dir",
@@ -178,9 +197,10 @@ def main() -> None:
             "converts the full eval files from llm-foundry's scripts/eval/local_data)"
         )
     torch.set_num_threads(1)
-    tasks = args.tasks.split(",")
+    tasks = suite_tasks(args.tasks)
+    args.model_dir = benchmark_model(args.model).name  # a GGUF: its converted folder, once
     print(f"# bench_evaluate ({os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}, "
-          f"lm-eval {version('lm_eval')}, stories260K, limit {args.limit}, batch "
+          f"lm-eval {version('lm_eval')}, {args.model}, limit {args.limit}, batch "
           f"{args.batch_size}, best of {args.repeats})")  # fmt: skip
     speed = ["| task | docs | Sift s | direct s | Sift docs/s | direct docs/s | ratio | "
              "CPU s Sift / direct | ratio by CPU time |",

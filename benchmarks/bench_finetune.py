@@ -4,6 +4,9 @@
     python benchmarks/bench_finetune.py --model llama-3m          # 3.4M params, CPU
     python benchmarks/bench_finetune.py --model llama-125m --device cuda --precision bf16 \\
         --examples 2000 --batch-size 32                           # ~125M Llama on a GPU (+ MFU)
+    python benchmarks/bench_finetune.py --model models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
+        --prompt-format chat --max-length 256 --examples 16 --batch-size 4 \
+        --learning-rate 3e-5 --precision bf16 --threads 1    # a real model (a folder or a GGUF)
 
 Same model, same GSM8K examples (prompt template, max_length, completion-only labels), same
 optimizer settings, seed, epochs and batch size, in one process, alternating repeats:
@@ -14,9 +17,10 @@ optimizer settings, seed, epochs and batch size, in one process, alternating rep
 tokens/s counts real (non-padding) tokens over the wall time of trainer.train(), best of
 --repeats; padding is the share of computed positions that were padding.
 `--model llama-3m|llama-125m` builds a Llama from a config (random init, no hub;
-stories260K's tokenizer). On CUDA the script also reports model FLOPs utilisation
-(6N + 12·L·d·T FLOPs per token, PaLM appendix B) against --peak-tflops (H100 SXM dense
-bf16: 989).
+stories260K's tokenizer); any other --model is what model.name takes (a folder, a hub id, a
+.gguf file converted once into .sift/gguf/: benchmarks/model_arguments.py). On CUDA the
+script also reports model FLOPs utilisation (6N + 12·L·d·T FLOPs per token, PaLM appendix B)
+against --peak-tflops (H100 SXM dense bf16: 989). --threads sets torch's CPU threads.
 
     python benchmarks/bench_finetune.py --compare-packing --examples 400 --epochs 2
 
@@ -61,9 +65,14 @@ LLAMA_SIZES = {"llama-125m": (768, 13, 12), "llama-30m": (512, 8, 8), "llama-3m"
 
 
 def build_model(name: str, work_dir: Path) -> Path:
-    """A local model folder: stories260K as bundled, or a random-init Llama (LLAMA_SIZES)."""
+    """A local model folder: stories260K as bundled, a random-init Llama (LLAMA_SIZES), or the
+    folder model.name=`name` loads (a GGUF: its converted folder)."""
     if name == "stories260K":
         return STORIES
+    if name not in LLAMA_SIZES:
+        from model_arguments import benchmark_model
+
+        return Path(benchmark_model(name).name)
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     hidden, layers, heads = LLAMA_SIZES[name]
@@ -86,6 +95,15 @@ def build_model(name: str, work_dir: Path) -> Path:
     return folder
 
 
+def shown(model_dir: Path, args):
+    """The model folder with the examples shown as --max-length and --prompt-format say."""
+    from steps.modeling import ModelConfig
+
+    return ModelConfig(
+        name=str(model_dir), max_length=args.max_length, prompt_format=args.prompt_format
+    )
+
+
 def gsm8k_table(examples: int, path: Path) -> list[str]:
     with (REPO / "assets" / "data" / "gsm8k" / "train.jsonl").open() as handle:
         rows = [json.loads(next(handle)) for _ in range(examples)]
@@ -101,7 +119,6 @@ def gsm8k_table(examples: int, path: Path) -> list[str]:
 
 
 def run_step(args, model_dir: Path, table: Path, ids: list[str], out_dir: Path, run_id: str):
-    from steps.modeling import ModelConfig
     from steps.training.finetune import FinetuneConfig, finetune
 
     config = FinetuneConfig(
@@ -111,7 +128,7 @@ def run_step(args, model_dir: Path, table: Path, ids: list[str], out_dir: Path, 
         checkpoint_steps=args.checkpoint_steps,
         gradient_checkpointing=args.gradient_checkpointing,
     )
-    model = ModelConfig(name=str(model_dir), max_length=args.max_length)
+    model = shown(model_dir, args)
     ref = finetune(str(table), ids, model, config, out_dir, args.device, args.precision, run_id)
     return ref.tokens / ref.seconds, ref.padding_fraction, ref.seconds
 
@@ -125,9 +142,9 @@ def run_plain(args, model_dir: Path, table: Path, ids: list[str], out_dir: Path,
         TrainingArguments,
     )
 
-    from steps.modeling import ModelConfig, encode_examples, load_tokenizer
+    from steps.modeling import encode_examples, load_tokenizer
 
-    model_config = ModelConfig(name=str(model_dir), max_length=args.max_length)
+    model_config = shown(model_dir, args)
     tokenizer = load_tokenizer(model_config)
     frame = pd.read_parquet(table).set_index("id").loc[ids]
     encoded = encode_examples(tokenizer, list(frame.prompt), list(frame.response), model_config)
@@ -193,10 +210,10 @@ class Trained:
     heldout_loss: float
 
 
-def encoded_split(model_dir: Path, max_length: int, split: str, rows: int):
-    from steps.modeling import ModelConfig, encode_examples, load_tokenizer
+def encoded_split(model_dir: Path, args, split: str, rows: int):
+    from steps.modeling import encode_examples, load_tokenizer
 
-    config = ModelConfig(name=str(model_dir), max_length=max_length)
+    config = shown(model_dir, args)
     with (REPO / "assets" / "data" / "gsm8k" / f"{split}.jsonl").open() as handle:
         records = [json.loads(next(handle)) for _ in range(rows)]
     questions, answers = [r["question"] for r in records], [r["answer"] for r in records]
@@ -229,7 +246,6 @@ def train_sampler(args, model_dir: Path, table: Path, ids: list[str], out_dir: P
     from mlflow.tracking import MlflowClient
     from transformers import AutoModelForCausalLM
 
-    from steps.modeling import ModelConfig
     from steps.training.finetune import FinetuneConfig, finetune
 
     client = MlflowClient()
@@ -244,7 +260,7 @@ def train_sampler(args, model_dir: Path, table: Path, ids: list[str], out_dir: P
         logging_steps=1,
         gradient_checkpointing=args.gradient_checkpointing,
     )
-    model = ModelConfig(name=str(model_dir), max_length=args.max_length)
+    model = shown(model_dir, args)
     ref = finetune(str(table), ids, model, config, out_dir, args.device, args.precision, run_id)
     losses = client.get_metric_history(run_id, "train/loss")
     seen = {
@@ -278,9 +294,9 @@ def train_packed(args, model_dir: Path, examples, out_dir: Path, rows_per_batch:
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    from steps.modeling import ModelConfig, load_tokenizer
+    from steps.modeling import load_tokenizer
 
-    tokenizer = load_tokenizer(ModelConfig(name=str(model_dir), max_length=args.max_length))
+    tokenizer = load_tokenizer(shown(model_dir, args))
     if tokenizer.unk_token is not None:
         # Padding-free rows hold no padding; Trainer counts non-padding tokens as input_ids !=
         # pad_token_id, which with our pad (EOS) would skip every example's last token.
@@ -342,9 +358,9 @@ def compare_packing(args, model_dir: Path, table: Path, ids: list[str], work_dir
     except ImportError as error:
         raise SystemExit("--compare-packing needs TRL: pip install trl==1.16.0") from error
 
-    examples = encoded_split(model_dir, args.max_length, "train", args.examples)
+    examples = encoded_split(model_dir, args, "train", args.examples)
     pad_id = load_tokenizer(ModelConfig(name=str(model_dir))).pad_token_id
-    heldout = (encoded_split(model_dir, args.max_length, "test", args.heldout), pad_id)
+    heldout = (encoded_split(model_dir, args, "test", args.heldout), pad_id)
     rows = packed_rows(examples, args.packed_length)
     # as many optimizer steps per epoch as the sampler's ceil(examples / batch_size)
     rows_per_batch = max(1, round(rows / math.ceil(len(examples) / args.batch_size)))
@@ -416,7 +432,11 @@ def plot_curves(sampler: Trained, packed: Trained, path: Path, args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["stories260K", *LLAMA_SIZES], default="stories260K")
+    parser.add_argument(
+        "--model",
+        default="stories260K",
+        help=f"stories260K, {', '.join(LLAMA_SIZES)}, or a model.name (folder, hub id, .gguf)",
+    )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--examples", type=int, default=400)
@@ -424,6 +444,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=2e-3)
     parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--prompt-format", choices=["template", "chat"], default="template")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--checkpoint-steps", type=int, default=50)
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--repeats", type=int, default=2)
@@ -432,6 +454,8 @@ def main() -> None:
     parser.add_argument("--packed-length", type=int, default=512, help="packing: row length")
     parser.add_argument("--heldout", type=int, default=100, help="packing: test examples")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     work_dir = Path(tempfile.mkdtemp(prefix="bench-finetune-"))
     os.environ.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{work_dir / 'mlflow.db'}")
@@ -468,9 +492,9 @@ def main() -> None:
             f"{rate / best['plain'][0]:.2f}× | {rate / best['plain+grouped'][0]:.2f}× |"
         )
     if args.device == "cuda":
-        from steps.modeling import ModelConfig, encode_examples, load_tokenizer
+        from steps.modeling import encode_examples, load_tokenizer
 
-        config = ModelConfig(name=str(model_dir), max_length=args.max_length)
+        config = shown(model_dir, args)
         frame = pd.read_parquet(table)
         lengths = [
             len(e.input_ids)

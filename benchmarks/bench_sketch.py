@@ -4,14 +4,21 @@ on the exact objective; prints a markdown table and the smallest sketch size tha
     python benchmarks/bench_sketch.py            # N=1,000, k=100: 6 minutes on one core, 3.9 GB
     python benchmarks/bench_sketch.py --quick    # N=300, k=30: under 2 minutes
     python benchmarks/bench_sketch.py --n 2000 --k 200
+    python benchmarks/bench_sketch.py --model models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
+        --prompt-format chat --max-length 256 --quick      # a trained model's states (d=576)
 
 Quality = exact f(S) - f(empty) of the k `fisher` picks made on a sketch (EmbedConfig.sketch_dim
 in `--dims`) over that of the picks made on the exact statistics; overlap = the share of the
-exact picks the sketch also picks. Two pools of N examples at d=768:
+exact picks the sketch also picks. Two pools of N examples at d=768 (or --model's width):
 - GSM8K: the first N bundled training examples through a seeded random-init llama of width 768
-  (2 layers, 12 heads, stories260K's tokenizer), embedded by the repo's embed step with no
-  sketch; each sketch is `project` of those statistics with the embed step's own seed, which
-  is what embed_pool with that sketch_dim stores (checked here on the first examples);
+  (2 layers, 12 heads, stories260K's tokenizer), or through --model (what model.name takes: a
+  folder, a hub id, a .gguf file converted once by benchmarks/model_arguments.py; d is then its
+  hidden size, and the synthetic pool's too), embedded by the repo's embed step with no sketch
+  (in --precision, fp32 unless given); each sketch is `project` of those statistics with the
+  embed step's own seed, which is what embed_pool with that sketch_dim stores (checked here on
+  the first examples). The pass runs with embed.token_weight=none: `fisher` reads the plain
+  factors, which the label weights (a softmax over the vocabulary per loss token) leave as
+  they are;
 - synthetic: benchmarks/bench_select.py's realistic-spectrum pool (power law, 16 topics).
 Seconds are the sketch's project + select, one thread.
 """
@@ -27,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from bench_select import synthetic_pool  # benchmarks/ is this script's sys.path[0]
+from model_arguments import add_model_arguments, benchmark_model
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from steps.data.ingest import IngestConfig, normalise, write_table
@@ -41,7 +49,8 @@ TOKENIZER_DIR = REPO / "assets/models/stories260K"
 SOURCE = REPO / "assets/data/gsm8k/train.jsonl"
 WIDTH = 768
 QUALITY_BAR = 0.995  # within 0.5% of the exact picks' information gain
-EXACT = EmbedConfig(sketch_dim=0, batch_tokens=4096)  # 0: never projected
+# 0: never projected; fisher reads only the plain factors, so no label-weighted ones
+EXACT = EmbedConfig(sketch_dim=0, batch_tokens=4096, token_weight="none")
 
 
 def random_llama(model_dir: Path) -> ModelConfig:
@@ -81,17 +90,19 @@ def in_memory(pool: FeaturePool) -> FeaturePool:
     return FeaturePool(**{name: np.array(getattr(pool, name)) for name in FILES})
 
 
-def gsm8k_pool(n: int, dims: list[int], work: Path) -> FeaturePool:
-    """Exact d=768 statistics of n GSM8K examples; asserts that projecting them gives, Gram for
-    Gram, the statistics embed_pool stores with each sketch_dim in `dims` (first 16 examples)."""
-    model = random_llama(work / "model")
+def gsm8k_pool(
+    n: int, dims: list[int], model: ModelConfig, precision: str, work: Path
+) -> FeaturePool:
+    """Exact statistics (d = the model's width) of n GSM8K examples; asserts that projecting them
+    gives, Gram for Gram, the statistics embed_pool stores with each sketch_dim in `dims` (first
+    16 examples)."""
     table = pool_table(n, model, work / "pool.parquet")
-    exact = in_memory(load_pool(embed_pool(table, model, EXACT, work / "exact", "cpu", "fp32")))
+    exact = in_memory(load_pool(embed_pool(table, model, EXACT, work / "exact", "cpu", precision)))
     check = pool_table(min(n, 16), model, work / "check.parquet")
     head = exact.subset(np.arange(min(n, 16)))
     for dim in dims:
-        config = EmbedConfig(sketch_dim=dim, batch_tokens=EXACT.batch_tokens)
-        stored = load_pool(embed_pool(check, model, config, work / f"s{dim}", "cpu", "fp32"))
+        config = EXACT.model_copy(update={"sketch_dim": dim})
+        stored = load_pool(embed_pool(check, model, config, work / f"s{dim}", "cpu", precision))
         projected = project(head, dim, config.sketch_seed)
         for i, (got, want) in enumerate(zip(grams(stored), grams(projected), strict=True)):
             error = np.abs(got - want).max() / np.abs(want).max()
@@ -138,19 +149,30 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=100, help="budget")
     parser.add_argument("--dims", type=int, nargs="+", default=[32, 64, 128, 256, 512])
     parser.add_argument("--quick", action="store_true", help="N=300, k=30")
+    parser.add_argument("--model", default=None, help="model.name (default: a random llama-768)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="embed")
+    add_model_arguments(parser)
     args = parser.parse_args()
     if args.quick:
         args.n, args.k = 300, 30
     dims = sorted(args.dims)
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as work:
-        real = gsm8k_pool(args.n, dims, Path(work))
-    t = real.n_tokens
+        if args.model is None:
+            name, label = random_llama(Path(work) / "model").name, f"random llama-{WIDTH}"
+        else:
+            name, label = args.model, Path(args.model).name
+        model = benchmark_model(name, args)  # shown as --max-length and --prompt-format say
+        real = gsm8k_pool(args.n, dims, model, args.precision, Path(work))
+    t, width = real.n_tokens, real.d
     tokens = f"GSM8K loss tokens per example: {t.min()}-{t.max()}, median {np.median(t):.0f}"
-    rows = measure("GSM8K, random llama-768", real, args.k, dims)
+    rows = measure(f"GSM8K, {label}", real, args.k, dims)
     del real
-    rows += measure("synthetic (bench_select)", synthetic_pool(args.n, WIDTH, seed=2), args.k, dims)
-    print(f"\n## sketch faithfulness: N={args.n}, d={WIDTH}, k={args.k}, one thread\n")
+    rows += measure("synthetic (bench_select)", synthetic_pool(args.n, width, seed=2), args.k, dims)
+    print(
+        f"\n## sketch faithfulness: N={args.n}, d={width}, k={args.k}, one thread, "
+        f"{args.precision} embedding\n"
+    )
     print(f"({tokens})\n")
     print("| source | sketch dim | quality | overlap with exact picks | seconds |")
     print("|---|---:|---:|---:|---:|")
