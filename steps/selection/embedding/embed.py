@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -52,6 +53,7 @@ from steps.selection.embedding.files import (
     chunk_path,
     drop_corrupt_chunks,
     folder_problem,
+    private_partial,
     record_checksums,
     save_chunk,
     start_folder,
@@ -336,8 +338,11 @@ def _consolidate(
     }
     if token_weight == "label":
         shapes["label_factors"] = shapes["factors"]
+    # Written under private names and moved into place whole: a run of the same project that
+    # already reads this folder (same pool, same key) never sees a file being rewritten.
+    partial = {name: private_partial(out_dir / f"{name}.npy") for name in shapes}
     out = {
-        name: np.lib.format.open_memmap(out_dir / f"{name}.npy", "w+", dtype, shape)
+        name: np.lib.format.open_memmap(partial[name], "w+", dtype, shape)
         for name, (shape, dtype) in shapes.items()
     }
     example = row = 0
@@ -355,6 +360,8 @@ def _consolidate(
     for array in out.values():
         array.flush()
     del out
+    for name, path in partial.items():
+        os.replace(path, out_dir / f"{name}.npy")
     record_checksums(out_dir, [f"{name}.npy" for name in shapes])
     ref = FeaturesRef(
         features_dir=str(out_dir),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -62,10 +63,18 @@ def drop_corrupt_chunks(out_dir: Path, chunks: int) -> None:
             path.unlink()
 
 
+def private_partial(path: Path) -> Path:
+    """A name beside path that no other process writes: two runs of one project that embed
+    the same pool at once (same cache key, same folder) each write their own file, and
+    os.replace puts a whole one in place, never one the other is still writing."""
+    return path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+
+
 def save_chunk(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """Write-then-rename, its md5 recorded before the rename: a chunk on disk has its record."""
-    partial = path.with_suffix(".partial.npz")
-    np.savez(partial, **arrays)  # type: ignore[arg-type]  # numpy's stub misreads **kwds
+    partial = private_partial(path)
+    with partial.open("wb") as handle:  # a file, not a name: savez would add ".npz" to it
+        np.savez(handle, **arrays)  # type: ignore[arg-type]  # numpy's stub misreads **kwds
     record_md5(partial, _md5_path(path))
     os.replace(partial, path)
 
@@ -73,7 +82,7 @@ def save_chunk(path: Path, arrays: dict[str, np.ndarray]) -> None:
 def record_checksums(out_dir: Path, names: list[str]) -> None:
     """The md5 of each consolidated file, what folder_problem checks them against."""
     checksums = {name: file_md5(out_dir / name) for name in names}
-    partial = out_dir / f"{CHECKSUMS}.partial"
+    partial = private_partial(out_dir / CHECKSUMS)
     partial.write_text(json.dumps(checksums, indent=2))
     os.replace(partial, out_dir / CHECKSUMS)
 
