@@ -30,7 +30,7 @@ smollm2: $(STAMP)  ## fetch SmolLM2-135M-Instruct (4-bit GGUF) into models/smoll
 # one file after another (~85 s); compileall -j 0 uses every core. A few files are not Python
 # 3.11 (torch's py312 test helpers): they stay uncompiled, as pip leaves them, hence || true.
 # One BLAS/OpenMP thread per process, so the workers do not oversubscribe the cores.
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
 # ruff, mypy and the strict docs build are tests too (tests/unit/test_static_checks.py): they
