@@ -24,13 +24,14 @@ smollm2: $(STAMP)  ## fetch SmolLM2-135M-Instruct (4-bit GGUF) into models/smoll
 
 # The suite in pytest-xdist workers, a test file each at a time (--dist loadfile: a file's
 # module-scoped servers start once), files with slow tests first (tests/conftest.py). On the
-# 2-core CI machine pytest took 1,163 s in one process and 781 s in two workers.
+# 2-core CI machine pytest took 1,163 s in one process, 781-796 s in two workers and 990 s in
+# three (more workers only share the cores further).
 # The lock's files are byte-compiled at set-up: where PYTHONDONTWRITEBYTECODE=1, as on the CI
 # machine, Python would otherwise compile every import anew (pytest took 1,295 s). pip compiles
 # one file after another (~85 s); compileall -j 0 uses every core. A few files are not Python
 # 3.11 (torch's py312 test helpers): they stay uncompiled, as pip leaves them, hence || true.
 # One BLAS/OpenMP thread per process, so the workers do not oversubscribe the cores.
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 2
 TEST_ENV := OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 
 # ruff, mypy and the strict docs build are tests too (tests/unit/test_static_checks.py): they
