@@ -18,16 +18,15 @@ re-trains. A folder is written under a temporary name and renamed when complete,
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
-import uuid
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 from steps.hashing import code_fingerprint, file_md5, text_md5
+from steps.paths import private_partial
 
 GGUF_MAGIC = b"GGUF"  # the first four bytes of every GGUF file (llama.cpp's gguf.md)
 GGUF_SUFFIX = ".gguf"
@@ -173,7 +172,7 @@ def converted_folder(checkpoint: GgufCheckpoint, md5: str, state_dir: Path) -> P
     started = time.perf_counter()
     check_checkpoint(checkpoint)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    partial = folder.parent / f".{folder.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial"
+    partial = private_partial(folder)
     try:
         _convert(checkpoint, md5, partial)
         _publish(partial, folder)

@@ -7,6 +7,8 @@ inside an allowed folder that points outside it is caught as the path itself wou
 
 from __future__ import annotations
 
+import os
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -74,3 +76,11 @@ def tree_inside_roots(
 
     walk(path)
     return files
+
+
+def private_partial(path: Path) -> Path:
+    """A name beside path that no other process writes (pid and a random suffix): two
+    processes producing the same file or folder at once (two runs of one project embedding
+    one pool, converting one GGUF) each write their own, and os.replace / a rename puts a
+    whole one in place, never one the other is still writing."""
+    return path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")

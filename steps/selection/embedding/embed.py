@@ -48,12 +48,12 @@ from steps.modeling import (
     load_model,
     load_tokenizer,
 )
+from steps.paths import private_partial
 from steps.selection.embedding.config import EmbedConfig
 from steps.selection.embedding.files import (
     chunk_path,
     drop_corrupt_chunks,
     folder_problem,
-    private_partial,
     record_checksums,
     save_chunk,
     start_folder,

@@ -15,13 +15,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 
 from steps.hashing import file_md5
 from steps.integrity import md5_problem, record_md5, recorded_md5_problem
+from steps.paths import private_partial
 
 CHECKSUMS = "checksums.json"  # {"factors.npy": md5, ...}
 log = logging.getLogger(__name__)
@@ -61,13 +61,6 @@ def drop_corrupt_chunks(out_dir: Path, chunks: int) -> None:
         if path.exists() and (problem := recorded_md5_problem(path, _md5_path(path))):
             log.warning("embed: %s; computing that chunk again", problem)
             path.unlink()
-
-
-def private_partial(path: Path) -> Path:
-    """A name beside path that no other process writes: two runs of one project that embed
-    the same pool at once (same cache key, same folder) each write their own file, and
-    os.replace puts a whole one in place, never one the other is still writing."""
-    return path.with_name(f"{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
 
 
 def save_chunk(path: Path, arrays: dict[str, np.ndarray]) -> None:
