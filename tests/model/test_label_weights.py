@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from steps.modeling import IGNORE_INDEX, ModelConfig, encode_examples, load_model, load_tokenizer
+from steps.modeling import (
+    IGNORE_INDEX,
+    ModelConfig,
+    encode_examples,
+    load_model,
+    load_tokenizer,
+    pad_batch,
+)
 from steps.selection.embedding.embed import FILES, EmbedConfig, embed_pool, load_pool
 from steps.selection.selectors import select
 from tests.conftest import MODEL_DIR
@@ -75,3 +82,39 @@ def test_fisher_label_selects_from_the_embedded_pool(embedded):
     pool = load_pool(refs["label"])
     chosen = select(pool, 400, "fisher-label", token_budget=True)
     assert 0 < pool.n_tokens[chosen.order].sum() <= 400
+
+
+def test_the_head_on_loss_positions_alone_gives_the_full_forwards_numbers(gsm8k_train):
+    """The pass runs the output head at loss positions only; states, losses and label weights
+    must be the full forward's, on a padded batch, by the fast path and by the fallback that
+    models with a logit transform (softcapping, scaling) take."""
+    from steps.selection.embedding.stats import _batch_states
+
+    rows = gsm8k_train[:4]
+    tokenizer = load_tokenizer(MODEL)
+    model = load_model(MODEL, "cpu").eval()
+    encoded = encode_examples(
+        tokenizer, [r["question"] for r in rows], [r["answer"] for r in rows], MODEL
+    )
+    batch = pad_batch(encoded, tokenizer.pad_token_id)
+    assert (batch["attention_mask"] == 0).any()  # padding is present
+    with torch.inference_mode():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    output_hidden_states=True)  # fmt: skip
+        fast = _batch_states(model, batch, label_weighted=True)
+        model.config.final_logit_softcapping = 30.0  # Llama ignores it: same numbers expected
+        fallback = _batch_states(model, batch, label_weighted=True)
+        del model.config.final_logit_softcapping
+    targets = batch["labels"][:, 1:]
+    mask = targets != IGNORE_INDEX
+    want_loss = torch.nn.functional.cross_entropy(
+        out.logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
+        reduction="none",
+    )  # fmt: skip
+    for states, losses, got_mask, weights in (fast, fallback):
+        np.testing.assert_array_equal(got_mask.numpy(), mask.numpy())
+        np.testing.assert_allclose(states.numpy(), out.hidden_states[-1][:, :-1].numpy(),
+                                   rtol=1e-5, atol=1e-5)  # fmt: skip
+        np.testing.assert_allclose(losses.numpy(), want_loss.numpy(), rtol=1e-5, atol=1e-5)
+        assert weights is not None and (weights[~mask] == 0).all() and (weights[mask] > 0).all()
+    np.testing.assert_allclose(fast[3].numpy(), fallback[3].numpy(), rtol=1e-5, atol=1e-6)

@@ -80,23 +80,41 @@ def chunk_statistics(
 def _batch_states(model: PreTrainedModel, batch: dict[str, torch.Tensor], label_weighted: bool):
     """Loss-token states (float32), per-token losses, the loss mask of one padded batch and,
     when label_weighted, each loss token's label weight (0 elsewhere; else None)."""
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        output_hidden_states=True,
-    )
-    states = out.hidden_states[-1][:, :-1].float()  # position t predicts token t+1
     targets = batch["labels"][:, 1:]
-    logits = out.logits[:, :-1].float()
-    losses = torch.nn.functional.cross_entropy(
-        logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
-    )
     mask = targets != IGNORE_INDEX
+    states, logits = _states_and_loss_logits(model, batch, mask)
+    logits = logits.float()
+    losses = torch.zeros(mask.shape, dtype=torch.float32, device=states.device)
+    losses[mask] = torch.nn.functional.cross_entropy(logits, targets[mask], reduction="none")
     weights = None
-    if label_weighted:  # only at loss tokens: a (tokens, vocabulary) softmax, not (B, T, V)
+    if label_weighted:  # a (loss tokens, vocabulary) softmax, not (B, T, V)
         weights = torch.zeros_like(losses)
-        weights[mask] = label_weights(logits[mask], targets[mask])
-    return states, losses, mask, weights
+        weights[mask] = label_weights(logits, targets[mask])
+    return states.float(), losses, mask, weights
+
+
+# Config fields by which a model's forward changes its logits after the output projection
+# (Gemma 2/3, Cohere, Granite): for those the head cannot be applied on its own.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
+
+def _states_and_loss_logits(
+    model: PreTrainedModel, batch: dict[str, torch.Tensor], mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last layer's states after the final norm, (B, T-1, d), and the logits at the loss
+    positions only, (loss tokens, V). Where the head is one plain projection, the decoder runs
+    without it and the head sees the loss positions alone: on a real vocabulary (SmolLM2:
+    49,152 entries) logits at every position cost nearly half the pass."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    head = model.get_output_embeddings()
+    body = getattr(model, model.base_model_prefix, None)
+    transformed = any(getattr(model.config, name, None) not in (None, 1, 1.0)
+                      for name in _LOGIT_TRANSFORMS)  # fmt: skip
+    if isinstance(head, torch.nn.Linear) and body is not None and not transformed:
+        states = body(**inputs).last_hidden_state[:, :-1]  # position t predicts token t+1
+        return states, head(states[mask])
+    out = model(**inputs, output_hidden_states=True)
+    return out.hidden_states[-1][:, :-1], out.logits[:, :-1][mask]
 
 
 def label_weights(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
