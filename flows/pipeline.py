@@ -191,6 +191,7 @@ def _steps(config: PipelineConfig, context: RunContext, data_rev: str | None) ->
     promotion = _remote(promote_task, config)(
         version=version_ref,
         scores=scored(challenger, version.eval_md5),
+        base=scored(base, version.eval_md5),
         champion=champion,
         eval_table=data.eval,
         plan=plan,

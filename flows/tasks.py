@@ -305,6 +305,7 @@ def promote_task(
     *,
     version: ModelVersionRef,
     scores: Scored,
+    base: Scored,
     champion: tuple[ChampionRef, Scoring] | None,
     eval_table: TableRef,
     plan: BenchmarkPlan,
@@ -316,7 +317,9 @@ def promote_task(
     """The champion gate (register.promote) under the registered model's lock. A champion
     scored on other eval data or another benchmark plan is re-scored inside it: from this
     run's scoring of it when it is still the same version, else afresh. A retry is safe: the
-    gate re-reads the champion, and a version that is champion already stays."""
+    gate re-reads the champion, and a version that is champion already stays. `base` (the
+    base model's scores, same data and plan) is what a first version must beat where
+    registry.gate.first_version=beat_base."""
 
     def score_champion(model_uri: str) -> Scored:
         current = champion_version(version.name)
@@ -329,7 +332,8 @@ def promote_task(
         return scored(fresh, scores.eval_md5)
 
     with registry_lock(version.name):
-        return promote(version, scores, score_champion, registry.gate, enabled=registry.promote)
+        return promote(version, scores, score_champion, registry.gate, enabled=registry.promote,
+                       base=base)  # fmt: skip
 
 
 NO_CHAMPION = "none (no champion yet)"

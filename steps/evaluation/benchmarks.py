@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from steps.evaluation.suites import BenchmarkPlan, quiet_harness, task_manager, tasks_to_run
+from steps.hardware import AUTOCAST_DTYPES
 from steps.modeling import PromptShape
 
 
@@ -108,8 +109,10 @@ def run_benchmarks(
     device: str,
     batch_size: int,
     bootstrap_iters: int = 100000,
+    precision: str = "fp32",
 ) -> BenchmarkReport:
-    """Scores `model` on the plan's tasks; writes results.json and samples.jsonl in out_dir."""
+    """Scores `model` on the plan's tasks; writes results.json and samples.jsonl in out_dir.
+    The forwards run in the run's precision, as embed and the held-out loss do."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
@@ -120,7 +123,8 @@ def run_benchmarks(
     try:
         with _cpu_threads(device), _serial_bootstrap(), quiet_harness():
             lm = HFLM(pretrained=model, tokenizer=_harness_tokenizer(tokenizer),
-                      batch_size=batch_size, device=device)  # fmt: skip
+                      batch_size=batch_size, device=device,
+                      **_mixed_precision(precision))  # fmt: skip
             results = simple_evaluate(
                 model=lm,
                 tasks=list(tasks.values()),
@@ -146,6 +150,14 @@ def run_benchmarks(
     documents = sum(len({row["doc_id"] for row in rows}) for rows in samples.values())
     return BenchmarkReport(plan.fingerprint, scores, str(results_path), str(samples_path),
                            lm.max_length, documents, seconds)  # fmt: skip
+
+
+def _mixed_precision(precision: str) -> dict[str, torch.dtype]:
+    """HFLM's own autocast (fp32 weights, matmuls in bf16/fp16), which it applies around each
+    forward, with log-softmax taken in fp32: log-likelihoods summed from bf16 log-probs
+    would keep about three digits."""
+    dtype = AUTOCAST_DTYPES.get(precision)
+    return {"mixed_precision_dtype": dtype, "softmax_dtype": torch.float32} if dtype else {}
 
 
 def _scores(results: dict[str, Any], truncated: dict[str, int]) -> Iterator[BenchmarkScore]:

@@ -50,7 +50,8 @@ def score_model(
         loss = evaluation_loss(model, tokenizer, eval_path, model_config, config, device, precision)
     report = None
     if plan.tasks:
-        report = run_benchmarks(model, tokenizer, plan, out_dir, device, config.batch_size)
+        report = run_benchmarks(model, tokenizer, plan, out_dir, device, config.batch_size,
+                                precision=precision)  # fmt: skip
     generations: tuple[tuple[str, str], ...] = ()
     if eval_path is not None and config.generations:
         prompts = list(pd.read_parquet(eval_path, columns=["prompt"]).prompt[: config.generations])

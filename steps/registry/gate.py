@@ -6,6 +6,10 @@ score as `task/metric` (`task/metric/filter` where lm-eval applies a filter, e.g
 champion by more than `min_margin` and, where both scores have a standard error, by more
 than their combined standard error: ties and noise never move `champion`. The held-out
 loss has one as well (over response tokens, steps/evaluation/evaluate.py).
+
+With no champion yet, `first_version` says what the first version must beat: nothing
+(`promote`, the default), or the base model it was tuned from, by the same rule
+(`beat_base`): a fine-tune that lowers the loss but loses the gate's benchmark is not promoted.
 """
 
 from __future__ import annotations
@@ -45,6 +49,12 @@ class GateConfig(BaseModel):
         description="Promote only when the challenger beats champion by more than this and by "
         "more than the combined standard error.",
     )
+    first_version: Literal["promote", "beat_base"] = Field(
+        default="promote",
+        description="With no champion yet: promote the first version (promote), or only when it "
+        "beats the base model it was tuned from on the gate's metric, by the same rule "
+        "(beat_base).",
+    )
 
 
 @dataclass(frozen=True)
@@ -73,9 +83,14 @@ def lower_is_better(config: GateConfig, higher_is_better: bool | None) -> bool:
 
 
 def decide(
-    challenger: Measured, champion: Measured, config: GateConfig, lower: bool
+    challenger: Measured,
+    champion: Measured,
+    config: GateConfig,
+    lower: bool,
+    against: str = "champion",
 ) -> Decision:
-    """Promote when the improvement exceeds both min_margin and the combined stderr."""
+    """Promote when the improvement exceeds both min_margin and the combined stderr; `against`
+    names what the challenger was measured against in the reason ("champion", "base model")."""
     gain = (champion.value - challenger.value) if lower else (challenger.value - champion.value)
     errors = (challenger.stderr, champion.stderr)
     noise = math.hypot(*errors) if all(e is not None for e in errors) else 0.0  # type: ignore[arg-type]
@@ -90,14 +105,14 @@ def decide(
     name = config.metric
     if gain > config.min_margin and gain > noise:
         reason = (
-            f"{name} {challenger.value:.4f} vs champion's {champion.value:.4f} ({better} is "
+            f"{name} {challenger.value:.4f} vs {against}'s {champion.value:.4f} ({better} is "
             f"better): improvement {gain:.3g} > margin {config.min_margin:g}"
             + (f" and > combined stderr {noise:.3g}" if noise else "")
         )
         return Decision(True, reason, numbers)
     short = "the margin" if gain <= config.min_margin else "the combined stderr"
     reason = (
-        f"{name} {challenger.value:.4f} vs champion's {champion.value:.4f} ({better} is "
+        f"{name} {challenger.value:.4f} vs {against}'s {champion.value:.4f} ({better} is "
         f"better): improvement {gain:.3g} does not exceed {short} "
         f"(margin {config.min_margin:g}, stderr {noise:.3g})"
     )

@@ -216,11 +216,14 @@ def promote(
     score_champion: Callable[[str], Scored],
     gate: GateConfig | None = None,
     enabled: bool = True,
+    base: Scored | None = None,
 ) -> Promotion:
     """Moves `champion` to the challenger when it beats the champion on gate.metric (see
     steps/registry/gate.py). The champion's recorded scores are reused when they were taken
     on this eval md5 and benchmark plan; otherwise score_champion(model_uri) re-scores it,
-    so the comparison is always like for like. The decision is a tag on both versions."""
+    so the comparison is always like for like. The decision is a tag on both versions.
+    With no champion and gate.first_version=beat_base, `base` (the base model's scores on the
+    same data and plan) is what the first version must beat."""
     gate = gate or GateConfig()
     client = MlflowClient()
     name = version.name
@@ -232,6 +235,10 @@ def promote(
         current = str(champion.version) if champion else "none"
         return Promotion(current, False, "promotion disabled (registry.promote=false)")
     ours = scored.measured(gate.metric)
+    lower = lower_is_better(gate, scored.higher_is_better.get(gate.metric))
+    if champion is None and gate.first_version == "beat_base" and base is not None:
+        decision = decide(ours, base.measured(gate.metric), gate, lower, against="base model")
+        return _apply(client, version, None, decision, base)
     if champion is None:
         reason = "first version: no champion yet"
         move_alias(client, name, CHAMPION, version.version, kind="auto", reason=reason,
@@ -240,24 +247,39 @@ def promote(
     theirs = recorded_scores(champion)
     if not comparable(theirs, scored):
         theirs = score_champion(f"models:/{name}@{CHAMPION}")
-    lower = lower_is_better(gate, scored.higher_is_better.get(gate.metric))
     decision = decide(ours, theirs.measured(gate.metric), gate, lower)
-    _tag_decision(client, name, version.version, str(champion.version), decision)
+    return _apply(client, version, str(champion.version), decision, theirs)
+
+
+def _apply(
+    client: MlflowClient,
+    version: ModelVersionRef,
+    champion: str | None,
+    decision: Decision,
+    compared_with: Scored,
+) -> Promotion:
+    """The decision tagged and carried out: the alias moved, or the kept champion recorded
+    (champion None: a first version measured against its base model)."""
+    name = version.name
+    _tag_decision(client, name, version.version, champion, decision)
     if decision.promote:
         move_alias(client, name, CHAMPION, version.version, kind="auto",
                    reason=decision.reason, numbers=decision.numbers)  # fmt: skip
-        return Promotion(version.version, True, decision.reason, theirs)
+        return Promotion(version.version, True, decision.reason, compared_with)
     record_kept(client, name, CHAMPION, version.version, reason=decision.reason,
                 numbers=decision.numbers)  # fmt: skip
-    return Promotion(str(champion.version), False, decision.reason, theirs)
+    return Promotion(champion or "none", False, decision.reason, compared_with)
 
 
 def _tag_decision(
-    client: MlflowClient, name: str, challenger: str, champion: str, decision: Decision
+    client: MlflowClient, name: str, challenger: str, champion: str | None, decision: Decision
 ) -> None:
-    """On the challenger: its gate decision; on the champion: the challenge it met."""
+    """On the challenger: its gate decision; on the champion: the challenge it met (none
+    where the challenger was measured against its base model)."""
     record = {"promoted": decision.promote, "reason": decision.reason, **decision.numbers}
-    client.set_model_version_tag(name, challenger, GATE_DECISION,
-                                 json.dumps({**record, "against": champion}))  # fmt: skip
-    client.set_model_version_tag(name, champion, f"{GATE_DECISION}.challenged_by.v{challenger}",
-                                 json.dumps(record))  # fmt: skip
+    against = {**record, "against": champion or "base model"}
+    client.set_model_version_tag(name, challenger, GATE_DECISION, json.dumps(against))
+    if champion is not None:
+        client.set_model_version_tag(name, champion,
+                                     f"{GATE_DECISION}.challenged_by.v{challenger}",
+                                     json.dumps(record))  # fmt: skip

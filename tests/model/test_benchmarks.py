@@ -13,6 +13,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from steps.evaluation.benchmarks import BenchmarkReport, run_benchmarks
@@ -213,3 +214,21 @@ def test_truncated_counts_documents_cut_to_the_context(standard_plan: BenchmarkP
     assert all(s.truncated == 3 and s.documents == 3 for s in gsm8k)
     assert all(s.truncated == 0 for s in report.scores if s.task == "arc_easy")
     assert report.documents == 6
+
+
+def test_benchmarks_run_under_the_runs_precision(tmp_path: Path):
+    """precision=bf16 scores through autocast (what model.precision=auto picks for a real
+    model on a CPU with native bf16): the log-likelihoods are bf16's, near fp32's, and the
+    model keeps its fp32 weights."""
+    plan = _only(_plan(tmp_path, suite="quick", limit=10), "arc_easy")
+    model, tokenizer = _load(str(MODEL_DIR))
+    loglikelihoods = {}
+    for precision in ("fp32", "bf16"):
+        report = run_benchmarks(model, tokenizer, plan, tmp_path / precision, "cpu",
+                                batch_size=16, precision=precision)  # fmt: skip
+        rows = sorted(_samples(report), key=lambda r: r["doc_id"])
+        loglikelihoods[precision] = [resp[0][0] for r in rows for resp in r["resps"]]
+    fp32, bf16 = loglikelihoods["fp32"], loglikelihoods["bf16"]
+    assert len(fp32) == len(bf16) > 10 and fp32 != bf16
+    assert max(abs(a - b) / max(abs(a), 1.0) for a, b in zip(fp32, bf16, strict=True)) < 0.05
+    assert next(model.parameters()).dtype == torch.float32
