@@ -1,4 +1,4 @@
-"""Sift's benchmark evaluation against lm-eval run directly (issue 12); prints markdown tables.
+"""Sift's benchmark evaluation against lm-eval run directly ; prints markdown tables.
 
     python benchmarks/bench_evaluate.py                       # arc_easy + piqa, 200 docs each
     python benchmarks/bench_evaluate.py --tasks arc_easy --limit 50 --repeats 1
@@ -9,8 +9,8 @@ Both score the same model (--model: the bundled stories260K unless given; what m
 a .gguf file converted once into .sift/gguf/ by benchmarks/model_arguments.py, the folder both
 sides then load) on the same local files (the FULL llm-foundry copies, converted into a
 temporary folder by steps.evaluation.convert), the same task, limit and batch size, on the CPU
-with one torch thread, in fp32 (Sift's benchmarks score the fp32 model whatever
-model.precision says, so there is no --precision here):
+with one torch thread, in --precision (fp32; or bf16: Sift asks lm-eval's HFLM for its own
+mixed precision, bf16 autocast with an fp32 log-softmax, and the direct side asks the same):
 (a) Sift: plan_benchmarks on a one-task suite (the member of suites/quick.yaml) and
     run_benchmarks on the model loaded by steps.modeling;
 (b) direct: lm_eval.simple_evaluate(model="hf", ...) on a plain task YAML that includes the
@@ -18,7 +18,7 @@ model.precision says, so there is no --precision here):
 Timed end to end, model loading included in both (Sift: load_model + load_tokenizer + plan +
 run; direct: simple_evaluate, which loads the model itself); each side runs `--repeats` times,
 alternating which goes first, best time kept (wall clock, and the process's CPU time, which
-neighbours on a shared box disturb less). Issue 12 asks for Sift/direct >= 0.9.
+neighbours on a shared box disturb less). The goal: Sift/direct >= 0.9.
 Scores must be identical (exact float equality of every metric and its stderr) and every
 document's logged requests (`arguments`) byte-identical; the script exits 1 otherwise.
 """
@@ -113,7 +113,8 @@ def run_sift(
     plan = plan_benchmarks(config, REPO)
     model_config = ModelConfig(name=args.model_dir)
     model, tokenizer = load_model(model_config, "cpu"), load_tokenizer(model_config)
-    report = run_benchmarks(model, tokenizer, plan, out, "cpu", args.batch_size)
+    report = run_benchmarks(model, tokenizer, plan, out, "cpu", args.batch_size,
+                            precision=args.precision)  # fmt: skip
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     with Path(report.samples_path).open() as handle:
         rows = [json.loads(line) for line in handle]
@@ -129,7 +130,7 @@ def run_direct(task: str, include_dir: Path, args: argparse.Namespace) -> Timed:
     with quiet_harness():  # as Sift's run: lm-eval's INFO lines off the console
         results = simple_evaluate(
             model="hf",
-            model_args={"pretrained": args.model_dir, "dtype": "float32"},
+            model_args={"pretrained": args.model_dir, "dtype": "float32", **_mixed(args)},
             tasks=[task],
             limit=args.limit,
             batch_size=args.batch_size,
@@ -147,6 +148,13 @@ def run_direct(task: str, include_dir: Path, args: argparse.Namespace) -> Timed:
         if filter_name and not metric.endswith("_stderr"):
             scores[key] = (float(value), metrics.get(f"{metric}_stderr,{filter_name}"))
     return Timed(seconds, cpu, scores, _arguments(results["samples"][task]))
+
+
+def _mixed(args: argparse.Namespace) -> dict[str, str]:
+    """lm-eval's own mixed precision, as Sift's run_benchmarks asks it for bf16."""
+    if args.precision == "fp32":
+        return {}
+    return {"mixed_precision_dtype": "bfloat16", "softmax_dtype": "float32"}
 
 
 def compare_task(
@@ -190,6 +198,12 @@ def main() -> None:
         help="llm-foundry's scripts/eval/local_data files (converted into a temporary folder)",
     )
     parser.add_argument("--repeats", type=int, default=2, help="runs per side; best is kept")
+    parser.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="both sides: fp32, or bf16 autocast (fp32 weights) with an fp32 log-softmax",
+    )
     args = parser.parse_args()
     if not args.llmfoundry_dir.is_dir():
         raise SystemExit(

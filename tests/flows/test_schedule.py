@@ -60,6 +60,9 @@ def test_served_schedule_trains_once_then_stops_on_unchanged_data(project: Path,
         "PREFECT_HOME": str(tmp_path / "home"),
         "PREFECT_SERVER_API_HOST": "127.0.0.1",
         "PREFECT_SERVER_API_PORT": str(port),
+        # The API is what the test reads: no UI build to copy into a fresh PREFECT_HOME.
+        "PREFECT_UI_ENABLED": "false",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         # Prefect's own poll intervals, shortened: the runner looks for runs to start every
         # 10 s by default (each triggered run waited up to that long to start), the scheduler
         # for new deployments every 5 s. What runs, and when it ends, is the same.
