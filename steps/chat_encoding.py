@@ -22,9 +22,10 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 from jinja2 import TemplateError
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, BatchEncoding, PreTrainedTokenizerBase
 
 from steps.data.conversation_config import TrainOn
 from steps.data.conversations import Conversation, Turn
@@ -79,12 +80,12 @@ def resolve_chat_template(
     )
 
 
-def template_messages(conversation: Conversation) -> list[dict[str, object]]:
+def template_messages(conversation: Conversation) -> list[dict[str, Any]]:
     """The turns as transformers' chat templates read them: tool calls in OpenAI's shape with
     parsed arguments, reasoning as `reasoning_content` (Qwen3, DeepSeek-R1)."""
-    messages: list[dict[str, object]] = []
+    messages: list[dict[str, Any]] = []
     for turn in conversation.turns:
-        message: dict[str, object] = {"role": turn.role, "content": turn.content}
+        message: dict[str, Any] = {"role": turn.role, "content": turn.content}
         if turn.reasoning is not None:
             message["reasoning_content"] = turn.reasoning
         if turn.tool_calls:
@@ -174,19 +175,22 @@ def _prefix_spans(chat: _Chat, conversation: Conversation) -> Rendered:
 def _generation_spans(chat: _Chat, conversation: Conversation) -> Rendered:
     """Each assistant turn's tokens as the template's {% generation %} blocks mark them."""
     try:
-        out = chat.tokenizer.apply_chat_template(
-            template_messages(conversation),
-            tools=template_tools(conversation),
-            chat_template=chat.template,
-            tokenize=True,
-            return_dict=True,
-            return_assistant_tokens_mask=True,
+        out = cast(
+            BatchEncoding,
+            chat.tokenizer.apply_chat_template(
+                template_messages(conversation),
+                tools=template_tools(conversation),
+                chat_template=chat.template,
+                tokenize=True,
+                return_dict=True,
+                return_assistant_tokens_mask=True,
+            ),
         )
     except TemplateError as error:
         raise ChatTemplateError(
             f"{chat.place}: the chat template ({CHAT_TEMPLATE_SETTING}) fails: {error}"
         ) from None
-    ids, mask = list(out["input_ids"]), list(out["assistant_masks"])  # type: ignore[index]
+    ids, mask = list(out["input_ids"]), list(out["assistant_masks"])
     starts = [t for t in range(len(mask)) if mask[t] and (t == 0 or not mask[t - 1])]
     ends = [t + 1 for t in range(len(mask)) if mask[t] and (t + 1 == len(mask) or not mask[t + 1])]
     assistant = _assistant_turns(conversation)
@@ -230,7 +234,10 @@ def _tool_names(conversation: Conversation) -> list[str]:
 def _check_shown(chat: _Chat, conversation: Conversation, rendered: Rendered) -> None:
     """Every turn's text (an assistant turn's within its own tokens), reasoning, tool calls
     and the declared tools appear in the rendering."""
-    decode = chat.tokenizer.decode
+
+    def decode(ids: list[int]) -> str:
+        return str(chat.tokenizer.decode(ids))
+
     whole = _words(decode(rendered.input_ids))
     own = {
         k: _words(decode(rendered.input_ids[start:end]))

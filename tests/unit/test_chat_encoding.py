@@ -16,9 +16,7 @@ import pytest
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from steps.chat_encoding import (
-    MASKERS,
     ChatTemplateError,
-    _Chat,
     encode_conversation,
     load_chat_template,
     mask_method,
@@ -131,8 +129,9 @@ def test_labels_are_exactly_the_assistant_replies_on_every_bundled_conversation(
 
 def test_prefix_masks_equal_the_generation_blocks_on_every_bundled_conversation(stories):
     for conversation in _conversations():
-        chat = _Chat(stories, GENERATION_CHATML, "x")
-        assert MASKERS["prefix"](chat, conversation) == MASKERS["generation"](chat, conversation)
+        prefix = render_conversation(stories, conversation, GENERATION_CHATML, method="prefix")
+        marked = render_conversation(stories, conversation, GENERATION_CHATML, method="generation")
+        assert prefix == marked
 
 
 def test_last_assistant_labels_only_the_final_reply(stories):
