@@ -178,7 +178,6 @@ def named_source_batches(data: IngestConfig, project_dir: Path) -> Iterator[Batc
     roots = allowed_roots(data, project_dir) + ([path.resolve()] if path is not None else [])
     return open_batches(path, data.source, data.split, data, roots, "data.source")
 
-
 def open_batches(
     path: Path | None,
     source: str,
