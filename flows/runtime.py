@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +102,24 @@ def configure_logging(verbose: bool) -> None:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.set_verbosity(level)
+    _loading_bars(verbose)
+
+
+def _loading_bars(verbose: bool) -> None:
+    """transformers draws a "Loading weights" bar on every from_pretrained, a dozen a run,
+    each over in a blink: shown with --verbose only. Its other bars (a hub download, a GGUF
+    being de-quantized) stay: those are long work."""
+    from transformers.utils.logging import set_tqdm_hook
+
+    set_tqdm_hook(None if verbose else _without_loading_bar)
+
+
+def _without_loading_bar(
+    factory: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
+    if kwargs.get("desc") == "Loading weights":
+        return factory(*args, **{**kwargs, "disable": True})
+    return factory(*args, **kwargs)
 
 
 class _StderrHandler(logging.StreamHandler):

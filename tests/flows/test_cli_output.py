@@ -97,3 +97,25 @@ def test_library_logs_show_with_verbose_only(project: Path):
         assert done.stdout.startswith("valid: 80 pool and 16 eval rows")
     assert "loading configuration file" not in runs[False].stderr, runs[False].stderr
     assert "loading configuration file" in runs[True].stderr
+
+
+def test_loading_weights_bars_show_with_verbose_only(capsys):
+    """transformers draws a "Loading weights" bar on every model load: by default a run's
+    console has none of them, with --verbose they are back; its other bars are untouched.
+    (configure_logging(verbose=True) itself would leave INFO settings in this worker.)"""
+    from transformers.utils.logging import set_tqdm_hook, tqdm
+
+    from flows.runtime import _loading_bars, configure_logging
+    from steps.modeling import ModelConfig, load_model
+
+    try:
+        for verbose in (False, True):
+            configure_logging(False)
+            _loading_bars(verbose)  # what configure_logging(verbose) does to the bars
+            load_model(ModelConfig(name=str(MODEL_DIR)), "cpu")
+            list(tqdm(range(3), desc="Another bar"))
+            err = capsys.readouterr().err
+            assert ("Loading weights" in err) is verbose, err
+            assert "Another bar" in err
+    finally:
+        set_tqdm_hook(None)
