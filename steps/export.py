@@ -33,7 +33,12 @@ from steps.data.conversation_formats import (
 )
 from steps.data.conversations import Conversation, Turn, conversation_id
 from steps.data.fields import chat_renderer, id_column, user_ids
-from steps.data.ingest import IngestConfig, named_source_batches, normalise_batch
+from steps.data.ingest import (
+    IngestConfig,
+    named_source_batches,
+    normalise_batch,
+    source_label,
+)
 from steps.data.local_files import IngestError, local_files
 from steps.data.sources import allowed_roots, check_allowed, resolve_local
 from steps.export_formats import (
@@ -159,23 +164,24 @@ def read_selected(
     """The source's rows whose ids are `wanted` (the first row of each id), and the rows read
     (up to data.limit). data_format and conversation: data.format and data.conversation."""
     conversation = conversation or ConversationConfig()
+    label = source_label(data.source, project_dir)  # rows named as ingest names them
     found: dict[str, SelectedRow] = {}
     rows = 0
     for batch in named_source_batches(data, project_dir):
         keep = len(batch.frame) if data.limit is None else min(len(batch.frame), data.limit - rows)
         batch = Batch(batch.frame.head(keep), batch.where[:keep])
         columns = list(batch.frame.columns)
-        fmt = detect_format(columns, data, data_format, conversation, data.source).format
+        fmt = detect_format(columns, data, data_format, conversation, label).format
         if fmt == "text":
             raise ExportError(
-                f"{data.source}: plain-text rows (data.text_field) have no prompt and reply "
+                f"{label}: plain-text rows (data.text_field) have no prompt and reply "
                 "to export as a conversation"
             )
         if fmt == "prompt_response":
-            read = _prompt_response_rows(batch, data, data.source, wanted)
+            read = _prompt_response_rows(batch, data, label, wanted)
         else:
             layout = cast(ConversationFormat, fmt)  # detect_format's other two formats
-            read = _conversation_rows(batch, data, layout, conversation, data.source, wanted)
+            read = _conversation_rows(batch, data, layout, conversation, label, wanted)
         for row in read:
             found.setdefault(row.id, row)
         rows += keep
@@ -267,7 +273,7 @@ def export_selection(
     conversation = conversation or ConversationConfig()
     ids = selection.record.train_ids
     found, pool_rows = read_selected(data, set(ids), project_dir, data_format, conversation)
-    rows = _ordered(found, ids, data.source)
+    rows = _ordered(found, ids, source_label(data.source, project_dir))
     exported = export_records(rows, checked, target.name, conversation.tags)
     if checked == "messages":
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in exported.records)
@@ -284,7 +290,7 @@ def export_selection(
         "budget": record.budget,
         "budget_kind": record.budget_kind,
         "objective": record.final_objective,
-        "source": data.source,
+        "source": source_label(data.source, project_dir),  # project-relative, as ingest's
         "pool_md5": source_md5(data, project_dir),
         "selection": selection.label,
         "selection_md5": selection.md5,

@@ -7,6 +7,7 @@ import json
 import re
 import shlex
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -51,7 +52,7 @@ def conversation_settings(data: IngestConfig) -> tuple[DataFormat, ConversationC
     return "auto", ConversationConfig()
 
 
-def command_line(command: str, options: list[tuple[str, object]], extra: list[str]) -> str:
+def command_line(command: str, options: Sequence[tuple[str, object]], extra: list[str]) -> str:
     """The command as its user would type it, for the data card: options given, in order."""
     words = ["sift", command]
     for name, value in options:
@@ -95,15 +96,21 @@ def read_selection_source(
     return SelectionSource(record, label, file_md5(local), selection, tags.get("dvc.train_md5"))
 
 
+def _shown(path: Path) -> str:
+    """A written path as its user named it: relative to the working directory, where it is."""
+    here = Path.cwd().resolve()
+    return str(path.relative_to(here)) if path.is_relative_to(here) else str(path)
+
+
 def export_lines(result: ExportResult, fmt: str) -> list[str]:
     lines = [
-        f"{result.rows} rows of {result.pool_rows} ({fmt}) → {result.path}; "
-        f"data card {result.card_path}"
+        f"{result.rows} rows of {result.pool_rows} ({fmt}) → {_shown(result.path)}; "
+        f"data card {_shown(result.card_path)}"
     ]
     if result.dataset_info_path is not None:
         lines.append(
-            f"LLaMA-Factory: dataset '{result.path.stem}' in {result.dataset_info_path} "
-            f"(dataset_dir: {result.path.parent})"
+            f"LLaMA-Factory: dataset '{result.path.stem}' in {_shown(result.dataset_info_path)} "
+            f"(dataset_dir: {_shown(result.path.parent)})"
         )
     return lines
 
@@ -113,9 +120,11 @@ def export_json(result: ExportResult, fmt: str) -> dict[str, object]:
         "rows": result.rows,
         "pool_rows": result.pool_rows,
         "format": fmt,
-        "file": str(result.path),
-        "card": str(result.card_path),
-        "dataset_info": None if result.dataset_info_path is None else str(result.dataset_info_path),
+        "file": _shown(result.path),
+        "card": _shown(result.card_path),
+        "dataset_info": None
+        if result.dataset_info_path is None
+        else _shown(result.dataset_info_path),
         "rows_as_in_source": result.kept_source_records,
     }
 
