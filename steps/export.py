@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -103,9 +103,12 @@ def check_destination(
 
 
 def _prompt_response_rows(
-    batch: Batch, data: IngestConfig, label: str, wanted: set[str]
+    batch: Batch,
+    data: IngestConfig,
+    label: str,
+    wanted: set[str],
+    render: Callable[[str], str] | None,
 ) -> Iterator[SelectedRow]:
-    render = chat_renderer(data.chat_template)
     # Ids as ingest makes them (a chat-rendered prompt is hashed); contents as the source
     # has them, since the trainer that reads the export applies its own template.
     ids = normalise_batch(batch, data, label, "train", render)["id"].tolist()
@@ -165,6 +168,7 @@ def read_selected(
     (up to data.limit). data_format and conversation: data.format and data.conversation."""
     conversation = conversation or ConversationConfig()
     label = source_label(data.source, project_dir)  # rows named as ingest names them
+    render = chat_renderer(data.chat_template)  # data.chat_template: loaded once
     found: dict[str, SelectedRow] = {}
     rows = 0
     for batch in named_source_batches(data, project_dir):
@@ -178,7 +182,7 @@ def read_selected(
                 "to export as a conversation"
             )
         if fmt == "prompt_response":
-            read = _prompt_response_rows(batch, data, label, wanted)
+            read = _prompt_response_rows(batch, data, label, wanted, render)
         else:
             layout = cast(ConversationFormat, fmt)  # detect_format's other two formats
             read = _conversation_rows(batch, data, layout, conversation, label, wanted)

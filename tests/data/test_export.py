@@ -8,19 +8,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from datasets import load_dataset
 from transformers import AutoTokenizer
 from trl.data_utils import apply_chat_template, is_conversational
 
+from steps.data.batch import Batch
 from steps.data.conversation_config import SharegptTags
 from steps.data.conversation_formats import ConversationColumns, read_conversation
 from steps.data.conversations import Conversation, conversation_id
+from steps.data.fields import chat_renderer
+from steps.data.ingest import normalise_batch
 from steps.data.ingest_config import IngestConfig
 from steps.export import ExportError, SelectionSource, export_selection
 from steps.selection.record import SelectionRecord
-from tests.conftest import MODEL_DIR, REPO
+from tests.conftest import GSM8K_DIR, MODEL_DIR, REPO, read_jsonl, write_jsonl
 from tests.conversation_files import CONVERSATIONS_DIR, bundled
 from tests.llamafactory import GLAIVE_ENTRY, as_conversation, read_dataset, read_entry
 
@@ -225,3 +229,31 @@ def test_dataset_info_keeps_other_datasets_and_a_broken_one_stops_the_export(tmp
     with pytest.raises(ExportError, match=r"dataset_info\.json: not valid JSON"):
         _export(tmp_path, CONVERSATIONS_DIR / GLAIVE, ids, "sharegpt", "h.json")
     assert not (tmp_path / "h.json").exists() and not (tmp_path / "h.json.card.md").exists()
+
+
+def test_chat_rendered_ids_name_rows_whose_prompts_go_out_unrendered(tmp_path):
+    """With data.chat_template, ingest hashes the rendered prompt: export finds rows by those
+    ids, and writes the prompt as the source has it (the trainer renders it its own way)."""
+    template_dir = tmp_path / "chat_tokenizer"
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    tokenizer.chat_template = (REPO / "assets/chat_templates/chatml_tools.jinja").read_text()
+    tokenizer.save_pretrained(template_dir)
+    source = tmp_path / "train.jsonl"
+    write_jsonl(source, read_jsonl(GSM8K_DIR / "train.jsonl", 12))
+    config = IngestConfig(source=str(source), chat_template=str(template_dir))
+    rows = json.loads("[" + ",".join(source.read_text().splitlines()) + "]")
+    batch = Batch(pd.DataFrame(rows), [f"line {k + 1}" for k in range(len(rows))])
+    render = chat_renderer(config.chat_template)  # as ingest's stream_table renders
+    frame = normalise_batch(batch, config, "train.jsonl", "train", render)
+    assert frame["prompt"][0] != rows[0]["question"]  # rendered before hashing
+    picked = [frame["id"][k] for k in (7, 2)]
+
+    export_selection(_selection(picked), config, "messages", tmp_path / "out.jsonl",
+                     project_dir=tmp_path, command="c")  # fmt: skip
+    written = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["messages"][0]["content"] for r in written] == [rows[7]["question"],
+                                                              rows[2]["question"]]  # fmt: skip
+    with pytest.raises(ExportError, match=r"^2 of the selection's 2 ids are not in"):
+        plain = IngestConfig(source=str(source))  # no template: other hashes
+        export_selection(_selection(picked), plain, "messages", tmp_path / "o2.jsonl",
+                         project_dir=tmp_path, command="c")  # fmt: skip
