@@ -99,6 +99,8 @@ def check_destination(
         raise ExportError(str(error)) from None
     if target.is_dir():
         raise ExportError(f"{setting} {out} is a folder; name the file to write")
+    if target.name == "dataset_info.json":  # written beside the file for LLaMA-Factory
+        raise ExportError(f"{setting} {out}: dataset_info.json is the index; name the data file")
     return cast(ExportFormat, fmt), target
 
 
@@ -278,6 +280,9 @@ def export_selection(
     ids = selection.record.train_ids
     found, pool_rows = read_selected(data, set(ids), project_dir, data_format, conversation)
     rows = _ordered(found, ids, source_label(data.source, project_dir))
+    source = resolve_local(data.source, project_dir)
+    if source is not None and target.is_relative_to(source.resolve()):
+        raise ExportError(f"{setting} {out} lies in the data it is read from ({data.source})")
     exported = export_records(rows, checked, target.name, conversation.tags)
     if checked == "messages":
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in exported.records)

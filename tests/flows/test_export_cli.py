@@ -137,10 +137,12 @@ def test_a_run_id_exports_the_selection_the_run_logged(selected, monkeypatch, em
 def test_export_errors_are_one_line_and_write_nothing(selected, monkeypatch, tmp_path):
     monkeypatch.chdir(selected)
     before = sorted((selected / "out").iterdir())
+    source_md5 = file_md5(selected / "train.jsonl")
     cases = {
         "format 'csv' is not one of messages, sharegpt, alpaca": ["--format", "csv"],
         f"--out '{tmp_path / 'x.jsonl'}' resolves to": ["--out", str(tmp_path / "x.jsonl")],
         "not in ": ["--set", "data.limit=5"],  # the selection's rows lie beyond the first 5
+        "--out train.jsonl lies in the data it is read from": ["--out", "train.jsonl"],
         "--selection 'nope.json': no such file, and not an MLflow run id": ["--selection",
                                                                            "nope.json"],
     }  # fmt: skip
@@ -156,6 +158,7 @@ def test_export_errors_are_one_line_and_write_nothing(selected, monkeypatch, tmp
         assert result.output.startswith("sift export: ") and message in result.output, message
         assert result.output.count("\n") == 1, result.output
     assert sorted((selected / "out").iterdir()) == before and not (tmp_path / "x.jsonl").exists()
+    assert file_md5(selected / "train.jsonl") == source_md5
 
     refused = runner.invoke(app, ["select", "--data", "train.jsonl", "--out", "sel2/s.json",
                                   "--export", "out/y.jsonl", "--export-format", "csv"])  # fmt: skip
