@@ -23,7 +23,7 @@ from pathlib import Path
 import mlflow
 import pandas as pd
 from mlflow.data.pandas_dataset import from_pandas
-from mlflow.entities import DatasetInput, LoggedModelInput, RunStatus
+from mlflow.entities import DatasetInput, LoggedModelInput, Run, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 from mlflow.tracking import MlflowClient
@@ -274,14 +274,7 @@ def download_selection(run_id: str, dst_dir: Path, setting: str) -> Path:
     before selections recorded their design). A missing label_design.npy is fisher-label's
     concern only (steps/selection/greedy/warm_start.py label_prior_for)."""
     client = MlflowClient()
-    try:
-        client.get_run(run_id)
-    except MlflowException as error:
-        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        raise ValueError(
-            f"{setting}={run_id!r}: no such MLflow run at {mlflow.get_tracking_uri()}"
-        ) from None
+    _existing_run(client, run_id, setting)
     logged = {Path(a.path).name for a in client.list_artifacts(run_id, "selection")}
     if not {"selection.json", "design.npy"} <= logged:
         raise ValueError(
@@ -293,6 +286,35 @@ def download_selection(run_id: str, dst_dir: Path, setting: str) -> Path:
         run_id=run_id, artifact_path="selection", dst_path=str(dst_dir)
     )
     return Path(local) / "selection.json"
+
+
+def _existing_run(client: MlflowClient, run_id: str, setting: str) -> Run:
+    try:
+        return client.get_run(run_id)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise ValueError(
+            f"{setting}={run_id!r}: no such MLflow run at {mlflow.get_tracking_uri()}"
+        ) from None
+
+
+def download_run_selection(run_id: str, dst_dir: Path, setting: str) -> tuple[Path, dict[str, str]]:
+    """A pipeline run's selection/selection.json, downloaded into dst_dir, and the run's tags
+    (dvc.train_md5: the validated pool it selected from). ValueError naming `setting` when
+    the run is missing or logged no selection."""
+    client = MlflowClient()
+    run = _existing_run(client, run_id, setting)
+    logged = {Path(a.path).name for a in client.list_artifacts(run_id, "selection")}
+    if "selection.json" not in logged:
+        raise ValueError(
+            f"{setting}={run_id!r}: the run logged no selection/selection.json (it stopped "
+            "before selecting, or skipped unchanged data)"
+        )
+    local = mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path="selection/selection.json", dst_path=str(dst_dir)
+    )
+    return Path(local), dict(run.data.tags)
 
 
 def log_dataset(run_id: str, table_path: str, name: str, digest: str, context: str) -> None:

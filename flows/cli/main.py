@@ -14,6 +14,7 @@ import typer
 from flows.cli import (
     advise as advise_commands,
     evaluate as evaluate_commands,
+    export as export_commands,
     lineage as lineage_commands,
     models as models_commands,
     serve as serve_commands,
@@ -27,6 +28,15 @@ from flows.cli.common import (
     fail,
     load_project,
     resolve_config,
+)
+from flows.cli.export import (
+    ExportFormatOption,
+    ExportOption,
+    command_line,
+    config_words,
+    export_json,
+    export_lines,
+    export_selected,
 )
 from flows.cli.output import (
     JsonOption,
@@ -234,6 +244,8 @@ def select_command(
             "select.budget counts new picks."
         ),
     ] = None,
+    export: ExportOption = None,
+    export_format: ExportFormatOption = "messages",
     config: ConfigOption = None,
     set_: SetOption = None,
     verbose: VerboseOption = False,
@@ -249,6 +261,7 @@ def select_command(
 
     from flows.runtime import state_dir
     from steps.data.ingest import IngestError
+    from steps.export import check_destination
     from steps.hardware import resolve_hardware
     from steps.modeling import model_source
     from steps.selection.evidence import select_caution
@@ -269,6 +282,8 @@ def select_command(
     if line := select_caution(resolved.select):
         typer.echo(line, err=True)  # stderr: stdout stays the one summary line
     try:
+        if export is not None:  # before the selection's minutes: a bad format or place
+            check_destination(export_format, export, resolved.data, root, "--export")
         device, precision = resolve_hardware(resolved.model)
         prior_ref = None if prior is None else load_prior(prior, str(prior), "--prior")
         model = model_source(resolved.model, state_dir(root))  # a GGUF: converted once
@@ -290,13 +305,20 @@ def select_command(
             shutil.copyfile(ref.design_path, out.parent / "design.npy")
             if ref.label_design_path is not None:  # what a later fisher-label --prior reads
                 shutil.copyfile(ref.label_design_path, out.parent / "label_design.npy")
+        exported = None
+        if export is not None:  # the card's command: this one, as its user typed it
+            words = [("--data", data), ("--out", out), ("--prior", prior), ("--export", export),
+                     ("--export-format", export_format)]  # fmt: skip
+            command = command_line("select", words, config_words(config, set_))
+            exported = export_selected(out, resolved.data, export_format, export, root, command)
     except (ValueError, IngestError) as error:
         raise fail(error, 2) from None
     if as_json:
         print_json({"examples": ref.examples, "loss_tokens": ref.loss_tokens,
                     "train_examples": ref.train_examples, "selector": ref.selector,
                     "objective": ref.objective, "selection": str(out),
-                    "design": str(out.parent / "design.npy")})  # fmt: skip
+                    "design": str(out.parent / "design.npy"),
+                    "export": exported and export_json(exported, export_format)})  # fmt: skip
         return
     console.print(
         f"{ref.examples} examples ({ref.loss_tokens} loss tokens) selected by "
@@ -306,6 +328,8 @@ def select_command(
         highlight=False,
         soft_wrap=True,
     )
+    for line in [] if exported is None else export_lines(exported, export_format):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("validate")
@@ -422,6 +446,7 @@ def show_config(config: ConfigOption = None, set_: SetOption = None) -> None:
 for commands in (
     advise_commands,
     evaluate_commands,
+    export_commands,
     lineage_commands,
     models_commands,
     serve_commands,
