@@ -51,8 +51,8 @@ class PipelineConfig(BaseModel):
 
     data: IngestConfig = Field(
         default_factory=IngestConfig,
-        description="Ingest: where the pool and the eval split come from and which fields hold "
-        "prompt and response.",
+        description="Ingest: where the pool and the eval split come from, their format, and which "
+        "fields hold prompt and response or a conversation's turns.",
     )
     validation: ValidateConfig = Field(
         default_factory=ValidateConfig,
