@@ -15,11 +15,13 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from steps.data.conversation_config import ConversationFormat
 from steps.data.conversation_ingest import (
     CONVERSATION_ARROW_SCHEMA,
     CONVERSATION_FORMATS,
@@ -261,16 +263,25 @@ class _Writers:
         return self.table, schemas[1]
 
 
+@dataclass(frozen=True)
+class _Staged:
+    """One batch as staged rows, and its places columns but the place."""
+
+    table: pd.DataFrame
+    places: dict[str, list]  # content_id (and a conversation's findings)
+    plain: bool = False  # see _Normalised
+
+
 def _stage_batch(
     batch: Batch, config: IngestConfig, label: str, split: str, fmt: str, render
-) -> tuple[pd.DataFrame, dict[str, list]]:
-    """One batch as staged rows, and its places columns but the place (conversations: their
-    findings too)."""
+) -> _Staged:
     if fmt in CONVERSATION_FORMATS:
-        staged = stage_conversations(batch, config, fmt, label, split)  # type: ignore[arg-type]
-        return staged.table, {"content_id": staged.content_ids, "findings": staged.findings}
+        conversation_format = cast(ConversationFormat, fmt)  # one of CONVERSATION_FORMATS
+        staged = stage_conversations(batch, config, conversation_format, label, split)
+        return _Staged(staged.table, {"content_id": staged.content_ids,
+                                      "findings": staged.findings})  # fmt: skip
     done = _normalise(batch, config, label, split, render(), text=fmt == "text")
-    return done.table, {"content_id": done.content_ids, "plain": done.plain}
+    return _Staged(done.table, {"content_id": done.content_ids}, done.plain)
 
 
 def stream_table(
@@ -286,7 +297,7 @@ def stream_table(
     prompt/response rows (SCHEMA) or conversations (CONVERSATION_SCHEMA), as data.format
     reads each batch. With `places_path`, each row's source place and content hash (and a
     conversation's findings) go to that file alongside."""
-    rows, plain, formats = 0, False, {}
+    rows, plain, formats = 0, False, dict[str, str]()
     renderer: list = []  # data.chat_template's prompt renderer, loaded for prompt/response rows
 
     def render():
@@ -307,17 +318,17 @@ def stream_table(
                 conversation = detected.format in CONVERSATION_FORMATS
                 where = f"{label} {batch.where[0]}" if batch.where else label
                 writer, places_schema = writers.open(conversation, where)
-                table, extra = _stage_batch(batch, config, label, split, detected.format, render)
-                keep = len(table) if limit is None else limit - rows
+                staged = _stage_batch(batch, config, label, split, detected.format, render)
+                keep = len(staged.table) if limit is None else limit - rows
                 schema = CONVERSATION_ARROW_SCHEMA if conversation else ARROW_SCHEMA
-                arrow = pa.Table.from_pandas(table.head(keep), schema, preserve_index=False)
+                arrow = pa.Table.from_pandas(staged.table.head(keep), schema, preserve_index=False)
                 writer.write_table(arrow.replace_schema_metadata(None))
                 if writers.places is not None:
                     places = {"place": [f"{label} {place}" for place in batch.where[:keep]]}
-                    places |= {k: v[:keep] for k, v in extra.items() if k != "plain"}
+                    places |= {name: values[:keep] for name, values in staged.places.items()}
                     writers.places.write_table(pa.table(places, schema=places_schema))
                 rows += arrow.num_rows
-                plain = plain or (extra.get("plain", False) and arrow.num_rows > 0)
+                plain = plain or (staged.plain and arrow.num_rows > 0)
                 if limit is not None and rows >= limit:
                     break
     except BaseException:
