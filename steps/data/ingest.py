@@ -4,12 +4,15 @@ Output schema (Parquet, one file per split): id (the user's own id, data.id_fiel
 content hash of prompt and response), prompt, response, source, split. Beside each staged
 table, a second Parquet holds what validation needs and the data must not carry: each row's
 source place (file and 1-based line or record) and content hash.
+Conversations (data.format messages or sharegpt, or what auto finds) are staged in a schema
+of their own (steps/data/conversation_ingest.py): one source is of one kind or the other.
 Sources are streamed batch by batch (steps/data/readers.py) and written row group by row
 group, so a file of any size is never held in memory whole.
 """
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
@@ -298,12 +301,9 @@ def stream_table(
     reads each batch. With `places_path`, each row's source place and content hash (and a
     conversation's findings) go to that file alongside."""
     rows, plain, formats = 0, False, dict[str, str]()
-    renderer: list = []  # data.chat_template's prompt renderer, loaded for prompt/response rows
-
-    def render():
-        if not renderer:
-            renderer.append(chat_renderer(config.chat_template))
-        return renderer[0]
+    # data.chat_template's prompt renderer: loaded once, for prompt/response rows only (for
+    # conversations the setting names the template they are encoded with, steps/encoding.py)
+    render = functools.cache(lambda: chat_renderer(config.chat_template))
 
     targets = [path] if places_path is None else [path, places_path]
     # No half-written tables, and a name of this call's own: two runs staging the same

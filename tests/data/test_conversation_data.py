@@ -117,9 +117,19 @@ BAD_ROWS: dict[int, tuple[list[dict], str, str]] = {
 }
 
 
+def _leaked() -> list[dict]:
+    """FastChat's first conversation (the eval split's record 1) as OpenAI messages."""
+    record = json.loads(FASTCHAT.read_text())[0]
+    roles = {"human": "user", "gpt": "assistant"}
+    return [{"role": roles[t["from"]], "content": t["value"]} for t in record["conversations"]]
+
+
 def _bad_file(project: Path) -> None:
+    """Lines 1-4 good, 5-10 one bad conversation per check, 11 a repeat of line 4 (both are
+    duplicates), 12 the eval split's first conversation in another format (leakage)."""
     good = [{"messages": _chat(f"hi {k}", f"hello {k}")} for k in range(4)]
-    rows = [*good, *({"messages": BAD_ROWS[line][0]} for line in sorted(BAD_ROWS))]
+    bad = [{"messages": BAD_ROWS[line][0]} for line in sorted(BAD_ROWS)]
+    rows = [*good, *bad, good[3], {"messages": _leaked()}]
     write_jsonl(project / "raw" / "chats.jsonl", rows)
 
 
@@ -133,24 +143,26 @@ def _validate(project: Path, *extra: str):
 
 def test_every_bad_conversation_is_quarantined_with_its_line_turn_and_check(project: Path):
     _bad_file(project)
-    result = _validate(project, "--set", "validation.max_quarantine_fraction=0.6")
+    result = _validate(project, "--set", "validation.max_quarantine_fraction=0.7")
     assert result.exit_code == 0, result.output
     lines = [" ".join(line.split()) for line in result.output.splitlines()]
     assert "raw/chats.jsonl: data.format auto: messages (columns ['messages'])" in lines
-    assert any(line.startswith("valid: 4 pool and 20 eval rows (6 quarantined)") for line in lines)
+    assert any(line.startswith("valid: 4 pool and 19 eval rows (9 quarantined)") for line in lines)
     quarantined = pd.read_parquet(project / ".sift" / "validate" / "data" / "quarantine.parquet")
-    reasons = dict(zip(quarantined.id, quarantined.reason, strict=True))
-    assert len(reasons) == len(BAD_ROWS)
+    reasons = list(quarantined.reason)
     out = " ".join(result.output.split())
     for line, (_, check, turn) in BAD_ROWS.items():
         assert f"quarantined [train] raw/chats.jsonl line {line}: {check} (" in out, (line, out)
-        assert any(
-            reason.startswith(f"{check} (") and turn in reason for reason in reasons.values()
-        )
+        assert any(reason.startswith(f"{check} (") and turn in reason for reason in reasons)
+    # duplicates and leakage are found on the canonical conversation, whatever its format
+    for line in (4, 11):
+        assert f"[train] raw/chats.jsonl line {line}: expect_column_values_to_be_unique" in out
+    assert (
+        "fastchat_dummy_conversation_20.json record 1: expect_column_values_to_not_be_in_set" in out
+    )
     accepted = pd.read_parquet(project / ".sift" / "validate" / "data" / "train.parquet")
-    assert [json.loads(text)["turns"][0]["content"] for text in accepted.conversation] == [
-        f"hi {k}" for k in range(4)
-    ]
+    firsts = [json.loads(text)["turns"][0]["content"] for text in accepted.conversation]
+    assert firsts == ["hi 0", "hi 1", "hi 2", "Who are you?"]
 
 
 def test_bad_conversations_refused_in_fail_mode_name_line_and_turn_and_touch_no_data(
@@ -160,7 +172,7 @@ def test_bad_conversations_refused_in_fail_mode_name_line_and_turn_and_touch_no_
     result = _validate(project, "--set", "validation.on_invalid=fail")
     assert result.exit_code == 1
     out = " ".join(result.output.split())
-    assert "data validation failed (6 problem(s)); data/ left unchanged" in out
+    assert "data validation failed (8 problem(s)); data/ left unchanged" in out
     for line, (_, check, _) in BAD_ROWS.items():
         assert f"column '{check}' (1 rows)" in out and f"raw/chats.jsonl line {line} (" in out
     assert "raw/chats.jsonl line 5 ('messages[0]: an assistant turn opens" in out
