@@ -18,6 +18,7 @@ from pydantic_core import PydanticCustomError
 
 from flows.runtime import state_dir
 from steps import config_files
+from steps.chat_encoding import JINJA_SUFFIXES
 from steps.data.ingest import IngestConfig, IngestError
 from steps.data.validate import ValidateConfig
 from steps.data.version import VersionConfig
@@ -50,8 +51,8 @@ class PipelineConfig(BaseModel):
 
     data: IngestConfig = Field(
         default_factory=IngestConfig,
-        description="Ingest: where the pool and the eval split come from and which fields hold "
-        "prompt and response.",
+        description="Ingest: where the pool and the eval split come from, their format, and which "
+        "fields hold prompt and response or a conversation's turns.",
     )
     validation: ValidateConfig = Field(
         default_factory=ValidateConfig,
@@ -106,11 +107,17 @@ class PipelineConfig(BaseModel):
 
     @model_validator(mode="after")
     def _one_chat_template(self) -> PipelineConfig:
-        if self.data.chat_template is not None and self.model.prompt_format == "chat":
+        # Prompt/response rows only: conversations are rendered by data.chat_template alone
+        # (model.prompt_format shapes prompts). A template file renders conversations only.
+        data = self.data
+        named = data.chat_template is not None and self.model.prompt_format == "chat"
+        template_file = str(data.chat_template).endswith(JINJA_SUFFIXES)
+        if named and data.format not in ("messages", "sharegpt") and not template_file:
             raise PydanticCustomError(
                 "two_chat_templates",
                 "data.chat_template renders prompts at ingest and model.prompt_format=chat "
-                "renders them again as they are shown to the model: set one of them",
+                "renders them again as they are shown to the model: set one of them (for "
+                "conversations, set data.format messages or sharegpt)",
             )
         return self
 

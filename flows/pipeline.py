@@ -38,7 +38,7 @@ from flows.tasks import (
     with_remote_retries,
 )
 from steps import tracking
-from steps.data.ingest import IngestResult, TableRef
+from steps.data.ingest import IngestResult, TableRef, format_lines
 from steps.data.sources import sources_fingerprint
 from steps.data.validate import (
     ValidationReport,
@@ -48,6 +48,7 @@ from steps.data.validate import (
     validated_report,
 )
 from steps.data.version import DataVersion
+from steps.encoding import ChatEncoding, chat_encoding
 from steps.evaluation.evaluate import EvalReport
 from steps.evaluation.publish import log_scoring, write_run_report
 from steps.evaluation.score import Scoring, scored
@@ -140,14 +141,15 @@ def _steps(config: PipelineConfig, context: RunContext, data_rev: str | None) ->
     # before any data is read: a GGUF checkpoint is converted (once) to the folder that
     # validation's tokenizer and every later step load
     model = model_source(config.model, context.state_dir)
-    data, version, quarantined = _data(config, model.config, context, data_rev)
+    data, version, quarantined, chat = _data(config, model.config, context, data_rev)
     _log_data(run_id, data, version, quarantined)
     if config.schedule.skip_unchanged:
         unchanged = _unchanged(config, run_id, data, version, quarantined)
         if unchanged is not None:
             return unchanged
 
-    features = embed_task(table=data.train, model=model, config=config.embed, context=context)
+    features = embed_task(table=data.train, model=model, config=config.embed, context=context,
+                          chat=chat)  # fmt: skip
     space = feature_space(features, model.fingerprint, config.embed)
     timed = select_task(
         features=features,
@@ -166,11 +168,12 @@ def _steps(config: PipelineConfig, context: RunContext, data_rev: str | None) ->
         model=model,
         config=config.finetune,
         context=context,
+        chat=chat,
     )
     trained = trained_source(config.model, tuned.model_dir)
     base, challenger = (
         score_task(model=source, role=role, label=role, table=data.eval, plan=plan,
-                   config=config.eval, context=context)
+                   config=config.eval, context=context, chat=chat)
         for source, role in ((model, "base"), (trained, "challenger"))
     )  # fmt: skip
     base_eval, tuned_eval = _loss(base), _loss(challenger)
@@ -186,7 +189,7 @@ def _steps(config: PipelineConfig, context: RunContext, data_rev: str | None) ->
         linked_metrics=bench_keys,
         context=context,
     )
-    champion = _champion(config, context, version_ref, data.eval, plan)
+    champion = _champion(config, context, version_ref, data.eval, plan, chat)
     # under the registered model's lock: one gate at a time
     promotion = _remote(promote_task, config)(
         version=version_ref,
@@ -199,6 +202,7 @@ def _steps(config: PipelineConfig, context: RunContext, data_rev: str | None) ->
         config=config.eval,
         registry=config.registry,
         context=context,
+        chat=chat,
     )
     report = write_run_report(
         run_id, context.state_dir / "reports" / run_id, config.registry.model_name,
@@ -229,6 +233,7 @@ def _champion(
     challenger: ModelVersionRef,
     table: TableRef,
     plan: BenchmarkPlan,
+    chat: ChatEncoding | None,
 ) -> tuple[ChampionRef, Scoring] | None:
     """The current champion scored beside the challenger (on the same data and plan)."""
     name = config.registry.model_name
@@ -244,6 +249,7 @@ def _champion(
         model=config.model,
         config=config.eval,
         context=context,
+        chat=chat,
     )
     return champion, scoring
 
@@ -274,18 +280,22 @@ def _unchanged(
 
 def _data(
     config: PipelineConfig, model: ModelConfig, context: RunContext, data_rev: str | None
-) -> tuple[IngestResult, DataVersion, int]:
-    """Validated, versioned data: ingest → validate (gate) → DVC, or a past version by rev.
-    model: the model section as loaded (a GGUF's converted folder), whose tokenizer the
-    checks use."""
+) -> tuple[IngestResult, DataVersion, int, ChatEncoding | None]:
+    """Validated, versioned data: ingest → validate (gate) → DVC, or a past version by rev;
+    and how its conversations are encoded, if it holds any. model: the model section as
+    loaded (a GGUF's converted folder), whose tokenizer the checks use."""
+    project_dir = context.project_dir
     if data_rev is not None:
         data, version = _remote(data_at_rev_task, config)(rev=data_rev, context=context)
         tracking.log_tags(context.run_id, {"dvc.data_rev": data_rev})
-        return data, version, 0
-    project_dir = context.project_dir
+        tables = (data.train.path, data.eval.path)
+        return data, version, 0, chat_encoding(tables, config.data, model, project_dir)
     source_md5 = sources_fingerprint(config.data, project_dir)  # checks data.allowed_roots
     staged = ingest_task(config=config.data, source_md5=source_md5, context=context)
-    report = _validated(config, model, staged, context)
+    for line in format_lines(staged):
+        print(line)  # how data.format auto read each source
+    chat = chat_encoding((staged.train.path, staged.eval.path), config.data, model, project_dir)
+    report = _validated(config, model, staged, context, chat)
     tracking.log_artifact(context.run_id, str(Path(report.data_docs_path).parent), "data_docs")
     create_link_artifact(
         key="data-docs",
@@ -300,21 +310,27 @@ def _data(
     version = _remote(version_task, config)(
         source_dir=accepted_dir, config=config.version, context=context
     )
-    return data, version, report.quarantined
+    return data, version, report.quarantined, chat
 
 
 def _validated(
-    config: PipelineConfig, model: ModelConfig, staged: IngestResult, context: RunContext
+    config: PipelineConfig,
+    model: ModelConfig,
+    staged: IngestResult,
+    context: RunContext,
+    chat: ChatEncoding | None,
 ) -> ValidationReport:
     """The suite's outcome, from a folder of its own keyed on the staged tables, the checks'
-    code, the validation config and the model section (whose tokenizer and context the checks
-    use): a later run on the same data reads it back instead of running the suite again, and
-    the run's tables stay there, never rewritten by another run (data/ is DVC's copy)."""
-    folder = key(staged, code_fingerprint(VALIDATE), config.validation, model)
+    code, the validation config, the model section and the chat encoding (whose tokenizer,
+    context and template the checks use): a later run on the same data reads it back instead
+    of running the suite again, and the run's tables stay there, never rewritten by another
+    run (data/ is DVC's copy)."""
+    folder = key(staged, code_fingerprint(VALIDATE), config.validation, model,
+                 *([] if chat is None else [chat]))  # fmt: skip
     final = context.state_dir / "validated" / folder
     report = validated_report(final)
     if report is None:
-        report = validate_into(staged, config.validation, model, final, context.run_id)
+        report = validate_into(staged, config.validation, model, final, context.run_id, chat)
     return report
 
 

@@ -22,6 +22,7 @@ from flows.registry_lock import RegistryLockError, registry_lock
 from steps import tracking
 from steps.data.ingest import IngestConfig, IngestResult, TableRef, ingest
 from steps.data.version import DataVersion, VersionConfig, data_at_rev, version_data
+from steps.encoding import ChatEncoding
 from steps.evaluation.evaluate import EvalConfig, EvalReport, evaluate
 from steps.evaluation.score import Scoring, score_registered, score_source, scored
 from steps.evaluation.suites import BenchmarkPlan
@@ -84,6 +85,12 @@ class RunContext:
         return key(str(self.state_dir), self.device, self.precision)
 
 
+def _chat(chat: ChatEncoding | None) -> tuple[ChatEncoding, ...]:
+    """A work folder's key part for `chat`: none for prompt/response rows, whose folders keep
+    the keys they had before conversations were read."""
+    return () if chat is None else (chat,)
+
+
 def work_dir(context: RunContext, kind: str, module: str, *inputs: object) -> Path:
     """state_dir/kind/<key>: the key covers the inputs, the code that runs, device, precision."""
     parts = (*inputs, code_fingerprint(module), context.device, context.precision)
@@ -127,10 +134,17 @@ def ingest_task(*, config: IngestConfig, source_md5: str, context: RunContext) -
 
 @task(name="embed", cache_policy=cached(EMBED), persist_result=True)
 def _embed(
-    *, table: TableRef, model: ModelSource, config: EmbedConfig, context: RunContext
+    *,
+    table: TableRef,
+    model: ModelSource,
+    config: EmbedConfig,
+    context: RunContext,
+    chat: ChatEncoding | None = None,
 ) -> FeaturesRef:
-    out_dir = work_dir(context, "features", EMBED, table.md5, model, config)
-    return embed_pool(table.path, model.config, config, out_dir, context.device, context.precision)
+    """chat: how a pool of conversations is encoded (None: prompt/response rows)."""
+    out_dir = work_dir(context, "features", EMBED, table.md5, model, config, *_chat(chat))
+    return embed_pool(table.path, model.config, config, out_dir, context.device,
+                      context.precision, chat)  # fmt: skip
 
 
 # A hit whose .npy files changed since they were written is embedded again (its intact chunks
@@ -177,9 +191,11 @@ def _finetune(
     model: ModelSource,
     config: FinetuneConfig,
     context: RunContext,
+    chat: ChatEncoding | None = None,
 ) -> ModelRef:
     """A retry resumes from the checkpoints in the same folder (its inputs are the same)."""
-    out_dir = work_dir(context, "models", FINETUNE, table.md5, selection, model, config)
+    out_dir = work_dir(context, "models", FINETUNE, table.md5, selection, model, config,
+                       *_chat(chat))  # fmt: skip
     return finetune(
         train_path=table.path,
         selected_ids=selected_ids(selection),
@@ -189,6 +205,7 @@ def _finetune(
         device=context.device,
         precision=context.precision,
         run_id=context.run_id,
+        chat=chat,
     )
 
 
@@ -202,9 +219,14 @@ WEIGHTS_KEYED = TrainedWeights()
 
 @task(name="evaluate", cache_policy=cached(EVALUATE) + WEIGHTS_KEYED, persist_result=True)
 def evaluate_task(
-    *, model: ModelSource, table: TableRef, config: EvalConfig, context: RunContext
+    *,
+    model: ModelSource,
+    table: TableRef,
+    config: EvalConfig,
+    context: RunContext,
+    chat: ChatEncoding | None = None,
 ) -> EvalReport:
-    return evaluate(model, table.path, config, context.device, context.precision)
+    return evaluate(model, table.path, config, context.device, context.precision, chat)
 
 
 @task(name="synthetic", cache_policy=cached(SYNTHETIC), persist_result=True)
@@ -252,12 +274,13 @@ def score_task(
     plan: BenchmarkPlan,
     config: EvalConfig,
     context: RunContext,
+    chat: ChatEncoding | None = None,
 ) -> Scoring:
     """Held-out loss, benchmarks and sample generations of a base or fine-tuned model."""
-    out_dir = work_dir(context, "benchmarks", SCORE, model, table.md5, plan, config)
+    out_dir = work_dir(context, "benchmarks", SCORE, model, table.md5, plan, config, *_chat(chat))
     return score_source(model, role=role, label=label, eval_path=table.path, config=config,
                         plan=plan, out_dir=out_dir, device=context.device,
-                        precision=context.precision)  # fmt: skip
+                        precision=context.precision, chat=chat)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -286,13 +309,15 @@ def score_champion_task(
     model: ModelConfig,
     config: EvalConfig,
     context: RunContext,
+    chat: ChatEncoding | None = None,
 ) -> Scoring:
     """The current champion scored on this run's data and plan; cached on its weights, so a
     champion that stays is scored once."""
-    out_dir = work_dir(context, "benchmarks", SCORE, weights_md5, table.md5, plan, model, config)
+    out_dir = work_dir(context, "benchmarks", SCORE, weights_md5, table.md5, plan, model, config,
+                       *_chat(chat))  # fmt: skip
     return score_registered(uri, model, role="champion", label=label, eval_path=table.path,
                             config=config, plan=plan, out_dir=out_dir, device=context.device,
-                            precision=context.precision)  # fmt: skip
+                            precision=context.precision, chat=chat)  # fmt: skip
 
 
 @task(
@@ -313,6 +338,7 @@ def promote_task(
     config: EvalConfig,
     registry: RegisterConfig,
     context: RunContext,
+    chat: ChatEncoding | None = None,
 ) -> Promotion:
     """The champion gate (register.promote) under the registered model's lock. A champion
     scored on other eval data or another benchmark plan is re-scored inside it: from this
@@ -328,7 +354,8 @@ def promote_task(
         fresh = score_registered(model_uri, model, role="champion", label=model_uri,
                                  eval_path=eval_table.path, config=config, plan=plan,
                                  out_dir=context.state_dir / "benchmarks" / "rescored",
-                                 device=context.device, precision=context.precision)  # fmt: skip
+                                 device=context.device, precision=context.precision,
+                                 chat=chat)  # fmt: skip
         return scored(fresh, scores.eval_md5)
 
     with registry_lock(version.name):

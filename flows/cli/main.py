@@ -352,6 +352,7 @@ def validate_command(
         sources.append(f"data.eval_source={json.dumps(eval_data)}")
     resolved, root = load_project(config, [*(set_ or []), *sources], project_dir)
     from flows.runtime import state_dir
+    from steps.chat_encoding import ChatTemplateError
     from steps.data.ingest import IngestError
     from steps.data.validate import (
         DataValidationError,
@@ -370,14 +371,18 @@ def validate_command(
         report = ingest_and_validate(
             resolved.data, resolved.validation, model, root, state_dir(root) / "validate"
         )
+        for line in [] if as_json else report.formats:  # how data.format auto read a source
+            console.print(line, markup=False, highlight=False)
         accepted = raise_on_failure(report)
     except (IngestError, DataValidationError) as error:
         raise fail(error, 1) from None
+    except ChatTemplateError as error:  # data.chat_template (or the model's) cannot serve
+        raise fail(error, 2) from None
     if as_json:
         print_json({"valid": True, "pool_rows": accepted.train.rows,
                     "eval_rows": accepted.eval.rows, "quarantined": report.quarantined,
                     "accepted_dir": str(Path(accepted.train.path).parent),
-                    "data_docs": str(report.data_docs_path),
+                    "data_docs": str(report.data_docs_path), "formats": list(report.formats),
                     "quarantine": quarantine_lines(report)})  # fmt: skip
         return
     console.print(

@@ -32,6 +32,9 @@ BLANK = rf"\A[{INVISIBLE}]*\Z"
 # An expectation's meta key: the regex whose first match its quoted values start near
 # (validate.py), so a character deep in a long text shows in the message.
 QUOTE_FROM = "quote_from"
+# An expectation's meta key: a failing row's quarantine reason is this value followed by what
+# the row holds, instead of the expectation's type (steps/data/conversation_validation.py).
+REASON = "reason"
 # The severity of an expectation whose failing rows are reported and kept (validate.py).
 FLAG = FailureSeverity.WARNING
 # Characters that reorder or hide text: bidi embeddings, overrides and isolates (U+202A-U+202E,
@@ -166,14 +169,17 @@ def row_suite(max_prompt_tokens: int, empty_prompt: str | None) -> list:
     return suite
 
 
-def split_suite(split: str, min_rows: int, leaked: list[str], user_ids: bool) -> list:
+def split_suite(
+    split: str, min_rows: int, leaked: list[str], user_ids: bool, same: str = "prompt and response"
+) -> list:
     """Expectations over a whole split, run on its keys alone: `content_id`, the hash of
-    (prompt, response), so a repeat is an exact duplicate; and `id`, the user's ids where
-    they are not content hashes (`user_ids`)."""
+    (prompt, response) or of the canonical conversation (`same` says which), so a repeat is
+    an exact duplicate; and `id`, the user's ids where they are not content hashes
+    (`user_ids`)."""
     suite = [
         gxe.ExpectTableRowCountToBeBetween(min_value=min_rows),
         gxe.ExpectColumnValuesToBeUnique(
-            column="content_id", description="exact duplicates: the same prompt and response"
+            column="content_id", description=f"exact duplicates: the same {same}"
         ),
     ]
     if user_ids:
@@ -188,7 +194,7 @@ def split_suite(split: str, min_rows: int, leaked: list[str], user_ids: bool) ->
             gxe.ExpectColumnValuesToNotBeInSet(
                 column="content_id",
                 value_set=leaked,
-                description="eval examples also in the training pool (same prompt and response)",
+                description=f"eval examples also in the training pool (same {same})",
             )
         )
     return suite

@@ -123,6 +123,15 @@ def chat_renderer(chat_template: str | None) -> Callable[[str], str] | None:
         return None
     from transformers import AutoTokenizer  # heavy import, only when configured
 
+    from steps.chat_encoding import JINJA_SUFFIXES  # imports transformers too
+
+    if chat_template.endswith(JINJA_SUFFIXES):
+        raise IngestError(
+            f"data.chat_template = {chat_template!r}: a template file renders conversations "
+            "(data.format messages or sharegpt); prompts of prompt/response rows are rendered "
+            "with a tokenizer's chat template (a hub id or folder)"
+        )
+
     tokenizer = AutoTokenizer.from_pretrained(chat_template)
     if not getattr(tokenizer, "chat_template", None):
         raise IngestError(

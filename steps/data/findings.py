@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import pyarrow.parquet as pq
 
-from steps.data.checks import FLAG, QUOTE_FROM
+from steps.data.checks import FLAG, QUOTE_FROM, REASON
 from steps.data.ingest import TableRef
 
 QUOTE_LEAD = 20  # characters quoted before a hidden or control character deep in a text
@@ -56,8 +56,11 @@ class Findings:
             if details.get("observed_value") is not None:
                 found.observed = details["observed_value"]
             found.indexed = found.indexed and bool(rows)
-            for row in [] if flag else rows:
-                self.reasons.setdefault(split, {}).setdefault(row, []).append(config.type)
+            # A reason of its own (conversation checks): it, and what the row holds.
+            reason, held = (config.meta or {}).get(REASON), details.get("unexpected_list") or []
+            for index, row in enumerate([] if flag else rows):
+                why = config.type if reason is None else f"{reason} ({held[index]})"
+                self.reasons.setdefault(split, {}).setdefault(row, []).append(why)
 
     def rows(self) -> dict[str, set[int]]:
         """The rows that messages quote, per split."""

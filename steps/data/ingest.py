@@ -4,22 +4,34 @@ Output schema (Parquet, one file per split): id (the user's own id, data.id_fiel
 content hash of prompt and response), prompt, response, source, split. Beside each staged
 table, a second Parquet holds what validation needs and the data must not carry: each row's
 source place (file and 1-based line or record) and content hash.
+Conversations (data.format messages or sharegpt, or what auto finds) are staged in a schema
+of their own (steps/data/conversation_ingest.py): one source is of one kind or the other.
 Sources are streamed batch by batch (steps/data/readers.py) and written row group by row
 group, so a file of any size is never held in memory whole.
 """
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from steps.data.conversation_config import ConversationFormat
+from steps.data.conversation_ingest import (
+    CONVERSATION_ARROW_SCHEMA,
+    CONVERSATION_FORMATS,
+    CONVERSATION_PLACES_SCHEMA,
+    batch_format,
+    stage_conversations,
+)
 from steps.data.fields import (
     chat_renderer,
     column_values,
@@ -40,8 +52,10 @@ __all__ = [
     "IngestError",
     "IngestResult",
     "StagedRows",
+    "Streamed",
     "TableRef",
     "content_id",
+    "format_lines",
     "ingest",
     "named_source_batches",
 ]
@@ -57,8 +71,10 @@ class StagedRows:
 
     places_path: str  # Parquet, a row per table row: source place ("a.jsonl line 7"), content hash
     # What a prompt is when every prompt field is empty (template and chat text only);
-    # None where prompts may be empty by design (plain LM data: data.text_field).
+    # None where prompts may be empty by design (plain LM data: data.text_field), and for
+    # conversations.
     empty_prompt: str | None
+    formats: tuple[str, ...] = ()  # how data.format auto read the source, for the run's log
 
 
 @dataclass(frozen=True)
@@ -80,6 +96,13 @@ def table_ref(path: Path) -> TableRef:
 class IngestResult:
     train: TableRef
     eval: TableRef
+
+
+def format_lines(result: IngestResult) -> list[str]:
+    """How data.format auto read each staged source ("raw/chat.jsonl: data.format auto:
+    messages (columns ['messages'])"), for the run's log."""
+    tables = (result.train, result.eval)
+    return [line for table in tables if table.staged for line in table.staged.formats]
 
 
 def source_label(source: str, project_dir: Path) -> str:
@@ -104,10 +127,13 @@ def _normalise(
     source: str,
     split: str,
     render: Callable[[str], str] | None,
+    text: bool | None = None,
 ) -> _Normalised:
-    text_field = config.text_field
-    if text_field is None and list(batch.frame.columns) == ["text"]:
-        text_field = "text"  # a .txt file, or a one-column text dataset
+    """`text`: the batch is plain LM data (data.format text); None: as its columns say."""
+    if text is None:
+        text = config.text_field is not None or list(batch.frame.columns) == ["text"]
+    # data.text_field, else a .txt file's or a one-column text dataset's `text`
+    text_field = (config.text_field or "text") if text else None
     if text_field is not None:
         responses = column_values(batch, "data.text_field", text_field, source)
         prompts: list[str | None] = [""] * len(responses)
@@ -196,6 +222,71 @@ def open_batches(
     return iter_hub(str(path) if path is not None else source, split, config.revision)
 
 
+@dataclass(frozen=True)
+class Streamed:
+    """What stream_table wrote."""
+
+    rows: int
+    empty_prompt: str | None  # see StagedRows
+    formats: tuple[str, ...]  # how data.format auto read the source (detect_format), once each
+
+
+@dataclass
+class _Writers:
+    """A staged table's writers, opened at its first batch: its kind (prompt/response or
+    conversations) picks the schemas, and every later batch must be of that kind."""
+
+    partials: list[Path]
+    stack: ExitStack
+    conversation: bool | None = None
+    table: pq.ParquetWriter | None = None
+    places: pq.ParquetWriter | None = None
+
+    def open(self, conversation: bool, where: str) -> tuple[pq.ParquetWriter, pa.Schema]:
+        """The table's writer and the places' schema, for a batch of this kind."""
+        schemas = (
+            (CONVERSATION_ARROW_SCHEMA, CONVERSATION_PLACES_SCHEMA)
+            if conversation
+            else (ARROW_SCHEMA, PLACES_SCHEMA)
+        )
+        if self.conversation is None:
+            self.conversation = conversation
+            writers = [
+                self.stack.enter_context(pq.ParquetWriter(partial, schema, compression="zstd"))
+                for partial, schema in zip(self.partials, schemas, strict=False)
+            ]
+            self.table, self.places = writers[0], (writers[1] if len(writers) > 1 else None)
+        elif self.conversation != conversation:
+            kinds = ("prompt/response rows", "conversations")
+            raise IngestError(
+                f"{where}: {kinds[conversation]} after {kinds[not conversation]}: a source "
+                "holds one or the other (set data.format, or split the folder)"
+            )
+        assert self.table is not None
+        return self.table, schemas[1]
+
+
+@dataclass(frozen=True)
+class _Staged:
+    """One batch as staged rows, and its places columns but the place."""
+
+    table: pd.DataFrame
+    places: dict[str, list]  # content_id (and a conversation's findings)
+    plain: bool = False  # see _Normalised
+
+
+def _stage_batch(
+    batch: Batch, config: IngestConfig, label: str, split: str, fmt: str, render
+) -> _Staged:
+    if fmt in CONVERSATION_FORMATS:
+        conversation_format = cast(ConversationFormat, fmt)  # one of CONVERSATION_FORMATS
+        staged = stage_conversations(batch, config, conversation_format, label, split)
+        return _Staged(staged.table, {"content_id": staged.content_ids,
+                                      "findings": staged.findings})  # fmt: skip
+    done = _normalise(batch, config, label, split, render(), text=fmt == "text")
+    return _Staged(done.table, {"content_id": done.content_ids}, done.plain)
+
+
 def stream_table(
     batches: Iterator[Batch],
     config: IngestConfig,
@@ -204,34 +295,40 @@ def stream_table(
     limit: int | None,
     path: Path,
     places_path: Path | None = None,
-) -> tuple[int, str | None]:
-    """Normalises batches into one Parquet file, a row group per batch; returns the rows
-    written and the table's empty prompt (see StagedRows). With `places_path`, each row's
-    source place and content hash go to that file alongside."""
-    rows, plain = 0, False
-    render = chat_renderer(config.chat_template)
+) -> Streamed:
+    """Normalises batches into one Parquet file, a row group per batch, in its kind's schema:
+    prompt/response rows (SCHEMA) or conversations (CONVERSATION_SCHEMA), as data.format
+    reads each batch. With `places_path`, each row's source place and content hash (and a
+    conversation's findings) go to that file alongside."""
+    rows, plain, formats = 0, False, dict[str, str]()
+    # data.chat_template's prompt renderer: loaded once, for prompt/response rows only (for
+    # conversations the setting names the template they are encoded with, steps/encoding.py)
+    render = functools.cache(lambda: chat_renderer(config.chat_template))
+
     targets = [path] if places_path is None else [path, places_path]
     # No half-written tables, and a name of this call's own: two runs staging the same
     # sources at once each write their own file, then replace the table atomically.
     partials = [target.with_suffix(f".{uuid.uuid4().hex[:12]}.partial") for target in targets]
     try:
-        with (
-            pq.ParquetWriter(partials[0], ARROW_SCHEMA, compression="zstd") as writer,
-            _places_writer(partials[1:]) as places,
-        ):
+        with ExitStack() as stack:
+            writers = _Writers(partials, stack)
             for batch in batches:
-                done = _normalise(batch, config, label, split, render)
-                keep = len(done.table) if limit is None else limit - rows
-                arrow = pa.Table.from_pandas(
-                    done.table.head(keep), ARROW_SCHEMA, preserve_index=False
-                )
+                detected = batch_format(list(batch.frame.columns), config, label)
+                formats.setdefault(detected.format, detected.message)
+                conversation = detected.format in CONVERSATION_FORMATS
+                where = f"{label} {batch.where[0]}" if batch.where else label
+                writer, places_schema = writers.open(conversation, where)
+                staged = _stage_batch(batch, config, label, split, detected.format, render)
+                keep = len(staged.table) if limit is None else limit - rows
+                schema = CONVERSATION_ARROW_SCHEMA if conversation else ARROW_SCHEMA
+                arrow = pa.Table.from_pandas(staged.table.head(keep), schema, preserve_index=False)
                 writer.write_table(arrow.replace_schema_metadata(None))
-                if places is not None:
-                    where = [f"{label} {place}" for place in batch.where[:keep]]
-                    columns = {"place": where, "content_id": done.content_ids[:keep]}
-                    places.write_table(pa.table(columns, schema=PLACES_SCHEMA))
+                if writers.places is not None:
+                    places = {"place": [f"{label} {place}" for place in batch.where[:keep]]}
+                    places |= {name: values[:keep] for name, values in staged.places.items()}
+                    writers.places.write_table(pa.table(places, schema=places_schema))
                 rows += arrow.num_rows
-                plain = plain or (done.plain and arrow.num_rows > 0)
+                plain = plain or (staged.plain and arrow.num_rows > 0)
                 if limit is not None and rows >= limit:
                     break
     except BaseException:
@@ -240,21 +337,15 @@ def stream_table(
         raise
     if rows == 0:
         for partial in partials:
-            partial.unlink()
+            partial.unlink(missing_ok=True)
         raise IngestError(f"{label}: no records")
     for partial, target in zip(partials, targets, strict=True):
         partial.replace(target)
+    messages = tuple(message for message in formats.values() if message)
+    if writers.conversation:
+        return Streamed(rows, None, messages)
     # A folder mixing plain-text and prompt/response files keeps empty prompts legal.
-    return rows, None if plain else empty_prompt(config.prompt_field, render)
-
-
-@contextmanager
-def _places_writer(paths: list[Path]) -> Iterator[pq.ParquetWriter | None]:
-    if not paths:
-        yield None
-        return
-    with pq.ParquetWriter(paths[0], PLACES_SCHEMA, compression="zstd") as writer:
-        yield writer
+    return Streamed(rows, None if plain else empty_prompt(config.prompt_field, render()), messages)
 
 
 def ingest(config: IngestConfig, project_dir: Path, staging_dir: Path) -> IngestResult:
@@ -274,7 +365,7 @@ def ingest(config: IngestConfig, project_dir: Path, staging_dir: Path) -> Ingest
         batches = _batches(source, setting, split, config, project_dir)
         label = source_label(source, project_dir)
         path, places = staging_dir / f"{name}.parquet", staging_dir / f"{name}.places.parquet"
-        rows, empty = stream_table(batches, config, label, name, limit, path, places)
-        staged = StagedRows(places_path=str(places), empty_prompt=empty)
-        refs[name] = TableRef(path=str(path), rows=rows, md5=file_md5(path), staged=staged)
+        streamed = stream_table(batches, config, label, name, limit, path, places)
+        staged = StagedRows(str(places), streamed.empty_prompt, streamed.formats)
+        refs[name] = TableRef(path=str(path), rows=streamed.rows, md5=file_md5(path), staged=staged)
     return IngestResult(train=refs["train"], eval=refs["eval"])

@@ -1,4 +1,5 @@
-"""IngestConfig: where the data comes from and which fields hold prompt and response."""
+"""IngestConfig: where the data comes from, its format, and which fields hold prompt and
+response or the turns of a conversation."""
 
 from __future__ import annotations
 
@@ -6,13 +7,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from steps.data.conversation_config import ConversationConfig, DataFormat
 from steps.data.fields import AUTO_ID
 
 __all__ = ["IngestConfig"]
 
 
 class IngestConfig(BaseModel):
-    """Where the data comes from and which fields hold prompt and response."""
+    """Where the data comes from, its format, and which fields hold prompt and response or
+    the turns of a conversation."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -39,6 +42,18 @@ class IngestConfig(BaseModel):
         description="auto: local paths are read by Sift's streaming readers, anything else as a "
         "hub id; datasets: always datasets.load_dataset (e.g. a local clone of a hub repo).",
     )
+    # auto reads the columns: a `messages` or `conversations` column is a conversation, the
+    # prompt/response fields' columns are prompt/response rows; both is an error naming them.
+    format: DataFormat = Field(
+        default="auto",
+        description="auto (decided from each file's columns and printed), prompt_response, text, "
+        "messages (OpenAI/TRL {role, content} turns) or sharegpt ({from, value} turns).",
+    )
+    conversation: ConversationConfig = Field(
+        default_factory=ConversationConfig,
+        description="Conversation data (data.format messages or sharegpt): its columns, "
+        "ShareGPT role tags and which assistant turns carry the loss.",
+    )
     prompt_field: str = Field(
         default="question",
         description='The prompt column, or a template over columns such as "{instruction}\\n'
@@ -60,8 +75,10 @@ class IngestConfig(BaseModel):
     )
     chat_template: str | None = Field(
         default=None,
-        description="Render prompts with this tokenizer's chat template (hub id or folder); pair "
-        'with model.prompt_template "{prompt}"; null keeps prompts as they are.',
+        description="Prompt/response rows: render prompts at ingest with this tokenizer's chat "
+        'template (hub id or folder; pair with model.prompt_template "{prompt}"). '
+        "Conversations: the template they are rendered with (a .jinja file or a tokenizer), "
+        "winning over the model's own; null: the model tokenizer's.",
     )
     # Stops `../../etc/passwd`-style paths in configs and links to them in data folders; the
     # settings it covers are listed in flows/config.py check_paths.

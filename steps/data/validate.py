@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -25,15 +25,23 @@ from great_expectations.data_context.types.base import ProgressBarsConfig
 from pydantic import BaseModel, ConfigDict, Field
 
 from steps.data.checks import row_suite, split_suite
+from steps.data.conversation_ingest import is_conversation_table
+from steps.data.conversation_validation import (
+    conversation_row_suite,
+    findings_chunks,
+    with_conversation_checks,
+)
 from steps.data.findings import Findings, place_of, read_places
 from steps.data.ingest import (
     IngestConfig,
     IngestResult,
     TableRef,
+    format_lines,
     ingest,
     table_ref,
     write_table,
 )
+from steps.encoding import ChatEncoding, chat_encoding
 from steps.hashing import file_md5
 from steps.modeling import ModelConfig, load_tokenizer, prompt_shape
 
@@ -91,6 +99,8 @@ class ValidationReport:
     # One line per expectation of severity FLAG that rows failed: those rows are kept, and
     # named here with their source places.
     flagged: tuple[str, ...] = ()
+    # How data.format auto read each source (`sift validate` shows it; ingest.format_lines).
+    formats: tuple[str, ...] = ()
 
 
 def quarantine_lines(report: ValidationReport, shown: int = 20) -> list[str]:
@@ -156,13 +166,18 @@ def _run_suite(context, name: str, frame: pd.DataFrame, expectations: list) -> l
 
 
 def _check_splits(
-    context, keys: dict[str, pd.DataFrame], config: ValidateConfig, found: Findings
+    context,
+    keys: dict[str, pd.DataFrame],
+    config: ValidateConfig,
+    found: Findings,
+    same: dict[str, str],
 ) -> None:
-    """Whole-split expectations; eval's leakage check uses the (possibly cleaned) train keys."""
+    """Whole-split expectations; eval's leakage check uses the (possibly cleaned) train keys.
+    `same`: what a split's content hash covers, for the messages."""
     leaked = sorted(set(keys["train"].content_id) & set(keys["eval"].content_id))
     for split, frame in keys.items():
         min_rows = config.min_train_rows if split == "train" else config.min_eval_rows
-        suite = split_suite(split, min_rows, leaked, user_ids="id" in frame.columns)
+        suite = split_suite(split, min_rows, leaked, "id" in frame.columns, same[split])
         found.add(split, _run_suite(context, split, frame, suite), config.examples_per_failure)
 
 
@@ -179,14 +194,32 @@ def _keys(table: TableRef, ids: pd.Series) -> pd.DataFrame:
 
 
 def _check_rows(
-    context, split: str, table: TableRef, model: ModelConfig, tokenizer, config, found: Findings
+    context,
+    split: str,
+    table: TableRef,
+    model: ModelConfig,
+    tokenizer,
+    config,
+    found: Findings,
+    chat: ChatEncoding | None,
 ) -> pd.DataFrame:
-    """Row-level expectations, chunk by chunk; returns the split's keys for _check_splits."""
+    """Row-level expectations, chunk by chunk; returns the split's keys for _check_splits.
+    A table of conversations gets their checks (conversation_validation.py), encoded with
+    `chat`."""
     empty_prompt = table.staged.empty_prompt if table.staged is not None else None
+    conversations = is_conversation_table(table.path)
+    if conversations and chat is None:
+        raise ValueError(f"{table.path}: conversations, and no chat encoding to check them with")
+    findings = findings_chunks(table, CHUNK_ROWS)
     columns = []
     for chunk in _chunks(table.path):
-        chunk = _with_token_counts(chunk, model, tokenizer)
-        suite = row_suite(model.max_length, empty_prompt)  # GX binds expectations to one suite
+        if conversations:
+            assert chat is not None  # checked above
+            chunk = with_conversation_checks(chunk, next(findings), tokenizer, model, chat)
+            suite = conversation_row_suite()
+        else:
+            chunk = _with_token_counts(chunk, model, tokenizer)
+            suite = row_suite(model.max_length, empty_prompt)  # GX binds expectations to one suite
         outcomes = _run_suite(context, f"{split}_rows", chunk, suite)
         found.add(split, outcomes, config.examples_per_failure)
         columns.append(chunk["id"])
@@ -194,9 +227,15 @@ def _check_rows(
 
 
 def validate(
-    staged: IngestResult, config: ValidateConfig, model: ModelConfig, gx_dir: Path, data_dir: Path
+    staged: IngestResult,
+    config: ValidateConfig,
+    model: ModelConfig,
+    gx_dir: Path,
+    data_dir: Path,
+    chat: ChatEncoding | None = None,
 ) -> ValidationReport:
-    """Runs the suite on the staged tables; only data that passes is written to data_dir."""
+    """Runs the suite on the staged tables; only data that passes is written to data_dir.
+    `chat`: how tables of conversations are encoded (steps/encoding.py chat_encoding)."""
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
     context = gx.get_context(mode="file", project_root_dir=str(gx_dir))
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
@@ -204,10 +243,14 @@ def validate(
     tables = {"train": staged.train, "eval": staged.eval}
     found = Findings()
     keys = {
-        split: _check_rows(context, split, table, model, tokenizer, config, found)
+        split: _check_rows(context, split, table, model, tokenizer, config, found, chat)
         for split, table in tables.items()
     }
-    _check_splits(context, keys, config, found)
+    same = {
+        split: "conversation" if is_conversation_table(table.path) else "prompt and response"
+        for split, table in tables.items()
+    }
+    _check_splits(context, keys, config, found, same)
     drop: dict[str, dict[int, list[str]]] = {split: {} for split in tables}
     failing, unfixable, too_many = found, False, []
     if found.failures and config.on_invalid == "quarantine":
@@ -223,7 +266,7 @@ def validate(
             # Rows that failed row-level checks are gone; the whole-split checks must now pass.
             cleaned = {split: keys[split].drop(index=sorted(drop[split])) for split in tables}
             failing = Findings()
-            _check_splits(context, cleaned, config, failing)
+            _check_splits(context, cleaned, config, failing, same)
     wanted = failing.rows()
     for split, quoted in found.rows().items():  # the flagged rows' places too
         wanted.setdefault(split, set()).update(quoted)
@@ -255,7 +298,12 @@ def _docs_path(gx_dir: Path) -> Path:
 
 
 def validate_into(
-    staged: IngestResult, config: ValidateConfig, model: ModelConfig, final_dir: Path, run_id: str
+    staged: IngestResult,
+    config: ValidateConfig,
+    model: ModelConfig,
+    final_dir: Path,
+    run_id: str,
+    chat: ChatEncoding | None = None,
 ) -> ValidationReport:
     """Validates in a folder of this run's own (final_dir.<run_id>: its own Great Expectations
     project and accepted tables), then renames it to final_dir, which the caller keys on all
@@ -264,7 +312,7 @@ def validate_into(
     folder got there first it is kept (same key, same tables) and this run's is removed. On
     failure the run's folder stays: its Data Docs show what failed."""
     scratch = final_dir.with_name(f"{final_dir.name}.{run_id}")
-    report = validate(staged, config, model, scratch / "gx", scratch / "data")
+    report = validate(staged, config, model, scratch / "gx", scratch / "data", chat)
     if not report.success:
         return report
     (scratch / FLAGGED_NOTE).write_text("".join(f"{line}\n" for line in report.flagged))
@@ -344,4 +392,6 @@ def ingest_and_validate(
     """`sift validate`: the pipeline's ingest and suite, alone. Accepted tables (and the
     quarantine) go to work_dir/data for inspection, never to the project's DVC-tracked data/."""
     staged = ingest(data, project_dir, work_dir / "staging")
-    return validate(staged, config, model, work_dir / "gx", work_dir / "data")
+    chat = chat_encoding((staged.train.path, staged.eval.path), data, model, project_dir)
+    report = validate(staged, config, model, work_dir / "gx", work_dir / "data", chat)
+    return replace(report, formats=tuple(format_lines(staged)))

@@ -1,4 +1,5 @@
-"""Evaluation: held-out loss and perplexity on the eval split's response tokens."""
+"""Evaluation: held-out loss and perplexity on the eval split's response tokens (a
+conversation's: its assistant turns' that data.conversation.train_on names)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
+from steps.encoding import ChatEncoding, encode_table
 from steps.hardware import autocast
 from steps.modeling import (
     IGNORE_INDEX,
     ModelConfig,
     ModelSource,
-    encode_examples,
     length_sorted_batches,
     load_model,
     load_tokenizer,
@@ -89,10 +90,12 @@ def evaluation_loss(
     config: EvalConfig,
     device: str,
     precision: str,
+    chat: ChatEncoding | None = None,
 ) -> EvalReport:
-    """Token-weighted mean loss over every response token of the eval split."""
+    """Token-weighted mean loss over every response token of the eval split (`chat`: how a
+    split of conversations is encoded, steps/encoding.py)."""
     frame = pd.read_parquet(eval_path)
-    encoded = encode_examples(tokenizer, list(frame.prompt), list(frame.response), model_config)
+    encoded = encode_table(tokenizer, frame, model_config, chat)
     batches = length_sorted_batches([len(e.input_ids) for e in encoded], config.batch_tokens)
     total, squares, tokens = 0.0, 0.0, 0
     model.eval()
@@ -124,7 +127,12 @@ def evaluation_loss(
 
 
 def evaluate(
-    model: ModelSource, eval_path: str, config: EvalConfig, device: str, precision: str
+    model: ModelSource,
+    eval_path: str,
+    config: EvalConfig,
+    device: str,
+    precision: str,
+    chat: ChatEncoding | None = None,
 ) -> EvalReport:
     """Loads a model (the base model or a fine-tuned folder) and scores the eval split."""
     return evaluation_loss(
@@ -135,4 +143,5 @@ def evaluate(
         config,
         device,
         precision,
+        chat,
     )

@@ -13,12 +13,13 @@ from typing import Any
 
 import pandas as pd
 
+from steps.encoding import ChatEncoding, generation_prompts
 from steps.evaluation.benchmarks import ModelBenchmarks, run_benchmarks, sample_generations
 from steps.evaluation.evaluate import EvalConfig, EvalReport, evaluation_loss
 from steps.evaluation.results import Measured, Scored
 from steps.evaluation.suites import BenchmarkPlan
 from steps.hashing import file_md5
-from steps.modeling import ModelConfig, ModelSource, load_model, load_tokenizer, prompt_shape
+from steps.modeling import ModelConfig, ModelSource, load_model, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -44,18 +45,21 @@ def score_model(
     out_dir: Path,
     device: str,
     precision: str,
+    chat: ChatEncoding | None = None,
 ) -> Scoring:
+    """`chat`: how an eval split of conversations is encoded (steps/encoding.py)."""
     loss = None
     if eval_path is not None:
-        loss = evaluation_loss(model, tokenizer, eval_path, model_config, config, device, precision)
+        loss = evaluation_loss(model, tokenizer, eval_path, model_config, config, device,
+                               precision, chat)  # fmt: skip
     report = None
     if plan.tasks:
         report = run_benchmarks(model, tokenizer, plan, out_dir, device, config.batch_size,
                                 precision=precision)  # fmt: skip
     generations: tuple[tuple[str, str], ...] = ()
     if eval_path is not None and config.generations:
-        prompts = list(pd.read_parquet(eval_path, columns=["prompt"]).prompt[: config.generations])
-        shape = prompt_shape(tokenizer, model_config)
+        frame = pd.read_parquet(eval_path).head(config.generations)
+        prompts, shape = generation_prompts(tokenizer, frame, model_config, chat)
         answers = sample_generations(model, tokenizer, prompts, shape, config.max_new_tokens,
                                      device)  # fmt: skip
         generations = tuple(zip(prompts, answers, strict=True))

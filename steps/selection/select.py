@@ -18,6 +18,7 @@ import torch
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 
 from steps.data.ingest import IngestConfig, named_source_batches, stream_table
+from steps.encoding import chat_encoding
 from steps.hashing import file_md5
 from steps.modeling import ModelConfig, ModelSource
 from steps.selection.embedding.embed import (
@@ -304,6 +305,8 @@ def embed_file(
     stream_table(
         named_source_batches(data, project_dir), data, data.source, "train", data.limit, table_path
     )
-    features = embed_pool(str(table_path), model, embed, work_dir / "features", device, precision)
+    chat = chat_encoding([table_path], data, model, project_dir)  # None: prompt/response rows
+    features = embed_pool(str(table_path), model, embed, work_dir / "features", device,
+                          precision, chat)  # fmt: skip
     return table_path, features
 

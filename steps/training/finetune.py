@@ -24,15 +24,10 @@ import pandas as pd
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
+from steps.encoding import ChatEncoding, encode_table
 from steps.hashing import file_md5
 from steps.integrity import md5_problem, safetensors_problem, zip_problem
-from steps.modeling import (
-    IGNORE_INDEX,
-    ModelConfig,
-    encode_examples,
-    load_model,
-    load_tokenizer,
-)
+from steps.modeling import IGNORE_INDEX, ModelConfig, load_model, load_tokenizer
 from steps.training.batching import EpochSampler, PaddingCollator, StepsBatchSampler, TokenDataset
 from steps.training.callbacks import (
     LogLastStep,
@@ -57,8 +52,10 @@ def finetune(
     device: str,
     precision: str,
     run_id: str | None = None,
+    chat: ChatEncoding | None = None,
 ) -> ModelRef:
-    """Trains the base model on the selected examples and saves it to out_dir.
+    """Trains the base model on the selected examples and saves it to out_dir (`chat`: how a
+    table of conversations is encoded, steps/encoding.py).
 
     Resumes from out_dir/checkpoints when an earlier call with the same out_dir was killed.
     The arguments are TrainJob's fields (steps/training/job.py), validated there.
@@ -74,6 +71,7 @@ def finetune(
             "device": device,
             "precision": precision,
             "run_id": run_id,
+            "chat": chat,
         }
     )
     ref = train(job) if config.num_processes == 1 else run_workers(job, job.out_dir / "launch")
@@ -197,7 +195,7 @@ def train(job: TrainJob) -> ModelRef:
     frame = pd.read_parquet(job.train_path).set_index("id").loc[job.selected_ids]
     tokenizer = load_tokenizer(model_config)
     model = _prepare_model(_pads_as(load_model(model_config, job.device), tokenizer), config)
-    examples = encode_examples(tokenizer, list(frame.prompt), list(frame.response), model_config)
+    examples = encode_table(tokenizer, frame, model_config, job.chat)
     collator = PaddingCollator(tokenizer.pad_token_id)
     trainer = SiftTrainer(
         model=model,

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic_core import PydanticCustomError
 from transformers import SchedulerType
 
+from steps.encoding import ChatEncoding
 from steps.modeling import ModelConfig
 
 # Names Trainer's `lr_scheduler_type` accepts; checked when the config is built, so a typo
@@ -49,9 +50,7 @@ class FinetuneConfig(BaseModel):
         description="Peak learning rate: tiny models tolerate (and need) a large one; ~1e-5–1e-4 "
         "for real LLMs, ~1e-4–1e-3 with LoRA.",
     )
-    batch_size: int = Field(
-        default=16, gt=0, description="Examples per micro-batch, per process."
-    )
+    batch_size: int = Field(default=16, gt=0, description="Examples per micro-batch, per process.")
     gradient_accumulation_steps: int = Field(
         default=1,
         gt=0,
@@ -176,6 +175,7 @@ class TrainJob(BaseModel):
     device: str
     precision: Literal["fp32", "bf16", "fp16"]
     run_id: str | None = None  # the MLflow run that step metrics go to; None: not logged
+    chat: ChatEncoding | None = None  # a table of conversations: how they are encoded
 
     @model_validator(mode="after")
     def _steps_fit_the_examples(self) -> TrainJob:

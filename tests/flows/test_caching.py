@@ -19,12 +19,15 @@ import pytest
 from prefect import flow
 
 from flows.tasks import RunContext, embed_task
+from steps.data.conversation_config import TrainOn
 from steps.data.ingest import IngestConfig, ingest
+from steps.encoding import ChatEncoding
 from steps.modeling import ModelConfig, model_source
 from steps.selection.embedding.embed import EmbedConfig, feature_space, load_pool
 from tests.conftest import MODEL_DIR, REPO, small_run_overrides
 
 pytestmark = pytest.mark.slow
+TRAIN_ON: tuple[TrainOn, ...] = ("all_assistant", "last_assistant")
 DRIVER = REPO / "tests" / "flows" / "pipeline_driver.py"
 EXPENSIVE = ("ingest", "embed", "select", "finetune", "evaluate")
 
@@ -152,3 +155,26 @@ def test_a_cpu_fp32_pass_and_a_bf16_pass_never_share_chunks_or_a_feature_space(
     assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
     spaces = {feature_space(ref, model.fingerprint, config) for ref in (fp32, bf16)}
     assert len(spaces) == 2
+
+
+@flow
+def _embed_chats(table, model, config: EmbedConfig, context: RunContext, chats: list):
+    return [
+        embed_task(table=table, model=model, config=config, context=context, chat=chat)
+        for chat in chats
+    ]
+
+
+def test_the_chat_encoding_keys_the_embed_cache_of_a_conversation_pool(
+    prefect_harness, tmp_path: Path
+):
+    source = REPO / "assets" / "data" / "conversations" / "fastchat_dummy_conversation_20.json"
+    staged = ingest(IngestConfig(source=str(source), eval_source=str(source)), REPO, tmp_path)
+    template = (REPO / "assets" / "chat_templates" / "chatml_tools.jinja").read_text()
+    every, last = (ChatEncoding(template=template, train_on=on) for on in TRAIN_ON)
+    context = RunContext(REPO, tmp_path / "state", "cpu", "fp32", run_id="run-chat")
+    model = model_source(ModelConfig(name=str(MODEL_DIR)))
+    refs = _embed_chats(staged.train, model, EmbedConfig(), context, [every, last, every])
+    assert refs[0].features_dir != refs[1].features_dir  # train_on changes the labels
+    assert refs[2] == refs[0]  # the same encoding: the same folder, from the cache
+    assert load_pool(refs[1]).n_tokens.sum() < load_pool(refs[0]).n_tokens.sum()

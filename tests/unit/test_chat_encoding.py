@@ -9,7 +9,6 @@ template with {% generation %} blocks (masked by transformers). SmolLM2's tokeni
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
@@ -22,14 +21,18 @@ from steps.chat_encoding import (
     mask_method,
     render_conversation,
     resolve_chat_template,
-    template_messages,
-    template_tools,
 )
 from steps.data.conversations import Conversation, Turn
 from steps.modeling import IGNORE_INDEX
 from steps.packaged_model import PACKAGED_MODELS
 from tests.conftest import MODEL_DIR, REPO
-from tests.conversation_files import BUNDLED, bundled
+from tests.conversation_files import (
+    BUNDLED,
+    brute_force_fit,
+    bundled,
+    reference_labels,
+    rendered_text as _text,
+)
 
 TEMPLATE_FILE = "assets/chat_templates/chatml_tools.jinja"
 CHATML = (REPO / TEMPLATE_FILE).read_text()
@@ -69,7 +72,6 @@ PLAIN_CHATML = (
     "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-REPLY = re.compile(r"<\|im_start\|>assistant\n(.*?<\|im_end\|>)", re.S)
 HUGE = 10**9
 # Where `make smollm2` extracts the GGUF (gitignored; not in a fresh clone).
 SMOLLM2 = REPO / PACKAGED_MODELS["smollm2"].out_dir / Path(PACKAGED_MODELS["smollm2"].member).name
@@ -86,33 +88,11 @@ def _conversations() -> list[Conversation]:
     return [c for c in found if c is not None]
 
 
-def _text(tokenizer, conversation: Conversation, template: str) -> str:
-    return str(
-        tokenizer.apply_chat_template(
-            template_messages(conversation),
-            tools=template_tools(conversation),
-            chat_template=template,
-            tokenize=False,
-        )
-    )
-
-
-def _reference(tokenizer, text: str) -> tuple[list[int], list[int]]:
-    """Ids of the text, and labels: a token is labelled when it starts inside a reply."""
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    spans = [match.span(1) for match in REPLY.finditer(text)]
-    labels = [
-        token if any(start <= offset < end for start, end in spans) else IGNORE_INDEX
-        for token, (offset, _) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)
-    ]
-    return list(encoded["input_ids"]), labels
-
-
 def _assert_labels_match_reference(tokenizer, conversations, template: str) -> None:
     for conversation in conversations:
         result = encode_conversation(tokenizer, conversation, template, HUGE)
         assert result.encoded is not None and result.kept_turns == len(conversation.turns)
-        ids, labels = _reference(tokenizer, _text(tokenizer, conversation, template))
+        ids, labels = reference_labels(tokenizer, _text(tokenizer, conversation, template))
         assert result.encoded.input_ids == ids
         assert result.encoded.labels == labels
 
@@ -148,26 +128,13 @@ def test_last_assistant_labels_only_the_final_reply(stories):
     assert last.n_loss_tokens == end - start
 
 
-def _brute_force_fit(tokenizer, conversation: Conversation, max_length: int):
-    """The longest prefix ending with an assistant turn whose reference labels end within
-    max_length: (turns kept, ids, labels), or None."""
-    for kept in range(len(conversation.turns), 0, -1):
-        if conversation.turns[kept - 1].role != "assistant":
-            continue
-        prefix = Conversation(conversation.turns[:kept], conversation.tools)
-        ids, labels = _reference(tokenizer, _text(tokenizer, prefix, CHATML))
-        if max(i for i, label in enumerate(labels) if label != IGNORE_INDEX) < max_length:
-            return kept, ids[:max_length], labels[:max_length]
-    return None
-
-
 def test_truncation_keeps_the_longest_whole_turn_prefix_that_fits_as_brute_force_does(stories):
     conversation = bundled("glaive_toolcall_en_demo_20.json")[3].conversation
     assert conversation is not None
     ends = [end for _, end in render_conversation(stories, conversation, CHATML).spans]
     for max_length in sorted({*ends, *(end - 1 for end in ends[1:])}):
         result = encode_conversation(stories, conversation, CHATML, max_length)
-        kept, ids, labels = _brute_force_fit(stories, conversation, max_length)
+        kept, ids, labels = brute_force_fit(stories, conversation, CHATML, max_length)
         assert result.encoded is not None, max_length
         assert (result.kept_turns, result.encoded.input_ids, result.encoded.labels) == (
             kept,

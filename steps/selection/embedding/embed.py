@@ -39,15 +39,9 @@ from pydantic import BaseModel, ConfigDict
 from tqdm.auto import tqdm
 from transformers import AutoConfig, PreTrainedModel
 
+from steps.encoding import ChatEncoding, encode_table
 from steps.hashing import code_fingerprint
-from steps.modeling import (
-    IGNORE_INDEX,
-    Encoded,
-    ModelConfig,
-    encode_examples,
-    load_model,
-    load_tokenizer,
-)
+from steps.modeling import IGNORE_INDEX, Encoded, ModelConfig, load_model, load_tokenizer
 from steps.paths import private_partial
 from steps.selection.embedding.config import EmbedConfig
 from steps.selection.embedding.files import (
@@ -81,6 +75,7 @@ class EmbedJob(BaseModel):
     precision: Literal["fp32", "bf16", "fp16"]
     hidden_size: int  # recorded in the manifest by the parent; each worker checks its model's
     chunks: list[int]  # chunk numbers to compute; worker r of N takes chunks[r::N]
+    chat: ChatEncoding | None = None  # a pool of conversations: how they are encoded
 
 
 @dataclass(frozen=True)
@@ -132,22 +127,24 @@ def embed_pool(
     out_dir: Path,
     device: str,
     precision: str,
+    chat: ChatEncoding | None = None,
 ) -> FeaturesRef:
     """One inference pass over the pool in length-sorted batches; writes FILES to out_dir.
+    `chat`: how a pool of conversations is encoded (steps/encoding.py).
 
     With config.num_processes > 1 the chunks are computed by that many worker processes and
     merged here: the same FILES, byte for byte on CPU, as one process writes.
     """
     frame = pd.read_parquet(table_path)
     tokenizer = load_tokenizer(model_config)
-    encoded = encode_examples(tokenizer, list(frame.prompt), list(frame.response), model_config)
+    encoded = encode_table(tokenizer, frame, model_config, chat)
     _require_loss_tokens(encoded, list(frame.id), model_config)
     if config.num_processes == 1:
         model = load_model(model_config, device).eval()
         pad_id = tokenizer.pad_token_id
         return embed_encoded(model, encoded, pad_id, config, out_dir, device, precision)
     return _embed_in_workers(
-        table_path, model_config, config, len(encoded), out_dir, device, precision
+        table_path, model_config, config, len(encoded), out_dir, device, precision, chat
     )
 
 
@@ -159,6 +156,7 @@ def _embed_in_workers(
     out_dir: Path,
     device: str,
     precision: str,
+    chat: ChatEncoding | None,
 ) -> FeaturesRef:
     """embed_pool's multi-process path: the manifest here, the missing chunks in the workers,
     the merge here (the pool's tokenisation was already checked by the caller)."""
@@ -191,6 +189,7 @@ def _embed_in_workers(
                 "precision": precision,
                 "hidden_size": hidden,
                 "chunks": missing,
+                "chat": chat,
             }
         )
         reports = run_workers(job.model_dump_json(), config.num_processes, device, out_dir)
@@ -213,12 +212,7 @@ def embed_shard(job: EmbedJob, chunks: list[int], device: str) -> tuple[int, flo
         )
     rows = _chunk_rows(len(frame), job.embed)
     encoded = {
-        n: encode_examples(
-            tokenizer,
-            list(frame.prompt.iloc[rows[n].start : rows[n].stop]),
-            list(frame.response.iloc[rows[n].start : rows[n].stop]),
-            job.model,
-        )
+        n: encode_table(tokenizer, frame.iloc[rows[n].start : rows[n].stop], job.model, job.chat)
         for n in chunks
     }
     pad_id = tokenizer.pad_token_id
