@@ -170,7 +170,9 @@ def read_selected(
     (up to data.limit). data_format and conversation: data.format and data.conversation."""
     conversation = conversation or ConversationConfig()
     label = source_label(data.source, project_dir)  # rows named as ingest names them
-    render = chat_renderer(data.chat_template)  # data.chat_template: loaded once
+    # data.chat_template renders prompt/response prompts: loaded once, at the first such batch
+    # (for conversations it names the template that encodes them, nothing to render here)
+    renderers: list[Callable[[str], str] | None] = []
     found: dict[str, SelectedRow] = {}
     rows = 0
     for batch in named_source_batches(data, project_dir):
@@ -184,7 +186,9 @@ def read_selected(
                 "to export as a conversation"
             )
         if fmt == "prompt_response":
-            read = _prompt_response_rows(batch, data, label, wanted, render)
+            if not renderers:
+                renderers.append(chat_renderer(data.chat_template))
+            read = _prompt_response_rows(batch, data, label, wanted, renderers[0])
         else:
             layout = cast(ConversationFormat, fmt)  # detect_format's other two formats
             read = _conversation_rows(batch, data, layout, conversation, label, wanted)

@@ -46,10 +46,9 @@ ExportFormatOption = Annotated[
 
 
 def conversation_settings(data: IngestConfig) -> tuple[DataFormat, ConversationConfig]:
-    """How a conversation source is read: data.format and data.conversation once ingest
-    reads conversations and the data section carries them; until then auto detection and
-    LLaMA-Factory's default columns and tags (steps/data/conversation_config.py)."""
-    return "auto", ConversationConfig()
+    """How a conversation source is read: data.format and data.conversation, as ingest reads
+    it (so a selection's conversation ids are found)."""
+    return data.format, data.conversation
 
 
 def command_line(command: str, options: Sequence[tuple[str, object]], extra: list[str]) -> str:

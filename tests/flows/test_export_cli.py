@@ -184,3 +184,27 @@ def test_a_hand_written_selection_of_conversations_exports_to_sharegpt(tmp_path,
     examples = read_dataset(tmp_path / "lf", "glaive")
     assert [e and as_conversation(e) for e in examples] == picked
     assert _card(tmp_path / "lf" / "glaive.json.card.md")["rows_as_in_source"] is True
+
+
+def test_sift_select_on_conversations_exports_the_picked_conversations(tmp_path, monkeypatch):
+    """`sift select --export` on a sharegpt file encoded with a chat template file
+    (data.chat_template names the template that encodes conversations; the export must not
+    read it as a prompt renderer): the picked conversations go out as TRL messages."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copyfile(CONVERSATIONS_DIR / "glaive_toolcall_en_demo_20.json", tmp_path / "g.json")
+    template = CONVERSATIONS_DIR.parent.parent / "chat_templates" / "chatml_tools.jinja"
+    result = runner.invoke(app, [
+        "select", "--data", "g.json", "--out", "sel.json", "--export", "out/g.jsonl",
+        "--set", f"model.name={MODEL_DIR}", "--set", "model.device=cpu",
+        "--set", "model.max_length=4096", "--set", "data.limit=6", "--set", "select.budget=3",
+        "--set", f"data.chat_template={template}", "--set", ALLOW_REPO_ASSETS,
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "3 rows of 6 (messages) → " in result.output
+    ids = json.loads((tmp_path / "sel.json").read_text())["train_ids"]
+    rows = bundled("glaive_toolcall_en_demo_20.json")[:6]
+    by_id = {conversation_id(r.conversation): r.conversation for r in rows if r.conversation}
+    exported = load_dataset("json", data_files=str(tmp_path / "out" / "g.jsonl"), split="train")
+    assert is_conversational(exported[0]) and len(exported) == 3
+    firsts = [row["messages"][0]["content"] for row in exported]
+    assert firsts == [by_id[i].turns[0].content for i in ids]
