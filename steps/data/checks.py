@@ -13,22 +13,14 @@ import great_expectations.expectations as gxe
 from great_expectations.expectations.metadata_types import FailureSeverity
 
 from steps.data.ingest import SCHEMA
+from steps.data.invisible import BLANK, INVISIBLE, VISIBLE_OR_EMPTY
 
 # Control characters other than tab and newlines, C1 included (\x80-\x9f: mis-decoded
 # Windows-1252 text, e.g. \x92 for an apostrophe): valid UTF-8, almost always extraction debris.
 CONTROL_CHARS = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]"
-# Characters that show nothing: whitespace (\s), controls (Unicode Cc) and format characters
-# (Unicode Cf: soft hyphen, zero-width space/joiners, direction marks, BOM, tags).
-# tests/data/test_text_checks.py checks this list against Python's unicodedata.
-INVISIBLE = (
-    r"\s\x00-\x1f\x7f-\x9f\xad\u0600-\u0605\u061c\u06dd\u070f\u0890\u0891\u08e2\u180e"
-    r"\u200b-\u200f\u202a-\u202e\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffb"
-    r"\U000110bd\U000110cd\U00013430-\U0001343f\U0001bca0-\U0001bca3\U0001d173-\U0001d17a"
-    r"\U000e0001\U000e0020-\U000e007f"
-)
-# Empty passes here: the length check reports it, so a row gets one reason, not two.
-VISIBLE_OR_EMPTY = rf"\A\Z|[^{INVISIBLE}]"
-BLANK = rf"\A[{INVISIBLE}]*\Z"
+# INVISIBLE, BLANK: what "no visible character" means, in steps/data/invisible.py (light: the
+# conversation checks read it without importing Great Expectations).
+
 # An expectation's meta key: the regex whose first match its quoted values start near
 # (validate.py), so a character deep in a long text shows in the message.
 QUOTE_FROM = "quote_from"

@@ -9,10 +9,11 @@ rows, steps/data/findings.py); `line()` is the message, "<file> record 7: conver
 
 from __future__ import annotations
 
-import unicodedata
+import re
 from dataclasses import dataclass
 
 from steps.data.conversations import Conversation, Role, Turn
+from steps.data.invisible import BLANK
 
 # Quarantine reasons, one per check.
 ROLE_ORDER = "conversation_role_order"
@@ -41,8 +42,13 @@ class Finding:
 
 
 def blank(text: str) -> bool:
-    """No visible character: only whitespace, controls (Cc) and format characters (Cf)."""
-    return all(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf") for ch in text)
+    """No visible character (whitespace, controls, format characters): the expectation
+    suite's own definition (steps/data/invisible.py), so a turn is empty exactly when a
+    prompt/response text would be."""
+    return _BLANK.match(text) is not None
+
+
+_BLANK = re.compile(BLANK)
 
 
 def _empty(turn: Turn) -> bool:
