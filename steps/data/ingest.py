@@ -341,7 +341,10 @@ def stream_table(
         raise IngestError(f"{label}: no records")
     for partial, target in zip(partials, targets, strict=True):
         partial.replace(target)
-    messages = tuple(message for message in formats.values() if message)
+    # auto says what it decided where that is news: a conversation or plain-text reading. A
+    # prompt/response source reads as it always has (and as the docs' first example), so the
+    # console keeps its one line per stage and `sift validate` its first line.
+    messages = tuple(m for fmt, m in formats.items() if m and fmt != "prompt_response")
     if writers.conversation:
         return Streamed(rows, None, messages)
     # A folder mixing plain-text and prompt/response files keeps empty prompts legal.

@@ -50,14 +50,13 @@ def test_each_format_stages_the_canonical_conversations_and_says_how_auto_read_i
     assert roles == {"user", "assistant"}
 
 
-def test_prompt_response_rows_keep_their_schema_and_say_how_auto_read_them(tmp_path: Path):
+def test_prompt_response_rows_keep_their_schema_and_console(tmp_path: Path):
+    """Read as they always were: the same schema, and no line about auto's decision (the
+    console stays one line per stage; conversation sources get that line)."""
     staged = ingest(IngestConfig(), REPO, tmp_path / "staging")
     assert list(pd.read_parquet(staged.train.path).columns) == SCHEMA
     assert staged.train.staged is not None
-    assert staged.train.staged.formats == (
-        "assets/data/gsm8k/train.jsonl: data.format auto: prompt_response "
-        "(columns ['question', 'answer'])",
-    )
+    assert staged.train.staged.formats == ()
 
 
 def test_a_file_that_fits_two_formats_is_refused_naming_its_columns(tmp_path: Path):
