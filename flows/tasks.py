@@ -330,7 +330,7 @@ def promote_task(
     *,
     version: ModelVersionRef,
     scores: Scored,
-    base: Scored,
+    base: Scored | None = None,
     champion: tuple[ChampionRef, Scoring] | None,
     eval_table: TableRef,
     plan: BenchmarkPlan,

@@ -236,7 +236,12 @@ def promote(
         return Promotion(current, False, "promotion disabled (registry.promote=false)")
     ours = scored.measured(gate.metric)
     lower = lower_is_better(gate, scored.higher_is_better.get(gate.metric))
-    if champion is None and gate.first_version == "beat_base" and base is not None:
+    if champion is None and gate.first_version == "beat_base":
+        if base is None:  # never a silent "promote": the setting asked for a comparison
+            raise ValueError(
+                "registry.gate.first_version=beat_base: the base model's scores are needed to "
+                "gate a first version, and none were given"
+            )
         decision = decide(ours, base.measured(gate.metric), gate, lower, against="base model")
         return _apply(client, version, None, decision, base)
     if champion is None:

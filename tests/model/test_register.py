@@ -101,4 +101,7 @@ def test_a_first_version_that_loses_its_bases_benchmark_is_not_promoted_under_be
 
     default = register_model(shifted_model_copy(tmp_path / "m3", 0.02), run_id,
                              RegisterConfig(model_name="sift-first-default"), {})  # fmt: skip
+    with pytest.raises(ValueError, match="first_version=beat_base: the base model's scores"):
+        promote(default, scores(1.11, 0.40), never, gate)  # beat_base without base scores
     assert promote(default, scores(1.11, 0.40), never, base=base).promoted
+
