@@ -13,6 +13,7 @@ nothing behind.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -172,7 +173,7 @@ def read_selected(
     label = source_label(data.source, project_dir)  # rows named as ingest names them
     # data.chat_template renders prompt/response prompts: loaded once, at the first such batch
     # (for conversations it names the template that encodes them, nothing to render here)
-    renderers: list[Callable[[str], str] | None] = []
+    render = functools.cache(lambda: chat_renderer(data.chat_template))  # as ingest does
     found: dict[str, SelectedRow] = {}
     rows = 0
     for batch in named_source_batches(data, project_dir):
@@ -186,9 +187,7 @@ def read_selected(
                 "to export as a conversation"
             )
         if fmt == "prompt_response":
-            if not renderers:
-                renderers.append(chat_renderer(data.chat_template))
-            read = _prompt_response_rows(batch, data, label, wanted, renderers[0])
+            read = _prompt_response_rows(batch, data, label, wanted, render())
         else:
             layout = cast(ConversationFormat, fmt)  # detect_format's other two formats
             read = _conversation_rows(batch, data, layout, conversation, label, wanted)
