@@ -6,8 +6,6 @@ import math
 import time
 
 import torch
-from mlflow.entities import Metric
-from mlflow.tracking import MlflowClient
 from transformers import TrainerCallback
 
 
@@ -54,6 +52,11 @@ class MlflowStepLogger(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.run_id is None or not logs or not state.is_world_process_zero:
             return
+        # Here, not at import: the other processes of a multi-process run never log, and
+        # importing MLflow cost each of them 2 s of CPU.
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
         metrics = {k: float(v) for k, v in logs.items() if isinstance(v, int | float)}
         now, tokens = time.perf_counter(), state.num_input_tokens_seen
         if "loss" in logs and now > self.last_time:
