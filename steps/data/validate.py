@@ -12,16 +12,15 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import great_expectations as gx
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from great_expectations.data_context.types.base import ProgressBarsConfig
-from great_expectations.data_context.types.resource_identifiers import ExpectationSuiteIdentifier
 from pydantic import BaseModel, ConfigDict, Field
 
 from steps.data.checks import row_suite, split_suite
@@ -32,6 +31,7 @@ from steps.data.conversation_validation import (
     with_conversation_checks,
 )
 from steps.data.findings import Findings, place_of, read_places
+from steps.data.gx_suites import Suites, build_docs, run_suite
 from steps.data.ingest import (
     IngestConfig,
     IngestResult,
@@ -45,7 +45,6 @@ from steps.encoding import ChatEncoding, chat_encoding
 from steps.hashing import file_md5
 from steps.modeling import ModelConfig, load_tokenizer, prompt_shape
 
-SUITE_NAME = "sift_sft_data"
 CHUNK_ROWS = 50_000  # rows validated per GX run: bounds memory whatever the pool size
 # In a validated folder (validate_into): one line per quarantined row; written last, so a
 # folder holding it holds the whole outcome.
@@ -141,50 +140,8 @@ def _with_token_counts(frame: pd.DataFrame, model: ModelConfig, tokenizer) -> pd
     return frame.assign(prompt_tokens=counts)
 
 
-@dataclass
-class _Suites:
-    """The file context the checkpoints run in, and what they validated: Data Docs are built
-    once for all of a validation's results (_build_docs), not once per checkpoint run, which
-    rebuilt the site's index every time (GX's UpdateDataDocsAction; 0.6 s a suite here)."""
-
-    context: Any
-    built: list = field(default_factory=list)
-
-
-def _run_suite(suites: _Suites, name: str, frame: pd.DataFrame, expectations: list) -> list:
-    """One checkpoint run; returns the per-expectation outcomes."""
-    context = suites.context
-    source = context.data_sources.add_or_update_pandas(name="sift")
-    asset = source.add_dataframe_asset(name=name)
-    batch = asset.add_batch_definition_whole_dataframe(f"{name}_all")
-    suite = context.suites.add_or_update(
-        gx.ExpectationSuite(name=f"{SUITE_NAME}_{name}", expectations=expectations)
-    )
-    definition = context.validation_definitions.add_or_update(
-        gx.ValidationDefinition(name=f"{SUITE_NAME}_{name}", data=batch, suite=suite)
-    )
-    checkpoint = context.checkpoints.add_or_update(
-        gx.Checkpoint(
-            name=f"{SUITE_NAME}_{name}",
-            validation_definitions=[definition],
-            # COMPLETE gives the index of every offending row, which quarantine needs.
-            result_format={"result_format": "COMPLETE"},
-        )
-    )
-    result = checkpoint.run(batch_parameters={"dataframe": frame})
-    for identifier, run in result.run_results.items():
-        suites.built += [identifier, ExpectationSuiteIdentifier(name=run.suite_name)]
-    return [outcome for run in result.run_results.values() for outcome in run.results]
-
-
-def _build_docs(suites: _Suites) -> None:
-    """The pages of this validation's results and suites, and the site's index, in one build:
-    what UpdateDataDocsAction builds after each checkpoint run, built once."""
-    suites.context.build_data_docs(resource_identifiers=suites.built, build_index=True)
-
-
 def _check_splits(
-    suites: _Suites,
+    suites: Suites,
     keys: dict[str, pd.DataFrame],
     config: ValidateConfig,
     found: Findings,
@@ -196,7 +153,7 @@ def _check_splits(
     for split, frame in keys.items():
         min_rows = config.min_train_rows if split == "train" else config.min_eval_rows
         suite = split_suite(split, min_rows, leaked, "id" in frame.columns, same[split])
-        found.add(split, _run_suite(suites, split, frame, suite), config.examples_per_failure)
+        found.add(split, run_suite(suites, split, frame, suite), config.examples_per_failure)
 
 
 def _keys(table: TableRef, ids: pd.Series) -> pd.DataFrame:
@@ -212,7 +169,7 @@ def _keys(table: TableRef, ids: pd.Series) -> pd.DataFrame:
 
 
 def _check_rows(
-    suites: _Suites,
+    suites: Suites,
     split: str,
     table: TableRef,
     model: ModelConfig,
@@ -238,7 +195,7 @@ def _check_rows(
         else:
             chunk = _with_token_counts(chunk, model, tokenizer)
             suite = row_suite(model.max_length, empty_prompt)  # GX binds expectations to one suite
-        outcomes = _run_suite(suites, f"{split}_rows", chunk, suite)
+        outcomes = run_suite(suites, f"{split}_rows", chunk, suite)
         found.add(split, outcomes, config.examples_per_failure)
         columns.append(chunk["id"])
     return _keys(table, pd.concat(columns))
@@ -257,7 +214,7 @@ def validate(
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
     context = gx.get_context(mode="file", project_root_dir=str(gx_dir))
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    suites = _Suites(context)
+    suites = Suites(context)
     tokenizer = load_tokenizer(model)
     tables = {"train": staged.train, "eval": staged.eval}
     found = Findings()
@@ -286,7 +243,7 @@ def validate(
             cleaned = {split: keys[split].drop(index=sorted(drop[split])) for split in tables}
             failing = Findings()
             _check_splits(suites, cleaned, config, failing, same)
-    _build_docs(suites)
+    build_docs(suites)
     wanted = failing.rows()
     for split, quoted in found.rows().items():  # the flagged rows' places too
         wanted.setdefault(split, set()).update(quoted)
