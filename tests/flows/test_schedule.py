@@ -44,8 +44,21 @@ def _wait(predicate, timeout: float, what: str):
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+# What Prefect's own client retries (prefect/client/base.py): a server busy with its SQLite
+# database answers 503 for a moment; a test calling the API directly must do the same.
+RETRIED_STATUSES = (429, 502, 503)
+
+
 def _post(api: str, path: str, body: dict) -> list | dict:
-    return httpx.post(f"{api}{path}", json=body, timeout=10).json()
+    """The API's answer; an error status fails with what the server said (after Prefect's
+    client retries, which a raw request does not get)."""
+    for attempt in range(5):
+        answer = httpx.post(f"{api}{path}", json=body, timeout=10)
+        if answer.status_code not in RETRIED_STATUSES:
+            break
+        time.sleep(2**attempt)
+    assert answer.is_success, f"POST {path}: {answer.status_code} {answer.text[:2000]}"
+    return answer.json()
 
 
 def test_served_schedule_trains_once_then_stops_on_unchanged_data(project: Path, tmp_path: Path):
