@@ -8,9 +8,9 @@ STAMP  := $(VENV)/.installed
 
 # The lock is installed by uv (pinned here, installed by pip first): the same ~300 pinned
 # packages as `pip install -r requirements.lock`, in 13 s instead of 64 s on the 2-core CI
-# machine. uv reads no pip configuration, so a find-links folder pip is given through
-# PIP_FIND_LINKS (where a local torch wheel lies) is handed on to it.
-UV_FIND_LINKS := $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS))
+# machine. uv reads no pip configuration, so the find-links folders pip is given through
+# PIP_FIND_LINKS (where a local torch wheel lies; space-separated) are handed on to it.
+UV_FIND_LINKS := $(foreach folder,$(PIP_FIND_LINKS),--find-links $(folder))
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,9 +31,10 @@ smollm2: $(STAMP)  ## fetch SmolLM2-135M-Instruct (4-bit GGUF) into models/smoll
 # module-scoped servers start once), files with slow tests first (tests/conftest.py). On the
 # 2-core CI machine pytest took 1,163 s in one process, 781-796 s in two workers and 990 s in
 # three (more workers only share the cores further).
-# Python byte-compiles a module the first time it is imported and keeps the .pyc, also where
-# PYTHONDONTWRITEBYTECODE=1 is set, as on the CI machine (it would otherwise compile every
-# import anew in every process: pytest took 1,295 s instead of 1,163). Set-up compiles nothing
+# Every command here lets Python keep the .pyc of each module the first time one is imported,
+# also where the environment sets PYTHONDONTWRITEBYTECODE=1, as the CI machine does (Python
+# would otherwise compile every import anew in every process: pytest took 1,295 s instead of
+# 1,163). Set-up compiles nothing
 # (uv does not): compiling the whole lock ahead (compileall, 66 s of two cores) paid for
 # thousands of modules no command imports (transformers' other model families, torch's tests).
 export PYTHONDONTWRITEBYTECODE :=

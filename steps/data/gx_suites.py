@@ -52,4 +52,6 @@ def run_suite(suites: Suites, name: str, frame: pd.DataFrame, expectations: list
 def build_docs(suites: Suites) -> None:
     """The pages of this validation's results and suites, and the site's index, in one build:
     what UpdateDataDocsAction builds after each checkpoint run, built once."""
-    suites.context.build_data_docs(resource_identifiers=suites.built, build_index=True)
+    # A suite run on several chunks (or again after quarantine) is named once: one page each.
+    built = list(dict.fromkeys(suites.built))
+    suites.context.build_data_docs(resource_identifiers=built, build_index=True)

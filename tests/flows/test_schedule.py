@@ -52,11 +52,12 @@ RETRIED_STATUSES = (429, 502, 503)
 def _post(api: str, path: str, body: dict) -> list | dict:
     """The API's answer; an error status fails with what the server said (after Prefect's
     client retries, which a raw request does not get)."""
-    for attempt in range(5):
-        answer = httpx.post(f"{api}{path}", json=body, timeout=10)
+    answer = httpx.post(f"{api}{path}", json=body, timeout=10)
+    for wait_s in (1, 2, 4, 8):
         if answer.status_code not in RETRIED_STATUSES:
             break
-        time.sleep(2**attempt)
+        time.sleep(wait_s)
+        answer = httpx.post(f"{api}{path}", json=body, timeout=10)
     assert answer.is_success, f"POST {path}: {answer.status_code} {answer.text[:2000]}"
     return answer.json()
 

@@ -104,4 +104,3 @@ def test_a_first_version_that_loses_its_bases_benchmark_is_not_promoted_under_be
     with pytest.raises(ValueError, match="first_version=beat_base: the base model's scores"):
         promote(default, scores(1.11, 0.40), never, gate)  # beat_base without base scores
     assert promote(default, scores(1.11, 0.40), never, base=base).promoted
-
